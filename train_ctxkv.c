@@ -1,0 +1,1546 @@
+/*
+train_ctxkv.c: Pythia (GPT-NeoX) in one readable fp32 CPU file.
+
+The model is Hugging Face's GPTNeoXForCausalLM, exactly (see doc/model.md):
+  h0      = embed_in[ids]                                  no positional embedding
+  x_{l+1} = x_l + Attn(LN_1(x_l)) + MLP(LN_2(x_l))         parallel residual, both LNs read x_l
+  Attn    = fused QKV (interleaved per head), rotate-half RoPE on the first
+            rotary_dims of each head, causal softmax, dense
+  MLP     = dense_4h_to_h(GELU_erf(dense_h_to_4h(x)))
+  logits  = embed_out · LN_f(x_L)                          untied, no bias
+
+Every layer is a pair foo_forward / foo_backward. Backward functions ACCUMULATE (+=)
+into their gradient buffers, so a tensor that is read twice (x_l feeds both LNs) needs
+no special case. All parameters live in one allocation described by a table
+(layout_params); so do the activations (layout_acts).
+
+Shapes in comments: B batch, T time, C = n_embd, H heads, D head dim, R rotary dims,
+F = n_inner (MLP width), V vocab, Vp padded vocab, L layers.
+
+Build: make train_ctxkv.  Usage: ./train_ctxkv -h
+*/
+#include <ctype.h>
+#include <errno.h>
+#include <glob.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#define STB_DS_IMPLEMENTATION
+#include <stb/stb_ds.h>
+
+// ----------------------------------------------------------------------------
+// utilities: errors that name what went wrong, checked allocation and I/O
+
+#define IGNORE_INDEX (-100)      // target id meaning "no loss here" (HF's ignore_index)
+
+static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(EXIT_FAILURE);
+}
+
+static void *malloc_check(size_t n, const char *what) {
+    void *p = malloc(n ? n : 1);
+    if (!p) die("out of memory allocating %zu bytes for %s", n, what);
+    return p;
+}
+
+static void *calloc_check(size_t n, const char *what) {
+    void *p = calloc(n ? n : 1, 1);
+    if (!p) die("out of memory allocating %zu bytes for %s", n, what);
+    return p;
+}
+
+static FILE *fopen_check(const char *path, const char *mode) {
+    FILE *f = fopen(path, mode);
+    if (!f) die("cannot open '%s' (%s)", path, strerror(errno));
+    return f;
+}
+
+// size of an open file in bytes, or -1
+static long long file_size(FILE *f) {
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) return -1;
+    return (long long)st.st_size;
+}
+
+static void fread_check(void *dst, size_t size, size_t n, FILE *f, const char *path) {
+    if (fread(dst, size, n, f) != n) die("'%s' is truncated or unreadable", path);
+}
+
+static void fwrite_check(const void *src, size_t size, size_t n, FILE *f, const char *path) {
+    if (fwrite(src, size, n, f) != n) die("cannot write '%s' (%s)", path, strerror(errno));
+}
+
+// Write to PATH.tmp, fsync, then rename over PATH: a crash never leaves a half-written file.
+typedef struct { FILE *f; char tmp[4096]; const char *path; } AtomicFile;
+
+static AtomicFile atomic_open(const char *path) {
+    AtomicFile af;
+    af.path = path;
+    if ((size_t)snprintf(af.tmp, sizeof af.tmp, "%s.tmp", path) >= sizeof af.tmp) die("path too long: '%s'", path);
+    af.f = fopen_check(af.tmp, "wb");
+    return af;
+}
+
+static void atomic_commit(AtomicFile *af) {
+    if (fflush(af->f) != 0 || fsync(fileno(af->f)) != 0) die("cannot write '%s' (%s)", af->tmp, strerror(errno));
+    if (fclose(af->f) != 0) die("cannot write '%s' (%s)", af->tmp, strerror(errno));
+    if (rename(af->tmp, af->path) != 0) die("cannot rename '%s' to '%s' (%s)", af->tmp, af->path, strerror(errno));
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// xorshift* RNG (as llm.c): deterministic across platforms for a given seed
+static uint32_t random_u32(uint64_t *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; } // [0,1)
+static float random_normal(uint64_t *state) {                                              // Box-Muller
+    float u1 = random_f32(state), u2 = random_f32(state);
+    if (u1 < 1e-12f) u1 = 1e-12f;
+    return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+}
+
+// ----------------------------------------------------------------------------
+// small vector helpers. GCC/Clang vector extensions give 8-wide SIMD without
+// -ffast-math (which breaks exact GELU, see doc/model.md); loads are unaligned.
+
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
+static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+static inline v8 splat8(float a) { return (v8){a, a, a, a, a, a, a, a}; }
+static inline float hsum8(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+
+typedef int v8i __attribute__((vector_size(32)));
+
+// per lane: mask ? a : b (a comparison of two v8 gives the mask)
+static inline v8 select8(v8i mask, v8 a, v8 b) {
+    v8i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    v8i r = (ai & mask) | (bi & ~mask);
+    v8 out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+// exp on 8 lanes (Cephes expf: 2^n · p(r) with |r| <= ln2/2, about 1 ulp). The vocabulary
+// softmax calls exp B·T·V times per step, and libm's scalar exp dominated the profile.
+static inline v8 exp8(v8 x) {
+    const v8 hi = splat8(88.3762626647949f), lo = splat8(-87.3365447504f);
+    x = select8(x > hi, hi, x);
+    x = select8(x < lo, lo, x);
+    v8 t = x * splat8(1.44269504088896341f) + splat8(0.5f);
+    v8i n = __builtin_convertvector(t, v8i);          // truncates toward zero...
+    n += (v8i)(__builtin_convertvector(n, v8) > t);   // ...so step down where that rounded up: floor
+    v8 fn = __builtin_convertvector(n, v8);
+    x = x - fn * splat8(0.693359375f) - fn * splat8(-2.12194440e-4f);
+    v8 p = splat8(1.9875691500e-4f);
+    p = p * x + splat8(1.3981999507e-3f);
+    p = p * x + splat8(8.3334519073e-3f);
+    p = p * x + splat8(4.1665795894e-2f);
+    p = p * x + splat8(1.6666665459e-1f);
+    p = p * x + splat8(5.0000001201e-1f);
+    p = p * (x * x) + x + splat8(1.0f);
+    v8i bits = (n + 127) << 23;                       // 2^n as a float's exponent field
+    v8 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+// x[i] = exp(x[i] − shift) for n entries; returns their sum. Tails go through the same
+// 8-lane code (padded) so every entry is computed identically.
+static inline float exp_shift_sum(float *x, int n, float shift) {
+    v8 acc = splat8(0.0f), sh = splat8(shift);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8 e = exp8(load8(x + i) - sh);
+        store8(x + i, e);
+        acc += e;
+    }
+    float sum = hsum8(acc);
+    if (i < n) {
+        float tmp[8];
+        for (int j = 0; j < 8; j++) tmp[j] = i + j < n ? x[i + j] - shift : -INFINITY;
+        v8 e = exp8(load8(tmp));
+        store8(tmp, e);
+        for (int j = 0; i + j < n; j++) { x[i + j] = tmp[j]; sum += tmp[j]; }
+    }
+    return sum;
+}
+
+static inline float max_of(const float *x, int n) {
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    v8 acc = splat8(0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float *y, float a, const float *x, int n) { // y += a*x
+    v8 av = splat8(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + av * load8(x + i));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+// ----------------------------------------------------------------------------
+// Config: everything that defines the model, stored in the checkpoint header
+
+#define CKPT_MAGIC 20261124
+#define CKPT_VERSION 1
+#define SHARD_MAGIC 20240520
+#define SHARD_VERSION 1
+#define TOKTAB_MAGIC 20240328
+#define TOKTAB_VERSION 2
+#define HEADER_INTS 256
+#define VOCAB_PAD 128   // vocab rows are padded to a multiple of this (as Pythia's 50304 = 393*128)
+
+enum { ATTN_MHA = 0, ATTN_GQA = 1, ATTN_MQA = 2, ATTN_MLA = 3 };
+
+typedef struct {
+    int vocab_size;        // V: rows that are real tokens
+    int padded_vocab_size; // Vp: V rounded up to a multiple of VOCAB_PAD
+    int n_layer;           // L
+    int n_head;            // H
+    int n_embd;            // C
+    int n_inner;           // F, MLP width
+    int rotary_dims;       // R, rotated dims at the start of each head (even)
+    float rope_base;       // 10000
+    int max_seq_len;       // longest T the RoPE table covers
+    float ln_eps;          // LayerNorm epsilon, 1e-5
+    // attention variants (doc/formats.md); only mha is implemented in this file so far
+    int attn_type, n_kv_head, kv_rank, q_rank, mla_rope_dim;
+    int layer0_type, model_type, context_dim, context_interval, max_contexts;
+} Config;
+
+typedef struct { const char *name; int n_layer, n_embd, n_head, n_inner, vocab_size; float rotary_pct; int max_seq_len; } Preset;
+
+static const Preset PRESETS[] = {
+    {"pythia-14m", 6, 128, 4, 512, 50304, 0.25f, 2048},
+    {"pythia-70m", 6, 512, 8, 2048, 50304, 0.25f, 2048},
+    {"pythia-160m", 12, 768, 12, 3072, 50304, 0.25f, 2048},
+    // for tests: several heads, a rotary fraction of each head, a padded vocabulary
+    {"tiny", 2, 32, 4, 128, 96, 0.5f, 64},
+};
+#define N_PRESETS ((int)(sizeof PRESETS / sizeof PRESETS[0]))
+
+static int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+static const Preset *find_preset(const char *name) {
+    for (int i = 0; i < N_PRESETS; i++)
+        if (strcmp(PRESETS[i].name, name) == 0) return &PRESETS[i];
+    return NULL;
+}
+
+static Config config_from_preset(const Preset *p) {
+    Config c = {0};
+    c.vocab_size = p->vocab_size;
+    c.padded_vocab_size = round_up(p->vocab_size, VOCAB_PAD);
+    c.n_layer = p->n_layer;
+    c.n_head = p->n_head;
+    c.n_embd = p->n_embd;
+    c.n_inner = p->n_inner;
+    c.rotary_dims = (int)((p->n_embd / p->n_head) * p->rotary_pct); // HF: int(head_size * rotary_pct)
+    c.rope_base = 10000.0f;
+    c.max_seq_len = p->max_seq_len;
+    c.ln_eps = 1e-5f;
+    c.attn_type = ATTN_MHA;
+    c.n_kv_head = p->n_head;
+    return c;
+}
+
+// Returns NULL if the config is consistent, else a message saying what is wrong.
+static const char *config_problem(const Config *c) {
+    static char msg[256];
+    if (c->vocab_size < 1 || c->vocab_size > 65536) return "vocab_size must be in 1..65536 (tokens are uint16)";
+    if (c->padded_vocab_size != round_up(c->vocab_size, VOCAB_PAD)) return "padded_vocab_size is not vocab_size rounded up to 128";
+    if (c->n_layer < 1 || c->n_layer > 1024) return "n_layer out of range";
+    if (c->n_head < 1 || c->n_embd < 1 || c->n_embd > 65536) return "n_head / n_embd out of range";
+    if (c->n_embd % c->n_head != 0) {
+        snprintf(msg, sizeof msg, "n_head %d does not divide n_embd %d", c->n_head, c->n_embd);
+        return msg;
+    }
+    int D = c->n_embd / c->n_head;
+    if (c->rotary_dims < 0 || c->rotary_dims > D || c->rotary_dims % 2) return "rotary_dims must be even and at most the head dim";
+    if (c->n_inner < 1 || c->n_inner > 1 << 20) return "n_inner out of range";
+    if (!(c->rope_base > 1.0f) || !isfinite(c->rope_base)) return "rope_base must be > 1";
+    if (c->max_seq_len < 1 || c->max_seq_len > 1 << 20) return "max_seq_len out of range";
+    if (!(c->ln_eps > 0.0f) || !(c->ln_eps < 1.0f)) return "layer_norm_eps must be in (0, 1)";
+    if (c->attn_type != ATTN_MHA || c->n_kv_head != c->n_head) return "only attn_type mha (n_kv_head = n_head) is supported by this build";
+    if (c->layer0_type != 0 || c->model_type != 0) return "layer0_type / model_type not supported by this build";
+    return NULL;
+}
+
+static int float_bits(float f) { int i; memcpy(&i, &f, 4); return i; }
+static float bits_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+
+static void config_to_header(const Config *c, int *h) {
+    memset(h, 0, HEADER_INTS * sizeof(int));
+    h[0] = CKPT_MAGIC; h[1] = CKPT_VERSION;
+    h[2] = c->vocab_size; h[3] = c->padded_vocab_size; h[4] = c->n_layer; h[5] = c->n_head;
+    h[6] = c->n_embd; h[7] = c->n_inner; h[8] = c->rotary_dims; h[9] = float_bits(c->rope_base);
+    h[10] = c->max_seq_len; h[11] = float_bits(c->ln_eps);
+    h[12] = c->attn_type; h[13] = c->n_kv_head; h[14] = c->kv_rank; h[15] = c->q_rank; h[16] = c->mla_rope_dim;
+    h[17] = c->layer0_type; h[18] = c->model_type; h[19] = c->context_dim; h[20] = c->context_interval;
+    h[21] = c->max_contexts;
+}
+
+static Config config_from_header(const int *h) {
+    Config c;
+    c.vocab_size = h[2]; c.padded_vocab_size = h[3]; c.n_layer = h[4]; c.n_head = h[5];
+    c.n_embd = h[6]; c.n_inner = h[7]; c.rotary_dims = h[8]; c.rope_base = bits_float(h[9]);
+    c.max_seq_len = h[10]; c.ln_eps = bits_float(h[11]);
+    c.attn_type = h[12]; c.n_kv_head = h[13]; c.kv_rank = h[14]; c.q_rank = h[15]; c.mla_rope_dim = h[16];
+    c.layer0_type = h[17]; c.model_type = h[18]; c.context_dim = h[19]; c.context_interval = h[20];
+    c.max_contexts = h[21];
+    return c;
+}
+
+static void config_print(const Config *c) {
+    printf("config: vocab %d (padded %d) | layers %d | heads %d | width %d | mlp %d | rotary %d/%d | "
+           "rope base %g | max len %d\n",
+           c->vocab_size, c->padded_vocab_size, c->n_layer, c->n_head, c->n_embd, c->n_inner, c->rotary_dims,
+           c->n_embd / c->n_head, c->rope_base, c->max_seq_len);
+}
+
+// ----------------------------------------------------------------------------
+// Parameters: one table of tensors, in checkpoint order (doc/formats.md)
+
+typedef struct {
+    float *ln1_w, *ln1_b;      // (C) input_layernorm
+    float *ln2_w, *ln2_b;      // (C) post_attention_layernorm
+    float *qkv_w, *qkv_b;      // (3C, C), (3C): row h*3D + s*D + j, s = 0 q, 1 k, 2 v (HF interleaved per head)
+    float *dense_w, *dense_b;  // (C, C), (C)
+    float *fc_w, *fc_b;        // (F, C), (F) dense_h_to_4h
+    float *proj_w, *proj_b;    // (C, F), (C) dense_4h_to_h
+} LayerParams;
+
+typedef struct {
+    float *embed_in;           // (Vp, C)
+    LayerParams *layer;        // [L]
+    float *lnf_w, *lnf_b;      // (C)
+    float *embed_out;          // (Vp, C) untied head, no bias
+} Params;
+
+typedef struct {
+    char name[48];
+    size_t rows, cols;         // a 1-D tensor has rows == 1
+    size_t offset;             // in floats, from the start of the parameter block
+} ParamTensor;
+
+// Walks the parameter order once. With base == NULL it only counts; otherwise it points
+// every tensor of P into base. If table != NULL, appends a descriptor per tensor.
+// This is the one place that defines the checkpoint order.
+static size_t layout_params(const Config *c, float *base, Params *P, ParamTensor **table) {
+    size_t off = 0;
+    const size_t C = c->n_embd, F = c->n_inner, Vp = c->padded_vocab_size;
+#define TENSOR(field, label, r, k)                                                                         \
+    do {                                                                                                   \
+        if (P) field = base ? base + off : NULL;                                                           \
+        if (table) {                                                                                       \
+            ParamTensor t_ = {.rows = (r), .cols = (k), .offset = off};                                    \
+            snprintf(t_.name, sizeof t_.name, "%s", label);                                                \
+            arrput(*table, t_);                                                                            \
+        }                                                                                                  \
+        off += (size_t)(r) * (k);                                                                          \
+    } while (0)
+    char name[48];
+    TENSOR(P->embed_in, "embed_in", Vp, C);
+    for (int l = 0; l < c->n_layer; l++) {
+        LayerParams *lp = P ? &P->layer[l] : NULL;
+#define LTENSOR(field, label, r, k) do { snprintf(name, sizeof name, "layer%d.%s", l, label); TENSOR(lp->field, name, r, k); } while (0)
+        LTENSOR(ln1_w, "ln1_w", 1, C);
+        LTENSOR(ln1_b, "ln1_b", 1, C);
+        LTENSOR(ln2_w, "ln2_w", 1, C);
+        LTENSOR(ln2_b, "ln2_b", 1, C);
+        LTENSOR(qkv_w, "qkv_w", 3 * C, C);
+        LTENSOR(qkv_b, "qkv_b", 1, 3 * C);
+        LTENSOR(dense_w, "dense_w", C, C);
+        LTENSOR(dense_b, "dense_b", 1, C);
+        LTENSOR(fc_w, "fc_w", F, C);
+        LTENSOR(fc_b, "fc_b", 1, F);
+        LTENSOR(proj_w, "proj_w", C, F);
+        LTENSOR(proj_b, "proj_b", 1, C);
+#undef LTENSOR
+    }
+    TENSOR(P->lnf_w, "lnf_w", 1, C);
+    TENSOR(P->lnf_b, "lnf_b", 1, C);
+    TENSOR(P->embed_out, "embed_out", Vp, C);
+#undef TENSOR
+    return off;
+}
+
+// ----------------------------------------------------------------------------
+// Activations: one allocation, sized for B*T, pointers set by layout_acts
+
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd;  // (B,T,C), (B,T), (B,T)
+    float *ln2, *ln2_mean, *ln2_rstd;  // (B,T,C), (B,T), (B,T)
+    float *qkv;                        // (B,T,3C) q and k after RoPE, v as projected
+    float *att;                        // (B,H,T,T) softmax probabilities, zero above the diagonal
+    float *atty;                       // (B,T,C) attention output, heads merged, before dense
+    float *fc, *fc_gelu;               // (B,T,F) before and after GELU
+} LayerActs;
+
+typedef struct {
+    float *resid;                      // (L+1, B,T,C): resid[l] is the input of layer l
+    LayerActs *layer;                  // [L]
+    float *attn_out, *mlp_out;         // (B,T,C) scratch, not needed by backward
+    float *lnf, *lnf_mean, *lnf_rstd;  // (B,T,C), (B,T), (B,T)
+    float *logits;                     // (B,T,Vp); backward overwrites it with dlogits
+    float *losses;                     // (B,T) per-position loss (0 where ignored)
+    float *lse;                        // (B,T) logsumexp of each row of logits
+} Acts;
+
+// gradients of activations: reused by every layer during backward
+typedef struct {
+    float *dresid;                     // (B,T,C) running gradient of the residual stream
+    float *dln1, *dln2, *datty;        // (B,T,C)
+    float *dqkv;                       // (B,T,3C)
+    float *datt;                       // (B,H,T,T)
+    float *dfc_gelu, *dfc;             // (B,T,F)
+    float *dlnf;                       // (B,T,C)
+} GradActs;
+
+static size_t layout_acts(const Config *c, size_t B, size_t T, float *base, Acts *A, GradActs *G) {
+    size_t off = 0;
+    const size_t C = c->n_embd, F = c->n_inner, H = c->n_head, L = c->n_layer, Vp = c->padded_vocab_size;
+    const size_t BT = B * T;
+#define BUF(ptr, n) do { ptr = base ? base + off : NULL; off += (n); } while (0)
+    if (A) {
+        BUF(A->resid, (L + 1) * BT * C);
+        for (size_t l = 0; l < L; l++) {
+            LayerActs *la = &A->layer[l];
+            BUF(la->ln1, BT * C); BUF(la->ln1_mean, BT); BUF(la->ln1_rstd, BT);
+            BUF(la->ln2, BT * C); BUF(la->ln2_mean, BT); BUF(la->ln2_rstd, BT);
+            BUF(la->qkv, BT * 3 * C);
+            BUF(la->att, B * H * T * T);
+            BUF(la->atty, BT * C);
+            BUF(la->fc, BT * F); BUF(la->fc_gelu, BT * F);
+        }
+        BUF(A->attn_out, BT * C); BUF(A->mlp_out, BT * C);
+        BUF(A->lnf, BT * C); BUF(A->lnf_mean, BT); BUF(A->lnf_rstd, BT);
+        BUF(A->logits, BT * Vp);
+        BUF(A->losses, BT);
+        BUF(A->lse, BT);
+    }
+    if (G) {
+        BUF(G->dresid, BT * C); BUF(G->dln1, BT * C); BUF(G->dln2, BT * C); BUF(G->datty, BT * C);
+        BUF(G->dqkv, BT * 3 * C);
+        BUF(G->datt, B * H * T * T);
+        BUF(G->dfc_gelu, BT * F); BUF(G->dfc, BT * F);
+        BUF(G->dlnf, BT * C);
+    }
+#undef BUF
+    return off;
+}
+
+// ----------------------------------------------------------------------------
+// Layers: forward/backward pairs
+
+// embedding: out[b,t,:] = table[ids[b,t], :]                          table (Vp,C), out (B,T,C)
+static void embedding_forward(float *out, const int *ids, const float *table, int BT, int C) {
+    for (int i = 0; i < BT; i++) memcpy(out + (size_t)i * C, table + (size_t)ids[i] * C, C * sizeof(float));
+}
+
+// serial on purpose: repeated ids add into the same row
+static void embedding_backward(float *dtable, const float *dout, const int *ids, int BT, int C) {
+    for (int i = 0; i < BT; i++) axpy(dtable + (size_t)ids[i] * C, 1.0f, dout + (size_t)i * C, C);
+}
+
+// LayerNorm over the last dim (biased variance, as nn.LayerNorm).  inp/out (N,C), mean/rstd (N)
+static void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
+                              const float *b, int N, int C, float eps) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        float *y = out + (size_t)n * C;
+        float m = 0.0f;
+        for (int i = 0; i < C; i++) m += x[i];
+        m /= C;
+        float v = 0.0f;
+        for (int i = 0; i < C; i++) { float d = x[i] - m; v += d * d; }
+        v /= C;
+        float r = 1.0f / sqrtf(v + eps);
+        for (int i = 0; i < C; i++) y[i] = (x[i] - m) * r * w[i] + b[i];
+        mean[n] = m;
+        rstd[n] = r;
+    }
+}
+
+// dx = r·(g − mean(g) − x̂·mean(g⊙x̂)), g = dy⊙w;  dw += Σ dy⊙x̂;  db += Σ dy
+static void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                               const float *w, const float *mean, const float *rstd, int N, int C) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *dy = dout + (size_t)n * C, *x = inp + (size_t)n * C;
+        float *dx = dinp + (size_t)n * C;
+        float m = mean[n], r = rstd[n];
+        float g_mean = 0.0f, gx_mean = 0.0f;
+        for (int i = 0; i < C; i++) {
+            float xhat = (x[i] - m) * r, g = dy[i] * w[i];
+            g_mean += g;
+            gx_mean += g * xhat;
+        }
+        g_mean /= C;
+        gx_mean /= C;
+        for (int i = 0; i < C; i++) {
+            float xhat = (x[i] - m) * r;
+            dx[i] += r * (dy[i] * w[i] - g_mean - xhat * gx_mean);
+        }
+    }
+    // weight grads reduce over N: parallel over channels so no two threads write one entry
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < C; i++) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int n = 0; n < N; n++) {
+            float dy = dout[(size_t)n * C + i];
+            sw += dy * (inp[(size_t)n * C + i] - mean[n]) * rstd[n];
+            sb += dy;
+        }
+        dw[i] += sw;
+        db[i] += sb;
+    }
+}
+
+// One GEMM serves all three products of a linear layer:
+//   out (N,M) += A (N,K) · Bm (K,M)
+// A is read through strides (a_rs, a_cs), so it can be a transposed view; rows of Bm are
+// contiguous. The micro-kernel keeps a 6x16 block of out in registers and, for each k,
+// broadcasts 6 entries of A against 16 of Bm. K and M are blocked so a KBxMB panel of Bm
+// stays in cache while every row block passes over it.
+#define GEMM_RB 6    // rows of out per micro-kernel
+#define GEMM_KB 256  // k-block
+#define GEMM_MB 256  // column block
+static void gemm_acc(float *out, const float *A, size_t a_rs, size_t a_cs, const float *Bm, int N, int K, int M) {
+#pragma omp parallel
+    for (int kb = 0; kb < K; kb += GEMM_KB) {
+        const int ke = kb + GEMM_KB < K ? kb + GEMM_KB : K;
+#pragma omp for collapse(2) schedule(static)
+        for (int mb = 0; mb < M; mb += GEMM_MB) {
+            for (int n0 = 0; n0 < N; n0 += GEMM_RB) {
+                const int me = mb + GEMM_MB < M ? mb + GEMM_MB : M;
+                for (int m0 = mb; m0 < me; m0 += 16) {
+                    if (n0 + GEMM_RB <= N && m0 + 16 <= me) {
+                        v8 c[GEMM_RB][2];
+                        for (int r = 0; r < GEMM_RB; r++) {
+                            c[r][0] = load8(out + (size_t)(n0 + r) * M + m0);
+                            c[r][1] = load8(out + (size_t)(n0 + r) * M + m0 + 8);
+                        }
+                        for (int k = kb; k < ke; k++) {
+                            const v8 b0 = load8(Bm + (size_t)k * M + m0), b1 = load8(Bm + (size_t)k * M + m0 + 8);
+                            const float *ak = A + (size_t)n0 * a_rs + (size_t)k * a_cs;
+                            for (int r = 0; r < GEMM_RB; r++) {
+                                const v8 a = splat8(ak[(size_t)r * a_rs]);
+                                c[r][0] += a * b0;
+                                c[r][1] += a * b1;
+                            }
+                        }
+                        for (int r = 0; r < GEMM_RB; r++) {
+                            store8(out + (size_t)(n0 + r) * M + m0, c[r][0]);
+                            store8(out + (size_t)(n0 + r) * M + m0 + 8, c[r][1]);
+                        }
+                    } else { // ragged edge
+                        for (int n = n0; n < N && n < n0 + GEMM_RB; n++)
+                            for (int m = m0; m < me && m < m0 + 16; m++) {
+                                float s = out[(size_t)n * M + m];
+                                for (int k = kb; k < ke; k++) s += A[(size_t)n * a_rs + (size_t)k * a_cs] * Bm[(size_t)k * M + m];
+                                out[(size_t)n * M + m] = s;
+                            }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// dst (C,OC) = srcᵀ, src (OC,C); blocked so both sides stay in cache
+static void transpose(float *dst, const float *src, int rows, int cols) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int r0 = 0; r0 < rows; r0 += 32)
+        for (int c0 = 0; c0 < cols; c0 += 32)
+            for (int r = r0; r < rows && r < r0 + 32; r++)
+                for (int c = c0; c < cols && c < c0 + 32; c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+}
+
+// Linear layer, PyTorch layout: out (N,OC) = inp (N,C) · wᵀ + bias (OC, or NULL for none).
+// The GEMM wants Bm rows contiguous along the output, so w is transposed into a scratch
+// buffer first (cheap next to the product: OC·C copies against N·OC·C multiply-adds).
+static float *matmul_scratch;
+static size_t matmul_scratch_cap;
+
+static void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
+    size_t need = (size_t)C * OC;
+    if (need > matmul_scratch_cap) {
+        free(matmul_scratch);
+        matmul_scratch = malloc_check(need * sizeof(float), "matmul scratch");
+        matmul_scratch_cap = need;
+    }
+    transpose(matmul_scratch, w, OC, C);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *o = out + (size_t)n * OC;
+        if (bias) memcpy(o, bias, OC * sizeof(float));
+        else memset(o, 0, OC * sizeof(float));
+    }
+    gemm_acc(out, inp, C, 1, matmul_scratch, N, C, OC);
+}
+
+// dinp (N,C) += dout·w;  dw (OC,C) += doutᵀ·inp;  dbias (OC) += Σ_n dout.   dinp/dbias may be NULL.
+static void matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+                            const float *w, int N, int C, int OC) {
+    if (dinp) gemm_acc(dinp, dout, OC, 1, w, N, OC, C);
+    gemm_acc(dw, dout, 1, OC, inp, OC, N, C); // doutᵀ read through strides
+    if (dbias) {
+#pragma omp parallel for schedule(static)
+        for (int o0 = 0; o0 < OC; o0 += 64) {
+            int ko = OC - o0 < 64 ? OC - o0 : 64;
+            for (int n = 0; n < N; n++) axpy(dbias + o0, 1.0f, dout + (size_t)n * OC + o0, ko);
+        }
+    }
+}
+
+// RoPE tables: cos/sin (max_seq_len, R/2), θ[p][i] = p · base^(−2i/R) formed in fp32 as HF does.
+static void rope_tables(float *cos_tab, float *sin_tab, int max_seq_len, int R, float base) {
+    for (int i = 0; i < R / 2; i++) {
+        float inv_freq = 1.0f / powf(base, (float)(2 * i) / (float)R);
+        for (int p = 0; p < max_seq_len; p++) {
+            float theta = (float)p * inv_freq;
+            cos_tab[p * (R / 2) + i] = cosf(theta);
+            sin_tab[p * (R / 2) + i] = sinf(theta);
+        }
+    }
+}
+
+// Rotate-half RoPE in place on the first R dims of n_heads heads per row, pairs (i, i + R/2):
+//   x'[i] = x[i]c − x[i+R/2]s,  x'[i+R/2] = x[i+R/2]c + x[i]s.
+// Rows are (B,T) positions, pos = pos0 + t. sign = −1 applies the inverse rotation.
+static void rope_rotate(float *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, int R,
+                        const float *cos_tab, const float *sin_tab, float sign) {
+    const int half = R / 2;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float *c = cos_tab + (size_t)(pos0 + t) * half, *s = sin_tab + (size_t)(pos0 + t) * half;
+            float *row = x + ((size_t)b * T + t) * row_stride;
+            for (int h = 0; h < n_heads; h++) {
+                float *v = row + (size_t)h * head_stride;
+                for (int i = 0; i < half; i++) {
+                    float x1 = v[i], x2 = v[i + half], si = sign * s[i];
+                    v[i] = x1 * c[i] - x2 * si;
+                    v[i + half] = x2 * c[i] + x1 * si;
+                }
+            }
+        }
+}
+
+static void rope_forward(float *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, int R,
+                         const float *cos_tab, const float *sin_tab) {
+    rope_rotate(x, B, T, pos0, row_stride, n_heads, head_stride, R, cos_tab, sin_tab, 1.0f);
+}
+
+// the rotation is orthogonal, so its backward is the inverse rotation of the gradient
+static void rope_backward(float *dx, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, int R,
+                          const float *cos_tab, const float *sin_tab) {
+    rope_rotate(dx, B, T, pos0, row_stride, n_heads, head_stride, R, cos_tab, sin_tab, -1.0f);
+}
+
+// A view of per-head vectors inside a (B,T,row) buffer: head h of token (b,t) starts at
+// base + (b*T + t)*row_stride + h*head_stride. Lets one attention core read the fused QKV
+// of MHA and the separate Q / KV projections of the other variants.
+typedef struct { float *base; int row_stride, head_stride; } HeadView;
+
+static inline float *head_at(HeadView v, int T, int b, int t, int h) {
+    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
+}
+
+// Causal softmax attention. H query heads share G key/value heads: query head h reads
+// KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
+static void attention_forward(float *out, float *att, HeadView q, HeadView k, HeadView v, int B, int T, int H,
+                              int G, int Dqk, int Dv, float scale) {
+    const int group = H / G;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            const int g = h / group;
+            for (int t = 0; t < T; t++) {
+                const float *qt = head_at(q, T, b, t, h);
+                float *p = att + (((size_t)b * H + h) * T + t) * T;
+                for (int s = 0; s <= t; s++) p[s] = scale * dot(qt, head_at(k, T, b, s, g), Dqk);
+                float inv = 1.0f / exp_shift_sum(p, t + 1, max_of(p, t + 1));
+                for (int s = 0; s <= t; s++) p[s] *= inv;
+                for (int s = t + 1; s < T; s++) p[s] = 0.0f;
+                float *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+                memset(o, 0, Dv * sizeof(float));
+                for (int s = 0; s <= t; s++) axpy(o, p[s], head_at(v, T, b, s, g), Dv);
+            }
+        }
+}
+
+// dV_g += Σ_h Pᵀ·dO,  dP = dO·Vᵀ,  dS = P⊙(dP − rowsum(dP⊙P)),  dQ += scale·dS·K,  dK_g += scale·dSᵀ·Q.
+// Parallel over (b, g) so the heads that share a KV head accumulate into it from one thread.
+static void attention_backward(HeadView dq, HeadView dk, HeadView dv, float *datt, const float *dout,
+                               const float *att, HeadView q, HeadView k, HeadView v, int B, int T, int H, int G,
+                               int Dqk, int Dv, float scale) {
+    const int group = H / G;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < G; g++)
+            for (int h = g * group; h < (g + 1) * group; h++)
+                for (int t = 0; t < T; t++) {
+                    const float *p = att + (((size_t)b * H + h) * T + t) * T;
+                    float *dp = datt + (((size_t)b * H + h) * T + t) * T;
+                    const float *dot_ = dout + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+                    float rowsum = 0.0f;
+                    for (int s = 0; s <= t; s++) {
+                        dp[s] = dot(dot_, head_at(v, T, b, s, g), Dv);
+                        axpy(head_at(dv, T, b, s, g), p[s], dot_, Dv);
+                        rowsum += dp[s] * p[s];
+                    }
+                    const float *qt = head_at(q, T, b, t, h);
+                    float *dqt = head_at(dq, T, b, t, h);
+                    for (int s = 0; s <= t; s++) {
+                        float ds = p[s] * (dp[s] - rowsum) * scale;
+                        axpy(dqt, ds, head_at(k, T, b, s, g), Dqk);
+                        axpy(head_at(dk, T, b, s, g), ds, qt, Dqk);
+                    }
+                }
+}
+
+// exact GELU, 0.5·x·(1 + erf(x/√2)), as HF's "gelu" (not the tanh form)
+static void gelu_forward(float *out, const float *inp, size_t N) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < N; i++) out[i] = 0.5f * inp[i] * (1.0f + erff(inp[i] * (float)M_SQRT1_2));
+}
+
+// GELU'(x) = 0.5(1 + erf(x/√2)) + x·exp(−x²/2)/√(2π)
+static void gelu_backward(float *dinp, const float *inp, const float *dout, size_t N) {
+    const float inv_sqrt_2pi = 0.3989422804014327f;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < N; i++) {
+        float x = inp[i];
+        float grad = 0.5f * (1.0f + erff(x * (float)M_SQRT1_2)) + x * expf(-0.5f * x * x) * inv_sqrt_2pi;
+        dinp[i] += grad * dout[i];
+    }
+}
+
+// out = a + b + c (the parallel residual); its backward is the identity into each branch,
+// which is why model_backward hands the same dresid to both branches.
+static void residual3_forward(float *out, const float *a, const float *b, const float *c, size_t N) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < N; i++) out[i] = a[i] + b[i] + c[i];
+}
+
+// Cross-entropy over the first V columns of logits (N,Vp); padding columns never count.
+// losses[n] = lse[n] − logits[n][target], lse = logsumexp of the row (kept for backward);
+// ignored rows get loss 0. Returns the mean over non-ignored rows and sets *n_valid.
+static float crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V,
+                                  int Vp, int *n_valid) {
+    double total = 0.0;
+    int valid = 0;
+#pragma omp parallel
+    {
+        float *row = malloc_check(V * sizeof(float), "softmax row");
+#pragma omp for schedule(static) reduction(+ : total, valid)
+        for (int n = 0; n < N; n++) {
+            losses[n] = 0.0f;
+            const float *z = logits + (size_t)n * Vp;
+            float maxv = max_of(z, V);
+            memcpy(row, z, V * sizeof(float));
+            lse[n] = maxv + logf(exp_shift_sum(row, V, maxv));
+            if (targets[n] == IGNORE_INDEX) continue;
+            losses[n] = lse[n] - z[targets[n]];
+            total += losses[n];
+            valid++;
+        }
+        free(row);
+    }
+    *n_valid = valid;
+    return valid ? (float)(total / valid) : 0.0f;
+}
+
+// dlogits = (softmax(logits) − onehot(target)) / n_valid, written IN PLACE over logits
+// (saves a (B,T,Vp) buffer). Ignored rows and padding columns get 0.
+static void crossentropy_backward(float *logits_to_dlogits, const float *lse, const int *targets, int N, int V,
+                                  int Vp, int n_valid) {
+    const float scale = 1.0f / (float)n_valid;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *z = logits_to_dlogits + (size_t)n * Vp;
+        if (targets[n] == IGNORE_INDEX) { memset(z, 0, Vp * sizeof(float)); continue; }
+        exp_shift_sum(z, V, lse[n]); // z = softmax
+        for (int i = 0; i < V; i++) z[i] *= scale;
+        z[targets[n]] -= scale;
+        for (int i = V; i < Vp; i++) z[i] = 0.0f;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The model
+
+typedef struct {
+    Config cfg;
+    ParamTensor *tensors;       // stb_ds array: checkpoint order, names, shapes
+    size_t num_params;
+    float *params_memory; Params p;
+    float *grads_memory;  Params g;       // allocated on first backward
+    float *m_memory, *v_memory;           // AdamW moments, allocated on first update
+    int adam_step;
+    float *rope_cos, *rope_sin;           // (max_seq_len, R/2)
+    float *acts_memory; Acts a; size_t acts_cap;       // activations, capacity in floats
+    float *gacts_memory; GradActs ga; size_t gacts_cap; // their gradients
+    size_t batch_cap;
+    int B, T;                   // shape of the last forward
+    int *inputs, *targets;      // copies of the last forward's batch
+    float mean_loss;            // of the last forward with targets, else -1
+    int n_valid;                // non-ignored targets in the last forward
+} Model;
+
+static void model_alloc_params(Model *m, const Config *c) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *c;
+    m->p.layer = calloc_check(c->n_layer * sizeof(LayerParams), "layer params");
+    m->g.layer = calloc_check(c->n_layer * sizeof(LayerParams), "layer grads");
+    m->num_params = layout_params(c, NULL, NULL, &m->tensors);
+    m->params_memory = malloc_check(m->num_params * sizeof(float), "parameters");
+    layout_params(c, m->params_memory, &m->p, NULL);
+    int half = c->rotary_dims / 2;
+    m->rope_cos = malloc_check((size_t)c->max_seq_len * (half ? half : 1) * sizeof(float), "rope table");
+    m->rope_sin = malloc_check((size_t)c->max_seq_len * (half ? half : 1) * sizeof(float), "rope table");
+    rope_tables(m->rope_cos, m->rope_sin, c->max_seq_len, c->rotary_dims, c->rope_base);
+    m->a.layer = calloc_check(c->n_layer * sizeof(LayerActs), "layer acts");
+    m->mean_loss = -1.0f;
+}
+
+// Random init as HF GPTNeoX (_init_weights): N(0, init_std) for matrices and embeddings,
+// LayerNorm 1/0, biases 0; the two residual-output matrices (dense, proj) are scaled by
+// 1/sqrt(2L) as in GPT-2, which keeps the residual stream's variance flat with depth.
+static void model_init_random(Model *m, const Config *c, float init_std, uint64_t seed) {
+    model_alloc_params(m, c);
+    uint64_t rng = seed ? seed : 1;
+    memset(m->params_memory, 0, m->num_params * sizeof(float));
+    const float resid_std = init_std / sqrtf(2.0f * c->n_layer);
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        ParamTensor *t = &m->tensors[i];
+        float *w = m->params_memory + t->offset;
+        size_t n = t->rows * t->cols;
+        const char *leaf = strrchr(t->name, '.') ? strrchr(t->name, '.') + 1 : t->name;
+        if (strcmp(leaf, "ln1_w") == 0 || strcmp(leaf, "ln2_w") == 0 || strcmp(leaf, "lnf_w") == 0) {
+            for (size_t j = 0; j < n; j++) w[j] = 1.0f;
+        } else if (t->rows > 1) {
+            float std = (strcmp(leaf, "dense_w") == 0 || strcmp(leaf, "proj_w") == 0) ? resid_std : init_std;
+            size_t real_rows = t->rows;
+            if (strcmp(leaf, "embed_in") == 0 || strcmp(leaf, "embed_out") == 0) real_rows = c->vocab_size;
+            for (size_t j = 0; j < real_rows * t->cols; j++) w[j] = std * random_normal(&rng);
+        } // biases stay 0; padding rows of the embeddings stay 0
+    }
+}
+
+// Loads a checkpoint; refuses one whose header is inconsistent or whose size differs
+// from what the header implies.
+static void model_load(Model *m, const char *path) {
+    FILE *f = fopen_check(path, "rb");
+    int h[HEADER_INTS];
+    long long size = file_size(f);
+    if (size < (long long)sizeof h) die("'%s' is too small to be a checkpoint (%lld bytes)", path, size);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != CKPT_MAGIC) die("'%s' is not a ctxkv checkpoint (magic %d, expected %d)", path, h[0], CKPT_MAGIC);
+    if (h[1] != CKPT_VERSION) die("'%s' has checkpoint version %d, this build reads %d", path, h[1], CKPT_VERSION);
+    Config c = config_from_header(h);
+    const char *problem = config_problem(&c);
+    if (problem) die("'%s': bad config in header: %s", path, problem);
+    size_t n = layout_params(&c, NULL, NULL, NULL);
+    long long expect = (long long)sizeof h + (long long)n * (long long)sizeof(float);
+    if (size != expect)
+        die("'%s' has %lld bytes but its header implies %lld (%zu parameters): wrong size", path, size, expect, n);
+    model_alloc_params(m, &c);
+    fread_check(m->params_memory, sizeof(float), n, f, path);
+    fclose(f);
+}
+
+static void model_save(const Model *m, const char *path) {
+    int h[HEADER_INTS];
+    config_to_header(&m->cfg, h);
+    AtomicFile af = atomic_open(path);
+    fwrite_check(h, sizeof(int), HEADER_INTS, af.f, af.tmp);
+    fwrite_check(m->params_memory, sizeof(float), m->num_params, af.f, af.tmp);
+    atomic_commit(&af);
+}
+
+static void model_free(Model *m) {
+    free(m->params_memory); free(m->grads_memory); free(m->m_memory); free(m->v_memory);
+    free(m->acts_memory); free(m->gacts_memory); free(m->rope_cos); free(m->rope_sin);
+    free(m->p.layer); free(m->g.layer); free(m->a.layer);
+    free(m->inputs); free(m->targets);
+    arrfree(m->tensors);
+    memset(m, 0, sizeof *m);
+}
+
+// Points the activations at memory for a (B,T) batch, growing the block when this batch
+// needs more than any earlier one.
+static void model_ensure_acts(Model *m, int B, int T) {
+    size_t need = layout_acts(&m->cfg, B, T, NULL, &m->a, NULL);
+    if (need > m->acts_cap) {
+        free(m->acts_memory);
+        m->acts_memory = malloc_check(need * sizeof(float), "activations");
+        m->acts_cap = need;
+    }
+    layout_acts(&m->cfg, B, T, m->acts_memory, &m->a, NULL);
+    size_t BT = (size_t)B * T;
+    if (BT > m->batch_cap) {
+        free(m->inputs); free(m->targets);
+        m->inputs = malloc_check(BT * sizeof(int), "batch");
+        m->targets = malloc_check(BT * sizeof(int), "batch");
+        m->batch_cap = BT;
+    }
+}
+
+// Forward pass. inputs/targets (B,T); targets may be NULL (inference). Returns the mean loss
+// (or -1 without targets). Logits are left in m->a.logits (B,T,Vp).
+static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+    const Config *c = &m->cfg;
+    const int C = c->n_embd, H = c->n_head, D = C / H, F = c->n_inner, V = c->vocab_size, Vp = c->padded_vocab_size;
+    const int BT = B * T;
+    if (T > c->max_seq_len) die("sequence length %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
+    for (int i = 0; i < BT; i++)
+        if (inputs[i] < 0 || inputs[i] >= V) die("input token id %d at position %d is outside the vocabulary (0..%d)", inputs[i], i, V - 1);
+    if (targets)
+        for (int i = 0; i < BT; i++)
+            if (targets[i] != IGNORE_INDEX && (targets[i] < 0 || targets[i] >= V))
+                die("target token id %d at position %d is outside the vocabulary (0..%d)", targets[i], i, V - 1);
+    model_ensure_acts(m, B, T);
+    m->B = B;
+    m->T = T;
+    memcpy(m->inputs, inputs, BT * sizeof(int));
+    if (targets) memcpy(m->targets, targets, BT * sizeof(int));
+
+    Acts *a = &m->a;
+    embedding_forward(a->resid, inputs, m->p.embed_in, BT, C);
+    for (int l = 0; l < c->n_layer; l++) {
+        const LayerParams *lp = &m->p.layer[l];
+        LayerActs *la = &a->layer[l];
+        float *x = a->resid + (size_t)l * BT * C;
+        layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
+        layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
+        // attention branch: fused QKV, RoPE on q and k, causal attention, dense
+        matmul_forward(la->qkv, la->ln1, lp->qkv_w, lp->qkv_b, BT, C, 3 * C);
+        rope_forward(la->qkv, B, T, 0, 3 * C, H, 3 * D, c->rotary_dims, m->rope_cos, m->rope_sin);     // q
+        rope_forward(la->qkv + D, B, T, 0, 3 * C, H, 3 * D, c->rotary_dims, m->rope_cos, m->rope_sin); // k
+        HeadView q = {la->qkv, 3 * C, 3 * D}, k = {la->qkv + D, 3 * C, 3 * D}, v = {la->qkv + 2 * D, 3 * C, 3 * D};
+        attention_forward(la->atty, la->att, q, k, v, B, T, H, H, D, D, 1.0f / sqrtf((float)D));
+        matmul_forward(a->attn_out, la->atty, lp->dense_w, lp->dense_b, BT, C, C);
+        // MLP branch
+        matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
+        gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
+        matmul_forward(a->mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
+        residual3_forward(x + (size_t)BT * C, x, a->attn_out, a->mlp_out, (size_t)BT * C);
+    }
+    float *xL = a->resid + (size_t)c->n_layer * BT * C;
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, C, c->ln_eps);
+    matmul_forward(a->logits, a->lnf, m->p.embed_out, NULL, BT, C, Vp);
+    m->mean_loss = -1.0f;
+    if (targets) m->mean_loss = crossentropy_forward(a->losses, a->lse, a->logits, targets, BT, V, Vp, &m->n_valid);
+    return m->mean_loss;
+}
+
+static void model_zero_grad(Model *m) {
+    if (m->grads_memory) memset(m->grads_memory, 0, m->num_params * sizeof(float));
+}
+
+// Backward of the last forward (which must have had targets). Accumulates into m->g.
+// Overwrites the logits with dlogits.
+static void model_backward(Model *m) {
+    const Config *c = &m->cfg;
+    if (m->mean_loss < 0.0f) die("model_backward called without a forward pass with targets");
+    const int B = m->B, T = m->T, BT = B * T;
+    const int C = c->n_embd, H = c->n_head, D = C / H, F = c->n_inner, V = c->vocab_size, Vp = c->padded_vocab_size;
+    if (!m->grads_memory) {
+        m->grads_memory = calloc_check(m->num_params * sizeof(float), "gradients");
+        layout_params(c, m->grads_memory, &m->g, NULL);
+    }
+    size_t need = layout_acts(c, B, T, NULL, NULL, &m->ga);
+    if (need > m->gacts_cap) {
+        free(m->gacts_memory);
+        m->gacts_memory = malloc_check(need * sizeof(float), "activation gradients");
+        m->gacts_cap = need;
+    }
+    layout_acts(c, B, T, m->gacts_memory, NULL, &m->ga);
+    Acts *a = &m->a;
+    GradActs *ga = &m->ga;
+    if (m->n_valid == 0) return; // every target ignored: the loss is a constant
+
+    float *dlogits = a->logits;
+    crossentropy_backward(dlogits, a->lse, m->targets, BT, V, Vp, m->n_valid);
+    memset(ga->dlnf, 0, (size_t)BT * C * sizeof(float));
+    matmul_backward(ga->dlnf, m->g.embed_out, NULL, dlogits, a->lnf, m->p.embed_out, BT, C, Vp);
+    memset(ga->dresid, 0, (size_t)BT * C * sizeof(float));
+    float *xL = a->resid + (size_t)c->n_layer * BT * C;
+    layernorm_backward(ga->dresid, m->g.lnf_w, m->g.lnf_b, ga->dlnf, xL, m->p.lnf_w, a->lnf_mean, a->lnf_rstd, BT, C);
+
+    for (int l = c->n_layer - 1; l >= 0; l--) {
+        const LayerParams *lp = &m->p.layer[l];
+        LayerParams *lg = &m->g.layer[l];
+        LayerActs *la = &a->layer[l];
+        float *x = a->resid + (size_t)l * BT * C;
+        // ga->dresid is d loss / d x_{l+1}; the parallel residual passes it unchanged to x_l,
+        // to the attention output and to the MLP output.
+        memset(ga->dln1, 0, (size_t)BT * C * sizeof(float));
+        memset(ga->dln2, 0, (size_t)BT * C * sizeof(float));
+        memset(ga->datty, 0, (size_t)BT * C * sizeof(float));
+        memset(ga->dqkv, 0, (size_t)BT * 3 * C * sizeof(float));
+        memset(ga->dfc_gelu, 0, (size_t)BT * F * sizeof(float));
+        memset(ga->dfc, 0, (size_t)BT * F * sizeof(float));
+        // MLP branch
+        matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
+        gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
+        matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
+        // attention branch
+        matmul_backward(ga->datty, lg->dense_w, lg->dense_b, ga->dresid, la->atty, lp->dense_w, BT, C, C);
+        HeadView q = {la->qkv, 3 * C, 3 * D}, k = {la->qkv + D, 3 * C, 3 * D}, v = {la->qkv + 2 * D, 3 * C, 3 * D};
+        HeadView dq = {ga->dqkv, 3 * C, 3 * D}, dk = {ga->dqkv + D, 3 * C, 3 * D}, dv = {ga->dqkv + 2 * D, 3 * C, 3 * D};
+        attention_backward(dq, dk, dv, ga->datt, ga->datty, la->att, q, k, v, B, T, H, H, D, D, 1.0f / sqrtf((float)D));
+        rope_backward(ga->dqkv, B, T, 0, 3 * C, H, 3 * D, c->rotary_dims, m->rope_cos, m->rope_sin);
+        rope_backward(ga->dqkv + D, B, T, 0, 3 * C, H, 3 * D, c->rotary_dims, m->rope_cos, m->rope_sin);
+        matmul_backward(ga->dln1, lg->qkv_w, lg->qkv_b, ga->dqkv, la->ln1, lp->qkv_w, BT, C, 3 * C);
+        // both LayerNorms read x_l: their input grads add into the residual gradient
+        layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
+        layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
+    }
+    embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
+}
+
+// Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_: scale all grads by
+// min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping. max_norm <= 0: no clip.
+static float model_clip_grad_norm(Model *m, float max_norm) {
+    double sq = 0.0;
+    const float *g = m->grads_memory;
+#pragma omp parallel for schedule(static) reduction(+ : sq)
+    for (size_t i = 0; i < m->num_params; i++) sq += (double)g[i] * g[i];
+    float norm = (float)sqrt(sq);
+    if (max_norm > 0.0f && isfinite(norm)) {
+        float coef = max_norm / (norm + 1e-6f);
+        if (coef < 1.0f) {
+#pragma omp parallel for schedule(static)
+            for (size_t i = 0; i < m->num_params; i++) m->grads_memory[i] *= coef;
+        }
+    }
+    return norm;
+}
+
+typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamW;
+
+// AdamW exactly as torch.optim.AdamW: decoupled decay p *= 1 − lr·wd (2-D tensors only),
+// then p −= lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
+static void model_update(Model *m, const AdamW *opt) {
+    if (!m->m_memory) {
+        m->m_memory = calloc_check(m->num_params * sizeof(float), "AdamW m");
+        m->v_memory = calloc_check(m->num_params * sizeof(float), "AdamW v");
+    }
+    m->adam_step++;
+    const float bc1 = 1.0f - powf(opt->beta1, (float)m->adam_step);
+    const float bc2_sqrt = sqrtf(1.0f - powf(opt->beta2, (float)m->adam_step));
+    const float step_size = opt->lr / bc1;
+    for (ptrdiff_t ti = 0; ti < arrlen(m->tensors); ti++) {
+        const ParamTensor *t = &m->tensors[ti];
+        const float decay = (t->rows > 1) ? 1.0f - opt->lr * opt->weight_decay : 1.0f;
+        float *p = m->params_memory + t->offset, *g = m->grads_memory + t->offset;
+        float *mm = m->m_memory + t->offset, *vv = m->v_memory + t->offset;
+        const size_t n = t->rows * t->cols;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) {
+            p[i] *= decay;
+            mm[i] = opt->beta1 * mm[i] + (1.0f - opt->beta1) * g[i];
+            vv[i] = opt->beta2 * vv[i] + (1.0f - opt->beta2) * g[i] * g[i];
+            p[i] -= step_size * mm[i] / (sqrtf(vv[i]) / bc2_sqrt + opt->eps);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Data: llm.c token shards (doc/formats.md), validated when opened
+
+typedef struct {
+    char **files;        // stb_ds array of shard paths, sorted (glob order)
+    int vocab_size;
+    int B, T;
+    int shard_index;     // current shard
+    uint16_t *tokens;    // the current shard, whole
+    size_t ntok;
+    size_t pos;          // next token to read in the current shard
+    int *inputs, *targets; // (B,T)
+} DataLoader;
+
+// Reads and validates one shard. Every token must be < vocab_size.
+static uint16_t *shard_load(const char *path, size_t *ntok_out, int vocab_size) {
+    FILE *f = fopen_check(path, "rb");
+    int h[HEADER_INTS];
+    long long size = file_size(f);
+    if (size < (long long)sizeof h) die("'%s' is too small to be a token shard (%lld bytes, header is 1024)", path, size);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != SHARD_MAGIC) die("'%s' is not a token shard (magic %d, expected %d)", path, h[0], SHARD_MAGIC);
+    if (h[1] != SHARD_VERSION) die("'%s' has shard version %d, expected %d", path, h[1], SHARD_VERSION);
+    if (h[2] < 0) die("'%s' has a negative token count", path);
+    long long expect = (long long)sizeof h + 2LL * h[2];
+    if (size != expect) die("'%s' has %lld bytes but its header says %d tokens (%lld bytes): truncated or corrupt", path, size, h[2], expect);
+    size_t n = (size_t)h[2];
+    uint16_t *tok = malloc_check(n * sizeof(uint16_t), "shard tokens");
+    fread_check(tok, sizeof(uint16_t), n, f, path);
+    fclose(f);
+    for (size_t i = 0; i < n; i++)
+        if (tok[i] >= vocab_size) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, tok[i], i, vocab_size);
+    *ntok_out = n;
+    return tok;
+}
+
+static void dataloader_load_shard(DataLoader *d, int index) {
+    free(d->tokens);
+    d->shard_index = index;
+    d->tokens = shard_load(d->files[index], &d->ntok, d->vocab_size);
+    d->pos = 0;
+    if (d->ntok < (size_t)d->B * d->T + 1)
+        die("'%s' has %zu tokens, fewer than one batch needs (B*T+1 = %d)", d->files[index], d->ntok, d->B * d->T + 1);
+}
+
+static void dataloader_init(DataLoader *d, const char *pattern, int B, int T, int vocab_size) {
+    memset(d, 0, sizeof *d);
+    glob_t g;
+    int rc = glob(pattern, 0, NULL, &g);
+    if (rc != 0 || g.gl_pathc == 0) die("no files match '%s' (run the prepro step: make data)", pattern);
+    for (size_t i = 0; i < g.gl_pathc; i++) arrput(d->files, strdup(g.gl_pathv[i]));
+    globfree(&g);
+    d->B = B;
+    d->T = T;
+    d->vocab_size = vocab_size;
+    d->inputs = malloc_check((size_t)B * T * sizeof(int), "batch");
+    d->targets = malloc_check((size_t)B * T * sizeof(int), "batch");
+    // validate every shard up front so a bad file fails before training starts
+    for (int i = arrlen(d->files) - 1; i >= 0; i--) dataloader_load_shard(d, i);
+}
+
+static void dataloader_reset(DataLoader *d) {
+    if (d->shard_index != 0) dataloader_load_shard(d, 0);
+    d->pos = 0;
+}
+
+// Next (B,T) batch: B consecutive windows of T+1 tokens; moves to the next shard (and wraps
+// around) when the current one has too few tokens left.
+static void dataloader_next(DataLoader *d) {
+    size_t need = (size_t)d->B * d->T + 1;
+    if (d->pos + need > d->ntok) {
+        int next = (d->shard_index + 1) % (int)arrlen(d->files);
+        if (next != d->shard_index) dataloader_load_shard(d, next);
+        d->pos = 0;
+    }
+    const uint16_t *buf = d->tokens + d->pos;
+    for (size_t i = 0; i < (size_t)d->B * d->T; i++) {
+        d->inputs[i] = buf[i];
+        d->targets[i] = buf[i + 1];
+    }
+    d->pos += (size_t)d->B * d->T;
+}
+
+// how many whole batches the first shard holds (used to cap validation)
+static int dataloader_batches_in_shard(const DataLoader *d) { return (int)((d->ntok - 1) / ((size_t)d->B * d->T)); }
+
+static void dataloader_free(DataLoader *d) {
+    for (ptrdiff_t i = 0; i < arrlen(d->files); i++) free(d->files[i]);
+    arrfree(d->files);
+    free(d->tokens); free(d->inputs); free(d->targets);
+}
+
+// ----------------------------------------------------------------------------
+// Token table: token id -> bytes, to print samples (doc/formats.md)
+
+typedef struct { unsigned char len; char *bytes; } TokenBytes;
+typedef struct { TokenBytes *tokens; int eot; } Tokenizer; // tokens: stb_ds array
+
+static int tokenizer_load(Tokenizer *tk, const char *path) {
+    memset(tk, 0, sizeof *tk);
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    int h[HEADER_INTS];
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != TOKTAB_MAGIC || h[1] != TOKTAB_VERSION) die("'%s' is not a token table (magic %d version %d)", path, h[0], h[1]);
+    if (h[2] < 1 || h[2] > 65536) die("'%s': bad token count %d", path, h[2]);
+    tk->eot = h[3];
+    for (int i = 0; i < h[2]; i++) {
+        TokenBytes t;
+        fread_check(&t.len, 1, 1, f, path);
+        t.bytes = malloc_check(t.len + 1, "token");
+        if (t.len) fread_check(t.bytes, 1, t.len, f, path);
+        t.bytes[t.len] = 0;
+        arrput(tk->tokens, t);
+    }
+    fclose(f);
+    return 1;
+}
+
+static void tokenizer_free(Tokenizer *tk) {
+    for (ptrdiff_t i = 0; i < arrlen(tk->tokens); i++) free(tk->tokens[i].bytes);
+    arrfree(tk->tokens);
+}
+
+// prints a token's bytes; tokens the table lacks print as <id>
+static void tokenizer_print(const Tokenizer *tk, int id) {
+    if (tk->tokens && id >= 0 && id < arrlen(tk->tokens)) fwrite(tk->tokens[id].bytes, 1, tk->tokens[id].len, stdout);
+    else printf("<%d>", id);
+}
+
+// ----------------------------------------------------------------------------
+// Sampling
+
+// samples an index from probabilities (n), coin in [0,1)
+static int sample_mult(const float *probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probs[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1;
+}
+
+// Generates n_new tokens after prompt (n_prompt ids) by re-running the forward pass on the
+// whole window (at most max_seq_len tokens). Returns the number of ids in out.
+static int model_generate(Model *m, const int *prompt, int n_prompt, int n_new, float temperature, uint64_t *rng,
+                          int *out, const Tokenizer *tk, int print) {
+    const int V = m->cfg.vocab_size, Vp = m->cfg.padded_vocab_size;
+    int n = n_prompt;
+    memcpy(out, prompt, n_prompt * sizeof(int));
+    float *probs = malloc_check(V * sizeof(float), "sampling");
+    for (int step = 0; step < n_new; step++) {
+        int start = n > m->cfg.max_seq_len ? n - m->cfg.max_seq_len : 0;
+        model_forward(m, out + start, NULL, 1, n - start);
+        const float *z = m->a.logits + (size_t)(n - start - 1) * Vp;
+        float maxv = -INFINITY, sum = 0.0f;
+        for (int i = 0; i < V; i++) maxv = z[i] > maxv ? z[i] : maxv;
+        for (int i = 0; i < V; i++) { probs[i] = expf((z[i] - maxv) / temperature); sum += probs[i]; }
+        for (int i = 0; i < V; i++) probs[i] /= sum;
+        out[n] = sample_mult(probs, V, random_f32(rng));
+        if (print) { tokenizer_print(tk, out[n]); fflush(stdout); }
+        n++;
+    }
+    free(probs);
+    return n;
+}
+
+// ----------------------------------------------------------------------------
+// Command line
+
+typedef struct {
+    const char *model, *train, *val, *tokenizer, *out;
+    int B, T, steps, warmup, val_every, val_batches, sample_every, sample_len, bench;
+    float lr, min_lr_frac, weight_decay, beta1, beta2, eps, grad_clip, init_std, temperature;
+    long long seed;
+} Args;
+
+static Args default_args(void) {
+    Args a = {0};
+    a.model = "pythia-14m";
+    a.train = "data/tinyshakespeare/tiny_shakespeare_train.bin";
+    a.val = "data/tinyshakespeare/tiny_shakespeare_val.bin";
+    a.tokenizer = "data/tokenizer.bin";
+    a.out = NULL;
+    a.B = 4; a.T = 256; a.steps = 200; a.warmup = 20;
+    a.val_every = 50; a.val_batches = 20; a.sample_every = 100; a.sample_len = 64; a.bench = 0;
+    a.lr = 1e-3f; a.min_lr_frac = 0.1f; a.weight_decay = 0.1f; a.beta1 = 0.9f; a.beta2 = 0.95f; a.eps = 1e-8f;
+    a.grad_clip = 1.0f; a.init_std = 0.02f; a.temperature = 1.0f;
+    a.seed = 1337;
+    return a;
+}
+
+static void usage(FILE *f) {
+    Args d = default_args();
+    fprintf(f,
+        "usage: ./train_ctxkv [options]\n"
+        "Trains a Pythia (GPT-NeoX) model on token shards, fp32 on the CPU.\n\n"
+        "  -h, --help            this text\n"
+        "  --model NAME|FILE     preset for random init (pythia-14m, pythia-70m, pythia-160m, tiny)\n"
+        "                        or a checkpoint file                     [%s]\n"
+        "  --train GLOB          training shards                          [%s]\n"
+        "  --val GLOB            validation shards ('' for none)          [%s]\n"
+        "  --tokenizer FILE      token table for printing samples         [%s]\n"
+        "  -b INT                batch size B                             [%d]\n"
+        "  -t INT                sequence length T                        [%d]\n"
+        "  --steps INT           optimizer steps                          [%d]\n"
+        "  --lr FLOAT            peak learning rate                       [%g]\n"
+        "  --warmup INT          linear warmup steps                      [%d]\n"
+        "  --min-lr-frac FLOAT   cosine decays to lr * this               [%g]\n"
+        "  --wd FLOAT            AdamW weight decay (2-D tensors only)    [%g]\n"
+        "  --beta1 FLOAT         AdamW beta1                              [%g]\n"
+        "  --beta2 FLOAT         AdamW beta2                              [%g]\n"
+        "  --eps FLOAT           AdamW epsilon                            [%g]\n"
+        "  --clip FLOAT          global grad-norm clip, 0 = off           [%g]\n"
+        "  --init-std FLOAT      std of the random init                   [%g]\n"
+        "  --seed INT            seed for init and sampling               [%lld]\n"
+        "  --val-every INT       val loss every N steps, 0 = only at end  [%d]\n"
+        "  --val-batches INT     batches per val estimate                 [%d]\n"
+        "  --sample-every INT    print a sample every N steps, 0 = never  [%d]\n"
+        "  --sample-len INT      tokens per sample                        [%d]\n"
+        "  --temperature FLOAT   sampling temperature                     [%g]\n"
+        "  --out DIR             write DIR/log.jsonl, DIR/model.bin, DIR/metrics.json\n"
+        "  --bench INT           time N training steps on random tokens, print JSON, exit\n\n"
+        "Threads: OMP_NUM_THREADS. Example: ./train_ctxkv --model pythia-14m --steps 300 --out out/run1\n",
+        d.model, d.train, d.val, d.tokenizer, d.B, d.T, d.steps, d.lr, d.warmup, d.min_lr_frac, d.weight_decay,
+        d.beta1, d.beta2, d.eps, d.grad_clip, d.init_std, d.seed, d.val_every, d.val_batches, d.sample_every,
+        d.sample_len, d.temperature);
+}
+
+static long long parse_int(const char *flag, const char *s, long long lo, long long hi) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end) die("%s expects an integer, got '%s'", flag, s);
+    if (v < lo || v > hi) die("%s must be in %lld..%lld, got %lld", flag, lo, hi, v);
+    return v;
+}
+
+static float parse_float(const char *flag, const char *s, float lo, float hi) {
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || end == s || *end || !isfinite(v)) die("%s expects a number, got '%s'", flag, s);
+    if (v < lo || v > hi) die("%s must be in [%g, %g], got %g", flag, lo, hi, v);
+    return v;
+}
+
+static Args parse_args(int argc, char **argv) {
+    Args a = default_args();
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        if (!strcmp(f, "-h") || !strcmp(f, "--help")) { usage(stdout); exit(0); }
+        if (i + 1 >= argc) die("flag %s needs a value (see -h)", f);
+        const char *v = argv[++i];
+        if (!strcmp(f, "--model")) a.model = v;
+        else if (!strcmp(f, "--train")) a.train = v;
+        else if (!strcmp(f, "--val")) a.val = v;
+        else if (!strcmp(f, "--tokenizer")) a.tokenizer = v;
+        else if (!strcmp(f, "--out")) a.out = v;
+        else if (!strcmp(f, "-b")) a.B = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "-t")) a.T = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--steps")) a.steps = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--warmup")) a.warmup = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--val-every")) a.val_every = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--val-batches")) a.val_batches = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--sample-every")) a.sample_every = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--sample-len")) a.sample_len = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--bench")) a.bench = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--seed")) a.seed = parse_int(f, v, 0, INT64_MAX);
+        else if (!strcmp(f, "--lr")) a.lr = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--min-lr-frac")) a.min_lr_frac = parse_float(f, v, 0.0f, 1.0f);
+        else if (!strcmp(f, "--wd")) a.weight_decay = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--beta1")) a.beta1 = parse_float(f, v, 0.0f, 0.999999f);
+        else if (!strcmp(f, "--beta2")) a.beta2 = parse_float(f, v, 0.0f, 0.999999f);
+        else if (!strcmp(f, "--eps")) a.eps = parse_float(f, v, 1e-30f, 1.0f);
+        else if (!strcmp(f, "--clip")) a.grad_clip = parse_float(f, v, 0.0f, 1e9f);
+        else if (!strcmp(f, "--init-std")) a.init_std = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--temperature")) a.temperature = parse_float(f, v, 1e-3f, 100.0f);
+        else die("unknown flag %s (see -h)", f);
+    }
+    return a;
+}
+
+// Loads --model: a preset name gives a random init, anything else is a checkpoint path.
+static void model_from_arg(Model *m, const Args *a) {
+    memset(m, 0, sizeof *m);
+    const Preset *p = find_preset(a->model);
+    if (p) {
+        Config c = config_from_preset(p);
+        const char *problem = config_problem(&c);
+        if (problem) die("preset %s: %s", p->name, problem);
+        model_init_random(m, &c, a->init_std, (uint64_t)a->seed);
+    } else {
+        if (access(a->model, F_OK) != 0) die("--model '%s' is neither a preset (pythia-14m, pythia-70m, pythia-160m, tiny) nor an existing checkpoint file", a->model);
+        model_load(m, a->model);
+    }
+}
+
+// lr at step (0-based): linear warmup to lr, then cosine down to lr*min_lr_frac at the last step
+static float lr_at(const Args *a, int step) {
+    if (step < a->warmup) return a->lr * (float)(step + 1) / (float)a->warmup;
+    if (a->steps <= a->warmup + 1) return a->lr;
+    float progress = (float)(step - a->warmup) / (float)(a->steps - a->warmup - 1);
+    float min_lr = a->lr * a->min_lr_frac;
+    return min_lr + 0.5f * (a->lr - min_lr) * (1.0f + cosf(3.14159265f * progress));
+}
+
+static float evaluate(Model *m, DataLoader *val, int max_batches) {
+    dataloader_reset(val);
+    int n = dataloader_batches_in_shard(val);
+    if (n > max_batches) n = max_batches;
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        dataloader_next(val);
+        sum += model_forward(m, val->inputs, val->targets, val->B, val->T);
+    }
+    return (float)(sum / n);
+}
+
+static void mkdir_p(const char *dir) {
+    char buf[4096];
+    if ((size_t)snprintf(buf, sizeof buf, "%s", dir) >= sizeof buf) die("--out path too long");
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') { *p = 0; mkdir(buf, 0755); *p = '/'; }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("--out: cannot create directory '%s' (%s)", dir, strerror(errno));
+    char probe[4200];
+    snprintf(probe, sizeof probe, "%s/.write_test", dir);
+    FILE *f = fopen(probe, "wb");
+    if (!f) die("--out: directory '%s' is not writable (%s)", dir, strerror(errno));
+    fclose(f);
+    remove(probe);
+}
+
+static void format_eta(char *buf, size_t n, double seconds) {
+    int s = (int)(seconds + 0.5);
+    if (s >= 3600) snprintf(buf, n, "%dh%02dm", s / 3600, (s / 60) % 60);
+    else snprintf(buf, n, "%dm%02ds", s / 60, s % 60);
+}
+
+static int run_bench(Model *m, const Args *a) {
+    uint64_t rng = (uint64_t)a->seed + 1;
+    int BT = a->B * a->T;
+    int *x = malloc_check(BT * sizeof(int), "bench"), *y = malloc_check(BT * sizeof(int), "bench");
+    for (int i = 0; i < BT; i++) { x[i] = random_u32(&rng) % m->cfg.vocab_size; y[i] = random_u32(&rng) % m->cfg.vocab_size; }
+    AdamW opt = {a->lr, a->beta1, a->beta2, a->eps, a->weight_decay};
+    double t_total = 0.0;
+    for (int s = 0; s <= a->bench; s++) { // step 0 is warmup (first-touch allocation)
+        double t0 = now_seconds();
+        model_forward(m, x, y, a->B, a->T);
+        model_zero_grad(m);
+        model_backward(m);
+        model_clip_grad_norm(m, a->grad_clip);
+        model_update(m, &opt);
+        double dt = now_seconds() - t0;
+        if (s > 0) t_total += dt;
+        fprintf(stderr, "bench step %d: %.1f ms\n", s, dt * 1e3);
+    }
+    double ms = t_total / a->bench * 1e3;
+    printf("{\"bench_steps\": %d, \"ms_per_step\": %.3f, \"tokens_per_s\": %.1f}\n", a->bench, ms, BT / (ms / 1e3));
+    free(x); free(y);
+    return 0;
+}
+
+#ifndef TESTING
+int main(int argc, char **argv) {
+    Args a = parse_args(argc, argv);
+    Model model;
+    model_from_arg(&model, &a);
+    if (a.T > model.cfg.max_seq_len) die("-t %d exceeds the model's max_seq_len %d", a.T, model.cfg.max_seq_len);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    config_print(&model.cfg);
+    printf("parameters: %zu | B %d | T %d | threads %d\n", model.num_params, a.B, a.T, threads);
+    if (a.bench) return run_bench(&model, &a);
+
+    DataLoader train, val;
+    dataloader_init(&train, a.train, a.B, a.T, model.cfg.vocab_size);
+    int have_val = a.val && a.val[0];
+    if (have_val) dataloader_init(&val, a.val, a.B, a.T, model.cfg.vocab_size);
+    printf("train: %d shard(s) matching '%s' | val: %s\n", (int)arrlen(train.files), a.train, have_val ? a.val : "none");
+    Tokenizer tk;
+    if (!tokenizer_load(&tk, a.tokenizer)) printf("(no token table at '%s': samples print token ids)\n", a.tokenizer);
+
+    FILE *log = NULL;
+    char path[4200];
+    if (a.out) {
+        mkdir_p(a.out);
+        snprintf(path, sizeof path, "%s/log.jsonl", a.out);
+        log = fopen_check(path, "w");
+    }
+    AdamW opt = {a.lr, a.beta1, a.beta2, a.eps, a.weight_decay};
+    uint64_t sample_rng = (uint64_t)a.seed ^ 0x9E3779B97F4A7C15ull;
+    int *sample_buf = malloc_check((a.sample_len + 1) * sizeof(int), "sample");
+    const int BT = a.B * a.T;
+    double train_time = 0.0;
+    float train_loss = -1.0f, val_loss = -1.0f;
+    long long tokens_seen = 0;
+    for (int step = 0; step <= a.steps; step++) {
+        int last = step == a.steps;
+        if (have_val && (last || (a.val_every > 0 && step % a.val_every == 0))) {
+            val_loss = evaluate(&model, &val, a.val_batches);
+            printf("step %d/%d | val loss %.4f\n", step, a.steps, val_loss);
+            if (log) { fprintf(log, "{\"type\": \"val\", \"step\": %d, \"val_loss\": %.6f, \"tokens_seen\": %lld}\n", step, val_loss, tokens_seen); fflush(log); }
+        }
+        if ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || (last && a.sample_every > 0)) {
+            int prompt = tk.tokens ? tk.eot : 0;
+            printf("--- sample at step %d ---\n", step);
+            model_generate(&model, &prompt, 1, a.sample_len, a.temperature, &sample_rng, sample_buf, &tk, 1);
+            printf("\n---\n");
+        }
+        if (last) break;
+        double t0 = now_seconds();
+        dataloader_next(&train);
+        float loss = model_forward(&model, train.inputs, train.targets, a.B, a.T);
+        model_zero_grad(&model);
+        model_backward(&model);
+        float norm = model_clip_grad_norm(&model, a.grad_clip);
+        if (!isfinite(loss) || !isfinite(norm)) die("step %d: loss %g / grad norm %g is not finite; stopping", step, loss, norm);
+        opt.lr = lr_at(&a, step);
+        model_update(&model, &opt);
+        double dt = now_seconds() - t0;
+        train_time += dt;
+        tokens_seen += BT;
+        train_loss = loss;
+        double tok_s = tokens_seen / train_time;
+        char eta[32];
+        format_eta(eta, sizeof eta, train_time / (step + 1) * (a.steps - step - 1));
+        printf("step %d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s | ETA %s\n", step + 1, a.steps,
+               loss, norm, opt.lr, dt * 1e3, BT / dt, eta);
+        fflush(stdout);
+        if (log) {
+            fprintf(log, "{\"type\": \"train\", \"step\": %d, \"loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6e, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"tokens_seen\": %lld}\n",
+                    step + 1, loss, norm, opt.lr, dt * 1e3, tok_s, tokens_seen);
+            fflush(log);
+        }
+    }
+    if (a.out) {
+        snprintf(path, sizeof path, "%s/model.bin", a.out);
+        model_save(&model, path);
+        printf("wrote %s\n", path);
+        snprintf(path, sizeof path, "%s/metrics.json", a.out);
+        AtomicFile af = atomic_open(path);
+        fprintf(af.f, "{\"train_loss\": %.6f, \"val_loss\": %.6f, \"tokens_seen\": %lld, \"tokens_per_s\": %.1f, \"steps\": %d, \"params\": %zu}\n",
+                train_loss, val_loss, tokens_seen, train_time > 0 ? tokens_seen / train_time : 0.0, a.steps, model.num_params);
+        atomic_commit(&af);
+        printf("wrote %s\n", path);
+        fclose(log);
+    }
+    free(sample_buf);
+    tokenizer_free(&tk);
+    dataloader_free(&train);
+    if (have_val) dataloader_free(&val);
+    model_free(&model);
+    return 0;
+}
+#endif
