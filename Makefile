@@ -64,7 +64,9 @@ $(TESTDATA)/.stamp: $(VENV)/.stamp dev/make_test_data.py prepro/common.py prepro
 	$(VPY) prepro/import_hf.py dev/ref/hf_tiny $(TESTDATA)/imported.bin
 	touch $@
 
+# the Python prepro tests, then the C harness (whose last line is the overall "N passed, N failed")
 test: train_ctxkv test_ctxkv testdata
+	$(VPY) prepro/test_prepro.py
 	OMP_NUM_THREADS=$(THREADS) ./test_ctxkv
 
 # the default run: pythia-14m shape on Tiny Shakespeare, a few minutes on two cores

@@ -353,7 +353,7 @@ static void check_bad_inputs(const char *bin) {
     write_shard_file(magic, 12345, 600, tok, 600);
     tok[77] = 96; // tiny's vocabulary is 0..95
     write_shard_file(big, SHARD_MAGIC, 600, tok, 600);
-    const char *base = "--model tiny -b 2 -t 16 --steps 1 --sample-every 0 --val ''";
+    const char *base = "--model tiny -b 2 -t 16 --steps 1 --sample-every 0 --val '' --tokenizer ''";
 
     snprintf(cmd, sizeof cmd, "%s %s --train %s", bin, base, good);
     check(runs_ok(cmd), "a good shard trains one step (exit 0)");

@@ -221,7 +221,7 @@ static inline void axpy(float *y, float a, const float *x, int n) { // y += a*x
 #define SHARD_MAGIC 20240520
 #define SHARD_VERSION 1
 #define TOKTAB_MAGIC 20240328
-#define TOKTAB_VERSION 2
+#define TOKTAB_VERSION 3   // llm.c's 2 has uint8 lengths; 3 has uint16 (NeoX has tokens > 255 bytes)
 #define HEADER_INTS 256
 #define VOCAB_PAD 128   // vocab rows are padded to a multiple of this (as Pythia's 50304 = 393*128)
 
@@ -1181,7 +1181,7 @@ static void dataloader_free(DataLoader *d) {
 // ----------------------------------------------------------------------------
 // Token table: token id -> bytes, to print samples (doc/formats.md)
 
-typedef struct { unsigned char len; char *bytes; } TokenBytes;
+typedef struct { int len; char *bytes; } TokenBytes;
 typedef struct { TokenBytes *tokens; int eot; } Tokenizer; // tokens: stb_ds array
 
 static int tokenizer_load(Tokenizer *tk, const char *path) {
@@ -1195,7 +1195,9 @@ static int tokenizer_load(Tokenizer *tk, const char *path) {
     tk->eot = h[3];
     for (int i = 0; i < h[2]; i++) {
         TokenBytes t;
-        fread_check(&t.len, 1, 1, f, path);
+        unsigned char len[2];
+        fread_check(len, 1, 2, f, path);
+        t.len = len[0] | (len[1] << 8); // uint16 little-endian
         t.bytes = malloc_check(t.len + 1, "token");
         if (t.len) fread_check(t.bytes, 1, t.len, f, path);
         t.bytes[t.len] = 0;

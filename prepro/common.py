@@ -13,7 +13,7 @@ DEFAULT_TOKENIZER = os.path.join(REPO_ROOT, "data", "vendor", "20B_tokenizer.jso
 HEADER_INTS = 256               # every file starts with 256 int32 = 1024 bytes
 HEADER_BYTES = HEADER_INTS * 4
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
-TABLE_MAGIC, TABLE_VERSION = 20240328, 2
+TABLE_MAGIC, TABLE_VERSION = 20240328, 3
 EOT_ID = 0                      # <|endoftext|> in the GPT-NeoX tokenizer
 
 
@@ -139,31 +139,24 @@ def token_bytes(tokenizer):
     return out
 
 
-MAX_TABLE_TOKEN = 255   # the length is a uint8
-
-
 def write_token_table(path, tokenizer, eot_id=EOT_ID, verbose=True):
-    """Write the id -> bytes table: header [20240328, 2, N, eot], then per id uint8 len + bytes.
+    """Write the id -> bytes table: header [20240328, 3, N, eot], then per id a uint16
+    little-endian length and the bytes.
 
-    GPT-NeoX has 5 tokens longer than 255 bytes (runs of 256/512 spaces, 256 dashes, ...:
-    ids 7421, 16525, 19979, 32399, 44919). The uint8 length cannot hold them, so they are
-    cut to their first 255 bytes. The table only serves to print samples, and such runs
-    are rare in prose; every other token is stored exactly.
+    llm.c's version 2 uses a uint8 length, but GPT-NeoX has 5 tokens longer than 255 bytes
+    (runs of 256/512 spaces, 256 dashes, ...: ids 7421, 16525, 19979, 32399, 44919), so
+    version 3 widens the length and every token is stored exactly.
     """
     table = token_bytes(tokenizer)
-    body, cut = bytearray(), []
-    for i, b in enumerate(table):
-        if len(b) > MAX_TABLE_TOKEN:
-            cut.append((i, len(b)))
-            b = b[:MAX_TABLE_TOKEN]
-        assert len(b) <= MAX_TABLE_TOKEN
-        body.append(len(b))
+    body = bytearray()
+    for b in table:
+        assert len(b) < 65536
+        body += len(b).to_bytes(2, "little")
         body += b
-    if cut and verbose:
-        print(f"note: {path}: {len(cut)} tokens longer than {MAX_TABLE_TOKEN} bytes cut to "
-              f"{MAX_TABLE_TOKEN} (id:bytes {', '.join(f'{i}:{n}' for i, n in cut)})")
     h = make_header(TABLE_MAGIC, TABLE_VERSION, len(table), eot_id)
     atomic_write(path, [h.tobytes(), bytes(body)])
+    if verbose:
+        print(f"wrote {path}: {len(table)} tokens")
     return len(table)
 
 
@@ -176,10 +169,11 @@ def read_token_table(path):
         data = f.read()[HEADER_BYTES:]
     out, pos = [], 0
     for i in range(int(h[2])):
-        if pos >= len(data) or pos + 1 + data[pos] > len(data):
+        n = int.from_bytes(data[pos:pos + 2], "little") if pos + 2 <= len(data) else -1
+        if n < 0 or pos + 2 + n > len(data):
             raise PreproError(f"{path}: truncated at token {i} of {h[2]}")
-        out.append(data[pos + 1:pos + 1 + data[pos]])
-        pos += 1 + data[pos]
+        out.append(data[pos + 2:pos + 2 + n])
+        pos += 2 + n
     if pos != len(data):
         raise PreproError(f"{path}: {len(data) - pos} trailing bytes after {h[2]} tokens")
     return out, int(h[3])

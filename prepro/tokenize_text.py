@@ -54,7 +54,8 @@ class Input:
         try:
             return self.text.read(n or READ_CHARS)
         except (UnicodeDecodeError, OSError, EOFError) as e:
-            raise PreproError(f"{self.path}: cannot read as UTF-8 text{'.gz' * self.path.endswith('.gz')}: {e}")
+            kind = "gzipped UTF-8 text" if self.path.endswith(".gz") else "UTF-8 text"
+            raise PreproError(f"{self.path}: cannot read as {kind}: {e}")
 
     def done_bytes(self):
         return self.raw.tell()
@@ -148,7 +149,7 @@ def safe_cut(s, limit):
     plus NFC) never joins a non-whitespace character to a following newline, and a
     whitespace run that starts with a newline is split the same whatever came before it.
     So cutting at a newline that follows a non-whitespace character gives the same ids as
-    encoding the whole text at once (test: tokenize_text.py --check-pieces).
+    encoding the whole text at once (checked by prepro/test_prepro.py).
     """
     i = limit
     while True:
@@ -277,6 +278,8 @@ def main():
             raise PreproError(f"input file not found: {path}")
 
     tok = load_tokenizer(args.tokenizer)
+    if tok.get_vocab_size(with_added_tokens=True) > 2**16:
+        raise PreproError(f"{args.tokenizer}: more than 65536 token ids do not fit uint16 shards")
     out = ShardWriter(args.out, args.shard_size, args.val_tokens)
     t0 = time.time()
     total_bytes = sum(os.path.getsize(p) for p in args.input)
@@ -292,7 +295,7 @@ def main():
                 ids.append(EOT_ID)
                 ndocs += 1
             ids.extend(enc.ids)
-        out.add(np.array(ids, dtype=np.uint16))  # NeoX ids are < 50277, so uint16 is safe
+        out.add(np.array(ids, dtype=np.uint16))  # vocab size checked above
         ntok += len(ids)
 
     for path in args.input:
