@@ -24,6 +24,7 @@ Ends with "N passed, N failed"; exits non-zero on any failure.
 #include <sys/wait.h>
 
 static int n_passed = 0, n_failed = 0;
+static char tmpdir[256]; // scratch files, removed at the end
 
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void check(int ok, const char *fmt, ...) {
@@ -168,10 +169,22 @@ static double loss_at(Model *m, const int *x, const int *y, int B, int T) {
     return s / m->n_valid;
 }
 
-static void check_finite_differences(const char *preset) {
-    printf("-- finite differences: preset %s\n", preset);
+// the tiny preset with an attention variant, as the command line would build it
+static Config tiny_variant(const char *attn, int n_kv_head, int kv_rank, int rope_dim, int q_rank) {
+    Config c = config_from_preset(find_preset("tiny"));
+    Args a = default_args();
+    a.attn = attn;
+    a.n_kv_head = n_kv_head;
+    a.kv_rank = kv_rank;
+    a.rope_dim = rope_dim;
+    a.q_rank = q_rank;
+    apply_variant_flags(&c, &a);
+    return c;
+}
+
+static void check_finite_differences(const char *label, Config c) {
+    printf("-- finite differences: tiny, %s\n", label);
     Model m;
-    Config c = config_from_preset(find_preset(preset));
     model_init_random(&m, &c, 0.3f, 42);
     // perturb everything (LayerNorm weights, biases) so no term hides behind a 1 or a 0
     uint64_t rng = 7;
@@ -229,7 +242,7 @@ static void check_finite_differences(const char *preset) {
         printf("   fd %-18s max|grad| %.3e  worst err/tol %.3f%s\n", t->name, max_an, worst, worst <= 1.0f ? "" : "  <-- FAIL");
         if (!(worst <= 1.0f)) bad++;
     }
-    check(bad == 0, "finite differences agree for all %d tensors (tol 2%% relative + 5e-5)", (int)arrlen(m.tensors));
+    check(bad == 0, "finite differences agree for all %d tensors of %s (tol 2%% relative + 5e-5)", (int)arrlen(m.tensors), label);
     free(grads);
     model_free(&m);
 }
@@ -248,6 +261,105 @@ static int files_equal(const char *a, const char *b) {
     if (fa) fclose(fa);
     if (fb) fclose(fb);
     return same;
+}
+
+// ----------------------------------------------------------------------------
+// cached decoding = the full forward pass
+
+// Prefills a random prompt, then decodes greedily with the KV cache, keeping the logits of
+// every decoded position; a full forward over the whole sequence must give the same logits.
+static void check_cached_decoding(const char *label, Config c) {
+    const int n_prompt = 16, n_decode = 64, n = n_prompt + n_decode;
+    Model m;
+    model_init_random(&m, &c, 0.3f, 11);
+    const int V = c.vocab_size, Vp = c.padded_vocab_size;
+    int seq[n];
+    uint64_t rng = 5;
+    for (int i = 0; i < n_prompt; i++) seq[i] = random_u32(&rng) % V;
+    float *cached = malloc_check((size_t)n * Vp * sizeof(float), "decode test");
+    KVCache kv = kvcache_new(&c, n);
+    const float *logits = model_prefill(&m, &kv, seq, n_prompt);
+    for (int i = n_prompt; i < n; i++) {
+        seq[i] = sample_token(logits, V, 0.0f, &rng);
+        logits = model_decode_step(&m, &kv, seq[i]); // logits at position i
+        memcpy(cached + (size_t)i * Vp, logits, Vp * sizeof(float));
+    }
+    size_t expect_bytes = (size_t)n * attn_kv_elements(&c) * c.n_layer * sizeof(float);
+    check(kv.bytes == expect_bytes && kv.len == n, "%s: cache for %d tokens holds %zu bytes = %d x analytic fp32 %zu per token",
+          label, n, kv.bytes, n, attn_kv_elements(&c) * c.n_layer * sizeof(float));
+    kvcache_free(&kv);
+    model_forward(&m, seq, NULL, 1, n);
+    float maxdiff = 0.0f;
+    for (int i = n_prompt; i < n; i++)
+        for (int j = 0; j < V; j++) {
+            float d = fabsf(cached[(size_t)i * Vp + j] - m.a.logits[(size_t)i * Vp + j]);
+            if (!(d <= maxdiff)) maxdiff = d;
+        }
+    check(maxdiff <= 1e-4f, "%s: cached decoding of %d positions after a %d-token prompt equals the full forward (max diff %.2e)",
+          label, n_decode, n_prompt, maxdiff);
+    free(cached);
+    model_free(&m);
+}
+
+// --init-from: an mha model converted to gqa with G = H (nothing pooled) computes the same
+// function; with G < H each KV head is the mean of its group's K/V heads.
+static void check_init_from(void) {
+    printf("-- --init-from (mha -> gqa/mqa)\n");
+    char path[512];
+    snprintf(path, sizeof path, "%s/mha_src.bin", tmpdir);
+    Config c = config_from_preset(find_preset("tiny"));
+    Model src, dst;
+    model_init_random(&src, &c, 0.3f, 3);
+    model_save(&src, path);
+    const int B = 2, T = 12, BT = B * T, Vp = c.padded_vocab_size;
+    int x[BT];
+    uint64_t rng = 9;
+    for (int i = 0; i < BT; i++) x[i] = random_u32(&rng) % c.vocab_size;
+    model_forward(&src, x, NULL, B, T);
+    float *ref = malloc_check((size_t)BT * Vp * sizeof(float), "init-from");
+    memcpy(ref, src.a.logits, (size_t)BT * Vp * sizeof(float));
+
+    Config g = tiny_variant("gqa", c.n_head, 0, 0, -1);
+    model_init_from(&dst, &g, path, 0.02f, 1);
+    model_forward(&dst, x, NULL, B, T);
+    float md = 0.0f;
+    for (size_t i = 0; i < (size_t)BT * Vp; i++) md = fmaxf(md, fabsf(dst.a.logits[i] - ref[i]));
+    check(md <= 1e-5f, "mha -> gqa with G = H gives the same logits (max diff %.2e)", md);
+    model_free(&dst);
+
+    Config g2 = tiny_variant("gqa", 2, 0, 0, -1);
+    model_init_from(&dst, &g2, path, 0.02f, 1);
+    const int C = c.n_embd, D = C / c.n_head;
+    float err = 0.0f; // KV head 1 of layer 1 = mean of heads 2 and 3 (K rows at s = 1, V rows at s = 2)
+    for (int s = 1; s <= 2; s++)
+        for (int j = 0; j < D; j++)
+            for (int i = 0; i < C; i++) {
+                float mean = 0.5f * (src.p.layer[1].qkv_w[(size_t)(2 * 3 * D + s * D + j) * C + i] +
+                                     src.p.layer[1].qkv_w[(size_t)(3 * 3 * D + s * D + j) * C + i]);
+                float got = dst.p.layer[1].kv_w[(size_t)((s == 1 ? 1 : 2 + 1) * D + j) * C + i];
+                err = fmaxf(err, fabsf(got - mean));
+            }
+    check(err <= 1e-6f, "mha -> gqa with G = 2 mean-pools each group's K and V heads (max err %.2e)", err);
+    model_free(&dst);
+    model_free(&src);
+    free(ref);
+}
+
+// --kv-report against the published KV-structural table (pythia-160m shape: 12 layers, 12 heads
+// of 64): per layer, K and V, bf16
+static void check_kv_report(const char *bin) {
+    printf("-- --kv-report\n");
+    struct { const char *flags; int expect; } rows[] = {
+        {"--attn mha", 3072}, {"--attn gqa --n-kv-head 3", 768}, {"--attn mqa", 256}, {"--attn mla --kv-rank 256 --rope-dim 64", 640}};
+    for (int i = 0; i < 4; i++) {
+        char cmd[512], line[2048] = {0};
+        snprintf(cmd, sizeof cmd, "%s --model pythia-160m %s --kv-report", bin, rows[i].flags);
+        FILE *p = popen(cmd, "r");
+        if (p) { if (!fgets(line, sizeof line, p)) line[0] = 0; pclose(p); }
+        const char *key = strstr(line, "\"kv_bytes_per_token_per_layer_bf16\": ");
+        int got = key ? atoi(key + strlen("\"kv_bytes_per_token_per_layer_bf16\": ")) : -1;
+        check(got == rows[i].expect, "pythia-160m %s: kv_bytes_per_token_per_layer_bf16 %d (table: %d)", rows[i].flags, got, rows[i].expect);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -300,8 +412,6 @@ static void check_roundtrip(const char *dir) {
 
 // ----------------------------------------------------------------------------
 // 5. bad input gives exit code 1 and a message, never a crash
-
-static char tmpdir[256];
 
 static void write_shard_file(const char *path, int magic, int header_ntok, const uint16_t *tok, int ntok) {
     FILE *f = fopen_check(path, "wb");
@@ -399,9 +509,19 @@ static void check_bad_inputs(const char *bin) {
     free(bytes);
     model_free(&m);
 
+    snprintf(cmd, sizeof cmd, "%s --model pythia-160m --attn gqa --n-kv-head 5 --kv-report", bin);
+    check_fails("gqa head count that does not divide", cmd, "does not divide");
+    snprintf(cmd, sizeof cmd, "%s --model pythia-160m --attn mla --rope-dim 7 --kv-report", bin);
+    check_fails("mla odd rope dim", cmd, "must be even");
+    snprintf(cmd, sizeof cmd, "%s --model pythia-160m --attn mla --rope-dim 128 --kv-report", bin);
+    check_fails("mla rope dim larger than the head", cmd, "at most the head dim");
+    snprintf(cmd, sizeof cmd, "%s --model %s --attn gqa --kv-report", bin, ckpt);
+    check_fails("mha checkpoint loaded with --attn gqa", cmd, "is a mha checkpoint, but --attn gqa");
+    snprintf(cmd, sizeof cmd, "%s --model pythia-160m --attn mha --n-kv-head 4 --kv-report", bin);
+    check_fails("--n-kv-head with --attn mha", cmd, "conflicts with --attn mha");
     snprintf(cmd, sizeof cmd, "%s -b abc", bin);
     check_fails("non-numeric -b", cmd, "-b expects an integer");
-    snprintf(cmd, sizeof cmd, "%s --model tiny -t 100 --bench 1", bin);
+    snprintf(cmd, sizeof cmd, "%s --model tiny -t 200 --bench 1", bin);
     check_fails("-t past the model's max length", cmd, "max_seq_len");
     snprintf(cmd, sizeof cmd, "%s --bogus 1", bin);
     check_fails("unknown flag", cmd, "unknown flag --bogus");
@@ -422,7 +542,26 @@ int main(int argc, char **argv) {
     if (!mkdtemp(tmpdir)) die("cannot create a temporary directory");
 
     check_reference("dev/ref/tiny_model.bin", "dev/ref/tiny_state.bin");
-    check_finite_differences("tiny");
+    // the attention variants' references (dev/reference.py, PyTorch autograd in float64)
+    const char *variants[] = {"gqa", "mqa", "mla", "mlaq"};
+    for (int i = 0; i < 4; i++) {
+        char mp[256], sp[256];
+        snprintf(mp, sizeof mp, "dev/ref/%s_model.bin", variants[i]);
+        snprintf(sp, sizeof sp, "dev/ref/%s_state.bin", variants[i]);
+        check_reference(mp, sp);
+    }
+    struct { const char *label; Config c; } cfgs[] = {
+        {"mha", config_from_preset(find_preset("tiny"))},
+        {"gqa G=2", tiny_variant("gqa", 2, 0, 0, -1)},
+        {"mqa", tiny_variant("mqa", 0, 0, 0, -1)},
+        {"mla", tiny_variant("mla", 0, 16, 4, -1)},
+        {"mla q-rank 12", tiny_variant("mla", 0, 16, 4, 12)},
+    };
+    for (int i = 0; i < 5; i++) check_finite_differences(cfgs[i].label, cfgs[i].c);
+    printf("-- cached decoding\n");
+    for (int i = 0; i < 5; i++) check_cached_decoding(cfgs[i].label, cfgs[i].c);
+    check_init_from();
+    check_kv_report(bin);
 
     printf("-- import path\n");
     char imported[512];

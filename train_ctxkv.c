@@ -238,10 +238,15 @@ typedef struct {
     float rope_base;       // 10000
     int max_seq_len;       // longest T the RoPE table covers
     float ln_eps;          // LayerNorm epsilon, 1e-5
-    // attention variants (doc/formats.md); only mha is implemented in this file so far
+    // attention variant (doc/attention.md): mha, gqa/mqa (n_kv_head G), mla (kv_rank d_c,
+    // q_rank d_c' (0 = no query compression), mla_rope_dim d_R, rms_eps of its RMSNorms)
     int attn_type, n_kv_head, kv_rank, q_rank, mla_rope_dim;
+    float rms_eps;
+    // Context-KV (issue 4; not built yet, must be 0)
     int layer0_type, model_type, context_dim, context_interval, max_contexts;
 } Config;
+
+static const char *ATTN_NAMES[] = {"mha", "gqa", "mqa", "mla"};
 
 typedef struct { const char *name; int n_layer, n_embd, n_head, n_inner, vocab_size; float rotary_pct; int max_seq_len; } Preset;
 
@@ -250,7 +255,7 @@ static const Preset PRESETS[] = {
     {"pythia-70m", 6, 512, 8, 2048, 50304, 0.25f, 2048},
     {"pythia-160m", 12, 768, 12, 3072, 50304, 0.25f, 2048},
     // for tests: several heads, a rotary fraction of each head, a padded vocabulary
-    {"tiny", 2, 32, 4, 128, 96, 0.5f, 64},
+    {"tiny", 2, 32, 4, 128, 96, 0.5f, 128},
 };
 #define N_PRESETS ((int)(sizeof PRESETS / sizeof PRESETS[0]))
 
@@ -296,8 +301,35 @@ static const char *config_problem(const Config *c) {
     if (!(c->rope_base > 1.0f) || !isfinite(c->rope_base)) return "rope_base must be > 1";
     if (c->max_seq_len < 1 || c->max_seq_len > 1 << 20) return "max_seq_len out of range";
     if (!(c->ln_eps > 0.0f) || !(c->ln_eps < 1.0f)) return "layer_norm_eps must be in (0, 1)";
-    if (c->attn_type != ATTN_MHA || c->n_kv_head != c->n_head) return "only attn_type mha (n_kv_head = n_head) is supported by this build";
-    if (c->layer0_type != 0 || c->model_type != 0) return "layer0_type / model_type not supported by this build";
+    switch (c->attn_type) {
+    case ATTN_MHA:
+        if (c->n_kv_head != c->n_head) return "mha needs n_kv_head = n_head";
+        break;
+    case ATTN_GQA:
+    case ATTN_MQA:
+        if (c->attn_type == ATTN_MQA && c->n_kv_head != 1) return "mqa needs n_kv_head = 1";
+        if (c->n_kv_head < 1 || c->n_head % c->n_kv_head != 0) {
+            snprintf(msg, sizeof msg, "n_kv_head %d does not divide n_head %d", c->n_kv_head, c->n_head);
+            return msg;
+        }
+        break;
+    case ATTN_MLA:
+        if (c->kv_rank < 1 || c->kv_rank > 65536) return "mla needs kv_rank >= 1";
+        if (c->q_rank < 0 || c->q_rank > 65536) return "mla q_rank must be >= 0 (0 = no query compression)";
+        if (c->mla_rope_dim < 2 || c->mla_rope_dim % 2) {
+            snprintf(msg, sizeof msg, "mla rope dim %d must be even and >= 2", c->mla_rope_dim);
+            return msg;
+        }
+        if (c->mla_rope_dim > D) {
+            snprintf(msg, sizeof msg, "mla rope dim %d is larger than the head dim %d", c->mla_rope_dim, D);
+            return msg;
+        }
+        if (!(c->rms_eps > 0.0f) || !(c->rms_eps < 1.0f)) return "mla rms_eps must be in (0, 1)";
+        break;
+    default:
+        return "unknown attn_type (0 mha, 1 gqa, 2 mqa, 3 mla)";
+    }
+    if (c->layer0_type != 0 || c->model_type != 0) return "layer0_type / model_type (Context-KV) not supported by this build";
     return NULL;
 }
 
@@ -312,7 +344,7 @@ static void config_to_header(const Config *c, int *h) {
     h[10] = c->max_seq_len; h[11] = float_bits(c->ln_eps);
     h[12] = c->attn_type; h[13] = c->n_kv_head; h[14] = c->kv_rank; h[15] = c->q_rank; h[16] = c->mla_rope_dim;
     h[17] = c->layer0_type; h[18] = c->model_type; h[19] = c->context_dim; h[20] = c->context_interval;
-    h[21] = c->max_contexts;
+    h[21] = c->max_contexts; h[22] = float_bits(c->rms_eps);
 }
 
 static Config config_from_header(const int *h) {
@@ -322,15 +354,18 @@ static Config config_from_header(const int *h) {
     c.max_seq_len = h[10]; c.ln_eps = bits_float(h[11]);
     c.attn_type = h[12]; c.n_kv_head = h[13]; c.kv_rank = h[14]; c.q_rank = h[15]; c.mla_rope_dim = h[16];
     c.layer0_type = h[17]; c.model_type = h[18]; c.context_dim = h[19]; c.context_interval = h[20];
-    c.max_contexts = h[21];
+    c.max_contexts = h[21]; c.rms_eps = bits_float(h[22]);
     return c;
 }
 
 static void config_print(const Config *c) {
     printf("config: vocab %d (padded %d) | layers %d | heads %d | width %d | mlp %d | rotary %d/%d | "
-           "rope base %g | max len %d\n",
+           "rope base %g | max len %d | attn %s",
            c->vocab_size, c->padded_vocab_size, c->n_layer, c->n_head, c->n_embd, c->n_inner, c->rotary_dims,
-           c->n_embd / c->n_head, c->rope_base, c->max_seq_len);
+           c->n_embd / c->n_head, c->rope_base, c->max_seq_len, ATTN_NAMES[c->attn_type]);
+    if (c->attn_type == ATTN_GQA || c->attn_type == ATTN_MQA) printf(" (%d kv heads)", c->n_kv_head);
+    if (c->attn_type == ATTN_MLA) printf(" (kv rank %d, q rank %d, rope dim %d)", c->kv_rank, c->q_rank, c->mla_rope_dim);
+    printf("\n");
 }
 
 // ----------------------------------------------------------------------------
@@ -339,8 +374,14 @@ static void config_print(const Config *c) {
 typedef struct {
     float *ln1_w, *ln1_b;      // (C) input_layernorm
     float *ln2_w, *ln2_b;      // (C) post_attention_layernorm
-    float *qkv_w, *qkv_b;      // (3C, C), (3C): row h*3D + s*D + j, s = 0 q, 1 k, 2 v (HF interleaved per head)
-    float *dense_w, *dense_b;  // (C, C), (C)
+    // attention: which of these exist depends on attn_type (doc/formats.md); the rest are NULL
+    float *qkv_w, *qkv_b;      // mha (3C, C), (3C): row h*3D + s*D + j, s = 0 q, 1 k, 2 v (HF interleaved per head)
+    float *q_w, *q_b;          // gqa/mqa (H*D, C), (H*D);  mla without q_rank: q_w (H*(D+dR), C), no bias
+    float *kv_w, *kv_b;        // gqa/mqa (2*G*D, C), (2*G*D): K heads, then V heads
+    float *q_a_w, *q_a_norm_w, *q_b_w; // mla with q_rank: (q_rank, C), (q_rank), (H*(D+dR), q_rank)
+    float *kv_a_w, *kv_a_norm_w;       // mla: (kv_rank+dR, C) latent rows then k_R rows, (kv_rank)
+    float *kv_b_w;                     // mla: (H*2D, kv_rank), per head [W_UK (D rows) | W_UV (D rows)]
+    float *dense_w, *dense_b;  // (C, H*D), (C)
     float *fc_w, *fc_b;        // (F, C), (F) dense_h_to_4h
     float *proj_w, *proj_b;    // (C, F), (C) dense_4h_to_h
 } LayerParams;
@@ -383,9 +424,34 @@ static size_t layout_params(const Config *c, float *base, Params *P, ParamTensor
         LTENSOR(ln1_b, "ln1_b", 1, C);
         LTENSOR(ln2_w, "ln2_w", 1, C);
         LTENSOR(ln2_b, "ln2_b", 1, C);
-        LTENSOR(qkv_w, "qkv_w", 3 * C, C);
-        LTENSOR(qkv_b, "qkv_b", 1, 3 * C);
-        LTENSOR(dense_w, "dense_w", C, C);
+        // the attention tensors: the only part of the order that depends on the variant
+        const size_t H = c->n_head, D = C / H, G = c->n_kv_head, dR = c->mla_rope_dim;
+        switch (c->attn_type) {
+        case ATTN_MHA:
+            LTENSOR(qkv_w, "qkv_w", 3 * C, C);
+            LTENSOR(qkv_b, "qkv_b", 1, 3 * C);
+            break;
+        case ATTN_GQA:
+        case ATTN_MQA:
+            LTENSOR(q_w, "q_w", H * D, C);
+            LTENSOR(q_b, "q_b", 1, H * D);
+            LTENSOR(kv_w, "kv_w", 2 * G * D, C);
+            LTENSOR(kv_b, "kv_b", 1, 2 * G * D);
+            break;
+        case ATTN_MLA:
+            if (c->q_rank > 0) {
+                LTENSOR(q_a_w, "q_a_w", c->q_rank, C);
+                LTENSOR(q_a_norm_w, "q_a_norm_w", 1, c->q_rank);
+                LTENSOR(q_b_w, "q_b_w", H * (D + dR), c->q_rank);
+            } else {
+                LTENSOR(q_w, "q_w", H * (D + dR), C);
+            }
+            LTENSOR(kv_a_w, "kv_a_w", c->kv_rank + dR, C);
+            LTENSOR(kv_a_norm_w, "kv_a_norm_w", 1, c->kv_rank);
+            LTENSOR(kv_b_w, "kv_b_w", H * 2 * D, c->kv_rank);
+            break;
+        }
+        LTENSOR(dense_w, "dense_w", C, H * D);
         LTENSOR(dense_b, "dense_b", 1, C);
         LTENSOR(fc_w, "fc_w", F, C);
         LTENSOR(fc_b, "fc_b", 1, F);
@@ -403,12 +469,25 @@ static size_t layout_params(const Config *c, float *base, Params *P, ParamTensor
 // ----------------------------------------------------------------------------
 // Activations: one allocation, sized for B*T, pointers set by layout_acts
 
+// The attention's own activations. Which exist depends on attn_type; the others are NULL.
+// Dq = D for mha/gqa/mqa, D + dR for mla (the query/key width of one head).
+typedef struct {
+    float *qkv;                        // mha (B,T,3C): q and k after RoPE, v as projected
+    float *q;                          // gqa/mqa/mla (B,T,H*Dq): after RoPE (mla: on the last dR of each head)
+    float *kv;                         // gqa/mqa (B,T,2*G*D): K heads (after RoPE) then V heads
+    float *q_lat, *q_lat_norm, *q_lat_rstd; // mla with q_rank: (B,T,q_rank) x2, (B,T)
+    float *kv_a;                       // mla (B,T,kv_rank+dR): raw latent | k_R after RoPE
+    float *c_norm, *c_rstd;            // mla (B,T,kv_rank) the cached latent ĉ, (B,T)
+    float *kvb;                        // mla (B,T,H*2D): per head [k_nope | v]
+    float *k;                          // mla (B,T,H*Dq): per head [k_nope | k_pe], gathered for the core
+    float *att;                        // (B,H,T,T) softmax probabilities, zero above the diagonal
+    float *atty;                       // (B,T,H*D) attention output, heads merged, before dense
+} AttnActs;
+
 typedef struct {
     float *ln1, *ln1_mean, *ln1_rstd;  // (B,T,C), (B,T), (B,T)
     float *ln2, *ln2_mean, *ln2_rstd;  // (B,T,C), (B,T), (B,T)
-    float *qkv;                        // (B,T,3C) q and k after RoPE, v as projected
-    float *att;                        // (B,H,T,T) softmax probabilities, zero above the diagonal
-    float *atty;                       // (B,T,C) attention output, heads merged, before dense
+    AttnActs at;
     float *fc, *fc_gelu;               // (B,T,F) before and after GELU
 } LayerActs;
 
@@ -425,16 +504,53 @@ typedef struct {
 // gradients of activations: reused by every layer during backward
 typedef struct {
     float *dresid;                     // (B,T,C) running gradient of the residual stream
-    float *dln1, *dln2, *datty;        // (B,T,C)
-    float *dqkv;                       // (B,T,3C)
-    float *datt;                       // (B,H,T,T)
+    float *dln1, *dln2;                // (B,T,C)
+    AttnActs dat;                      // same shapes as AttnActs (the rstd/att fields: datt only)
     float *dfc_gelu, *dfc;             // (B,T,F)
     float *dlnf;                       // (B,T,C)
 } GradActs;
 
+static int head_dim(const Config *c) { return c->n_embd / c->n_head; }
+static int qk_head_dim(const Config *c) { return head_dim(c) + (c->attn_type == ATTN_MLA ? c->mla_rope_dim : 0); }
+
+// Lays out one AttnActs for (B,T). With grads != 0 the per-row statistics are skipped.
+static size_t layout_attn_acts(const Config *c, size_t B, size_t T, float *base, size_t off, AttnActs *at, int grads) {
+    const size_t BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c);
+    const size_t G = c->n_kv_head, dR = c->mla_rope_dim, KVA = c->kv_rank + dR;
+    memset(at, 0, sizeof *at);
+#define BUF(ptr, n) do { ptr = base ? base + off : NULL; off += (n); } while (0)
+    switch (c->attn_type) {
+    case ATTN_MHA:
+        BUF(at->qkv, BT * 3 * C);
+        break;
+    case ATTN_GQA:
+    case ATTN_MQA:
+        BUF(at->q, BT * H * D);
+        BUF(at->kv, BT * 2 * G * D);
+        break;
+    case ATTN_MLA:
+        BUF(at->q, BT * H * Dq);
+        if (c->q_rank > 0) {
+            BUF(at->q_lat, BT * c->q_rank);
+            BUF(at->q_lat_norm, BT * c->q_rank);
+            if (!grads) BUF(at->q_lat_rstd, BT);
+        }
+        BUF(at->kv_a, BT * KVA);
+        BUF(at->c_norm, BT * c->kv_rank);
+        if (!grads) BUF(at->c_rstd, BT);
+        BUF(at->kvb, BT * H * 2 * D);
+        BUF(at->k, BT * H * Dq);
+        break;
+    }
+    BUF(at->att, B * H * T * T);
+    BUF(at->atty, BT * H * D);
+#undef BUF
+    return off;
+}
+
 static size_t layout_acts(const Config *c, size_t B, size_t T, float *base, Acts *A, GradActs *G) {
     size_t off = 0;
-    const size_t C = c->n_embd, F = c->n_inner, H = c->n_head, L = c->n_layer, Vp = c->padded_vocab_size;
+    const size_t C = c->n_embd, F = c->n_inner, L = c->n_layer, Vp = c->padded_vocab_size;
     const size_t BT = B * T;
 #define BUF(ptr, n) do { ptr = base ? base + off : NULL; off += (n); } while (0)
     if (A) {
@@ -443,9 +559,7 @@ static size_t layout_acts(const Config *c, size_t B, size_t T, float *base, Acts
             LayerActs *la = &A->layer[l];
             BUF(la->ln1, BT * C); BUF(la->ln1_mean, BT); BUF(la->ln1_rstd, BT);
             BUF(la->ln2, BT * C); BUF(la->ln2_mean, BT); BUF(la->ln2_rstd, BT);
-            BUF(la->qkv, BT * 3 * C);
-            BUF(la->att, B * H * T * T);
-            BUF(la->atty, BT * C);
+            off = layout_attn_acts(c, B, T, base, off, &la->at, 0);
             BUF(la->fc, BT * F); BUF(la->fc_gelu, BT * F);
         }
         BUF(A->attn_out, BT * C); BUF(A->mlp_out, BT * C);
@@ -455,9 +569,8 @@ static size_t layout_acts(const Config *c, size_t B, size_t T, float *base, Acts
         BUF(A->lse, BT);
     }
     if (G) {
-        BUF(G->dresid, BT * C); BUF(G->dln1, BT * C); BUF(G->dln2, BT * C); BUF(G->datty, BT * C);
-        BUF(G->dqkv, BT * 3 * C);
-        BUF(G->datt, B * H * T * T);
+        BUF(G->dresid, BT * C); BUF(G->dln1, BT * C); BUF(G->dln2, BT * C);
+        off = layout_attn_acts(c, B, T, base, off, &G->dat, 1);
         BUF(G->dfc_gelu, BT * F); BUF(G->dfc, BT * F);
         BUF(G->dlnf, BT * C);
     }
@@ -479,9 +592,12 @@ static void embedding_backward(float *dtable, const float *dout, const int *ids,
 }
 
 // LayerNorm over the last dim (biased variance, as nn.LayerNorm).  inp/out (N,C), mean/rstd (N)
+// Small loops (decoding touches one row) stay serial: a parallel region costs more than they do.
+#define PAR_MIN 4096
+
 static void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
                               const float *b, int N, int C, float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * C >= PAR_MIN)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float *y = out + (size_t)n * C;
@@ -600,6 +716,13 @@ static float *matmul_scratch;
 static size_t matmul_scratch_cap;
 
 static void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
+    if (N < GEMM_RB) { // a few rows (decoding): dot products, no transpose
+#pragma omp parallel for schedule(static) if ((size_t)N * C * OC >= 16 * PAR_MIN)
+        for (int o = 0; o < OC; o++)
+            for (int n = 0; n < N; n++)
+                out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, w + (size_t)o * C, C) + (bias ? bias[o] : 0.0f);
+        return;
+    }
     size_t need = (size_t)C * OC;
     if (need > matmul_scratch_cap) {
         free(matmul_scratch);
@@ -630,28 +753,38 @@ static void matmul_backward(float *dinp, float *dw, float *dbias, const float *d
     }
 }
 
-// RoPE tables: cos/sin (max_seq_len, R/2), θ[p][i] = p · base^(−2i/R) formed in fp32 as HF does.
-static void rope_tables(float *cos_tab, float *sin_tab, int max_seq_len, int R, float base) {
+// RoPE table for R rotated dims: cos/sin (max_seq_len, R/2), θ[p][i] = p · base^(−2i/R),
+// formed in fp32 as HF does. The model has one for its rotary_dims and, for MLA, one for d_R.
+typedef struct { int R; float *cos, *sin; } Rope;
+
+static Rope rope_init(int max_seq_len, int R, float base) {
+    Rope rp = {R, NULL, NULL};
+    size_t n = (size_t)max_seq_len * (R / 2 > 0 ? R / 2 : 1);
+    rp.cos = malloc_check(n * sizeof(float), "rope table");
+    rp.sin = malloc_check(n * sizeof(float), "rope table");
     for (int i = 0; i < R / 2; i++) {
         float inv_freq = 1.0f / powf(base, (float)(2 * i) / (float)R);
         for (int p = 0; p < max_seq_len; p++) {
             float theta = (float)p * inv_freq;
-            cos_tab[p * (R / 2) + i] = cosf(theta);
-            sin_tab[p * (R / 2) + i] = sinf(theta);
+            rp.cos[p * (R / 2) + i] = cosf(theta);
+            rp.sin[p * (R / 2) + i] = sinf(theta);
         }
     }
+    return rp;
 }
+
+static void rope_free(Rope *rp) { free(rp->cos); free(rp->sin); }
 
 // Rotate-half RoPE in place on the first R dims of n_heads heads per row, pairs (i, i + R/2):
 //   x'[i] = x[i]c − x[i+R/2]s,  x'[i+R/2] = x[i+R/2]c + x[i]s.
 // Rows are (B,T) positions, pos = pos0 + t. sign = −1 applies the inverse rotation.
-static void rope_rotate(float *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, int R,
-                        const float *cos_tab, const float *sin_tab, float sign) {
-    const int half = R / 2;
-#pragma omp parallel for collapse(2) schedule(static)
+static void rope_rotate(float *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride,
+                        const Rope *rp, float sign) {
+    const int half = rp->R / 2;
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)B * T * n_heads * rp->R >= PAR_MIN)
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
-            const float *c = cos_tab + (size_t)(pos0 + t) * half, *s = sin_tab + (size_t)(pos0 + t) * half;
+            const float *c = rp->cos + (size_t)(pos0 + t) * half, *s = rp->sin + (size_t)(pos0 + t) * half;
             float *row = x + ((size_t)b * T + t) * row_stride;
             for (int h = 0; h < n_heads; h++) {
                 float *v = row + (size_t)h * head_stride;
@@ -664,15 +797,48 @@ static void rope_rotate(float *x, int B, int T, int pos0, int row_stride, int n_
         }
 }
 
-static void rope_forward(float *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, int R,
-                         const float *cos_tab, const float *sin_tab) {
-    rope_rotate(x, B, T, pos0, row_stride, n_heads, head_stride, R, cos_tab, sin_tab, 1.0f);
+static void rope_forward(float *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, const Rope *rp) {
+    rope_rotate(x, B, T, pos0, row_stride, n_heads, head_stride, rp, 1.0f);
 }
 
 // the rotation is orthogonal, so its backward is the inverse rotation of the gradient
-static void rope_backward(float *dx, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, int R,
-                          const float *cos_tab, const float *sin_tab) {
-    rope_rotate(dx, B, T, pos0, row_stride, n_heads, head_stride, R, cos_tab, sin_tab, -1.0f);
+static void rope_backward(float *dx, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, const Rope *rp) {
+    rope_rotate(dx, B, T, pos0, row_stride, n_heads, head_stride, rp, -1.0f);
+}
+
+// RMSNorm (MLA's latent norms): y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps). Weight only.
+// inp rows are in_stride apart (MLA normalises the first kv_rank columns of a wider row).
+static void rmsnorm_forward(float *out, float *rstd, const float *inp, int in_stride, const float *w, int N, int C,
+                            float eps) {
+#pragma omp parallel for schedule(static) if ((size_t)N * C >= PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * in_stride;
+        float ss = 0.0f;
+        for (int i = 0; i < C; i++) ss += x[i] * x[i];
+        float r = 1.0f / sqrtf(ss / C + eps);
+        for (int i = 0; i < C; i++) out[(size_t)n * C + i] = x[i] * r * w[i];
+        rstd[n] = r;
+    }
+}
+
+// dx += r·g − x·r³·mean(g⊙x), g = dy⊙w;  dw += Σ dy⊙x·r
+static void rmsnorm_backward(float *dinp, int in_stride, float *dw, const float *dout, const float *inp,
+                             const float *w, const float *rstd, int N, int C) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * in_stride, *dy = dout + (size_t)n * C;
+        float *dx = dinp + (size_t)n * in_stride;
+        float r = rstd[n], gx = 0.0f;
+        for (int i = 0; i < C; i++) gx += dy[i] * w[i] * x[i];
+        gx /= C;
+        for (int i = 0; i < C; i++) dx[i] += r * dy[i] * w[i] - x[i] * r * r * r * gx;
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < C; i++) {
+        float s = 0.0f;
+        for (int n = 0; n < N; n++) s += dout[(size_t)n * C + i] * inp[(size_t)n * in_stride + i] * rstd[n];
+        dw[i] += s;
+    }
 }
 
 // A view of per-head vectors inside a (B,T,row) buffer: head h of token (b,t) starts at
@@ -739,7 +905,7 @@ static void attention_backward(HeadView dq, HeadView dk, HeadView dv, float *dat
 
 // exact GELU, 0.5·x·(1 + erf(x/√2)), as HF's "gelu" (not the tanh form)
 static void gelu_forward(float *out, const float *inp, size_t N) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N >= PAR_MIN)
     for (size_t i = 0; i < N; i++) out[i] = 0.5f * inp[i] * (1.0f + erff(inp[i] * (float)M_SQRT1_2));
 }
 
@@ -757,7 +923,7 @@ static void gelu_backward(float *dinp, const float *inp, const float *dout, size
 // out = a + b + c (the parallel residual); its backward is the identity into each branch,
 // which is why model_backward hands the same dresid to both branches.
 static void residual3_forward(float *out, const float *a, const float *b, const float *c, size_t N) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N >= PAR_MIN)
     for (size_t i = 0; i < N; i++) out[i] = a[i] + b[i] + c[i];
 }
 
@@ -816,7 +982,8 @@ typedef struct {
     float *grads_memory;  Params g;       // allocated on first backward
     float *m_memory, *v_memory;           // AdamW moments, allocated on first update
     int adam_step;
-    float *rope_cos, *rope_sin;           // (max_seq_len, R/2)
+    Rope rope;                            // rotary_dims of each head (Pythia's partial RoPE)
+    Rope mla_rope;                        // MLA's decoupled d_R dims (R = 0 otherwise)
     float *acts_memory; Acts a; size_t acts_cap;       // activations, capacity in floats
     float *gacts_memory; GradActs ga; size_t gacts_cap; // their gradients
     size_t batch_cap;
@@ -834,10 +1001,8 @@ static void model_alloc_params(Model *m, const Config *c) {
     m->num_params = layout_params(c, NULL, NULL, &m->tensors);
     m->params_memory = malloc_check(m->num_params * sizeof(float), "parameters");
     layout_params(c, m->params_memory, &m->p, NULL);
-    int half = c->rotary_dims / 2;
-    m->rope_cos = malloc_check((size_t)c->max_seq_len * (half ? half : 1) * sizeof(float), "rope table");
-    m->rope_sin = malloc_check((size_t)c->max_seq_len * (half ? half : 1) * sizeof(float), "rope table");
-    rope_tables(m->rope_cos, m->rope_sin, c->max_seq_len, c->rotary_dims, c->rope_base);
+    m->rope = rope_init(c->max_seq_len, c->rotary_dims, c->rope_base);
+    m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim : 0, c->rope_base);
     m->a.layer = calloc_check(c->n_layer * sizeof(LayerActs), "layer acts");
     m->mean_loss = -1.0f;
 }
@@ -855,7 +1020,8 @@ static void model_init_random(Model *m, const Config *c, float init_std, uint64_
         float *w = m->params_memory + t->offset;
         size_t n = t->rows * t->cols;
         const char *leaf = strrchr(t->name, '.') ? strrchr(t->name, '.') + 1 : t->name;
-        if (strcmp(leaf, "ln1_w") == 0 || strcmp(leaf, "ln2_w") == 0 || strcmp(leaf, "lnf_w") == 0) {
+        if (strcmp(leaf, "ln1_w") == 0 || strcmp(leaf, "ln2_w") == 0 || strcmp(leaf, "lnf_w") == 0 ||
+            strstr(leaf, "norm_w")) { // LayerNorm and RMSNorm weights
             for (size_t j = 0; j < n; j++) w[j] = 1.0f;
         } else if (t->rows > 1) {
             float std = (strcmp(leaf, "dense_w") == 0 || strcmp(leaf, "proj_w") == 0) ? resid_std : init_std;
@@ -868,7 +1034,8 @@ static void model_init_random(Model *m, const Config *c, float init_std, uint64_
 
 // Loads a checkpoint; refuses one whose header is inconsistent or whose size differs
 // from what the header implies.
-static void model_load(Model *m, const char *path) {
+// Reads and validates a checkpoint's header and size; leaves f at the parameters.
+static Config checkpoint_open(const char *path, FILE **out) {
     FILE *f = fopen_check(path, "rb");
     int h[HEADER_INTS];
     long long size = file_size(f);
@@ -883,8 +1050,16 @@ static void model_load(Model *m, const char *path) {
     long long expect = (long long)sizeof h + (long long)n * (long long)sizeof(float);
     if (size != expect)
         die("'%s' has %lld bytes but its header implies %lld (%zu parameters): wrong size", path, size, expect, n);
+    if (out) *out = f;
+    else fclose(f);
+    return c;
+}
+
+static void model_load(Model *m, const char *path) {
+    FILE *f;
+    Config c = checkpoint_open(path, &f);
     model_alloc_params(m, &c);
-    fread_check(m->params_memory, sizeof(float), n, f, path);
+    fread_check(m->params_memory, sizeof(float), m->num_params, f, path);
     fclose(f);
 }
 
@@ -899,7 +1074,7 @@ static void model_save(const Model *m, const char *path) {
 
 static void model_free(Model *m) {
     free(m->params_memory); free(m->grads_memory); free(m->m_memory); free(m->v_memory);
-    free(m->acts_memory); free(m->gacts_memory); free(m->rope_cos); free(m->rope_sin);
+    free(m->acts_memory); free(m->gacts_memory); rope_free(&m->rope); rope_free(&m->mla_rope);
     free(m->p.layer); free(m->g.layer); free(m->a.layer);
     free(m->inputs); free(m->targets);
     arrfree(m->tensors);
@@ -925,49 +1100,245 @@ static void model_ensure_acts(Model *m, int B, int T) {
     }
 }
 
+// ----------------------------------------------------------------------------
+// Attention blocks. What differs between the variants is only how q, k and v are made
+// from LN_1(x) (attn_project_*), where they sit (attn_views), and what the KV cache holds
+// (attn_kv_elements, attn_cache_write, attn_decode). The causal softmax core and the
+// output projection are shared. doc/attention.md has the equations.
+
+// Head views of q, k, v inside an AttnActs (activations or their gradients: same layout).
+static void attn_views(const Config *c, const AttnActs *at, HeadView *q, HeadView *k, HeadView *v) {
+    const int C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c);
+    switch (c->attn_type) {
+    case ATTN_MHA: // fused, interleaved per head: [q | k | v] of head h at h*3D
+        *q = (HeadView){at->qkv, 3 * C, 3 * D};
+        *k = (HeadView){at->qkv + D, 3 * C, 3 * D};
+        *v = (HeadView){at->qkv + 2 * D, 3 * C, 3 * D};
+        break;
+    case ATTN_GQA:
+    case ATTN_MQA: // q (H heads), then kv = [K of G heads | V of G heads]
+        *q = (HeadView){at->q, H * D, D};
+        *k = (HeadView){at->kv, 2 * G * D, D};
+        *v = (HeadView){at->kv + G * D, 2 * G * D, D};
+        break;
+    case ATTN_MLA: // q and k per head [nope (D) | rope (dR)]; v is the second half of kvb's head
+        *q = (HeadView){at->q, H * Dq, Dq};
+        *k = (HeadView){at->k, H * Dq, Dq};
+        *v = (HeadView){at->kvb + D, H * 2 * D, 2 * D};
+        break;
+    }
+}
+
+// key/value heads the core sees: MLA materialises one key per query head for training
+static int attn_core_kv_heads(const Config *c) { return c->attn_type == ATTN_MLA ? c->n_head : c->n_kv_head; }
+
+// MLA: k[bt][h] = [k_nope_h (from kvb) | k_pe (shared by all heads)]
+static void mla_gather_keys(float *k, const float *kvb, const float *kpe, int kpe_stride, int BT, int H, int D, int dR) {
+    const int Dq = D + dR;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < BT; n++)
+        for (int h = 0; h < H; h++) {
+            float *dst = k + ((size_t)n * H + h) * Dq;
+            memcpy(dst, kvb + ((size_t)n * H + h) * 2 * D, D * sizeof(float));
+            memcpy(dst + D, kpe + (size_t)n * kpe_stride, dR * sizeof(float));
+        }
+}
+
+// its backward: dk_nope to its head in dkvb, dk_pe summed over the heads that share it
+static void mla_gather_keys_backward(float *dkvb, float *dkpe, int kpe_stride, const float *dk, int BT, int H, int D, int dR) {
+    const int Dq = D + dR;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < BT; n++)
+        for (int h = 0; h < H; h++) {
+            const float *src = dk + ((size_t)n * H + h) * Dq;
+            axpy(dkvb + ((size_t)n * H + h) * 2 * D, 1.0f, src, D);
+            axpy(dkpe + (size_t)n * kpe_stride, 1.0f, src + D, dR);
+        }
+}
+
+// q, k, v from x = LN_1(x_l) (B,T,C), positions pos0.., RoPE applied
+static void attn_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, int B, int T, int pos0) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
+    switch (c->attn_type) {
+    case ATTN_MHA:
+        matmul_forward(at->qkv, x, lp->qkv_w, lp->qkv_b, BT, C, 3 * C);
+        rope_forward(at->qkv, B, T, pos0, 3 * C, H, 3 * D, &m->rope);     // q
+        rope_forward(at->qkv + D, B, T, pos0, 3 * C, H, 3 * D, &m->rope); // k
+        break;
+    case ATTN_GQA:
+    case ATTN_MQA:
+        matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, H * D);
+        matmul_forward(at->kv, x, lp->kv_w, lp->kv_b, BT, C, 2 * G * D);
+        rope_forward(at->q, B, T, pos0, H * D, H, D, &m->rope);
+        rope_forward(at->kv, B, T, pos0, 2 * G * D, G, D, &m->rope); // the G key heads, before sharing
+        break;
+    case ATTN_MLA: {
+        const int dR = c->mla_rope_dim, Dq = D + dR, KVA = c->kv_rank + dR;
+        if (c->q_rank > 0) { // query compression: q = W_UQ · RMSNorm(W_DQ x)
+            matmul_forward(at->q_lat, x, lp->q_a_w, NULL, BT, C, c->q_rank);
+            rmsnorm_forward(at->q_lat_norm, at->q_lat_rstd, at->q_lat, c->q_rank, lp->q_a_norm_w, BT, c->q_rank, c->rms_eps);
+            matmul_forward(at->q, at->q_lat_norm, lp->q_b_w, NULL, BT, c->q_rank, H * Dq);
+        } else {
+            matmul_forward(at->q, x, lp->q_w, NULL, BT, C, H * Dq);
+        }
+        rope_forward(at->q + D, B, T, pos0, H * Dq, H, Dq, &m->mla_rope);               // q_pe
+        matmul_forward(at->kv_a, x, lp->kv_a_w, NULL, BT, C, KVA);                       // [c | k_R]
+        rope_forward(at->kv_a + c->kv_rank, B, T, pos0, KVA, 1, 0, &m->mla_rope);        // k_pe
+        rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, c->kv_rank, c->rms_eps);
+        matmul_forward(at->kvb, at->c_norm, lp->kv_b_w, NULL, BT, c->kv_rank, H * 2 * D); // [k_nope | v]
+        mla_gather_keys(at->k, at->kvb, at->kv_a + c->kv_rank, KVA, BT, H, D, dR);
+        break;
+    }
+    }
+}
+
+// backward of attn_project_forward: dat holds dq, dk, dv (from the core); accumulates into
+// dx (B,T,C) and the layer's parameter grads lg
+static void attn_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
+                                  AttnActs *dat, float *dx, const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
+    switch (c->attn_type) {
+    case ATTN_MHA:
+        rope_backward(dat->qkv, B, T, 0, 3 * C, H, 3 * D, &m->rope);
+        rope_backward(dat->qkv + D, B, T, 0, 3 * C, H, 3 * D, &m->rope);
+        matmul_backward(dx, lg->qkv_w, lg->qkv_b, dat->qkv, x, lp->qkv_w, BT, C, 3 * C);
+        break;
+    case ATTN_GQA:
+    case ATTN_MQA:
+        rope_backward(dat->q, B, T, 0, H * D, H, D, &m->rope);
+        rope_backward(dat->kv, B, T, 0, 2 * G * D, G, D, &m->rope);
+        matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, H * D);
+        matmul_backward(dx, lg->kv_w, lg->kv_b, dat->kv, x, lp->kv_w, BT, C, 2 * G * D);
+        break;
+    case ATTN_MLA: {
+        const int dR = c->mla_rope_dim, Dq = D + dR, KVA = c->kv_rank + dR;
+        mla_gather_keys_backward(dat->kvb, dat->kv_a + c->kv_rank, KVA, dat->k, BT, H, D, dR);
+        rope_backward(dat->kv_a + c->kv_rank, B, T, 0, KVA, 1, 0, &m->mla_rope);
+        rope_backward(dat->q + D, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
+        matmul_backward(dat->c_norm, lg->kv_b_w, NULL, dat->kvb, at->c_norm, lp->kv_b_w, BT, c->kv_rank, H * 2 * D);
+        rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, c->kv_rank);
+        matmul_backward(dx, lg->kv_a_w, NULL, dat->kv_a, x, lp->kv_a_w, BT, C, KVA);
+        if (c->q_rank > 0) {
+            matmul_backward(dat->q_lat_norm, lg->q_b_w, NULL, dat->q, at->q_lat_norm, lp->q_b_w, BT, c->q_rank, H * Dq);
+            rmsnorm_backward(dat->q_lat, c->q_rank, lg->q_a_norm_w, dat->q_lat_norm, at->q_lat, lp->q_a_norm_w, at->q_lat_rstd, BT, c->q_rank);
+            matmul_backward(dx, lg->q_a_w, NULL, dat->q_lat, x, lp->q_a_w, BT, C, c->q_rank);
+        } else {
+            matmul_backward(dx, lg->q_w, NULL, dat->q, x, lp->q_w, BT, C, H * Dq);
+        }
+        break;
+    }
+    }
+}
+
+// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l)
+static void attention_block_forward(const Model *m, const LayerParams *lp, AttnActs *at, float *out, const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c);
+    attn_project_forward(m, lp, at, x, B, T, 0);
+    HeadView q, k, v;
+    attn_views(c, at, &q, &k, &v);
+    attention_forward(at->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c), Dq, D, 1.0f / sqrtf((float)Dq));
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
+}
+
+static void attention_block_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
+                                     AttnActs *dat, float *dx, const float *dout, const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c);
+    matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
+    HeadView q, k, v, dq, dk, dv;
+    attn_views(c, at, &q, &k, &v);
+    attn_views(c, dat, &dq, &dk, &dv);
+    attention_backward(dq, dk, dv, dat->att, dat->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c), Dq, D,
+                       1.0f / sqrtf((float)Dq));
+    attn_project_backward(m, lp, lg, at, dat, dx, x, B, T);
+}
+
+// ----------------------------------------------------------------------------
+// Forward and backward of the whole model
+
+// Checks a batch against the model before anything runs.
+static void check_batch(const Config *c, const int *inputs, const int *targets, int B, int T) {
+    const int V = c->vocab_size;
+    if (T > c->max_seq_len) die("sequence length %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
+    for (int i = 0; i < B * T; i++)
+        if (inputs[i] < 0 || inputs[i] >= V) die("input token id %d at position %d is outside the vocabulary (0..%d)", inputs[i], i, V - 1);
+    if (targets)
+        for (int i = 0; i < B * T; i++)
+            if (targets[i] != IGNORE_INDEX && (targets[i] < 0 || targets[i] >= V))
+                die("target token id %d at position %d is outside the vocabulary (0..%d)", targets[i], i, V - 1);
+}
+
+typedef struct KVCache KVCache;
+static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, float *out, const float *x,
+                                   KVCache *kv, int l);
+
+// One Pythia layer: x_out = x + Attn(LN_1(x)) + MLP(LN_2(x)), the parallel residual.
+// With a KV cache (decoding, B = T = 1) the attention reads the cached tokens instead.
+static void layer_forward(Model *m, int l, float *x_out, const float *x, int B, int T, KVCache *kv) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, F = c->n_inner;
+    const LayerParams *lp = &m->p.layer[l];
+    LayerActs *la = &m->a.layer[l];
+    layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
+    layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
+    if (kv) attention_block_decode(m, lp, &la->at, m->a.attn_out, la->ln1, kv, l);
+    else attention_block_forward(m, lp, &la->at, m->a.attn_out, la->ln1, B, T);
+    matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
+    gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
+    matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
+    residual3_forward(x_out, x, m->a.attn_out, m->a.mlp_out, (size_t)BT * C);
+}
+
+// ga->dresid holds d loss / d x_out on entry and d loss / d x on return: the parallel
+// residual passes it unchanged to x, to the attention output and to the MLP output.
+static void layer_backward(Model *m, int l, const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, F = c->n_inner;
+    const LayerParams *lp = &m->p.layer[l];
+    LayerParams *lg = &m->g.layer[l];
+    LayerActs *la = &m->a.layer[l];
+    GradActs *ga = &m->ga;
+    // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
+    memset(ga->dln1, 0, (size_t)(ga->dlnf - ga->dln1) * sizeof(float));
+    // MLP branch
+    matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
+    gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
+    matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
+    // attention branch
+    attention_block_backward(m, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
+    // both LayerNorms read x: their input grads add into the residual gradient
+    layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
+    layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
+}
+
+// final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
+static void head_forward(Model *m, int BT) {
+    const Config *c = &m->cfg;
+    Acts *a = &m->a;
+    const float *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
+    matmul_forward(a->logits, a->lnf, m->p.embed_out, NULL, BT, c->n_embd, c->padded_vocab_size);
+}
+
 // Forward pass. inputs/targets (B,T); targets may be NULL (inference). Returns the mean loss
 // (or -1 without targets). Logits are left in m->a.logits (B,T,Vp).
 static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
     const Config *c = &m->cfg;
-    const int C = c->n_embd, H = c->n_head, D = C / H, F = c->n_inner, V = c->vocab_size, Vp = c->padded_vocab_size;
-    const int BT = B * T;
-    if (T > c->max_seq_len) die("sequence length %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
-    for (int i = 0; i < BT; i++)
-        if (inputs[i] < 0 || inputs[i] >= V) die("input token id %d at position %d is outside the vocabulary (0..%d)", inputs[i], i, V - 1);
-    if (targets)
-        for (int i = 0; i < BT; i++)
-            if (targets[i] != IGNORE_INDEX && (targets[i] < 0 || targets[i] >= V))
-                die("target token id %d at position %d is outside the vocabulary (0..%d)", targets[i], i, V - 1);
+    const int C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size, BT = B * T;
+    check_batch(c, inputs, targets, B, T);
     model_ensure_acts(m, B, T);
     m->B = B;
     m->T = T;
     memcpy(m->inputs, inputs, BT * sizeof(int));
     if (targets) memcpy(m->targets, targets, BT * sizeof(int));
-
     Acts *a = &m->a;
     embedding_forward(a->resid, inputs, m->p.embed_in, BT, C);
-    for (int l = 0; l < c->n_layer; l++) {
-        const LayerParams *lp = &m->p.layer[l];
-        LayerActs *la = &a->layer[l];
-        float *x = a->resid + (size_t)l * BT * C;
-        layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
-        layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
-        // attention branch: fused QKV, RoPE on q and k, causal attention, dense
-        matmul_forward(la->qkv, la->ln1, lp->qkv_w, lp->qkv_b, BT, C, 3 * C);
-        rope_forward(la->qkv, B, T, 0, 3 * C, H, 3 * D, c->rotary_dims, m->rope_cos, m->rope_sin);     // q
-        rope_forward(la->qkv + D, B, T, 0, 3 * C, H, 3 * D, c->rotary_dims, m->rope_cos, m->rope_sin); // k
-        HeadView q = {la->qkv, 3 * C, 3 * D}, k = {la->qkv + D, 3 * C, 3 * D}, v = {la->qkv + 2 * D, 3 * C, 3 * D};
-        attention_forward(la->atty, la->att, q, k, v, B, T, H, H, D, D, 1.0f / sqrtf((float)D));
-        matmul_forward(a->attn_out, la->atty, lp->dense_w, lp->dense_b, BT, C, C);
-        // MLP branch
-        matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
-        gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
-        matmul_forward(a->mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
-        residual3_forward(x + (size_t)BT * C, x, a->attn_out, a->mlp_out, (size_t)BT * C);
-    }
-    float *xL = a->resid + (size_t)c->n_layer * BT * C;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, C, c->ln_eps);
-    matmul_forward(a->logits, a->lnf, m->p.embed_out, NULL, BT, C, Vp);
+    for (int l = 0; l < c->n_layer; l++)
+        layer_forward(m, l, a->resid + (size_t)(l + 1) * BT * C, a->resid + (size_t)l * BT * C, B, T, NULL);
+    head_forward(m, BT);
     m->mean_loss = -1.0f;
     if (targets) m->mean_loss = crossentropy_forward(a->losses, a->lse, a->logits, targets, BT, V, Vp, &m->n_valid);
     return m->mean_loss;
@@ -982,8 +1353,7 @@ static void model_zero_grad(Model *m) {
 static void model_backward(Model *m) {
     const Config *c = &m->cfg;
     if (m->mean_loss < 0.0f) die("model_backward called without a forward pass with targets");
-    const int B = m->B, T = m->T, BT = B * T;
-    const int C = c->n_embd, H = c->n_head, D = C / H, F = c->n_inner, V = c->vocab_size, Vp = c->padded_vocab_size;
+    const int B = m->B, T = m->T, BT = B * T, C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size;
     if (!m->grads_memory) {
         m->grads_memory = calloc_check(m->num_params * sizeof(float), "gradients");
         layout_params(c, m->grads_memory, &m->g, NULL);
@@ -1006,36 +1376,7 @@ static void model_backward(Model *m) {
     memset(ga->dresid, 0, (size_t)BT * C * sizeof(float));
     float *xL = a->resid + (size_t)c->n_layer * BT * C;
     layernorm_backward(ga->dresid, m->g.lnf_w, m->g.lnf_b, ga->dlnf, xL, m->p.lnf_w, a->lnf_mean, a->lnf_rstd, BT, C);
-
-    for (int l = c->n_layer - 1; l >= 0; l--) {
-        const LayerParams *lp = &m->p.layer[l];
-        LayerParams *lg = &m->g.layer[l];
-        LayerActs *la = &a->layer[l];
-        float *x = a->resid + (size_t)l * BT * C;
-        // ga->dresid is d loss / d x_{l+1}; the parallel residual passes it unchanged to x_l,
-        // to the attention output and to the MLP output.
-        memset(ga->dln1, 0, (size_t)BT * C * sizeof(float));
-        memset(ga->dln2, 0, (size_t)BT * C * sizeof(float));
-        memset(ga->datty, 0, (size_t)BT * C * sizeof(float));
-        memset(ga->dqkv, 0, (size_t)BT * 3 * C * sizeof(float));
-        memset(ga->dfc_gelu, 0, (size_t)BT * F * sizeof(float));
-        memset(ga->dfc, 0, (size_t)BT * F * sizeof(float));
-        // MLP branch
-        matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
-        gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
-        matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
-        // attention branch
-        matmul_backward(ga->datty, lg->dense_w, lg->dense_b, ga->dresid, la->atty, lp->dense_w, BT, C, C);
-        HeadView q = {la->qkv, 3 * C, 3 * D}, k = {la->qkv + D, 3 * C, 3 * D}, v = {la->qkv + 2 * D, 3 * C, 3 * D};
-        HeadView dq = {ga->dqkv, 3 * C, 3 * D}, dk = {ga->dqkv + D, 3 * C, 3 * D}, dv = {ga->dqkv + 2 * D, 3 * C, 3 * D};
-        attention_backward(dq, dk, dv, ga->datt, ga->datty, la->att, q, k, v, B, T, H, H, D, D, 1.0f / sqrtf((float)D));
-        rope_backward(ga->dqkv, B, T, 0, 3 * C, H, 3 * D, c->rotary_dims, m->rope_cos, m->rope_sin);
-        rope_backward(ga->dqkv + D, B, T, 0, 3 * C, H, 3 * D, c->rotary_dims, m->rope_cos, m->rope_sin);
-        matmul_backward(ga->dln1, lg->qkv_w, lg->qkv_b, ga->dqkv, la->ln1, lp->qkv_w, BT, C, 3 * C);
-        // both LayerNorms read x_l: their input grads add into the residual gradient
-        layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
-        layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
-    }
+    for (int l = c->n_layer - 1; l >= 0; l--) layer_backward(m, l, a->resid + (size_t)l * BT * C, B, T);
     embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
 }
 
@@ -1221,37 +1562,175 @@ static void tokenizer_print(const Tokenizer *tk, int id) {
 // ----------------------------------------------------------------------------
 // Sampling
 
-// samples an index from probabilities (n), coin in [0,1)
-static int sample_mult(const float *probs, int n, float coin) {
-    float cdf = 0.0f;
-    for (int i = 0; i < n; i++) {
-        cdf += probs[i];
-        if (coin < cdf) return i;
+// ----------------------------------------------------------------------------
+// KV-cached decoding. The cache holds, per layer and token, exactly what the variant needs
+// to attend later (attn_kv_elements); its size in bytes is what --kv-report accounts for.
+
+// values cached per token per layer
+static size_t attn_kv_elements(const Config *c) {
+    switch (c->attn_type) {
+    case ATTN_MLA: return (size_t)c->kv_rank + c->mla_rope_dim;   // ĉ and k_pe, shared by all heads
+    default: return 2 * (size_t)c->n_kv_head * head_dim(c);       // K and V of the G kv heads (G = H for mha)
     }
-    return n - 1;
 }
 
-// Generates n_new tokens after prompt (n_prompt ids) by re-running the forward pass on the
-// whole window (at most max_seq_len tokens). Returns the number of ids in out.
+struct KVCache {
+    int capacity;       // tokens it can hold
+    int len;            // tokens cached so far
+    size_t per_token;   // floats per token per layer (attn_kv_elements)
+    float *mem;         // (L, capacity, per_token)
+    size_t bytes;       // bytes of mem: L · capacity · per_token · 4
+    float *scratch;     // per head: capacity scores + 2 latent vectors (MLA)
+};
+
+static KVCache kvcache_new(const Config *c, int capacity) {
+    if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
+    KVCache kv = {0};
+    kv.capacity = capacity;
+    kv.per_token = attn_kv_elements(c);
+    size_t n = (size_t)c->n_layer * capacity * kv.per_token;
+    kv.bytes = n * sizeof(float);
+    kv.mem = malloc_check(kv.bytes, "KV cache");
+    kv.scratch = malloc_check((size_t)c->n_head * (capacity + 2 * (size_t)c->kv_rank) * sizeof(float), "decode scratch");
+    return kv;
+}
+
+static void kvcache_free(KVCache *kv) { free(kv->mem); free(kv->scratch); memset(kv, 0, sizeof *kv); }
+
+static float *kv_slot(const KVCache *kv, int l, int pos) { return kv->mem + ((size_t)l * kv->capacity + pos) * kv->per_token; }
+
+// Copies token `row` of a layer's projected activations into a cache slot.
+// mha/gqa/mqa slot: [K of G heads | V of G heads]; mla slot: [ĉ (kv_rank) | k_pe (dR)].
+static void attn_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head;
+    switch (c->attn_type) {
+    case ATTN_MHA: {
+        const float *r = at->qkv + (size_t)row * 3 * H * D;
+        for (int g = 0; g < H; g++) {
+            memcpy(dst + g * D, r + g * 3 * D + D, D * sizeof(float));
+            memcpy(dst + (H + g) * D, r + g * 3 * D + 2 * D, D * sizeof(float));
+        }
+        break;
+    }
+    case ATTN_GQA:
+    case ATTN_MQA:
+        memcpy(dst, at->kv + (size_t)row * 2 * G * D, 2 * G * D * sizeof(float));
+        break;
+    case ATTN_MLA: {
+        const int KVA = c->kv_rank + c->mla_rope_dim;
+        memcpy(dst, at->c_norm + (size_t)row * c->kv_rank, c->kv_rank * sizeof(float));
+        memcpy(dst + c->kv_rank, at->kv_a + (size_t)row * KVA + c->kv_rank, c->mla_rope_dim * sizeof(float));
+        break;
+    }
+    }
+}
+
+// Attention of the one new token (row 0 of at, projected at position n-1) over the n cached
+// tokens; writes at->atty row 0 (H*D). MLA uses the absorbed form: W_UK is folded into the
+// query and W_UV applied after attending, so only the latent ĉ and k_pe are ever read.
+static void attn_decode(const Model *m, const LayerParams *lp, AttnActs *at, const KVCache *kv, int l, int n) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c);
+    const float scale = 1.0f / sqrtf((float)Dq);
+    HeadView q, k_unused, v_unused;
+    attn_views(c, at, &q, &k_unused, &v_unused);
+#pragma omp parallel for schedule(static) if ((size_t)n * kv->per_token >= PAR_MIN)
+    for (int h = 0; h < H; h++) {
+        float *scores = kv->scratch + (size_t)h * (kv->capacity + 2 * c->kv_rank);
+        float *o = at->atty + (size_t)h * D;
+        const float *qh = head_at(q, 1, 0, 0, h);
+        if (c->attn_type == ATTN_MLA) {
+            const int R = c->kv_rank, dR = c->mla_rope_dim;
+            float *q_abs = scores + kv->capacity, *o_lat = q_abs + R;
+            memset(q_abs, 0, R * sizeof(float)); // q̃ = W_UK_hᵀ q_nope   (R)
+            for (int j = 0; j < D; j++) axpy(q_abs, qh[j], lp->kv_b_w + ((size_t)h * 2 * D + j) * R, R);
+            for (int s = 0; s < n; s++) {
+                const float *slot = kv_slot(kv, l, s);
+                scores[s] = scale * (dot(q_abs, slot, R) + dot(qh + D, slot + R, dR));
+            }
+            float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
+            memset(o_lat, 0, R * sizeof(float)); // ō = Σ P ĉ   (R)
+            for (int s = 0; s < n; s++) axpy(o_lat, scores[s] * inv, kv_slot(kv, l, s), R);
+            for (int j = 0; j < D; j++) o[j] = dot(lp->kv_b_w + ((size_t)h * 2 * D + D + j) * R, o_lat, R); // W_UV_h ō
+        } else {
+            const int g = h / (H / G);
+            for (int s = 0; s < n; s++) scores[s] = scale * dot(qh, kv_slot(kv, l, s) + g * D, D);
+            float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
+            memset(o, 0, D * sizeof(float));
+            for (int s = 0; s < n; s++) axpy(o, scores[s] * inv, kv_slot(kv, l, s) + (G + g) * D, D);
+        }
+    }
+}
+
+static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, float *out, const float *x,
+                                   KVCache *kv, int l) {
+    const Config *c = &m->cfg;
+    const int pos = kv->len;
+    attn_project_forward(m, lp, at, x, 1, 1, pos);
+    attn_cache_write(c, at, 0, kv_slot(kv, l, pos));
+    attn_decode(m, lp, at, kv, l, pos + 1);
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, 1, c->n_head * head_dim(c), c->n_embd);
+}
+
+// Prefill: the prompt in one forward pass, then its keys/values (or latents) into the cache.
+// Returns the logits (Vp) of the last prompt token.
+static const float *model_prefill(Model *m, KVCache *kv, const int *prompt, int n) {
+    if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
+    model_forward(m, prompt, NULL, 1, n);
+    for (int l = 0; l < m->cfg.n_layer; l++)
+        for (int t = 0; t < n; t++) attn_cache_write(&m->cfg, &m->a.layer[l].at, t, kv_slot(kv, l, t));
+    kv->len = n;
+    return m->a.logits + (size_t)(n - 1) * m->cfg.padded_vocab_size;
+}
+
+// One token at position kv->len through the model, reading the cache. Returns its logits (Vp).
+static const float *model_decode_step(Model *m, KVCache *kv, int token) {
+    const Config *c = &m->cfg;
+    if (kv->len >= kv->capacity) die("KV cache full (%d tokens)", kv->capacity);
+    check_batch(c, &token, NULL, 1, 1);
+    model_ensure_acts(m, 1, 1);
+    embedding_forward(m->a.resid, &token, m->p.embed_in, 1, c->n_embd);
+    for (int l = 0; l < c->n_layer; l++)
+        layer_forward(m, l, m->a.resid + (size_t)(l + 1) * c->n_embd, m->a.resid + (size_t)l * c->n_embd, 1, 1, kv);
+    head_forward(m, 1);
+    kv->len++;
+    return m->a.logits;
+}
+
+// Picks a token from logits (V): argmax when temperature is 0, else a sample at that temperature.
+static int sample_token(const float *logits, int V, float temperature, uint64_t *rng) {
+    int best = 0;
+    for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
+    if (temperature <= 0.0f) return best;
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) sum += exp((logits[i] - logits[best]) / temperature);
+    double coin = random_f32(rng) * sum, cdf = 0.0;
+    for (int i = 0; i < V; i++) {
+        cdf += exp((logits[i] - logits[best]) / temperature);
+        if (coin < cdf) return i;
+    }
+    return V - 1;
+}
+
+typedef struct { double seconds; int n_new; size_t cache_bytes; } GenStats;
+
+// Generates n_new tokens after the prompt with the KV cache; out receives prompt + new ids.
+// Prints the new tokens as they come when tk is given. Returns the number of ids in out.
 static int model_generate(Model *m, const int *prompt, int n_prompt, int n_new, float temperature, uint64_t *rng,
-                          int *out, const Tokenizer *tk, int print) {
-    const int V = m->cfg.vocab_size, Vp = m->cfg.padded_vocab_size;
-    int n = n_prompt;
+                          int *out, const Tokenizer *tk, GenStats *st) {
+    KVCache kv = kvcache_new(&m->cfg, n_prompt + n_new);
+    double t0 = now_seconds();
     memcpy(out, prompt, n_prompt * sizeof(int));
-    float *probs = malloc_check(V * sizeof(float), "sampling");
-    for (int step = 0; step < n_new; step++) {
-        int start = n > m->cfg.max_seq_len ? n - m->cfg.max_seq_len : 0;
-        model_forward(m, out + start, NULL, 1, n - start);
-        const float *z = m->a.logits + (size_t)(n - start - 1) * Vp;
-        float maxv = -INFINITY, sum = 0.0f;
-        for (int i = 0; i < V; i++) maxv = z[i] > maxv ? z[i] : maxv;
-        for (int i = 0; i < V; i++) { probs[i] = expf((z[i] - maxv) / temperature); sum += probs[i]; }
-        for (int i = 0; i < V; i++) probs[i] /= sum;
-        out[n] = sample_mult(probs, V, random_f32(rng));
-        if (print) { tokenizer_print(tk, out[n]); fflush(stdout); }
+    const float *logits = model_prefill(m, &kv, prompt, n_prompt);
+    int n = n_prompt;
+    for (int i = 0; i < n_new; i++) {
+        out[n] = sample_token(logits, m->cfg.vocab_size, temperature, rng);
+        if (tk) { tokenizer_print(tk, out[n]); fflush(stdout); }
+        if (i + 1 < n_new) logits = model_decode_step(m, &kv, out[n]);
         n++;
     }
-    free(probs);
+    if (st) { st->seconds = now_seconds() - t0; st->n_new = n_new; st->cache_bytes = kv.bytes; }
+    kvcache_free(&kv);
     return n;
 }
 
@@ -1260,6 +1739,9 @@ static int model_generate(Model *m, const int *prompt, int n_prompt, int n_new, 
 
 typedef struct {
     const char *model, *train, *val, *tokenizer, *out;
+    const char *attn, *init_from, *prompt_ids;       // attention variant flags (NULL = not given)
+    int n_kv_head, kv_rank, rope_dim, q_rank;        // 0 (q_rank -1) = not given
+    int generate, kv_report;
     int B, T, steps, warmup, val_every, val_batches, sample_every, sample_len, bench;
     float lr, min_lr_frac, weight_decay, beta1, beta2, eps, grad_clip, init_std, temperature;
     long long seed;
@@ -1267,7 +1749,9 @@ typedef struct {
 
 static Args default_args(void) {
     Args a = {0};
-    a.model = "pythia-14m";
+    a.model = NULL; // pythia-14m unless --model or --init-from says otherwise
+    a.q_rank = -1;
+    a.prompt_ids = "0";
     a.train = "data/tinyshakespeare/tiny_shakespeare_train.bin";
     a.val = "data/tinyshakespeare/tiny_shakespeare_val.bin";
     a.tokenizer = "data/tokenizer.bin";
@@ -1287,7 +1771,16 @@ static void usage(FILE *f) {
         "Trains a Pythia (GPT-NeoX) model on token shards, fp32 on the CPU.\n\n"
         "  -h, --help            this text\n"
         "  --model NAME|FILE     preset for random init (pythia-14m, pythia-70m, pythia-160m, tiny)\n"
-        "                        or a checkpoint file                     [%s]\n"
+        "                        or a checkpoint file                     [pythia-14m]\n"
+        "attention variant (stored in the checkpoint; with a checkpoint they must match it):\n"
+        "  --attn mha|gqa|mqa|mla                                         [mha]\n"
+        "  --n-kv-head INT       gqa: KV heads G, must divide the heads   [H/4, H/2 if H = 4]\n"
+        "  --kv-rank INT         mla: latent width d_c                    [4 * head dim]\n"
+        "  --rope-dim INT        mla: decoupled RoPE dims d_R (even)      [head dim]\n"
+        "  --q-rank INT          mla: query latent width, 0 = none        [0]\n"
+        "  --init-from FILE      start from an mha checkpoint, converted to the --attn variant\n"
+        "                        (gqa/mqa: K and V heads mean-pooled per group)\n"
+        "data and training:\n"
         "  --train GLOB          training shards                          [%s]\n"
         "  --val GLOB            validation shards ('' for none)          [%s]\n"
         "  --tokenizer FILE      token table for printing samples         [%s]\n"
@@ -1310,9 +1803,12 @@ static void usage(FILE *f) {
         "  --sample-len INT      tokens per sample                        [%d]\n"
         "  --temperature FLOAT   sampling temperature                     [%g]\n"
         "  --out DIR             write DIR/log.jsonl, DIR/model.bin, DIR/metrics.json\n"
-        "  --bench INT           time N training steps on random tokens, print JSON, exit\n\n"
+        "  --bench INT           time N training steps on random tokens, print JSON, exit\n"
+        "  --generate INT        generate N tokens with the KV cache, print them and tokens/s, exit\n"
+        "  --prompt-ids LIST     comma-separated prompt token ids for --generate [0]\n"
+        "  --kv-report           print the KV-cache accounting as JSON, exit\n\n"
         "Threads: OMP_NUM_THREADS. Example: ./train_ctxkv --model pythia-14m --steps 300 --out out/run1\n",
-        d.model, d.train, d.val, d.tokenizer, d.B, d.T, d.steps, d.lr, d.warmup, d.min_lr_frac, d.weight_decay,
+        d.train, d.val, d.tokenizer, d.B, d.T, d.steps, d.lr, d.warmup, d.min_lr_frac, d.weight_decay,
         d.beta1, d.beta2, d.eps, d.grad_clip, d.init_std, d.seed, d.val_every, d.val_batches, d.sample_every,
         d.sample_len, d.temperature);
 }
@@ -1340,6 +1836,7 @@ static Args parse_args(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i];
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) { usage(stdout); exit(0); }
+        if (!strcmp(f, "--kv-report")) { a.kv_report = 1; continue; }
         if (i + 1 >= argc) die("flag %s needs a value (see -h)", f);
         const char *v = argv[++i];
         if (!strcmp(f, "--model")) a.model = v;
@@ -1347,6 +1844,14 @@ static Args parse_args(int argc, char **argv) {
         else if (!strcmp(f, "--val")) a.val = v;
         else if (!strcmp(f, "--tokenizer")) a.tokenizer = v;
         else if (!strcmp(f, "--out")) a.out = v;
+        else if (!strcmp(f, "--attn")) a.attn = v;
+        else if (!strcmp(f, "--init-from")) a.init_from = v;
+        else if (!strcmp(f, "--prompt-ids")) a.prompt_ids = v;
+        else if (!strcmp(f, "--n-kv-head")) a.n_kv_head = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "--kv-rank")) a.kv_rank = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "--rope-dim")) a.rope_dim = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "--q-rank")) a.q_rank = (int)parse_int(f, v, 0, 1 << 16);
+        else if (!strcmp(f, "--generate")) a.generate = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "-b")) a.B = (int)parse_int(f, v, 1, 1 << 16);
         else if (!strcmp(f, "-t")) a.T = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "--steps")) a.steps = (int)parse_int(f, v, 0, 1 << 30);
@@ -1368,22 +1873,179 @@ static Args parse_args(int argc, char **argv) {
         else if (!strcmp(f, "--temperature")) a.temperature = parse_float(f, v, 1e-3f, 100.0f);
         else die("unknown flag %s (see -h)", f);
     }
+    if (a.model && a.init_from) die("--model and --init-from conflict: --init-from FILE already names the starting checkpoint");
     return a;
 }
 
-// Loads --model: a preset name gives a random init, anything else is a checkpoint path.
-static void model_from_arg(Model *m, const Args *a) {
-    memset(m, 0, sizeof *m);
-    const Preset *p = find_preset(a->model);
-    if (p) {
-        Config c = config_from_preset(p);
-        const char *problem = config_problem(&c);
-        if (problem) die("preset %s: %s", p->name, problem);
-        model_init_random(m, &c, a->init_std, (uint64_t)a->seed);
-    } else {
-        if (access(a->model, F_OK) != 0) die("--model '%s' is neither a preset (pythia-14m, pythia-70m, pythia-160m, tiny) nor an existing checkpoint file", a->model);
-        model_load(m, a->model);
+static int attn_type_from_name(const char *name) {
+    for (int t = 0; t < (int)(sizeof ATTN_NAMES / sizeof ATTN_NAMES[0]); t++)
+        if (!strcmp(name, ATTN_NAMES[t])) return t;
+    die("--attn must be one of mha, gqa, mqa, mla; got '%s'", name);
+}
+
+// Sets the attention variant of c from --attn and its flags (a preset, or a checkpoint being
+// converted by --init-from). Flags that belong to another variant are an error.
+static void apply_variant_flags(Config *c, const Args *a) {
+    if (!a->attn) {
+        if (a->n_kv_head || a->kv_rank || a->rope_dim || a->q_rank >= 0)
+            die("--n-kv-head / --kv-rank / --rope-dim / --q-rank need --attn (gqa for the first, mla for the others)");
+        return;
     }
+    const int H = c->n_head, D = head_dim(c), t = attn_type_from_name(a->attn);
+    if (a->n_kv_head && t != ATTN_GQA && t != ATTN_MQA) die("--n-kv-head conflicts with --attn %s (it is a gqa flag)", a->attn);
+    if ((a->kv_rank || a->rope_dim || a->q_rank >= 0) && t != ATTN_MLA)
+        die("--kv-rank / --rope-dim / --q-rank conflict with --attn %s (they are mla flags)", a->attn);
+    if (t == ATTN_MQA && a->n_kv_head && a->n_kv_head != 1) die("--attn mqa means one KV head; --n-kv-head %d conflicts", a->n_kv_head);
+    c->attn_type = t;
+    c->n_kv_head = H;
+    c->kv_rank = c->q_rank = c->mla_rope_dim = 0;
+    c->rms_eps = 0.0f;
+    if (t == ATTN_GQA) c->n_kv_head = a->n_kv_head ? a->n_kv_head : (H == 4 ? 2 : (H % 4 == 0 ? H / 4 : 1));
+    if (t == ATTN_MQA) c->n_kv_head = 1;
+    if (t == ATTN_MLA) {
+        c->kv_rank = a->kv_rank ? a->kv_rank : 4 * D;
+        c->mla_rope_dim = a->rope_dim ? a->rope_dim : D;
+        c->q_rank = a->q_rank > 0 ? a->q_rank : 0;
+        c->rms_eps = 1e-6f; // DeepSeek's RMSNorm epsilon
+    }
+    const char *problem = config_problem(c);
+    if (problem) {
+        if (t == ATTN_GQA && c->n_head % c->n_kv_head) die("--n-kv-head %d does not divide the %d heads", c->n_kv_head, H);
+        if (t == ATTN_MLA && (c->mla_rope_dim % 2 || c->mla_rope_dim > D))
+            die("--rope-dim %d must be even and at most the head dim %d", c->mla_rope_dim, D);
+        die("--attn %s: %s", a->attn, problem);
+    }
+}
+
+// A checkpoint's variant is fixed: flags that say otherwise are an error, not a silent override.
+static void check_variant_flags_match(const Config *c, const Args *a, const char *path) {
+    if (a->attn && attn_type_from_name(a->attn) != c->attn_type)
+        die("'%s' is a %s checkpoint, but --attn %s was given (to convert an mha checkpoint use --init-from)", path,
+            ATTN_NAMES[c->attn_type], a->attn);
+#define SAME(flag, given, field) \
+    if (given && (given) != (field)) die("'%s' has %s %d, but %s %d was given", path, #field, field, flag, given)
+    SAME("--n-kv-head", a->n_kv_head, c->n_kv_head);
+    SAME("--kv-rank", a->kv_rank, c->kv_rank);
+    SAME("--rope-dim", a->rope_dim, c->mla_rope_dim);
+#undef SAME
+    if (a->q_rank >= 0 && a->q_rank != c->q_rank) die("'%s' has q_rank %d, but --q-rank %d was given", path, c->q_rank, a->q_rank);
+}
+
+// The model config the flags ask for, without building the model (--kv-report needs no weights).
+static Config config_from_args(const Args *a) {
+    const char *name = a->init_from ? a->init_from : (a->model ? a->model : "pythia-14m");
+    const Preset *p = a->init_from ? NULL : find_preset(name);
+    Config c;
+    if (p) {
+        c = config_from_preset(p);
+        apply_variant_flags(&c, a);
+    } else {
+        if (access(name, F_OK) != 0)
+            die("%s '%s' is neither a preset (pythia-14m, pythia-70m, pythia-160m, tiny) nor an existing checkpoint file",
+                a->init_from ? "--init-from" : "--model", name);
+        c = checkpoint_open(name, NULL);
+        if (a->init_from) apply_variant_flags(&c, a);
+        else check_variant_flags_match(&c, a, name);
+    }
+    return c;
+}
+
+// --init-from: every tensor the two models share (same name and shape) is copied; an mha
+// checkpoint becomes gqa/mqa by mean-pooling the K and V heads of each group (Ainslie et al.).
+static void model_init_from(Model *m, const Config *c, const char *path, float init_std, uint64_t seed) {
+    Model src;
+    model_load(&src, path);
+    model_init_random(m, c, init_std, seed);
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++)
+        for (ptrdiff_t j = 0; j < arrlen(src.tensors); j++) {
+            const ParamTensor *t = &m->tensors[i], *u = &src.tensors[j];
+            if (!strcmp(t->name, u->name) && t->rows == u->rows && t->cols == u->cols)
+                memcpy(m->params_memory + t->offset, src.params_memory + u->offset, t->rows * t->cols * sizeof(float));
+        }
+    int target = c->attn_type, source = src.cfg.attn_type;
+    if (source != target) {
+        if (source != ATTN_MHA || (target != ATTN_GQA && target != ATTN_MQA))
+            die("--init-from converts mha checkpoints to gqa or mqa; '%s' is %s and --attn is %s", path,
+                ATTN_NAMES[source], ATTN_NAMES[target]);
+        const int C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head, group = H / G;
+        for (int l = 0; l < c->n_layer; l++) {
+            const LayerParams *sp = &src.p.layer[l];
+            LayerParams *tp = &m->p.layer[l];
+            for (int h = 0; h < H; h++) { // q rows: s = 0 of each head's [q | k | v]
+                memcpy(tp->q_w + (size_t)h * D * C, sp->qkv_w + (size_t)h * 3 * D * C, (size_t)D * C * sizeof(float));
+                memcpy(tp->q_b + h * D, sp->qkv_b + h * 3 * D, D * sizeof(float));
+            }
+            memset(tp->kv_w, 0, (size_t)2 * G * D * C * sizeof(float));
+            memset(tp->kv_b, 0, (size_t)2 * G * D * sizeof(float));
+            for (int h = 0; h < H; h++) {
+                const int g = h / group;
+                for (int s = 1; s <= 2; s++) { // 1 = k -> rows g*D, 2 = v -> rows (G+g)*D
+                    const int dst = (s == 1 ? g : G + g) * D;
+                    for (int j = 0; j < D; j++) {
+                        axpy(tp->kv_w + (size_t)(dst + j) * C, 1.0f / group, sp->qkv_w + (size_t)(h * 3 * D + s * D + j) * C, C);
+                        tp->kv_b[dst + j] += sp->qkv_b[h * 3 * D + s * D + j] / group;
+                    }
+                }
+            }
+        }
+    }
+    model_free(&src);
+}
+
+static Model model_from_args(const Args *a, const Config *c) {
+    Model m;
+    if (a->init_from) model_init_from(&m, c, a->init_from, a->init_std, (uint64_t)a->seed);
+    else if (find_preset(a->model ? a->model : "pythia-14m")) model_init_random(&m, c, a->init_std, (uint64_t)a->seed);
+    else model_load(&m, a->model);
+    return m;
+}
+
+static void print_kv_report(const Config *c, const char *name) {
+    const size_t per_layer = attn_kv_elements(c), L = c->n_layer;
+    printf("{\"model\": \"%s\", \"attn\": \"%s\", \"n_layer\": %zu, \"n_kv_head\": %d, \"kv_rank\": %d, \"rope_dim\": %d, "
+           "\"params\": %zu, \"kv_elements_per_token_per_layer\": %zu, \"kv_elements_per_token\": %zu, "
+           "\"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, \"kv_bytes_per_token_fp32\": %zu}\n",
+           name, ATTN_NAMES[c->attn_type], L, c->n_kv_head, c->kv_rank, c->mla_rope_dim, layout_params(c, NULL, NULL, NULL),
+           per_layer, L * per_layer, 2 * per_layer, 2 * L * per_layer, 4 * L * per_layer);
+}
+
+// parses "1,2,3" into an stb_ds array of ids
+static int *parse_ids(const char *flag, const char *list) {
+    int *ids = NULL;
+    const char *p = list;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > 65535) die("%s expects comma-separated token ids, got '%s'", flag, list);
+        arrput(ids, (int)v);
+        p = end;
+        if (*p == ',') p++;
+        else if (*p) die("%s expects comma-separated token ids, got '%s'", flag, list);
+    }
+    if (arrlen(ids) == 0) die("%s is empty", flag);
+    return ids;
+}
+
+static int run_generate(Model *m, const Args *a, const Tokenizer *tk) {
+    int *prompt = parse_ids("--prompt-ids", a->prompt_ids);
+    int n_prompt = (int)arrlen(prompt);
+    check_batch(&m->cfg, prompt, NULL, 1, n_prompt);
+    int *out = malloc_check((size_t)(n_prompt + a->generate) * sizeof(int), "generate");
+    uint64_t rng = (uint64_t)a->seed ^ 0x9E3779B97F4A7C15ull;
+    GenStats st;
+    printf("--- %d tokens after a %d-token prompt ---\n", a->generate, n_prompt);
+    model_generate(m, prompt, n_prompt, a->generate, a->temperature, &rng, out, tk->tokens ? tk : NULL, &st);
+    if (!tk->tokens) for (int i = n_prompt; i < n_prompt + a->generate; i++) printf("%d ", out[i]);
+    printf("\n---\n");
+    const int T = n_prompt + a->generate;
+    printf("{\"generated_tokens\": %d, \"seconds\": %.4f, \"tokens_per_s\": %.1f, \"kv_cache_tokens\": %d, "
+           "\"kv_cache_bytes\": %zu, \"kv_bytes_per_token_fp32\": %zu}\n",
+           a->generate, st.seconds, a->generate / st.seconds, T, st.cache_bytes,
+           attn_kv_elements(&m->cfg) * m->cfg.n_layer * sizeof(float));
+    free(out);
+    arrfree(prompt);
+    return 0;
 }
 
 // lr at step (0-based): linear warmup to lr, then cosine down to lr*min_lr_frac at the last step
@@ -1454,8 +2116,12 @@ static int run_bench(Model *m, const Args *a) {
 #ifndef TESTING
 int main(int argc, char **argv) {
     Args a = parse_args(argc, argv);
-    Model model;
-    model_from_arg(&model, &a);
+    Config cfg = config_from_args(&a);
+    if (a.kv_report) {
+        print_kv_report(&cfg, a.init_from ? a.init_from : (a.model ? a.model : "pythia-14m"));
+        return 0;
+    }
+    Model model = model_from_args(&a, &cfg);
     if (a.T > model.cfg.max_seq_len) die("-t %d exceeds the model's max_seq_len %d", a.T, model.cfg.max_seq_len);
     int threads = 1;
 #ifdef _OPENMP
@@ -1464,14 +2130,15 @@ int main(int argc, char **argv) {
     config_print(&model.cfg);
     printf("parameters: %zu | B %d | T %d | threads %d\n", model.num_params, a.B, a.T, threads);
     if (a.bench) return run_bench(&model, &a);
+    Tokenizer tk;
+    if (!tokenizer_load(&tk, a.tokenizer)) printf("(no token table at '%s': samples print token ids)\n", a.tokenizer);
+    if (a.generate) return run_generate(&model, &a, &tk);
 
     DataLoader train, val;
     dataloader_init(&train, a.train, a.B, a.T, model.cfg.vocab_size);
     int have_val = a.val && a.val[0];
     if (have_val) dataloader_init(&val, a.val, a.B, a.T, model.cfg.vocab_size);
     printf("train: %d shard(s) matching '%s' | val: %s\n", (int)arrlen(train.files), a.train, have_val ? a.val : "none");
-    Tokenizer tk;
-    if (!tokenizer_load(&tk, a.tokenizer)) printf("(no token table at '%s': samples print token ids)\n", a.tokenizer);
 
     FILE *log = NULL;
     char path[4200];
@@ -1497,7 +2164,8 @@ int main(int argc, char **argv) {
         if ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || (last && a.sample_every > 0)) {
             int prompt = tk.tokens ? tk.eot : 0;
             printf("--- sample at step %d ---\n", step);
-            model_generate(&model, &prompt, 1, a.sample_len, a.temperature, &sample_rng, sample_buf, &tk, 1);
+            model_generate(&model, &prompt, 1, a.sample_len, a.temperature, &sample_rng, sample_buf, tk.tokens ? &tk : NULL, NULL);
+            if (!tk.tokens) for (int i = 1; i <= a.sample_len; i++) printf("%d ", sample_buf[i]);
             printf("\n---\n");
         }
         if (last) break;

@@ -33,11 +33,15 @@ HEADER_FIELDS = [
     (19, "context_dim", "i"),
     (20, "context_interval", "i"),
     (21, "max_contexts", "i"),
+    (22, "rms_eps", "f"),
 ]
 ATTN_TYPES = {"mha": 0, "gqa": 1, "mqa": 2, "mla": 3}
-# fields that may be left out of cfg; they default to 0 (n_kv_head defaults to n_head)
+ATTN_NAMES = {v: k for k, v in ATTN_TYPES.items()}
+MLA_RMS_EPS = 1e-6  # DeepSeek-V2's RMSNorm epsilon, the default rms_eps of an mla checkpoint
+# fields that may be left out of cfg; they default to 0 (n_kv_head defaults to n_head, or 1
+# for mqa; rms_eps to MLA_RMS_EPS for mla)
 OPTIONAL_FIELDS = {"attn_type", "n_kv_head", "kv_rank", "q_rank", "mla_rope_dim", "layer0_type",
-                   "model_type", "context_dim", "context_interval", "max_contexts"}
+                   "model_type", "context_dim", "context_interval", "max_contexts", "rms_eps"}
 
 
 def padded_vocab(v, multiple=128):
@@ -49,20 +53,43 @@ def _attn_type(cfg):
     return ATTN_TYPES.get(a, a) if isinstance(a, str) else int(a)
 
 
+def attn_specs(cfg):
+    """Ordered (name, shape) of one layer's attention tensors (doc/formats.md, "The attention
+    tensors of each layer depend on attn_type"); D = n_embd / n_head, G = n_kv_head."""
+    a, d = _attn_type(cfg), cfg["n_embd"]
+    if a == 0:  # mha: HF GPT-NeoX fused qkv, interleaved per head
+        return [("qkv_w", (3 * d, d)), ("qkv_b", (3 * d,)), ("dense_w", (d, d)), ("dense_b", (d,))]
+    H = cfg["n_head"]
+    D = d // H
+    if a in (1, 2):  # gqa / mqa: kv_w rows = [K of heads 0..G-1 | V of heads 0..G-1]
+        G = cfg.get("n_kv_head") or (1 if a == 2 else H)
+        return [("q_w", (H * D, d)), ("q_b", (H * D,)),
+                ("kv_w", (2 * G * D, d)), ("kv_b", (2 * G * D,)),
+                ("dense_w", (d, H * D)), ("dense_b", (d,))]
+    if a == 3:  # mla (DeepSeek-V2), d_nope = d_v = D
+        dc, dq, dR = cfg.get("kv_rank", 0), cfg.get("q_rank", 0), cfg.get("mla_rope_dim", 0)
+        if dq > 0:
+            q = [("q_a_w", (dq, d)), ("q_a_norm_w", (dq,)), ("q_b_w", (H * (D + dR), dq))]
+        else:
+            q = [("q_w", (H * (D + dR), d))]
+        return q + [("kv_a_w", (dc + dR, d)), ("kv_a_norm_w", (dc,)),
+                    ("kv_b_w", (H * 2 * D, dc)),
+                    ("dense_w", (d, H * D)), ("dense_b", (d,))]
+    raise PreproError(f"unknown attn_type {cfg.get('attn_type')} (0 mha, 1 gqa, 2 mqa, 3 mla)")
+
+
 def param_specs(cfg):
-    """Ordered (name, shape) of every tensor in the file (attn_type mha only, as in the doc)."""
-    if _attn_type(cfg) != 0:
-        raise PreproError(f"attn_type {cfg.get('attn_type')}: only mha (0) checkpoints are "
-                          f"handled by prepro/ckpt.py so far")
+    """Ordered (name, shape) of every tensor in the file (doc/formats.md, "Checkpoint");
+    the attention tensors of each layer follow attn_type (attn_specs)."""
     Vp, L, d, ff = (cfg[k] for k in ("padded_vocab_size", "n_layer", "n_embd", "n_inner"))
+    attn = attn_specs(cfg)
     specs = [("embed_in", (Vp, d))]
     for l in range(L):
         p = f"layers.{l}."
         specs += [(p + "ln1_w", (d,)), (p + "ln1_b", (d,)),
-                  (p + "ln2_w", (d,)), (p + "ln2_b", (d,)),
-                  (p + "qkv_w", (3 * d, d)), (p + "qkv_b", (3 * d,)),
-                  (p + "dense_w", (d, d)), (p + "dense_b", (d,)),
-                  (p + "fc_w", (ff, d)), (p + "fc_b", (ff,)),
+                  (p + "ln2_w", (d,)), (p + "ln2_b", (d,))]
+        specs += [(p + n, s) for n, s in attn]
+        specs += [(p + "fc_w", (ff, d)), (p + "fc_b", (ff,)),
                   (p + "proj_w", (d, ff)), (p + "proj_b", (d,))]
     specs += [("lnf_w", (d,)), ("lnf_b", (d,)), ("embed_out", (Vp, d))]
     return specs
@@ -78,13 +105,36 @@ def check_cfg(cfg):
     missing = [n for _, n, _ in HEADER_FIELDS if n not in cfg and n not in OPTIONAL_FIELDS]
     if missing:
         raise PreproError(f"checkpoint config lacks {', '.join(missing)}")
+    cfg["attn_type"] = a = _attn_type(cfg)
+    if a not in ATTN_NAMES:
+        raise PreproError(f"unknown attn_type {a} (0 mha, 1 gqa, 2 mqa, 3 mla)")
+    if a == 3 and "rms_eps" not in cfg:
+        cfg["rms_eps"] = MLA_RMS_EPS
     for n in OPTIONAL_FIELDS:
         cfg.setdefault(n, 0)
-    cfg["attn_type"] = _attn_type(cfg)
+    H = cfg["n_head"]
     if not cfg["n_kv_head"]:
-        cfg["n_kv_head"] = cfg["n_head"]
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise PreproError(f"n_embd {cfg['n_embd']} is not a multiple of n_head {cfg['n_head']}")
+        cfg["n_kv_head"] = 1 if a == 2 else H
+    if cfg["n_embd"] % H:
+        raise PreproError(f"n_embd {cfg['n_embd']} is not a multiple of n_head {H}")
+    name, G = ATTN_NAMES[a], cfg["n_kv_head"]
+    if a == 1 and (G < 1 or H % G):
+        raise PreproError(f"gqa: n_kv_head {G} must divide n_head {H}")
+    if a == 2 and G != 1:
+        raise PreproError(f"mqa: n_kv_head must be 1, not {G}")
+    if a in (0, 3) and G != H:
+        raise PreproError(f"{name}: n_kv_head {G} must equal n_head {H}")
+    if a == 3:
+        if cfg["kv_rank"] <= 0 or cfg["q_rank"] < 0:
+            raise PreproError(f"mla: kv_rank {cfg['kv_rank']} must be > 0 and q_rank {cfg['q_rank']} >= 0")
+        if cfg["mla_rope_dim"] <= 0 or cfg["mla_rope_dim"] % 2:
+            raise PreproError(f"mla: mla_rope_dim {cfg['mla_rope_dim']} must be even and > 0")
+        if not cfg["rms_eps"] > 0:
+            raise PreproError(f"mla: rms_eps {cfg['rms_eps']} must be > 0")
+    else:
+        extra = [n for n in ("kv_rank", "q_rank", "mla_rope_dim", "rms_eps") if cfg[n]]
+        if extra:
+            raise PreproError(f"{name}: {', '.join(extra)} must be 0 (used by mla only)")
     if cfg["rotary_dims"] % 2 or cfg["rotary_dims"] > cfg["n_embd"] // cfg["n_head"]:
         raise PreproError(f"rotary_dims {cfg['rotary_dims']} must be even and at most the head size")
     if not 0 < cfg["vocab_size"] <= cfg["padded_vocab_size"]:
