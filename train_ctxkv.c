@@ -226,6 +226,11 @@ static inline void axpy(float *y, float a, const float *x, int n) { // y += a*x
 #define VOCAB_PAD 128   // vocab rows are padded to a multiple of this (as Pythia's 50304 = 393*128)
 
 enum { ATTN_MHA = 0, ATTN_GQA = 1, ATTN_MQA = 2, ATTN_MLA = 3 };
+// ATTN_CTX is not a value of attn_type: it is the kind of layer 0 when layer0_type is ctxkv
+// (its keys and values come from the ContextBlock's contexts, doc/context_kv.md)
+enum { ATTN_CTX = 4 };
+enum { LAYER0_SAME = 0, LAYER0_CTXKV = 1 };
+enum { MODEL_PYTHIA = 0, MODEL_CTXPYTHIA = 1 };
 
 typedef struct {
     int vocab_size;        // V: rows that are real tokens
@@ -242,8 +247,11 @@ typedef struct {
     // q_rank d_c' (0 = no query compression), mla_rope_dim d_R, rms_eps of its RMSNorms)
     int attn_type, n_kv_head, kv_rank, q_rank, mla_rope_dim;
     float rms_eps;
-    // Context-KV (issue 4; not built yet, must be 0)
+    // Context-KV: layer0_type ctxkv (layer 0 attends over contexts) or model_type ctxpythia
+    // (the layers run at width context_dim on the contexts); context_dim d_c, interval I,
+    // max_contexts M; embed_dim E is the width of embed_in (= n_embd except ctxpythia)
     int layer0_type, model_type, context_dim, context_interval, max_contexts;
+    int embed_dim;
 } Config;
 
 static const char *ATTN_NAMES[] = {"mha", "gqa", "mqa", "mla"};
@@ -281,6 +289,7 @@ static Config config_from_preset(const Preset *p) {
     c.ln_eps = 1e-5f;
     c.attn_type = ATTN_MHA;
     c.n_kv_head = p->n_head;
+    c.embed_dim = p->n_embd;
     return c;
 }
 
@@ -329,7 +338,24 @@ static const char *config_problem(const Config *c) {
     default:
         return "unknown attn_type (0 mha, 1 gqa, 2 mqa, 3 mla)";
     }
-    if (c->layer0_type != 0 || c->model_type != 0) return "layer0_type / model_type (Context-KV) not supported by this build";
+    if (c->layer0_type != LAYER0_SAME && c->layer0_type != LAYER0_CTXKV) return "layer0_type must be 0 (same) or 1 (ctxkv)";
+    if (c->model_type != MODEL_PYTHIA && c->model_type != MODEL_CTXPYTHIA) return "model_type must be 0 (pythia) or 1 (ctxpythia)";
+    if (c->layer0_type == LAYER0_CTXKV && c->model_type == MODEL_CTXPYTHIA) return "ctxpythia has no separate ctxkv layer 0";
+    if (c->embed_dim < 1 || c->embed_dim > 65536) return "embed_dim out of range";
+    if (c->layer0_type == LAYER0_CTXKV || c->model_type == MODEL_CTXPYTHIA) {
+        if (c->context_dim < 1 || c->context_dim > 65536) return "context_dim must be >= 1";
+    } else if (c->context_dim || c->context_interval || c->max_contexts) {
+        return "context fields are set but neither layer0 ctxkv nor ctxpythia is";
+    }
+    if (c->layer0_type == LAYER0_CTXKV) {
+        if (c->context_interval < 1) return "context interval must be >= 1";
+        if (c->max_contexts < 1) return "max contexts must be >= 1";
+        if (c->embed_dim != c->n_embd) return "with layer0 ctxkv embed_dim must equal n_embd";
+    } else if (c->model_type == MODEL_CTXPYTHIA) {
+        if (c->n_embd != c->context_dim) return "ctxpythia runs its layers at the context width: n_embd must equal context_dim";
+    } else if (c->embed_dim != c->n_embd) {
+        return "embed_dim must equal n_embd";
+    }
     return NULL;
 }
 
@@ -344,7 +370,7 @@ static void config_to_header(const Config *c, int *h) {
     h[10] = c->max_seq_len; h[11] = float_bits(c->ln_eps);
     h[12] = c->attn_type; h[13] = c->n_kv_head; h[14] = c->kv_rank; h[15] = c->q_rank; h[16] = c->mla_rope_dim;
     h[17] = c->layer0_type; h[18] = c->model_type; h[19] = c->context_dim; h[20] = c->context_interval;
-    h[21] = c->max_contexts; h[22] = float_bits(c->rms_eps);
+    h[21] = c->max_contexts; h[22] = float_bits(c->rms_eps); h[23] = c->embed_dim;
 }
 
 static Config config_from_header(const int *h) {
@@ -355,6 +381,7 @@ static Config config_from_header(const int *h) {
     c.attn_type = h[12]; c.n_kv_head = h[13]; c.kv_rank = h[14]; c.q_rank = h[15]; c.mla_rope_dim = h[16];
     c.layer0_type = h[17]; c.model_type = h[18]; c.context_dim = h[19]; c.context_interval = h[20];
     c.max_contexts = h[21]; c.rms_eps = bits_float(h[22]);
+    c.embed_dim = h[23] ? h[23] : c.n_embd; // 0 in files written before the field existed
     return c;
 }
 
@@ -365,6 +392,9 @@ static void config_print(const Config *c) {
            c->n_embd / c->n_head, c->rope_base, c->max_seq_len, ATTN_NAMES[c->attn_type]);
     if (c->attn_type == ATTN_GQA || c->attn_type == ATTN_MQA) printf(" (%d kv heads)", c->n_kv_head);
     if (c->attn_type == ATTN_MLA) printf(" (kv rank %d, q rank %d, rope dim %d)", c->kv_rank, c->q_rank, c->mla_rope_dim);
+    if (c->layer0_type == LAYER0_CTXKV)
+        printf(" | layer 0 ctxkv (context dim %d, interval %d, max contexts %d)", c->context_dim, c->context_interval, c->max_contexts);
+    if (c->model_type == MODEL_CTXPYTHIA) printf(" | ctxpythia (embed %d -> context %d)", c->embed_dim, c->context_dim);
     printf("\n");
 }
 
@@ -381,13 +411,18 @@ typedef struct {
     float *q_a_w, *q_a_norm_w, *q_b_w; // mla with q_rank: (q_rank, C), (q_rank), (H*(D+dR), q_rank)
     float *kv_a_w, *kv_a_norm_w;       // mla: (kv_rank+dR, C) latent rows then k_R rows, (kv_rank)
     float *kv_b_w;                     // mla: (H*2D, kv_rank), per head [W_UK (D rows) | W_UV (D rows)]
+    float *k_w, *k_b, *v_w, *v_b;      // ctxkv layer 0: (C, d_c), (C) each; its q_w/q_b are (C, C), (C)
     float *dense_w, *dense_b;  // (C, H*D), (C)
     float *fc_w, *fc_b;        // (F, C), (F) dense_h_to_4h
     float *proj_w, *proj_b;    // (C, F), (C) dense_4h_to_h
 } LayerParams;
 
 typedef struct {
-    float *embed_in;           // (Vp, C)
+    float *embed_in;           // (Vp, E), E = embed_dim
+    // ContextBlock (ctxkv / ctxpythia): c_t = LN_c(c_{t-1} + GELU(W_c [c_{t-1}; LN_e(e_t)] + b_c))
+    float *ctx_ln_e_w, *ctx_ln_e_b;    // (E)
+    float *ctx_w, *ctx_b;              // (d_c, d_c + E), (d_c)
+    float *ctx_ln_c_w, *ctx_ln_c_b;    // (d_c)
     LayerParams *layer;        // [L]
     float *lnf_w, *lnf_b;      // (C)
     float *embed_out;          // (Vp, C) untied head, no bias
@@ -397,7 +432,13 @@ typedef struct {
     char name[48];
     size_t rows, cols;         // a 1-D tensor has rows == 1
     size_t offset;             // in floats, from the start of the parameter block
+    int frozen;                // not updated (and not decayed) by the optimizer
 } ParamTensor;
+
+static int has_context_block(const Config *c) { return c->layer0_type == LAYER0_CTXKV || c->model_type == MODEL_CTXPYTHIA; }
+
+// the attention kind of layer l: attn_type, except a ctxkv layer 0
+static int layer_kind(const Config *c, int l) { return (l == 0 && c->layer0_type == LAYER0_CTXKV) ? ATTN_CTX : c->attn_type; }
 
 // Walks the parameter order once. With base == NULL it only counts; otherwise it points
 // every tensor of P into base. If table != NULL, appends a descriptor per tensor.
@@ -416,7 +457,16 @@ static size_t layout_params(const Config *c, float *base, Params *P, ParamTensor
         off += (size_t)(r) * (k);                                                                          \
     } while (0)
     char name[48];
-    TENSOR(P->embed_in, "embed_in", Vp, C);
+    const size_t E = c->embed_dim, dc = c->context_dim;
+    TENSOR(P->embed_in, "embed_in", Vp, E);
+    if (has_context_block(c)) {
+        TENSOR(P->ctx_ln_e_w, "ctx_ln_e_w", 1, E);
+        TENSOR(P->ctx_ln_e_b, "ctx_ln_e_b", 1, E);
+        TENSOR(P->ctx_w, "ctx_w", dc, dc + E);
+        TENSOR(P->ctx_b, "ctx_b", 1, dc);
+        TENSOR(P->ctx_ln_c_w, "ctx_ln_c_w", 1, dc);
+        TENSOR(P->ctx_ln_c_b, "ctx_ln_c_b", 1, dc);
+    }
     for (int l = 0; l < c->n_layer; l++) {
         LayerParams *lp = P ? &P->layer[l] : NULL;
 #define LTENSOR(field, label, r, k) do { snprintf(name, sizeof name, "layer%d.%s", l, label); TENSOR(lp->field, name, r, k); } while (0)
@@ -426,7 +476,15 @@ static size_t layout_params(const Config *c, float *base, Params *P, ParamTensor
         LTENSOR(ln2_b, "ln2_b", 1, C);
         // the attention tensors: the only part of the order that depends on the variant
         const size_t H = c->n_head, D = C / H, G = c->n_kv_head, dR = c->mla_rope_dim;
-        switch (c->attn_type) {
+        switch (layer_kind(c, l)) {
+        case ATTN_CTX: // queries from the token, keys and values from the contexts
+            LTENSOR(q_w, "q_w", C, C);
+            LTENSOR(q_b, "q_b", 1, C);
+            LTENSOR(k_w, "k_w", C, dc);
+            LTENSOR(k_b, "k_b", 1, C);
+            LTENSOR(v_w, "v_w", C, dc);
+            LTENSOR(v_b, "v_b", 1, C);
+            break;
         case ATTN_MHA:
             LTENSOR(qkv_w, "qkv_w", 3 * C, C);
             LTENSOR(qkv_b, "qkv_b", 1, 3 * C);
@@ -480,7 +538,9 @@ typedef struct {
     float *c_norm, *c_rstd;            // mla (B,T,kv_rank) the cached latent ĉ, (B,T)
     float *kvb;                        // mla (B,T,H*2D): per head [k_nope | v]
     float *k;                          // mla (B,T,H*Dq): per head [k_nope | k_pe], gathered for the core
-    float *att;                        // (B,H,T,T) softmax probabilities, zero above the diagonal
+    float *kc, *vc;                    // ctxkv (B,T,C): W_k c_s + b_k and W_v c_s + b_v for every position s
+    float *att;                        // (B,H,T,T) softmax probabilities, zero above the diagonal;
+                                       // ctxkv (B,H,T,M): one per context slot, zero for empty slots
     float *atty;                       // (B,T,H*D) attention output, heads merged, before dense
 } AttnActs;
 
@@ -499,27 +559,37 @@ typedef struct {
     float *logits;                     // (B,T,Vp); backward overwrites it with dlogits
     float *losses;                     // (B,T) per-position loss (0 where ignored)
     float *lse;                        // (B,T) logsumexp of each row of logits
+    float *contexts;                   // (B,T,d_c) the ContextBlock's c_t (ctxkv / ctxpythia), constants
 } Acts;
 
 // gradients of activations: reused by every layer during backward
 typedef struct {
     float *dresid;                     // (B,T,C) running gradient of the residual stream
     float *dln1, *dln2;                // (B,T,C)
-    AttnActs dat;                      // same shapes as AttnActs (the rstd/att fields: datt only)
+    AttnActs dat;                      // same shapes as AttnActs (the rstd/att fields: datt only),
+    float *dat_base;                   // laid out per layer kind at this address (layer_backward)
     float *dfc_gelu, *dfc;             // (B,T,F)
     float *dlnf;                       // (B,T,C)
 } GradActs;
 
 static int head_dim(const Config *c) { return c->n_embd / c->n_head; }
-static int qk_head_dim(const Config *c) { return head_dim(c) + (c->attn_type == ATTN_MLA ? c->mla_rope_dim : 0); }
+static int qk_head_dim(const Config *c, int kind) { return head_dim(c) + (kind == ATTN_MLA ? c->mla_rope_dim : 0); }
 
-// Lays out one AttnActs for (B,T). With grads != 0 the per-row statistics are skipped.
-static size_t layout_attn_acts(const Config *c, size_t B, size_t T, float *base, size_t off, AttnActs *at, int grads) {
-    const size_t BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c);
+// Lays out one AttnActs of a layer of the given kind for (B,T). With grads != 0 the per-row
+// statistics are skipped.
+static size_t layout_attn_acts(const Config *c, int kind, size_t B, size_t T, float *base, size_t off, AttnActs *at, int grads) {
+    const size_t BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
     const size_t G = c->n_kv_head, dR = c->mla_rope_dim, KVA = c->kv_rank + dR;
     memset(at, 0, sizeof *at);
 #define BUF(ptr, n) do { ptr = base ? base + off : NULL; off += (n); } while (0)
-    switch (c->attn_type) {
+    size_t att_cols = T; // keys per query row in att
+    switch (kind) {
+    case ATTN_CTX:
+        BUF(at->q, BT * C);
+        BUF(at->kc, BT * C);
+        BUF(at->vc, BT * C);
+        att_cols = c->max_contexts;
+        break;
     case ATTN_MHA:
         BUF(at->qkv, BT * 3 * C);
         break;
@@ -542,7 +612,7 @@ static size_t layout_attn_acts(const Config *c, size_t B, size_t T, float *base,
         BUF(at->k, BT * H * Dq);
         break;
     }
-    BUF(at->att, B * H * T * T);
+    BUF(at->att, B * H * T * att_cols);
     BUF(at->atty, BT * H * D);
 #undef BUF
     return off;
@@ -559,7 +629,7 @@ static size_t layout_acts(const Config *c, size_t B, size_t T, float *base, Acts
             LayerActs *la = &A->layer[l];
             BUF(la->ln1, BT * C); BUF(la->ln1_mean, BT); BUF(la->ln1_rstd, BT);
             BUF(la->ln2, BT * C); BUF(la->ln2_mean, BT); BUF(la->ln2_rstd, BT);
-            off = layout_attn_acts(c, B, T, base, off, &la->at, 0);
+            off = layout_attn_acts(c, layer_kind(c, (int)l), B, T, base, off, &la->at, 0);
             BUF(la->fc, BT * F); BUF(la->fc_gelu, BT * F);
         }
         BUF(A->attn_out, BT * C); BUF(A->mlp_out, BT * C);
@@ -567,10 +637,17 @@ static size_t layout_acts(const Config *c, size_t B, size_t T, float *base, Acts
         BUF(A->logits, BT * Vp);
         BUF(A->losses, BT);
         BUF(A->lse, BT);
+        BUF(A->contexts, has_context_block(c) ? BT * c->context_dim : 0);
     }
     if (G) {
         BUF(G->dresid, BT * C); BUF(G->dln1, BT * C); BUF(G->dln2, BT * C);
-        off = layout_attn_acts(c, B, T, base, off, &G->dat, 1);
+        // one set of attention gradients serves every layer: size it for the largest kind
+        size_t off_at = off;
+        for (int l = 0; l < c->n_layer; l++) {
+            size_t end = layout_attn_acts(c, layer_kind(c, l), B, T, NULL, off_at, &G->dat, 1);
+            if (end > off) off = end;
+        }
+        G->dat_base = base ? base + off_at : NULL;
         BUF(G->dfc_gelu, BT * F); BUF(G->dfc, BT * F);
         BUF(G->dlnf, BT * C);
     }
@@ -903,6 +980,63 @@ static void attention_backward(HeadView dq, HeadView dk, HeadView dv, float *dat
                 }
 }
 
+// Context-KV attention (layer 0, doc/context_kv.md). Query t attends over M slots: slot k
+// holds the key/value of the context at s = t − k·I when s >= 0; empty slots are masked out.
+// No positional encoding: the slot order and the recurrence carry position.
+// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D), att (B,H,T,M).
+static void ctx_attention_forward(float *out, float *att, const float *q, const float *kc, const float *vc, int B,
+                                  int T, int H, int D, int interval, int M) {
+    const int C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qt = q + ((size_t)b * T + t) * C + h * D;
+                float *p = att + (((size_t)b * H + h) * T + t) * M;
+                int n = 0; // filled slots: s = t, t−I, … while s >= 0
+                for (int k = 0; k < M && t - k * interval >= 0; k++, n++)
+                    p[k] = scale * dot(qt, kc + ((size_t)b * T + t - k * interval) * C + h * D, D);
+                float inv = 1.0f / exp_shift_sum(p, n, max_of(p, n));
+                for (int k = 0; k < M; k++) p[k] = k < n ? p[k] * inv : 0.0f;
+                float *o = out + ((size_t)b * T + t) * C + h * D;
+                memset(o, 0, D * sizeof(float));
+                for (int k = 0; k < n; k++) axpy(o, p[k], vc + ((size_t)b * T + t - k * interval) * C + h * D, D);
+            }
+}
+
+// dV_s += P·dO, dP = dO·V_s, dS = P⊙(dP − Σ P⊙dP), dq += scale·Σ dS·K_s, dK_s += scale·dS·q.
+// Parallel over (b, h): the slots of different t share source positions, so t stays serial.
+static void ctx_attention_backward(float *dq, float *dkc, float *dvc, float *datt, const float *dout, const float *att,
+                                   const float *q, const float *kc, const float *vc, int B, int T, int H, int D,
+                                   int interval, int M) {
+    const int C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *p = att + (((size_t)b * H + h) * T + t) * M;
+                float *dp = datt + (((size_t)b * H + h) * T + t) * M;
+                const float *dot_ = dout + ((size_t)b * T + t) * C + h * D, *qt = q + ((size_t)b * T + t) * C + h * D;
+                float *dqt = dq + ((size_t)b * T + t) * C + h * D;
+                float rowsum = 0.0f;
+                int n = 0;
+                for (int k = 0; k < M && t - k * interval >= 0; k++, n++) {
+                    size_t src = ((size_t)b * T + t - k * interval) * C + h * D;
+                    dp[k] = dot(dot_, vc + src, D);
+                    axpy(dvc + src, p[k], dot_, D);
+                    rowsum += dp[k] * p[k];
+                }
+                for (int k = 0; k < n; k++) {
+                    size_t src = ((size_t)b * T + t - k * interval) * C + h * D;
+                    float ds = p[k] * (dp[k] - rowsum) * scale;
+                    axpy(dqt, ds, kc + src, D);
+                    axpy(dkc + src, ds, qt, D);
+                }
+            }
+}
+
 // exact GELU, 0.5·x·(1 + erf(x/√2)), as HF's "gelu" (not the tanh form)
 static void gelu_forward(float *out, const float *inp, size_t N) {
 #pragma omp parallel for schedule(static) if (N >= PAR_MIN)
@@ -972,6 +1106,110 @@ static void crossentropy_backward(float *logits_to_dlogits, const float *lse, co
 }
 
 // ----------------------------------------------------------------------------
+// ContextBlock (doc/context_kv.md): one ContextLayer on N rows at once,
+//   O = LN_c(S + GELU(W_c [S ; LN_e(E)] + b_c))
+// S (N,d_c) plays c_{t-1}, E (N,E) the token embeddings. Phase 1 runs it on every position
+// in parallel (S = shifted previous iterate); the exact recurrence runs it on the B rows of
+// one time step after another (S = the previous step's output).
+
+typedef struct {
+    int cap;                          // rows allocated
+    float *u, *u_mean, *u_rstd;       // (N,E), (N), (N) LN_e(E)
+    float *z;                         // (N,d_c+E) [S ; u]
+    float *pre, *g;                   // (N,d_c) before / after GELU
+    float *r, *r_mean, *r_rstd;       // (N,d_c) S + g, and LN_c's statistics
+    float *out;                       // (N,d_c)
+    float *dr, *dpre, *dz, *du, *dE;  // backward scratch
+} BlockActs;
+
+static void blockacts_ensure(BlockActs *cb, int N, int E, int dc) {
+    if (N <= cb->cap) return;
+    free(cb->u); // one allocation, u is its start
+    size_t per_row = (size_t)E * 4 + (size_t)(dc + E) * 2 + (size_t)dc * 6 + 4;
+    float *p = malloc_check((size_t)N * per_row * sizeof(float), "context block");
+#define TAKE(ptr, n) do { cb->ptr = p; p += (size_t)N * (n); } while (0)
+    TAKE(u, E); TAKE(u_mean, 1); TAKE(u_rstd, 1); TAKE(z, dc + E); TAKE(pre, dc); TAKE(g, dc);
+    TAKE(r, dc); TAKE(r_mean, 1); TAKE(r_rstd, 1); TAKE(out, dc);
+    TAKE(dr, dc); TAKE(dpre, dc); TAKE(dz, dc + E); TAKE(du, E); TAKE(dE, E);
+#undef TAKE
+    cb->cap = N;
+}
+
+static void contextblock_forward(BlockActs *cb, const Params *p, const float *S, const float *E, int N, int Ed, int dc,
+                                 float eps) {
+    layernorm_forward(cb->u, cb->u_mean, cb->u_rstd, E, p->ctx_ln_e_w, p->ctx_ln_e_b, N, Ed, eps);
+    for (int n = 0; n < N; n++) { // z = [S ; u]
+        memcpy(cb->z + (size_t)n * (dc + Ed), S + (size_t)n * dc, dc * sizeof(float));
+        memcpy(cb->z + (size_t)n * (dc + Ed) + dc, cb->u + (size_t)n * Ed, Ed * sizeof(float));
+    }
+    matmul_forward(cb->pre, cb->z, p->ctx_w, p->ctx_b, N, dc + Ed, dc);
+    gelu_forward(cb->g, cb->pre, (size_t)N * dc);
+    for (size_t i = 0; i < (size_t)N * dc; i++) cb->r[i] = S[i] + cb->g[i];
+    layernorm_forward(cb->out, cb->r_mean, cb->r_rstd, cb->r, p->ctx_ln_c_w, p->ctx_ln_c_b, N, dc, eps);
+}
+
+// Gradients of the block's parameters only (into g): S is a constant (detached iterate) and
+// E belongs to the frozen embeddings, so their gradients are not formed.
+static void contextblock_backward(BlockActs *cb, const Params *p, Params *g, const float *dout, const float *E, int N,
+                                  int Ed, int dc) {
+    memset(cb->dr, 0, (size_t)N * dc * sizeof(float));
+    layernorm_backward(cb->dr, g->ctx_ln_c_w, g->ctx_ln_c_b, dout, cb->r, p->ctx_ln_c_w, cb->r_mean, cb->r_rstd, N, dc);
+    memset(cb->dpre, 0, (size_t)N * dc * sizeof(float));
+    gelu_backward(cb->dpre, cb->pre, cb->dr, (size_t)N * dc); // dr reaches g through the residual
+    memset(cb->dz, 0, (size_t)N * (dc + Ed) * sizeof(float));
+    matmul_backward(cb->dz, g->ctx_w, g->ctx_b, cb->dpre, cb->z, p->ctx_w, N, dc + Ed, dc);
+    for (int n = 0; n < N; n++) memcpy(cb->du + (size_t)n * Ed, cb->dz + (size_t)n * (dc + Ed) + dc, Ed * sizeof(float));
+    memset(cb->dE, 0, (size_t)N * Ed * sizeof(float));
+    layernorm_backward(cb->dE, g->ctx_ln_e_w, g->ctx_ln_e_b, cb->du, E, p->ctx_ln_e_w, cb->u_mean, cb->u_rstd, N, Ed);
+}
+
+// OACD diversity loss on rows X (N,d), per slice of `slice` consecutive rows, averaged:
+//   L_slice = −||X − 1μᵀ||_F / n + λ·||μ||²,   μ = mean of the slice's n rows
+// The Frobenius norm is not squared: it rewards spread without letting one direction dominate.
+static float oacd_forward(const float *X, int N, int d, int slice, float lambda) {
+    double total = 0.0;
+    int n_slices = 0;
+    for (int s0 = 0; s0 < N; s0 += slice, n_slices++) {
+        int n = N - s0 < slice ? N - s0 : slice;
+        double mu_sq = 0.0, dev_sq = 0.0;
+        for (int j = 0; j < d; j++) {
+            double mu = 0.0;
+            for (int i = 0; i < n; i++) mu += X[(size_t)(s0 + i) * d + j];
+            mu /= n;
+            mu_sq += mu * mu;
+            for (int i = 0; i < n; i++) { double e = X[(size_t)(s0 + i) * d + j] - mu; dev_sq += e * e; }
+        }
+        total += -sqrt(dev_sq) / n + lambda * mu_sq;
+    }
+    return (float)(total / n_slices);
+}
+
+// dX_t = (−(X_t − μ)/||X − 1μᵀ||_F + 2λμ) / n per slice, / number of slices. (The centring
+// drops out of the first term because the deviations of a slice sum to zero.)
+static void oacd_backward(float *dX, const float *X, int N, int d, int slice, float lambda) {
+    int n_slices = (N + slice - 1) / slice;
+    float *mu = malloc_check(d * sizeof(float), "oacd");
+    for (int s0 = 0; s0 < N; s0 += slice) {
+        int n = N - s0 < slice ? N - s0 : slice;
+        double dev_sq = 0.0;
+        for (int j = 0; j < d; j++) {
+            double m_ = 0.0;
+            for (int i = 0; i < n; i++) m_ += X[(size_t)(s0 + i) * d + j];
+            mu[j] = (float)(m_ / n);
+            for (int i = 0; i < n; i++) { double e = X[(size_t)(s0 + i) * d + j] - mu[j]; dev_sq += e * e; }
+        }
+        float F = (float)sqrt(dev_sq), inv_F = F > 1e-12f ? 1.0f / F : 0.0f;
+        float scale = 1.0f / ((float)n * n_slices);
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < d; j++) {
+                size_t idx = (size_t)(s0 + i) * d + j;
+                dX[idx] = scale * (-(X[idx] - mu[j]) * inv_F + 2.0f * lambda * mu[j]);
+            }
+    }
+    free(mu);
+}
+
+// ----------------------------------------------------------------------------
 // The model
 
 typedef struct {
@@ -991,7 +1229,20 @@ typedef struct {
     int *inputs, *targets;      // copies of the last forward's batch
     float mean_loss;            // of the last forward with targets, else -1
     int n_valid;                // non-ignored targets in the last forward
+    BlockActs cb;               // ContextBlock scratch (phase 1 and the exact recurrence)
 } Model;
+
+// Which tensors train. Phase 1 trains only the ContextBlock (OACD); phase 2 (and every model
+// without a block) trains the rest with the block frozen; ctxpythia also freezes embed_in,
+// which feeds only the block (doc/context_kv.md).
+static void model_set_phase(Model *m, int phase) {
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        ParamTensor *t = &m->tensors[i];
+        int in_block = strncmp(t->name, "ctx_", 4) == 0;
+        int embed_frozen = m->cfg.model_type == MODEL_CTXPYTHIA && strcmp(t->name, "embed_in") == 0;
+        t->frozen = phase == 1 ? !in_block : (in_block || embed_frozen);
+    }
+}
 
 static void model_alloc_params(Model *m, const Config *c) {
     memset(m, 0, sizeof *m);
@@ -1005,6 +1256,7 @@ static void model_alloc_params(Model *m, const Config *c) {
     m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim : 0, c->rope_base);
     m->a.layer = calloc_check(c->n_layer * sizeof(LayerActs), "layer acts");
     m->mean_loss = -1.0f;
+    model_set_phase(m, 2);
 }
 
 // Random init as HF GPTNeoX (_init_weights): N(0, init_std) for matrices and embeddings,
@@ -1021,8 +1273,13 @@ static void model_init_random(Model *m, const Config *c, float init_std, uint64_
         size_t n = t->rows * t->cols;
         const char *leaf = strrchr(t->name, '.') ? strrchr(t->name, '.') + 1 : t->name;
         if (strcmp(leaf, "ln1_w") == 0 || strcmp(leaf, "ln2_w") == 0 || strcmp(leaf, "lnf_w") == 0 ||
-            strstr(leaf, "norm_w")) { // LayerNorm and RMSNorm weights
-            for (size_t j = 0; j < n; j++) w[j] = 1.0f;
+            strstr(leaf, "norm_w") || strcmp(leaf, "ctx_ln_e_w") == 0 || strcmp(leaf, "ctx_ln_c_w") == 0) {
+            for (size_t j = 0; j < n; j++) w[j] = 1.0f; // LayerNorm and RMSNorm weights
+        } else if (strcmp(leaf, "ctx_w") == 0 || strcmp(leaf, "ctx_b") == 0) {
+            // the prototype's init: W_c ~ N(0, 0.1²), b_c ~ N(0, 0.01²); it reports that
+            // Xavier-style init keeps phase 1 from converging
+            float std = strcmp(leaf, "ctx_w") == 0 ? 0.1f : 0.01f;
+            for (size_t j = 0; j < n; j++) w[j] = std * random_normal(&rng);
         } else if (t->rows > 1) {
             float std = (strcmp(leaf, "dense_w") == 0 || strcmp(leaf, "proj_w") == 0) ? resid_std : init_std;
             size_t real_rows = t->rows;
@@ -1076,7 +1333,7 @@ static void model_free(Model *m) {
     free(m->params_memory); free(m->grads_memory); free(m->m_memory); free(m->v_memory);
     free(m->acts_memory); free(m->gacts_memory); rope_free(&m->rope); rope_free(&m->mla_rope);
     free(m->p.layer); free(m->g.layer); free(m->a.layer);
-    free(m->inputs); free(m->targets);
+    free(m->inputs); free(m->targets); free(m->cb.u);
     arrfree(m->tensors);
     memset(m, 0, sizeof *m);
 }
@@ -1107,9 +1364,14 @@ static void model_ensure_acts(Model *m, int B, int T) {
 // output projection are shared. doc/attention.md has the equations.
 
 // Head views of q, k, v inside an AttnActs (activations or their gradients: same layout).
-static void attn_views(const Config *c, const AttnActs *at, HeadView *q, HeadView *k, HeadView *v) {
-    const int C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c);
-    switch (c->attn_type) {
+static void attn_views(const Config *c, int kind, const AttnActs *at, HeadView *q, HeadView *k, HeadView *v) {
+    const int C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
+    switch (kind) {
+    case ATTN_CTX: // heads of D; kc/vc rows are source positions (the slots index them)
+        *q = (HeadView){at->q, C, D};
+        *k = (HeadView){at->kc, C, D};
+        *v = (HeadView){at->vc, C, D};
+        break;
     case ATTN_MHA: // fused, interleaved per head: [q | k | v] of head h at h*3D
         *q = (HeadView){at->qkv, 3 * C, 3 * D};
         *k = (HeadView){at->qkv + D, 3 * C, 3 * D};
@@ -1130,7 +1392,9 @@ static void attn_views(const Config *c, const AttnActs *at, HeadView *q, HeadVie
 }
 
 // key/value heads the core sees: MLA materialises one key per query head for training
-static int attn_core_kv_heads(const Config *c) { return c->attn_type == ATTN_MLA ? c->n_head : c->n_kv_head; }
+static int attn_core_kv_heads(const Config *c, int kind) {
+    return (kind == ATTN_MLA || kind == ATTN_CTX) ? c->n_head : c->n_kv_head;
+}
 
 // MLA: k[bt][h] = [k_nope_h (from kvb) | k_pe (shared by all heads)]
 static void mla_gather_keys(float *k, const float *kvb, const float *kpe, int kpe_stride, int BT, int H, int D, int dR) {
@@ -1157,10 +1421,16 @@ static void mla_gather_keys_backward(float *dkvb, float *dkpe, int kpe_stride, c
 }
 
 // q, k, v from x = LN_1(x_l) (B,T,C), positions pos0.., RoPE applied
-static void attn_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, int B, int T, int pos0) {
+static void attn_project_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const float *x, int B,
+                                 int T, int pos0) {
     const Config *c = &m->cfg;
     const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
-    switch (c->attn_type) {
+    switch (kind) {
+    case ATTN_CTX: // q from the token; keys and values of every context (constants)
+        matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, C);
+        matmul_forward(at->kc, m->a.contexts, lp->k_w, lp->k_b, BT, c->context_dim, C);
+        matmul_forward(at->vc, m->a.contexts, lp->v_w, lp->v_b, BT, c->context_dim, C);
+        break;
     case ATTN_MHA:
         matmul_forward(at->qkv, x, lp->qkv_w, lp->qkv_b, BT, C, 3 * C);
         rope_forward(at->qkv, B, T, pos0, 3 * C, H, 3 * D, &m->rope);     // q
@@ -1195,11 +1465,16 @@ static void attn_project_forward(const Model *m, const LayerParams *lp, AttnActs
 
 // backward of attn_project_forward: dat holds dq, dk, dv (from the core); accumulates into
 // dx (B,T,C) and the layer's parameter grads lg
-static void attn_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
+static void attn_project_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
                                   AttnActs *dat, float *dx, const float *x, int B, int T) {
     const Config *c = &m->cfg;
     const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
-    switch (c->attn_type) {
+    switch (kind) {
+    case ATTN_CTX: // the contexts are constants: no gradient flows into them
+        matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, C);
+        matmul_backward(NULL, lg->k_w, lg->k_b, dat->kc, m->a.contexts, lp->k_w, BT, c->context_dim, C);
+        matmul_backward(NULL, lg->v_w, lg->v_b, dat->vc, m->a.contexts, lp->v_w, BT, c->context_dim, C);
+        break;
     case ATTN_MHA:
         rope_backward(dat->qkv, B, T, 0, 3 * C, H, 3 * D, &m->rope);
         rope_backward(dat->qkv + D, B, T, 0, 3 * C, H, 3 * D, &m->rope);
@@ -1232,28 +1507,39 @@ static void attn_project_backward(const Model *m, const LayerParams *lp, LayerPa
     }
 }
 
-// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l)
-static void attention_block_forward(const Model *m, const LayerParams *lp, AttnActs *at, float *out, const float *x, int B, int T) {
+// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l). A ctxkv layer attends over its
+// context slots; every other kind uses the causal core.
+static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, float *out,
+                                    const float *x, int B, int T) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c);
-    attn_project_forward(m, lp, at, x, B, T, 0);
-    HeadView q, k, v;
-    attn_views(c, at, &q, &k, &v);
-    attention_forward(at->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c), Dq, D, 1.0f / sqrtf((float)Dq));
+    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
+    attn_project_forward(m, kind, lp, at, x, B, T, 0);
+    if (kind == ATTN_CTX) {
+        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
+    } else {
+        HeadView q, k, v;
+        attn_views(c, kind, at, &q, &k, &v);
+        attention_forward(at->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c, kind), Dq, D, 1.0f / sqrtf((float)Dq));
+    }
     matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
 }
 
-static void attention_block_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
+static void attention_block_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
                                      AttnActs *dat, float *dx, const float *dout, const float *x, int B, int T) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c);
+    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
     matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
-    HeadView q, k, v, dq, dk, dv;
-    attn_views(c, at, &q, &k, &v);
-    attn_views(c, dat, &dq, &dk, &dv);
-    attention_backward(dq, dk, dv, dat->att, dat->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c), Dq, D,
-                       1.0f / sqrtf((float)Dq));
-    attn_project_backward(m, lp, lg, at, dat, dx, x, B, T);
+    if (kind == ATTN_CTX) {
+        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H,
+                               D, c->context_interval, c->max_contexts);
+    } else {
+        HeadView q, k, v, dq, dk, dv;
+        attn_views(c, kind, at, &q, &k, &v);
+        attn_views(c, kind, dat, &dq, &dk, &dv);
+        attention_backward(dq, dk, dv, dat->att, dat->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c, kind), Dq,
+                           D, 1.0f / sqrtf((float)Dq));
+    }
+    attn_project_backward(m, kind, lp, lg, at, dat, dx, x, B, T);
 }
 
 // ----------------------------------------------------------------------------
@@ -1285,7 +1571,7 @@ static void layer_forward(Model *m, int l, float *x_out, const float *x, int B, 
     layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
     layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
     if (kv) attention_block_decode(m, lp, &la->at, m->a.attn_out, la->ln1, kv, l);
-    else attention_block_forward(m, lp, &la->at, m->a.attn_out, la->ln1, B, T);
+    else attention_block_forward(m, layer_kind(c, l), lp, &la->at, m->a.attn_out, la->ln1, B, T);
     matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
     gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
     matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
@@ -1303,15 +1589,39 @@ static void layer_backward(Model *m, int l, const float *x, int B, int T) {
     GradActs *ga = &m->ga;
     // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
     memset(ga->dln1, 0, (size_t)(ga->dlnf - ga->dln1) * sizeof(float));
+    const int kind = layer_kind(c, l);
+    layout_attn_acts(c, kind, B, T, ga->dat_base, 0, &ga->dat, 1);
     // MLP branch
     matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
     gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
     matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
     // attention branch
-    attention_block_backward(m, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
+    attention_block_backward(m, kind, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
     // both LayerNorms read x: their input grads add into the residual gradient
     layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
     layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
+}
+
+// The exact recurrence c_t = ContextBlock(c_{t-1}, e_t), c_{-1} = 0 at each sequence start,
+// from the current embed_in: one time step after another, the B sequences of a step at once.
+// Writes m->a.contexts (B,T,d_c). No gradient is ever formed through it (constants).
+static void compute_contexts(Model *m, const int *inputs, int B, int T) {
+    const Config *c = &m->cfg;
+    const int dc = c->context_dim, Ed = c->embed_dim;
+    blockacts_ensure(&m->cb, B, Ed, dc);
+    float *prev = malloc_check((size_t)B * dc * sizeof(float), "contexts"), *emb = malloc_check((size_t)B * Ed * sizeof(float), "contexts");
+    for (int t = 0; t < T; t++) {
+        for (int b = 0; b < B; b++) {
+            const float *cp = t > 0 ? m->a.contexts + ((size_t)b * T + t - 1) * dc : NULL;
+            if (cp) memcpy(prev + (size_t)b * dc, cp, dc * sizeof(float));
+            else memset(prev + (size_t)b * dc, 0, dc * sizeof(float));
+            memcpy(emb + (size_t)b * Ed, m->p.embed_in + (size_t)inputs[b * T + t] * Ed, Ed * sizeof(float));
+        }
+        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
+        for (int b = 0; b < B; b++) memcpy(m->a.contexts + ((size_t)b * T + t) * dc, m->cb.out + (size_t)b * dc, dc * sizeof(float));
+    }
+    free(prev);
+    free(emb);
 }
 
 // final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
@@ -1335,7 +1645,9 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
     memcpy(m->inputs, inputs, BT * sizeof(int));
     if (targets) memcpy(m->targets, targets, BT * sizeof(int));
     Acts *a = &m->a;
-    embedding_forward(a->resid, inputs, m->p.embed_in, BT, C);
+    if (has_context_block(c)) compute_contexts(m, inputs, B, T);
+    if (c->model_type == MODEL_CTXPYTHIA) memcpy(a->resid, a->contexts, (size_t)BT * C * sizeof(float)); // x_0 = contexts
+    else embedding_forward(a->resid, inputs, m->p.embed_in, BT, C);
     for (int l = 0; l < c->n_layer; l++)
         layer_forward(m, l, a->resid + (size_t)(l + 1) * BT * C, a->resid + (size_t)l * BT * C, B, T, NULL);
     head_forward(m, BT);
@@ -1377,7 +1689,8 @@ static void model_backward(Model *m) {
     float *xL = a->resid + (size_t)c->n_layer * BT * C;
     layernorm_backward(ga->dresid, m->g.lnf_w, m->g.lnf_b, ga->dlnf, xL, m->p.lnf_w, a->lnf_mean, a->lnf_rstd, BT, C);
     for (int l = c->n_layer - 1; l >= 0; l--) layer_backward(m, l, a->resid + (size_t)l * BT * C, B, T);
-    embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
+    // ctxpythia's input is the contexts, constants: embed_in gets no gradient (it stays frozen)
+    if (c->model_type != MODEL_CTXPYTHIA) embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
 }
 
 // Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_: scale all grads by
@@ -1413,6 +1726,7 @@ static void model_update(Model *m, const AdamW *opt) {
     const float step_size = opt->lr / bc1;
     for (ptrdiff_t ti = 0; ti < arrlen(m->tensors); ti++) {
         const ParamTensor *t = &m->tensors[ti];
+        if (t->frozen) continue;
         const float decay = (t->rows > 1) ? 1.0f - opt->lr * opt->weight_decay : 1.0f;
         float *p = m->params_memory + t->offset, *g = m->grads_memory + t->offset;
         float *mm = m->m_memory + t->offset, *vv = m->v_memory + t->offset;
@@ -1566,38 +1880,76 @@ static void tokenizer_print(const Tokenizer *tk, int id) {
 // KV-cached decoding. The cache holds, per layer and token, exactly what the variant needs
 // to attend later (attn_kv_elements); its size in bytes is what --kv-report accounts for.
 
-// values cached per token per layer
-static size_t attn_kv_elements(const Config *c) {
-    switch (c->attn_type) {
+// values cached per token by a layer of this kind (ctxkv layer 0 keeps contexts in a ring instead)
+static size_t attn_kv_elements(const Config *c, int kind) {
+    switch (kind) {
+    case ATTN_CTX: return 0;
     case ATTN_MLA: return (size_t)c->kv_rank + c->mla_rope_dim;   // ĉ and k_pe, shared by all heads
     default: return 2 * (size_t)c->n_kv_head * head_dim(c);       // K and V of the G kv heads (G = H for mha)
     }
 }
 
+// contexts a ctxkv decoder must keep: slots reach back (M−1)·I positions
+static int ctx_ring_len(const Config *c) { return (c->max_contexts - 1) * c->context_interval + 1; }
+
+// The KV accounting (doc/context_kv.md): values per token that grow with length. A ctxkv
+// layer 0 costs d_c per token (one context), but only while the ring is not full.
+static size_t kv_elements_per_token(const Config *c) {
+    size_t n = 0;
+    for (int l = 0; l < c->n_layer; l++)
+        n += layer_kind(c, l) == ATTN_CTX ? (size_t)c->context_dim : attn_kv_elements(c, layer_kind(c, l));
+    return n;
+}
+
+// Values the decoder holds after T tokens: the per-layer caches, the ring (capped at
+// (M−1)·I+1 contexts) and the running context (ctxkv and ctxpythia).
+static size_t kv_elements_at(const Config *c, size_t T) {
+    size_t n = 0;
+    for (int l = 0; l < c->n_layer; l++) n += T * attn_kv_elements(c, layer_kind(c, l));
+    if (c->layer0_type == LAYER0_CTXKV) {
+        size_t ring = (size_t)ctx_ring_len(c);
+        n += (T < ring ? T : ring) * c->context_dim;
+    }
+    if (has_context_block(c)) n += c->context_dim; // the running context c_{t-1}
+    return n;
+}
+
 struct KVCache {
     int capacity;       // tokens it can hold
     int len;            // tokens cached so far
-    size_t per_token;   // floats per token per layer (attn_kv_elements)
-    float *mem;         // (L, capacity, per_token)
-    size_t bytes;       // bytes of mem: L · capacity · per_token · 4
-    float *scratch;     // per head: capacity scores + 2 latent vectors (MLA)
+    size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
+    int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
+    float *mem;         // (L − first_layer, capacity, per_token)
+    int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
+    float *ring;        // (ring_len, d_c)
+    float *running;     // (d_c) c_{len−1}, the input of the next ContextBlock step
+    size_t bytes;       // bytes of mem + ring + running
+    float *scratch;     // per head: scores + 2 latent vectors (MLA) / keys and values (ctxkv)
 };
 
 static KVCache kvcache_new(const Config *c, int capacity) {
     if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
     KVCache kv = {0};
     kv.capacity = capacity;
-    kv.per_token = attn_kv_elements(c);
-    size_t n = (size_t)c->n_layer * capacity * kv.per_token;
-    kv.bytes = n * sizeof(float);
-    kv.mem = malloc_check(kv.bytes, "KV cache");
-    kv.scratch = malloc_check((size_t)c->n_head * (capacity + 2 * (size_t)c->kv_rank) * sizeof(float), "decode scratch");
+    kv.first_layer = c->layer0_type == LAYER0_CTXKV ? 1 : 0;
+    kv.per_token = attn_kv_elements(c, c->attn_type);
+    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * capacity * kv.per_token;
+    kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (capacity < ctx_ring_len(c) ? capacity : ctx_ring_len(c)) : 0;
+    size_t n_ctx = has_context_block(c) ? ((size_t)kv.ring_len + 1) * c->context_dim : 0;
+    kv.mem = malloc_check((n_mem + n_ctx) * sizeof(float), "KV cache");
+    kv.ring = kv.mem + n_mem;
+    kv.running = kv.ring + (size_t)kv.ring_len * c->context_dim;
+    kv.bytes = (n_mem + n_ctx) * sizeof(float);
+    size_t per_head = (size_t)capacity + 2 * (size_t)c->kv_rank + 2 * (size_t)c->max_contexts * head_dim(c);
+    kv.scratch = malloc_check((size_t)c->n_head * per_head * sizeof(float), "decode scratch");
     return kv;
 }
 
 static void kvcache_free(KVCache *kv) { free(kv->mem); free(kv->scratch); memset(kv, 0, sizeof *kv); }
 
-static float *kv_slot(const KVCache *kv, int l, int pos) { return kv->mem + ((size_t)l * kv->capacity + pos) * kv->per_token; }
+static float *kv_slot(const KVCache *kv, int l, int pos) {
+    return kv->mem + ((size_t)(l - kv->first_layer) * kv->capacity + pos) * kv->per_token;
+}
 
 // Copies token `row` of a layer's projected activations into a cache slot.
 // mha/gqa/mqa slot: [K of G heads | V of G heads]; mla slot: [ĉ (kv_rank) | k_pe (dR)].
@@ -1628,18 +1980,35 @@ static void attn_cache_write(const Config *c, const AttnActs *at, int row, float
 // Attention of the one new token (row 0 of at, projected at position n-1) over the n cached
 // tokens; writes at->atty row 0 (H*D). MLA uses the absorbed form: W_UK is folded into the
 // query and W_UV applied after attending, so only the latent ĉ and k_pe are ever read.
-static void attn_decode(const Model *m, const LayerParams *lp, AttnActs *at, const KVCache *kv, int l, int n) {
+// ctxkv recomputes the slots' keys and values from the contexts in the ring.
+static void attn_decode(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const KVCache *kv, int l, int n) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c);
+    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
     const float scale = 1.0f / sqrtf((float)Dq);
+    const size_t per_head = (size_t)kv->capacity + 2 * (size_t)c->kv_rank + 2 * (size_t)c->max_contexts * D;
     HeadView q, k_unused, v_unused;
-    attn_views(c, at, &q, &k_unused, &v_unused);
-#pragma omp parallel for schedule(static) if ((size_t)n * kv->per_token >= PAR_MIN)
+    attn_views(c, kind, at, &q, &k_unused, &v_unused);
+#pragma omp parallel for schedule(static) if ((size_t)n * (kv->per_token + c->context_dim) >= PAR_MIN)
     for (int h = 0; h < H; h++) {
-        float *scores = kv->scratch + (size_t)h * (kv->capacity + 2 * c->kv_rank);
+        float *scores = kv->scratch + (size_t)h * per_head;
         float *o = at->atty + (size_t)h * D;
         const float *qh = head_at(q, 1, 0, 0, h);
-        if (c->attn_type == ATTN_MLA) {
+        if (kind == ATTN_CTX) { // slots k: the context of position n−1 − k·I, while it exists
+            const int I = c->context_interval, dc = c->context_dim;
+            float *keys = scores + kv->capacity + 2 * c->kv_rank, *vals = keys + (size_t)c->max_contexts * D;
+            int slots = 0;
+            for (int k = 0; k < c->max_contexts && n - 1 - k * I >= 0; k++, slots++) {
+                const float *ctx = kv->ring + (size_t)((n - 1 - k * I) % kv->ring_len) * dc;
+                for (int j = 0; j < D; j++) { // this head's rows of W_k and W_v
+                    keys[k * D + j] = dot(lp->k_w + (size_t)(h * D + j) * dc, ctx, dc) + lp->k_b[h * D + j];
+                    vals[k * D + j] = dot(lp->v_w + (size_t)(h * D + j) * dc, ctx, dc) + lp->v_b[h * D + j];
+                }
+                scores[k] = scale * dot(qh, keys + k * D, D);
+            }
+            float inv = 1.0f / exp_shift_sum(scores, slots, max_of(scores, slots));
+            memset(o, 0, D * sizeof(float));
+            for (int k = 0; k < slots; k++) axpy(o, scores[k] * inv, vals + k * D, D);
+        } else if (kind == ATTN_MLA) {
             const int R = c->kv_rank, dR = c->mla_rope_dim;
             float *q_abs = scores + kv->capacity, *o_lat = q_abs + R;
             memset(q_abs, 0, R * sizeof(float)); // q̃ = W_UK_hᵀ q_nope   (R)
@@ -1665,22 +2034,35 @@ static void attn_decode(const Model *m, const LayerParams *lp, AttnActs *at, con
 static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, float *out, const float *x,
                                    KVCache *kv, int l) {
     const Config *c = &m->cfg;
-    const int pos = kv->len;
-    attn_project_forward(m, lp, at, x, 1, 1, pos);
-    attn_cache_write(c, at, 0, kv_slot(kv, l, pos));
-    attn_decode(m, lp, at, kv, l, pos + 1);
+    const int pos = kv->len, kind = layer_kind(c, l);
+    if (kind == ATTN_CTX) { // only the query is projected; the slots come from the ring
+        matmul_forward(at->q, x, lp->q_w, lp->q_b, 1, c->n_embd, c->n_embd);
+    } else {
+        attn_project_forward(m, kind, lp, at, x, 1, 1, pos);
+        attn_cache_write(c, at, 0, kv_slot(kv, l, pos));
+    }
+    attn_decode(m, kind, lp, at, kv, l, pos + 1);
     matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, 1, c->n_head * head_dim(c), c->n_embd);
 }
 
-// Prefill: the prompt in one forward pass, then its keys/values (or latents) into the cache.
-// Returns the logits (Vp) of the last prompt token.
+// stores context c_pos in the ring and as the running context
+static void kvcache_push_context(const Config *c, KVCache *kv, int pos, const float *ctx) {
+    if (kv->ring_len) memcpy(kv->ring + (size_t)(pos % kv->ring_len) * c->context_dim, ctx, c->context_dim * sizeof(float));
+    memcpy(kv->running, ctx, c->context_dim * sizeof(float));
+}
+
+// Prefill: the prompt in one forward pass, then its keys/values (or latents, or contexts)
+// into the cache. Returns the logits (Vp) of the last prompt token.
 static const float *model_prefill(Model *m, KVCache *kv, const int *prompt, int n) {
+    const Config *c = &m->cfg;
     if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
     model_forward(m, prompt, NULL, 1, n);
-    for (int l = 0; l < m->cfg.n_layer; l++)
-        for (int t = 0; t < n; t++) attn_cache_write(&m->cfg, &m->a.layer[l].at, t, kv_slot(kv, l, t));
+    for (int l = kv->first_layer; l < c->n_layer; l++)
+        for (int t = 0; t < n; t++) attn_cache_write(c, &m->a.layer[l].at, t, kv_slot(kv, l, t));
+    if (has_context_block(c))
+        for (int t = 0; t < n; t++) kvcache_push_context(c, kv, t, m->a.contexts + (size_t)t * c->context_dim);
     kv->len = n;
-    return m->a.logits + (size_t)(n - 1) * m->cfg.padded_vocab_size;
+    return m->a.logits + (size_t)(n - 1) * c->padded_vocab_size;
 }
 
 // One token at position kv->len through the model, reading the cache. Returns its logits (Vp).
@@ -1689,7 +2071,15 @@ static const float *model_decode_step(Model *m, KVCache *kv, int token) {
     if (kv->len >= kv->capacity) die("KV cache full (%d tokens)", kv->capacity);
     check_batch(c, &token, NULL, 1, 1);
     model_ensure_acts(m, 1, 1);
-    embedding_forward(m->a.resid, &token, m->p.embed_in, 1, c->n_embd);
+    if (has_context_block(c)) { // c_t = ContextBlock(c_{t−1}, e_t), c_{−1} = 0
+        blockacts_ensure(&m->cb, 1, c->embed_dim, c->context_dim);
+        if (kv->len == 0) memset(kv->running, 0, c->context_dim * sizeof(float));
+        contextblock_forward(&m->cb, &m->p, kv->running, m->p.embed_in + (size_t)token * c->embed_dim, 1, c->embed_dim,
+                             c->context_dim, c->ln_eps);
+        kvcache_push_context(c, kv, kv->len, m->cb.out);
+    }
+    if (c->model_type == MODEL_CTXPYTHIA) memcpy(m->a.resid, kv->running, c->n_embd * sizeof(float));
+    else embedding_forward(m->a.resid, &token, m->p.embed_in, 1, c->n_embd);
     for (int l = 0; l < c->n_layer; l++)
         layer_forward(m, l, m->a.resid + (size_t)(l + 1) * c->n_embd, m->a.resid + (size_t)l * c->n_embd, 1, 1, kv);
     head_forward(m, 1);
@@ -1742,6 +2132,11 @@ typedef struct {
     const char *attn, *init_from, *prompt_ids;       // attention variant flags (NULL = not given)
     int n_kv_head, kv_rank, rope_dim, q_rank;        // 0 (q_rank -1) = not given
     int generate, kv_report;
+    // Context-KV
+    const char *layer0, *model_type, *context_block;
+    int context_dim, context_interval, max_contexts, phase;
+    int p1_iters, p1_rounds, oacd_slice;
+    float p1_noise, p1_lr, p1_clip, p1_tol, p1_stop, oacd_lambda;
     int B, T, steps, warmup, val_every, val_batches, sample_every, sample_len, bench;
     float lr, min_lr_frac, weight_decay, beta1, beta2, eps, grad_clip, init_std, temperature;
     long long seed;
@@ -1752,6 +2147,8 @@ static Args default_args(void) {
     a.model = NULL; // pythia-14m unless --model or --init-from says otherwise
     a.q_rank = -1;
     a.prompt_ids = "0";
+    a.p1_iters = 60; a.p1_rounds = 4; a.oacd_slice = 5000;
+    a.p1_noise = 0.1f; a.p1_lr = 2e-3f; a.p1_clip = 2.0f; a.p1_tol = 0.03f; a.p1_stop = 0.9f; a.oacd_lambda = 0.1f;
     a.train = "data/tinyshakespeare/tiny_shakespeare_train.bin";
     a.val = "data/tinyshakespeare/tiny_shakespeare_val.bin";
     a.tokenizer = "data/tokenizer.bin";
@@ -1780,6 +2177,24 @@ static void usage(FILE *f) {
         "  --q-rank INT          mla: query latent width, 0 = none        [0]\n"
         "  --init-from FILE      start from an mha checkpoint, converted to the --attn variant\n"
         "                        (gqa/mqa: K and V heads mean-pooled per group)\n"
+        "Context-KV (doc/context_kv.md):\n"
+        "  --layer0 ctxkv        layer 0 attends over ContextBlock contexts; others use --attn\n"
+        "  --model-type ctxpythia  every layer at the context width, fed by the contexts\n"
+        "  --context-dim INT     context width d_c                        [width / 2]\n"
+        "  --context-interval INT  I: slot k holds the context at t - k*I [32]\n"
+        "  --max-contexts INT    M: slots per query                       [32]\n"
+        "  --phase 1|2           1: train only the ContextBlock (OACD, parallel Jacobi iteration),\n"
+        "                        save DIR/context_block.bin; 2: block frozen, train the rest [2]\n"
+        "  --context-block FILE  phase 2: load the block (and the embeddings it was trained on)\n"
+        "  --p1-iters INT        phase 1: max Jacobi iterations per round [60]\n"
+        "  --p1-rounds INT       phase 1: rounds, each on the next batch  [4]\n"
+        "  --p1-noise FLOAT      phase 1: noise std on the shifted contexts [0.1]\n"
+        "  --p1-lr FLOAT         phase 1: Adam lr                          [0.002]\n"
+        "  --p1-clip FLOAT       phase 1: grad-norm clip                   [2]\n"
+        "  --p1-tol FLOAT        phase 1: converged if mean sq. change < tol [0.03]\n"
+        "  --p1-stop FLOAT       phase 1: stop a round at this converged fraction [0.9]\n"
+        "  --oacd-lambda FLOAT   OACD centroid weight                      [0.1]\n"
+        "  --oacd-slice INT      OACD slice of consecutive positions       [5000]\n"
         "data and training:\n"
         "  --train GLOB          training shards                          [%s]\n"
         "  --val GLOB            validation shards ('' for none)          [%s]\n"
@@ -1852,6 +2267,22 @@ static Args parse_args(int argc, char **argv) {
         else if (!strcmp(f, "--rope-dim")) a.rope_dim = (int)parse_int(f, v, 1, 1 << 16);
         else if (!strcmp(f, "--q-rank")) a.q_rank = (int)parse_int(f, v, 0, 1 << 16);
         else if (!strcmp(f, "--generate")) a.generate = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--layer0")) a.layer0 = v;
+        else if (!strcmp(f, "--model-type")) a.model_type = v;
+        else if (!strcmp(f, "--context-block")) a.context_block = v;
+        else if (!strcmp(f, "--context-dim")) a.context_dim = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "--context-interval")) a.context_interval = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--max-contexts")) a.max_contexts = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--phase")) a.phase = (int)parse_int(f, v, 1, 2);
+        else if (!strcmp(f, "--p1-iters")) a.p1_iters = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--p1-rounds")) a.p1_rounds = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--oacd-slice")) a.oacd_slice = (int)parse_int(f, v, 2, 1 << 30);
+        else if (!strcmp(f, "--p1-noise")) a.p1_noise = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--p1-lr")) a.p1_lr = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--p1-clip")) a.p1_clip = parse_float(f, v, 0.0f, 1e9f);
+        else if (!strcmp(f, "--p1-tol")) a.p1_tol = parse_float(f, v, 0.0f, 1e9f);
+        else if (!strcmp(f, "--p1-stop")) a.p1_stop = parse_float(f, v, 0.0f, 1.0f);
+        else if (!strcmp(f, "--oacd-lambda")) a.oacd_lambda = parse_float(f, v, 0.0f, 1e6f);
         else if (!strcmp(f, "-b")) a.B = (int)parse_int(f, v, 1, 1 << 16);
         else if (!strcmp(f, "-t")) a.T = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "--steps")) a.steps = (int)parse_int(f, v, 0, 1 << 30);
@@ -1917,6 +2348,49 @@ static void apply_variant_flags(Config *c, const Args *a) {
     }
 }
 
+// Sets the Context-KV options of c from --layer0 / --model-type and their flags. Flags given
+// without either are an error.
+static void apply_context_flags(Config *c, const Args *a) {
+    int ctxkv = 0, ctxpythia = 0;
+    if (a->layer0) {
+        if (!strcmp(a->layer0, "ctxkv")) ctxkv = 1;
+        else if (strcmp(a->layer0, "same")) die("--layer0 must be ctxkv or same; got '%s'", a->layer0);
+    }
+    if (a->model_type) {
+        if (!strcmp(a->model_type, "ctxpythia")) ctxpythia = 1;
+        else if (strcmp(a->model_type, "pythia")) die("--model-type must be pythia or ctxpythia; got '%s'", a->model_type);
+    }
+    if (ctxkv && ctxpythia) die("--layer0 ctxkv and --model-type ctxpythia conflict: ctxpythia feeds every layer from the contexts");
+    if (!ctxkv && !ctxpythia) {
+        if (a->context_dim || a->context_interval || a->max_contexts)
+            die("--context-dim / --context-interval / --max-contexts need --layer0 ctxkv or --model-type ctxpythia");
+        return;
+    }
+    if (ctxpythia && (a->context_interval || a->max_contexts))
+        die("--context-interval / --max-contexts belong to --layer0 ctxkv, not --model-type ctxpythia");
+    const int dc = a->context_dim ? a->context_dim : c->n_embd / 2;
+    c->context_dim = dc;
+    if (ctxkv) {
+        c->layer0_type = LAYER0_CTXKV;
+        c->context_interval = a->context_interval ? a->context_interval : 32;
+        c->max_contexts = a->max_contexts ? a->max_contexts : 32;
+    } else { // the layers move to the context width, keeping the heads and the rotary fraction
+        const int old_D = head_dim(c);
+        c->model_type = MODEL_CTXPYTHIA;
+        c->embed_dim = c->n_embd;
+        if (dc % c->n_head) die("--context-dim %d is not divisible by the %d heads", dc, c->n_head);
+        c->n_inner = c->n_inner / c->n_embd * dc;
+        c->n_embd = dc;
+        c->rotary_dims = (c->rotary_dims * (dc / c->n_head) / old_D) & ~1;
+        if (c->attn_type == ATTN_MLA) {
+            c->kv_rank = a->kv_rank ? a->kv_rank : 4 * head_dim(c);
+            c->mla_rope_dim = a->rope_dim ? a->rope_dim : head_dim(c);
+        }
+    }
+    const char *problem = config_problem(c);
+    if (problem) die("context flags: %s", problem);
+}
+
 // A checkpoint's variant is fixed: flags that say otherwise are an error, not a silent override.
 static void check_variant_flags_match(const Config *c, const Args *a, const char *path) {
     if (a->attn && attn_type_from_name(a->attn) != c->attn_type)
@@ -1927,8 +2401,15 @@ static void check_variant_flags_match(const Config *c, const Args *a, const char
     SAME("--n-kv-head", a->n_kv_head, c->n_kv_head);
     SAME("--kv-rank", a->kv_rank, c->kv_rank);
     SAME("--rope-dim", a->rope_dim, c->mla_rope_dim);
-#undef SAME
     if (a->q_rank >= 0 && a->q_rank != c->q_rank) die("'%s' has q_rank %d, but --q-rank %d was given", path, c->q_rank, a->q_rank);
+    if (a->layer0 && (!strcmp(a->layer0, "ctxkv")) != (c->layer0_type == LAYER0_CTXKV))
+        die("'%s' has layer 0 %s, but --layer0 %s was given", path, c->layer0_type ? "ctxkv" : "same", a->layer0);
+    if (a->model_type && (!strcmp(a->model_type, "ctxpythia")) != (c->model_type == MODEL_CTXPYTHIA))
+        die("'%s' is a %s model, but --model-type %s was given", path, c->model_type ? "ctxpythia" : "pythia", a->model_type);
+    SAME("--context-dim", a->context_dim, c->context_dim);
+    SAME("--context-interval", a->context_interval, c->context_interval);
+    SAME("--max-contexts", a->max_contexts, c->max_contexts);
+#undef SAME
 }
 
 // The model config the flags ask for, without building the model (--kv-report needs no weights).
@@ -1939,13 +2420,19 @@ static Config config_from_args(const Args *a) {
     if (p) {
         c = config_from_preset(p);
         apply_variant_flags(&c, a);
+        apply_context_flags(&c, a);
     } else {
         if (access(name, F_OK) != 0)
             die("%s '%s' is neither a preset (pythia-14m, pythia-70m, pythia-160m, tiny) nor an existing checkpoint file",
                 a->init_from ? "--init-from" : "--model", name);
         c = checkpoint_open(name, NULL);
-        if (a->init_from) apply_variant_flags(&c, a);
-        else check_variant_flags_match(&c, a, name);
+        if (a->init_from) {
+            if (has_context_block(&c)) die("--init-from starts from a plain Pythia checkpoint; '%s' already has a context block", name);
+            apply_variant_flags(&c, a);
+            apply_context_flags(&c, a);
+        } else {
+            check_variant_flags_match(&c, a, name);
+        }
     }
     return c;
 }
@@ -1962,13 +2449,22 @@ static void model_init_from(Model *m, const Config *c, const char *path, float i
             if (!strcmp(t->name, u->name) && t->rows == u->rows && t->cols == u->cols)
                 memcpy(m->params_memory + t->offset, src.params_memory + u->offset, t->rows * t->cols * sizeof(float));
         }
+    const int C = c->n_embd, H = c->n_head, D = head_dim(c);
+    if (c->model_type == MODEL_CTXPYTHIA) die("--init-from cannot start a ctxpythia model: its layers have another width");
+    if (c->layer0_type == LAYER0_CTXKV && src.cfg.attn_type == ATTN_MHA) {
+        // W_q and its bias start from layer 0's query rows (dense is copied by name); W_k, W_v fresh
+        for (int h = 0; h < H; h++) {
+            memcpy(m->p.layer[0].q_w + (size_t)h * D * C, src.p.layer[0].qkv_w + (size_t)h * 3 * D * C, (size_t)D * C * sizeof(float));
+            memcpy(m->p.layer[0].q_b + h * D, src.p.layer[0].qkv_b + h * 3 * D, D * sizeof(float));
+        }
+    }
     int target = c->attn_type, source = src.cfg.attn_type;
     if (source != target) {
         if (source != ATTN_MHA || (target != ATTN_GQA && target != ATTN_MQA))
             die("--init-from converts mha checkpoints to gqa or mqa; '%s' is %s and --attn is %s", path,
                 ATTN_NAMES[source], ATTN_NAMES[target]);
-        const int C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head, group = H / G;
-        for (int l = 0; l < c->n_layer; l++) {
+        const int G = c->n_kv_head, group = H / G;
+        for (int l = c->layer0_type == LAYER0_CTXKV ? 1 : 0; l < c->n_layer; l++) {
             const LayerParams *sp = &src.p.layer[l];
             LayerParams *tp = &m->p.layer[l];
             for (int h = 0; h < H; h++) { // q rows: s = 0 of each head's [q | k | v]
@@ -2001,12 +2497,17 @@ static Model model_from_args(const Args *a, const Config *c) {
 }
 
 static void print_kv_report(const Config *c, const char *name) {
-    const size_t per_layer = attn_kv_elements(c), L = c->n_layer;
-    printf("{\"model\": \"%s\", \"attn\": \"%s\", \"n_layer\": %zu, \"n_kv_head\": %d, \"kv_rank\": %d, \"rope_dim\": %d, "
-           "\"params\": %zu, \"kv_elements_per_token_per_layer\": %zu, \"kv_elements_per_token\": %zu, "
-           "\"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, \"kv_bytes_per_token_fp32\": %zu}\n",
-           name, ATTN_NAMES[c->attn_type], L, c->n_kv_head, c->kv_rank, c->mla_rope_dim, layout_params(c, NULL, NULL, NULL),
-           per_layer, L * per_layer, 2 * per_layer, 2 * L * per_layer, 4 * L * per_layer);
+    const size_t L = c->n_layer, per_token = kv_elements_per_token(c);
+    const size_t std_layer = attn_kv_elements(c, c->attn_type); // a layer that is not ctxkv
+    printf("{\"model\": \"%s\", \"attn\": \"%s\", \"layer0\": \"%s\", \"model_type\": \"%s\", \"n_layer\": %zu, "
+           "\"n_kv_head\": %d, \"kv_rank\": %d, \"rope_dim\": %d, \"context_dim\": %d, \"context_interval\": %d, "
+           "\"max_contexts\": %d, \"params\": %zu, \"kv_elements_per_token\": %zu, "
+           "\"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, \"kv_bytes_per_token_fp32\": %zu, "
+           "\"kv_cache_bytes_at\": {\"1024\": %zu, \"4096\": %zu, \"16384\": %zu}}\n",
+           name, ATTN_NAMES[c->attn_type], c->layer0_type ? "ctxkv" : "same", c->model_type ? "ctxpythia" : "pythia", L,
+           c->n_kv_head, c->kv_rank, c->mla_rope_dim, c->context_dim, c->context_interval, c->max_contexts,
+           layout_params(c, NULL, NULL, NULL), per_token, 2 * std_layer, 2 * per_token, 4 * per_token,
+           2 * kv_elements_at(c, 1024), 2 * kv_elements_at(c, 4096), 2 * kv_elements_at(c, 16384));
 }
 
 // parses "1,2,3" into an stb_ds array of ids
@@ -2041,11 +2542,125 @@ static int run_generate(Model *m, const Args *a, const Tokenizer *tk) {
     const int T = n_prompt + a->generate;
     printf("{\"generated_tokens\": %d, \"seconds\": %.4f, \"tokens_per_s\": %.1f, \"kv_cache_tokens\": %d, "
            "\"kv_cache_bytes\": %zu, \"kv_bytes_per_token_fp32\": %zu}\n",
-           a->generate, st.seconds, a->generate / st.seconds, T, st.cache_bytes,
-           attn_kv_elements(&m->cfg) * m->cfg.n_layer * sizeof(float));
+           a->generate, st.seconds, a->generate / st.seconds, T, st.cache_bytes, kv_elements_per_token(&m->cfg) * sizeof(float));
     free(out);
     arrfree(prompt);
     return 0;
+}
+
+// ----------------------------------------------------------------------------
+// Context-KV: the context-block file (doc/formats.md) and phase 1
+
+#define CTXBLOCK_MAGIC 20261126
+#define CTXBLOCK_VERSION 1
+static const char *BLOCK_TENSORS[] = {"ctx_ln_e_w", "ctx_ln_e_b", "ctx_w", "ctx_b", "ctx_ln_c_w", "ctx_ln_c_b", "embed_in"};
+#define N_BLOCK_TENSORS 7
+
+static const ParamTensor *find_tensor(const Model *m, const char *name) {
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++)
+        if (!strcmp(m->tensors[i].name, name)) return &m->tensors[i];
+    return NULL;
+}
+
+static void context_block_save(const Model *m, const char *path) {
+    const Config *c = &m->cfg;
+    int h[HEADER_INTS] = {0};
+    h[0] = CTXBLOCK_MAGIC; h[1] = CTXBLOCK_VERSION; h[2] = c->embed_dim; h[3] = c->context_dim;
+    h[4] = c->padded_vocab_size; h[5] = c->vocab_size;
+    AtomicFile af = atomic_open(path);
+    fwrite_check(h, sizeof(int), HEADER_INTS, af.f, af.tmp);
+    for (int i = 0; i < N_BLOCK_TENSORS; i++) {
+        const ParamTensor *t = find_tensor(m, BLOCK_TENSORS[i]);
+        fwrite_check(m->params_memory + t->offset, sizeof(float), t->rows * t->cols, af.f, af.tmp);
+    }
+    atomic_commit(&af);
+}
+
+// Loads a phase-1 block (and the embeddings it was trained on) into a model whose widths match.
+static void context_block_load(Model *m, const char *path) {
+    const Config *c = &m->cfg;
+    if (!has_context_block(c)) die("--context-block needs a model with a context block (--layer0 ctxkv or --model-type ctxpythia)");
+    FILE *f = fopen_check(path, "rb");
+    int h[HEADER_INTS];
+    long long size = file_size(f);
+    if (size < (long long)sizeof h) die("'%s' is too small to be a context block", path);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != CTXBLOCK_MAGIC || h[1] != CTXBLOCK_VERSION) die("'%s' is not a context block file (magic %d, version %d)", path, h[0], h[1]);
+    if (h[2] != c->embed_dim || h[3] != c->context_dim || h[4] != c->padded_vocab_size || h[5] != c->vocab_size)
+        die("'%s' is a context block for embed width %d, context width %d, vocab %d, but the model has embed width %d, "
+            "context width %d, vocab %d", path, h[2], h[3], h[5], c->embed_dim, c->context_dim, c->vocab_size);
+    long long expect = sizeof h;
+    for (int i = 0; i < N_BLOCK_TENSORS; i++) {
+        const ParamTensor *t = find_tensor(m, BLOCK_TENSORS[i]);
+        expect += 4LL * t->rows * t->cols;
+    }
+    if (size != expect) die("'%s' has %lld bytes, its header implies %lld: truncated or corrupt", path, size, expect);
+    for (int i = 0; i < N_BLOCK_TENSORS; i++) {
+        const ParamTensor *t = find_tensor(m, BLOCK_TENSORS[i]);
+        fread_check(m->params_memory + t->offset, sizeof(float), t->rows * t->cols, f, path);
+    }
+    fclose(f);
+}
+
+// The parallel fixed-point (Jacobi) iteration of the recurrence over every position at once:
+//   S = shift(P) (+ noise), O = ContextBlock(S, E), P <- O.
+// Position t is exact after t+1 iterations without noise, so T iterations give the exact
+// recurrence (the harness checks this). E (B,T,Ed) embeddings, P (B,T,d_c) in/out.
+static void jacobi_shift(float *S, const float *P, int B, int T, int dc, float noise, uint64_t *rng) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            float *dst = S + ((size_t)b * T + t) * dc;
+            if (t == 0) memset(dst, 0, dc * sizeof(float)); // each sequence starts from c_{-1} = 0
+            else memcpy(dst, P + ((size_t)b * T + t - 1) * dc, dc * sizeof(float));
+            if (noise > 0.0f)
+                for (int j = 0; j < dc; j++) dst[j] += noise * random_normal(rng);
+        }
+}
+
+typedef struct { float loss, converged; int iters; } Phase1Stats;
+
+// Phase 1 on one batch: Jacobi iterations, each one OACD loss and one Adam step on the block
+// (everything else frozen), until the converged fraction reaches p1_stop or p1_iters run out.
+static Phase1Stats phase1_round(Model *m, const Args *a, const int *tokens, int B, int T, uint64_t *rng, int round) {
+    const Config *c = &m->cfg;
+    const int dc = c->context_dim, Ed = c->embed_dim, N = B * T;
+    blockacts_ensure(&m->cb, N, Ed, dc);
+    float *E = malloc_check((size_t)N * Ed * sizeof(float), "phase 1"), *P = malloc_check((size_t)N * dc * sizeof(float), "phase 1");
+    float *S = malloc_check((size_t)N * dc * sizeof(float), "phase 1"), *dO = malloc_check((size_t)N * dc * sizeof(float), "phase 1");
+    embedding_forward(E, tokens, m->p.embed_in, N, Ed);
+    for (size_t i = 0; i < (size_t)N * dc; i++) P[i] = 0.01f * random_normal(rng);
+    if (!m->grads_memory) {
+        m->grads_memory = calloc_check(m->num_params * sizeof(float), "gradients");
+        layout_params(c, m->grads_memory, &m->g, NULL);
+    }
+    AdamW opt = {a->p1_lr, a->beta1, a->beta2, a->eps, 0.0f}; // Adam: no weight decay
+    Phase1Stats st = {0};
+    for (int it = 0; it < a->p1_iters; it++) {
+        jacobi_shift(S, P, B, T, dc, a->p1_noise, rng);
+        contextblock_forward(&m->cb, &m->p, S, E, N, Ed, dc, c->ln_eps);
+        const float *O = m->cb.out;
+        st.loss = oacd_forward(O, N, dc, a->oacd_slice, a->oacd_lambda);
+        model_zero_grad(m);
+        oacd_backward(dO, O, N, dc, a->oacd_slice, a->oacd_lambda);
+        contextblock_backward(&m->cb, &m->p, &m->g, dO, E, N, Ed, dc);
+        float norm = model_clip_grad_norm(m, a->p1_clip);
+        if (!isfinite(st.loss) || !isfinite(norm)) die("phase 1 round %d iteration %d: loss %g / grad norm %g is not finite", round, it, st.loss, norm);
+        model_update(m, &opt);
+        int conv = 0;
+        for (int n = 0; n < N; n++) {
+            float d2 = 0.0f;
+            for (int j = 0; j < dc; j++) { float d = O[(size_t)n * dc + j] - P[(size_t)n * dc + j]; d2 += d * d; }
+            conv += d2 / dc < a->p1_tol;
+        }
+        st.converged = (float)conv / N;
+        st.iters = it + 1;
+        memcpy(P, O, (size_t)N * dc * sizeof(float)); // detached: the next iterate
+        printf("phase 1 round %d iter %d | oacd loss %.5f | converged %.3f | norm %.3f\n", round, it + 1, st.loss, st.converged, norm);
+        fflush(stdout);
+        if (st.converged >= a->p1_stop) break;
+    }
+    free(E); free(P); free(S); free(dO);
+    return st;
 }
 
 // lr at step (0-based): linear warmup to lr, then cosine down to lr*min_lr_frac at the last step
@@ -2129,6 +2744,8 @@ int main(int argc, char **argv) {
 #endif
     config_print(&model.cfg);
     printf("parameters: %zu | B %d | T %d | threads %d\n", model.num_params, a.B, a.T, threads);
+    if (a.context_block) context_block_load(&model, a.context_block);
+    if (a.phase && !has_context_block(&model.cfg)) die("--phase needs a model with a context block (--layer0 ctxkv or --model-type ctxpythia)");
     if (a.bench) return run_bench(&model, &a);
     Tokenizer tk;
     if (!tokenizer_load(&tk, a.tokenizer)) printf("(no token table at '%s': samples print token ids)\n", a.tokenizer);
@@ -2146,6 +2763,32 @@ int main(int argc, char **argv) {
         mkdir_p(a.out);
         snprintf(path, sizeof path, "%s/log.jsonl", a.out);
         log = fopen_check(path, "w");
+    }
+    if (a.phase == 1) { // train the ContextBlock alone, save it, stop
+        model_set_phase(&model, 1);
+        uint64_t rng = (uint64_t)a.seed * 2654435761u + 1;
+        double t0 = now_seconds();
+        Phase1Stats st = {0};
+        for (int r = 0; r < a.p1_rounds; r++) {
+            dataloader_next(&train);
+            st = phase1_round(&model, &a, train.inputs, a.B, a.T, &rng, r + 1);
+            printf("phase 1 round %d/%d: %d iterations, converged %.3f, oacd loss %.5f\n", r + 1, a.p1_rounds, st.iters, st.converged, st.loss);
+            if (log) { fprintf(log, "{\"type\": \"phase1\", \"round\": %d, \"iters\": %d, \"converged\": %.4f, \"oacd_loss\": %.6f}\n", r + 1, st.iters, st.converged, st.loss); fflush(log); }
+        }
+        printf("phase 1 done in %.1f s: converged fraction %.3f\n", now_seconds() - t0, st.converged);
+        if (a.out) {
+            snprintf(path, sizeof path, "%s/context_block.bin", a.out);
+            context_block_save(&model, path);
+            printf("wrote %s\n", path);
+            snprintf(path, sizeof path, "%s/model.bin", a.out);
+            model_save(&model, path);
+            snprintf(path, sizeof path, "%s/metrics.json", a.out);
+            AtomicFile af = atomic_open(path);
+            fprintf(af.f, "{\"phase\": 1, \"converged\": %.4f, \"oacd_loss\": %.6f, \"iters\": %d, \"rounds\": %d}\n", st.converged, st.loss, st.iters, a.p1_rounds);
+            atomic_commit(&af);
+            fclose(log);
+        }
+        return 0;
     }
     AdamW opt = {a.lr, a.beta1, a.beta2, a.eps, a.weight_decay};
     uint64_t sample_rng = (uint64_t)a.seed ^ 0x9E3779B97F4A7C15ull;
