@@ -26,7 +26,7 @@ TS_DIR = data/tinyshakespeare
 TS_TRAIN = $(TS_DIR)/tiny_shakespeare_train.bin
 TESTDATA = build/testdata
 
-.PHONY: all train test data testdata venv stb clean
+.PHONY: all train test data testdata venv stb clean ctxkv-demo
 
 all: train_ctxkv test_ctxkv
 
@@ -73,6 +73,10 @@ test: train_ctxkv test_ctxkv testdata
 TRAIN_FLAGS ?= --model pythia-14m -b 4 -t 256 --steps 300 --lr 2e-3 --warmup 30 --val-every 50 --val-batches 16 --sample-every 150 --out out/pythia-14m
 train: train_ctxkv data
 	OMP_NUM_THREADS=$(THREADS) ./train_ctxkv $(TRAIN_FLAGS)
+
+# Context-KV: phase 1 then phase 2 on Tiny Shakespeare, next to an MHA run with the same budget
+ctxkv-demo: train_ctxkv data
+	OMP_NUM_THREADS=$(THREADS) bash dev/ctxkv_demo.sh
 
 clean:
 	rm -rf train_ctxkv test_ctxkv build
