@@ -375,44 +375,51 @@ static void check_jacobi_equals_recurrence(void) {
 // ----------------------------------------------------------------------------
 // cached decoding = the full forward pass
 
-// Prefills a random prompt, then decodes greedily with the KV cache, keeping the logits of
-// every decoded position; a full forward over the whole sequence must give the same logits.
+// Prefills two random prompts, then decodes both greedily with the KV cache (one batch),
+// keeping the logits of every decoded position; a full forward over the whole sequences must
+// give the same logits.
 static void check_cached_decoding(const char *label, Config c) {
-    const int n_prompt = 16, n_decode = 64, n = n_prompt + n_decode;
+    const int B = 2, n_prompt = 16, n_decode = 64, n = n_prompt + n_decode;
     Model m;
     model_init_random(&m, &c, 0.3f, 11);
     const int V = c.vocab_size, Vp = c.padded_vocab_size;
-    int seq[n];
+    int prompts[B * n_prompt], seq[B * n], next[B];
     uint64_t rng = 5;
-    for (int i = 0; i < n_prompt; i++) seq[i] = random_u32(&rng) % V;
-    float *cached = malloc_check((size_t)n * Vp * sizeof(float), "decode test");
-    KVCache kv = kvcache_new(&c, n);
-    const float *logits = model_prefill(&m, &kv, seq, n_prompt);
+    for (int i = 0; i < B * n_prompt; i++) prompts[i] = random_u32(&rng) % V;
+    for (int b = 0; b < B; b++) memcpy(seq + b * n, prompts + b * n_prompt, n_prompt * sizeof(int));
+    float *cached = malloc_check((size_t)B * n * Vp * sizeof(float), "decode test");
+    KVCache kv = kvcache_new(&c, B, n);
+    const float *logits = model_prefill(&m, &kv, prompts, n_prompt);
+    size_t stride = (size_t)n_prompt * Vp;
     for (int i = n_prompt; i < n; i++) {
-        seq[i] = sample_token(logits, V, 0.0f, &rng);
-        logits = model_decode_step(&m, &kv, seq[i]); // logits at position i
-        memcpy(cached + (size_t)i * Vp, logits, Vp * sizeof(float));
+        for (int b = 0; b < B; b++) seq[b * n + i] = next[b] = sample_token(logits + b * stride, V, 0.0f, &rng);
+        logits = model_decode_step(&m, &kv, next); // logits at position i, (B,Vp)
+        stride = Vp;
+        for (int b = 0; b < B; b++) memcpy(cached + ((size_t)b * n + i) * Vp, logits + (size_t)b * Vp, Vp * sizeof(float));
     }
     // analytic: T x the per-token figure; a ctxkv layer 0 instead keeps min(T, (M-1)I+1)
-    // contexts, and a context block adds the running context
+    // contexts, and a context block adds the running context; times B sequences
     size_t per_token = kv_elements_per_token(&c), expect = (size_t)n * per_token;
     if (c.layer0_type == LAYER0_CTXKV) {
         size_t ring = (size_t)(c.max_contexts - 1) * c.context_interval + 1;
         expect = expect - (size_t)n * c.context_dim + (n < (int)ring ? (size_t)n : ring) * c.context_dim;
     }
     if (has_context_block(&c)) expect += c.context_dim;
-    check(kv.bytes == expect * sizeof(float) && kv.len == n, "%s: cache for %d tokens holds %zu bytes, analytic %zu (fp32 %zu per token)",
-          label, n, kv.bytes, expect * sizeof(float), per_token * sizeof(float));
+    expect *= B;
+    check(kv.bytes == expect * sizeof(float) && kv.len == n, "%s: cache for %d x %d tokens holds %zu bytes, analytic %zu (fp32 %zu per token)",
+          label, B, n, kv.bytes, expect * sizeof(float), per_token * sizeof(float));
     kvcache_free(&kv);
-    model_forward(&m, seq, NULL, 1, n);
+    model_forward(&m, seq, NULL, B, n);
     float maxdiff = 0.0f;
-    for (int i = n_prompt; i < n; i++)
-        for (int j = 0; j < V; j++) {
-            float d = fabsf(cached[(size_t)i * Vp + j] - m.a.logits[(size_t)i * Vp + j]);
-            if (!(d <= maxdiff)) maxdiff = d;
-        }
-    check(maxdiff <= 1e-4f, "%s: cached decoding of %d positions after a %d-token prompt equals the full forward (max diff %.2e)",
-          label, n_decode, n_prompt, maxdiff);
+    for (int b = 0; b < B; b++)
+        for (int i = n_prompt; i < n; i++)
+            for (int j = 0; j < V; j++) {
+                size_t r = ((size_t)b * n + i) * Vp + j;
+                float d = fabsf(cached[r] - m.a.logits[r]);
+                if (!(d <= maxdiff)) maxdiff = d;
+            }
+    check(maxdiff <= 1e-4f, "%s: cached decoding of %d positions after a %d-token prompt (batch %d) equals the full forward (max diff %.2e)",
+          label, n_decode, n_prompt, B, maxdiff);
     free(cached);
     model_free(&m);
 }

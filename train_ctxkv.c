@@ -793,7 +793,7 @@ static float *matmul_scratch;
 static size_t matmul_scratch_cap;
 
 static void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
-    if (N < GEMM_RB) { // a few rows (decoding): dot products, no transpose
+    if (N <= 16) { // a few rows (decoding, up to batch 16): dot products, no transpose
 #pragma omp parallel for schedule(static) if ((size_t)N * C * OC >= 16 * PAR_MIN)
         for (int o = 0; o < OC; o++)
             for (int n = 0; n < N; n++)
@@ -1915,40 +1915,46 @@ static size_t kv_elements_at(const Config *c, size_t T) {
 }
 
 struct KVCache {
-    int capacity;       // tokens it can hold
+    int batch;          // sequences decoded together (B); all have the same length
+    int capacity;       // tokens each can hold
     int len;            // tokens cached so far
     size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
     int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
-    float *mem;         // (L − first_layer, capacity, per_token)
+    float *mem;         // (L − first_layer, B, capacity, per_token)
     int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
-    float *ring;        // (ring_len, d_c)
-    float *running;     // (d_c) c_{len−1}, the input of the next ContextBlock step
+    float *ring;        // (B, ring_len, d_c)
+    float *running;     // (B, d_c) c_{len−1}, the input of the next ContextBlock step
     size_t bytes;       // bytes of mem + ring + running
     float *scratch;     // per head: scores + 2 latent vectors (MLA) / keys and values (ctxkv)
 };
 
-static KVCache kvcache_new(const Config *c, int capacity) {
+// decode scratch per (sequence, head): scores, MLA's two latent vectors, ctxkv's slot keys/values
+static size_t kv_scratch_per_head(const Config *c, int capacity) {
+    return (size_t)capacity + 2 * (size_t)c->kv_rank + 2 * (size_t)c->max_contexts * head_dim(c);
+}
+
+static KVCache kvcache_new(const Config *c, int B, int capacity) {
     if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
     KVCache kv = {0};
+    kv.batch = B;
     kv.capacity = capacity;
     kv.first_layer = c->layer0_type == LAYER0_CTXKV ? 1 : 0;
     kv.per_token = attn_kv_elements(c, c->attn_type);
-    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * capacity * kv.per_token;
+    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * B * capacity * kv.per_token;
     kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (capacity < ctx_ring_len(c) ? capacity : ctx_ring_len(c)) : 0;
-    size_t n_ctx = has_context_block(c) ? ((size_t)kv.ring_len + 1) * c->context_dim : 0;
+    size_t n_ctx = has_context_block(c) ? (size_t)B * ((size_t)kv.ring_len + 1) * c->context_dim : 0;
     kv.mem = malloc_check((n_mem + n_ctx) * sizeof(float), "KV cache");
     kv.ring = kv.mem + n_mem;
-    kv.running = kv.ring + (size_t)kv.ring_len * c->context_dim;
+    kv.running = kv.ring + (size_t)B * kv.ring_len * c->context_dim;
     kv.bytes = (n_mem + n_ctx) * sizeof(float);
-    size_t per_head = (size_t)capacity + 2 * (size_t)c->kv_rank + 2 * (size_t)c->max_contexts * head_dim(c);
-    kv.scratch = malloc_check((size_t)c->n_head * per_head * sizeof(float), "decode scratch");
+    kv.scratch = malloc_check((size_t)B * c->n_head * kv_scratch_per_head(c, capacity) * sizeof(float), "decode scratch");
     return kv;
 }
 
 static void kvcache_free(KVCache *kv) { free(kv->mem); free(kv->scratch); memset(kv, 0, sizeof *kv); }
 
-static float *kv_slot(const KVCache *kv, int l, int pos) {
-    return kv->mem + ((size_t)(l - kv->first_layer) * kv->capacity + pos) * kv->per_token;
+static float *kv_slot(const KVCache *kv, int l, int b, int pos) {
+    return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
 }
 
 // Copies token `row` of a layer's projected activations into a cache slot.
@@ -1977,28 +1983,29 @@ static void attn_cache_write(const Config *c, const AttnActs *at, int row, float
     }
 }
 
-// Attention of the one new token (row 0 of at, projected at position n-1) over the n cached
-// tokens; writes at->atty row 0 (H*D). MLA uses the absorbed form: W_UK is folded into the
+// Attention of each sequence's new token (row b of at, projected at position n-1) over its n
+// cached tokens; writes at->atty row b (H*D). MLA uses the absorbed form: W_UK is folded into the
 // query and W_UV applied after attending, so only the latent ĉ and k_pe are ever read.
 // ctxkv recomputes the slots' keys and values from the contexts in the ring.
 static void attn_decode(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const KVCache *kv, int l, int n) {
     const Config *c = &m->cfg;
     const int H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
     const float scale = 1.0f / sqrtf((float)Dq);
-    const size_t per_head = (size_t)kv->capacity + 2 * (size_t)c->kv_rank + 2 * (size_t)c->max_contexts * D;
+    const size_t per_head = kv_scratch_per_head(c, kv->capacity);
     HeadView q, k_unused, v_unused;
     attn_views(c, kind, at, &q, &k_unused, &v_unused);
-#pragma omp parallel for schedule(static) if ((size_t)n * (kv->per_token + c->context_dim) >= PAR_MIN)
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * (kv->per_token + c->context_dim) >= PAR_MIN)
+    for (int b = 0; b < kv->batch; b++)
     for (int h = 0; h < H; h++) {
-        float *scores = kv->scratch + (size_t)h * per_head;
-        float *o = at->atty + (size_t)h * D;
-        const float *qh = head_at(q, 1, 0, 0, h);
+        float *scores = kv->scratch + ((size_t)b * H + h) * per_head;
+        float *o = at->atty + ((size_t)b * H + h) * D;
+        const float *qh = head_at(q, 1, b, 0, h);
         if (kind == ATTN_CTX) { // slots k: the context of position n−1 − k·I, while it exists
             const int I = c->context_interval, dc = c->context_dim;
             float *keys = scores + kv->capacity + 2 * c->kv_rank, *vals = keys + (size_t)c->max_contexts * D;
             int slots = 0;
             for (int k = 0; k < c->max_contexts && n - 1 - k * I >= 0; k++, slots++) {
-                const float *ctx = kv->ring + (size_t)((n - 1 - k * I) % kv->ring_len) * dc;
+                const float *ctx = kv->ring + ((size_t)b * kv->ring_len + (n - 1 - k * I) % kv->ring_len) * dc;
                 for (int j = 0; j < D; j++) { // this head's rows of W_k and W_v
                     keys[k * D + j] = dot(lp->k_w + (size_t)(h * D + j) * dc, ctx, dc) + lp->k_b[h * D + j];
                     vals[k * D + j] = dot(lp->v_w + (size_t)(h * D + j) * dc, ctx, dc) + lp->v_b[h * D + j];
@@ -2014,19 +2021,19 @@ static void attn_decode(const Model *m, int kind, const LayerParams *lp, AttnAct
             memset(q_abs, 0, R * sizeof(float)); // q̃ = W_UK_hᵀ q_nope   (R)
             for (int j = 0; j < D; j++) axpy(q_abs, qh[j], lp->kv_b_w + ((size_t)h * 2 * D + j) * R, R);
             for (int s = 0; s < n; s++) {
-                const float *slot = kv_slot(kv, l, s);
+                const float *slot = kv_slot(kv, l, b, s);
                 scores[s] = scale * (dot(q_abs, slot, R) + dot(qh + D, slot + R, dR));
             }
             float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
             memset(o_lat, 0, R * sizeof(float)); // ō = Σ P ĉ   (R)
-            for (int s = 0; s < n; s++) axpy(o_lat, scores[s] * inv, kv_slot(kv, l, s), R);
+            for (int s = 0; s < n; s++) axpy(o_lat, scores[s] * inv, kv_slot(kv, l, b, s), R);
             for (int j = 0; j < D; j++) o[j] = dot(lp->kv_b_w + ((size_t)h * 2 * D + D + j) * R, o_lat, R); // W_UV_h ō
         } else {
             const int g = h / (H / G);
-            for (int s = 0; s < n; s++) scores[s] = scale * dot(qh, kv_slot(kv, l, s) + g * D, D);
+            for (int s = 0; s < n; s++) scores[s] = scale * dot(qh, kv_slot(kv, l, b, s) + g * D, D);
             float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
             memset(o, 0, D * sizeof(float));
-            for (int s = 0; s < n; s++) axpy(o, scores[s] * inv, kv_slot(kv, l, s) + (G + g) * D, D);
+            for (int s = 0; s < n; s++) axpy(o, scores[s] * inv, kv_slot(kv, l, b, s) + (G + g) * D, D);
         }
     }
 }
@@ -2035,54 +2042,64 @@ static void attention_block_decode(const Model *m, const LayerParams *lp, AttnAc
                                    KVCache *kv, int l) {
     const Config *c = &m->cfg;
     const int pos = kv->len, kind = layer_kind(c, l);
+    const int B = kv->batch;
     if (kind == ATTN_CTX) { // only the query is projected; the slots come from the ring
-        matmul_forward(at->q, x, lp->q_w, lp->q_b, 1, c->n_embd, c->n_embd);
+        matmul_forward(at->q, x, lp->q_w, lp->q_b, B, c->n_embd, c->n_embd);
     } else {
-        attn_project_forward(m, kind, lp, at, x, 1, 1, pos);
-        attn_cache_write(c, at, 0, kv_slot(kv, l, pos));
+        attn_project_forward(m, kind, lp, at, x, B, 1, pos);
+        for (int b = 0; b < B; b++) attn_cache_write(c, at, b, kv_slot(kv, l, b, pos));
     }
     attn_decode(m, kind, lp, at, kv, l, pos + 1);
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, 1, c->n_head * head_dim(c), c->n_embd);
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B, c->n_head * head_dim(c), c->n_embd);
 }
 
-// stores context c_pos in the ring and as the running context
-static void kvcache_push_context(const Config *c, KVCache *kv, int pos, const float *ctx) {
-    if (kv->ring_len) memcpy(kv->ring + (size_t)(pos % kv->ring_len) * c->context_dim, ctx, c->context_dim * sizeof(float));
-    memcpy(kv->running, ctx, c->context_dim * sizeof(float));
+// stores context c_pos of sequence b in the ring and as its running context
+static void kvcache_push_context(const Config *c, KVCache *kv, int b, int pos, const float *ctx) {
+    const int dc = c->context_dim;
+    if (kv->ring_len) memcpy(kv->ring + ((size_t)b * kv->ring_len + pos % kv->ring_len) * dc, ctx, dc * sizeof(float));
+    memcpy(kv->running + (size_t)b * dc, ctx, dc * sizeof(float));
 }
 
-// Prefill: the prompt in one forward pass, then its keys/values (or latents, or contexts)
-// into the cache. Returns the logits (Vp) of the last prompt token.
-static const float *model_prefill(Model *m, KVCache *kv, const int *prompt, int n) {
+// Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
+// contexts) into the cache. Returns the logits of the last prompt tokens: row b at
+// b*n*Vp (stride n*Vp between sequences).
+static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n) {
     const Config *c = &m->cfg;
+    const int B = kv->batch;
     if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
-    model_forward(m, prompt, NULL, 1, n);
+    model_forward(m, prompts, NULL, B, n);
     for (int l = kv->first_layer; l < c->n_layer; l++)
-        for (int t = 0; t < n; t++) attn_cache_write(c, &m->a.layer[l].at, t, kv_slot(kv, l, t));
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < n; t++) attn_cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
     if (has_context_block(c))
-        for (int t = 0; t < n; t++) kvcache_push_context(c, kv, t, m->a.contexts + (size_t)t * c->context_dim);
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
     kv->len = n;
     return m->a.logits + (size_t)(n - 1) * c->padded_vocab_size;
 }
 
-// One token at position kv->len through the model, reading the cache. Returns its logits (Vp).
-static const float *model_decode_step(Model *m, KVCache *kv, int token) {
+// One token per sequence (tokens[B]) at position kv->len through the model, reading the
+// cache. Returns the logits (B,Vp).
+static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
     const Config *c = &m->cfg;
+    const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
     if (kv->len >= kv->capacity) die("KV cache full (%d tokens)", kv->capacity);
-    check_batch(c, &token, NULL, 1, 1);
-    model_ensure_acts(m, 1, 1);
+    check_batch(c, tokens, NULL, B, 1);
+    model_ensure_acts(m, B, 1);
     if (has_context_block(c)) { // c_t = ContextBlock(c_{t−1}, e_t), c_{−1} = 0
-        blockacts_ensure(&m->cb, 1, c->embed_dim, c->context_dim);
-        if (kv->len == 0) memset(kv->running, 0, c->context_dim * sizeof(float));
-        contextblock_forward(&m->cb, &m->p, kv->running, m->p.embed_in + (size_t)token * c->embed_dim, 1, c->embed_dim,
-                             c->context_dim, c->ln_eps);
-        kvcache_push_context(c, kv, kv->len, m->cb.out);
+        blockacts_ensure(&m->cb, B, Ed, dc);
+        if (kv->len == 0) memset(kv->running, 0, (size_t)B * dc * sizeof(float));
+        float *emb = malloc_check((size_t)B * Ed * sizeof(float), "decode");
+        embedding_forward(emb, tokens, m->p.embed_in, B, Ed);
+        contextblock_forward(&m->cb, &m->p, kv->running, emb, B, Ed, dc, c->ln_eps);
+        for (int b = 0; b < B; b++) kvcache_push_context(c, kv, b, kv->len, m->cb.out + (size_t)b * dc);
+        free(emb);
     }
-    if (c->model_type == MODEL_CTXPYTHIA) memcpy(m->a.resid, kv->running, c->n_embd * sizeof(float));
-    else embedding_forward(m->a.resid, &token, m->p.embed_in, 1, c->n_embd);
+    if (c->model_type == MODEL_CTXPYTHIA) memcpy(m->a.resid, kv->running, (size_t)B * C * sizeof(float));
+    else embedding_forward(m->a.resid, tokens, m->p.embed_in, B, C);
     for (int l = 0; l < c->n_layer; l++)
-        layer_forward(m, l, m->a.resid + (size_t)(l + 1) * c->n_embd, m->a.resid + (size_t)l * c->n_embd, 1, 1, kv);
-    head_forward(m, 1);
+        layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
+    head_forward(m, B);
     kv->len++;
     return m->a.logits;
 }
@@ -2106,22 +2123,30 @@ typedef struct { double seconds; int n_new; size_t cache_bytes; } GenStats;
 
 // Generates n_new tokens after the prompt with the KV cache; out receives prompt + new ids.
 // Prints the new tokens as they come when tk is given. Returns the number of ids in out.
-static int model_generate(Model *m, const int *prompt, int n_prompt, int n_new, float temperature, uint64_t *rng,
-                          int *out, const Tokenizer *tk, GenStats *st) {
-    KVCache kv = kvcache_new(&m->cfg, n_prompt + n_new);
+// Generates n_new tokens after B prompts (B, n_prompt) with the KV cache; out (B, n_prompt
+// + n_new) receives prompts and new ids. Prints sequence 0's new tokens as they come when tk
+// is given. Returns the length of each sequence.
+static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int n_new, float temperature,
+                          uint64_t *rng, int *out, const Tokenizer *tk, GenStats *st) {
+    const int Vp = m->cfg.padded_vocab_size, len = n_prompt + n_new;
+    KVCache kv = kvcache_new(&m->cfg, B, len);
+    int *next = malloc_check(B * sizeof(int), "generate");
     double t0 = now_seconds();
-    memcpy(out, prompt, n_prompt * sizeof(int));
-    const float *logits = model_prefill(m, &kv, prompt, n_prompt);
-    int n = n_prompt;
+    for (int b = 0; b < B; b++) memcpy(out + (size_t)b * len, prompts + (size_t)b * n_prompt, n_prompt * sizeof(int));
+    const float *logits = model_prefill(m, &kv, prompts, n_prompt);
+    size_t row_stride = (size_t)n_prompt * Vp; // prefill logits: one row per sequence, n rows apart
     for (int i = 0; i < n_new; i++) {
-        out[n] = sample_token(logits, m->cfg.vocab_size, temperature, rng);
-        if (tk) { tokenizer_print(tk, out[n]); fflush(stdout); }
-        if (i + 1 < n_new) logits = model_decode_step(m, &kv, out[n]);
-        n++;
+        for (int b = 0; b < B; b++) {
+            next[b] = sample_token(logits + b * row_stride, m->cfg.vocab_size, temperature, rng);
+            out[(size_t)b * len + n_prompt + i] = next[b];
+        }
+        if (tk) { tokenizer_print(tk, next[0]); fflush(stdout); }
+        if (i + 1 < n_new) { logits = model_decode_step(m, &kv, next); row_stride = Vp; }
     }
     if (st) { st->seconds = now_seconds() - t0; st->n_new = n_new; st->cache_bytes = kv.bytes; }
     kvcache_free(&kv);
-    return n;
+    free(next);
+    return len;
 }
 
 // ----------------------------------------------------------------------------
@@ -2171,7 +2196,7 @@ static void usage(FILE *f) {
         "                        or a checkpoint file                     [pythia-14m]\n"
         "attention variant (stored in the checkpoint; with a checkpoint they must match it):\n"
         "  --attn mha|gqa|mqa|mla                                         [mha]\n"
-        "  --n-kv-head INT       gqa: KV heads G, must divide the heads   [H/4, H/2 if H = 4]\n"
+        "  --n-kv-head INT       gqa: KV heads G, must divide the heads   [H/4; H/2 if H = 4 or 4 does not divide H]\n"
         "  --kv-rank INT         mla: latent width d_c                    [4 * head dim]\n"
         "  --rope-dim INT        mla: decoupled RoPE dims d_R (even)      [head dim]\n"
         "  --q-rank INT          mla: query latent width, 0 = none        [0]\n"
@@ -2331,7 +2356,8 @@ static void apply_variant_flags(Config *c, const Args *a) {
     c->n_kv_head = H;
     c->kv_rank = c->q_rank = c->mla_rope_dim = 0;
     c->rms_eps = 0.0f;
-    if (t == ATTN_GQA) c->n_kv_head = a->n_kv_head ? a->n_kv_head : (H == 4 ? 2 : (H % 4 == 0 ? H / 4 : 1));
+    // default G: H/4 (H/2 when H = 4, as the published table scales it), else H/2, else 1
+    if (t == ATTN_GQA) c->n_kv_head = a->n_kv_head ? a->n_kv_head : (H == 4 ? 2 : (H % 4 == 0 ? H / 4 : (H % 2 == 0 ? H / 2 : 1)));
     if (t == ATTN_MQA) c->n_kv_head = 1;
     if (t == ATTN_MLA) {
         c->kv_rank = a->kv_rank ? a->kv_rank : 4 * D;
@@ -2396,19 +2422,19 @@ static void check_variant_flags_match(const Config *c, const Args *a, const char
     if (a->attn && attn_type_from_name(a->attn) != c->attn_type)
         die("'%s' is a %s checkpoint, but --attn %s was given (to convert an mha checkpoint use --init-from)", path,
             ATTN_NAMES[c->attn_type], a->attn);
-#define SAME(flag, given, field) \
-    if (given && (given) != (field)) die("'%s' has %s %d, but %s %d was given", path, #field, field, flag, given)
-    SAME("--n-kv-head", a->n_kv_head, c->n_kv_head);
-    SAME("--kv-rank", a->kv_rank, c->kv_rank);
-    SAME("--rope-dim", a->rope_dim, c->mla_rope_dim);
+#define SAME(flag, given, field, label) \
+    if (given && (given) != (field)) die("'%s' has %s %d, but %s %d was given", path, label, field, flag, given)
+    SAME("--n-kv-head", a->n_kv_head, c->n_kv_head, "n_kv_head");
+    SAME("--kv-rank", a->kv_rank, c->kv_rank, "kv_rank");
+    SAME("--rope-dim", a->rope_dim, c->mla_rope_dim, "mla_rope_dim");
     if (a->q_rank >= 0 && a->q_rank != c->q_rank) die("'%s' has q_rank %d, but --q-rank %d was given", path, c->q_rank, a->q_rank);
     if (a->layer0 && (!strcmp(a->layer0, "ctxkv")) != (c->layer0_type == LAYER0_CTXKV))
         die("'%s' has layer 0 %s, but --layer0 %s was given", path, c->layer0_type ? "ctxkv" : "same", a->layer0);
     if (a->model_type && (!strcmp(a->model_type, "ctxpythia")) != (c->model_type == MODEL_CTXPYTHIA))
         die("'%s' is a %s model, but --model-type %s was given", path, c->model_type ? "ctxpythia" : "pythia", a->model_type);
-    SAME("--context-dim", a->context_dim, c->context_dim);
-    SAME("--context-interval", a->context_interval, c->context_interval);
-    SAME("--max-contexts", a->max_contexts, c->max_contexts);
+    SAME("--context-dim", a->context_dim, c->context_dim, "context_dim");
+    SAME("--context-interval", a->context_interval, c->context_interval, "context_interval");
+    SAME("--max-contexts", a->max_contexts, c->max_contexts, "max_contexts");
 #undef SAME
 }
 
@@ -2443,12 +2469,32 @@ static void model_init_from(Model *m, const Config *c, const char *path, float i
     Model src;
     model_load(&src, path);
     model_init_random(m, c, init_std, seed);
+    int *copied = calloc_check(arrlen(m->tensors) * sizeof(int), "init-from");
     for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++)
         for (ptrdiff_t j = 0; j < arrlen(src.tensors); j++) {
             const ParamTensor *t = &m->tensors[i], *u = &src.tensors[j];
-            if (!strcmp(t->name, u->name) && t->rows == u->rows && t->cols == u->cols)
+            if (!strcmp(t->name, u->name) && t->rows == u->rows && t->cols == u->cols) {
                 memcpy(m->params_memory + t->offset, src.params_memory + u->offset, t->rows * t->cols * sizeof(float));
+                copied[i] = 1;
+            }
         }
+    // Every tensor must come from the checkpoint, except those the conversion makes below
+    // (gqa/mqa q and kv from an mha qkv) and those that start fresh by design (the context
+    // block, ctxkv's k and v). Anything else would silently stay random.
+    int converting_heads = src.cfg.attn_type == ATTN_MHA && (c->attn_type == ATTN_GQA || c->attn_type == ATTN_MQA);
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        const char *name = m->tensors[i].name, *leaf = strrchr(name, '.') ? strrchr(name, '.') + 1 : name;
+        int fresh_by_design = !strncmp(name, "ctx_", 4) ||
+                              (c->layer0_type == LAYER0_CTXKV && !strncmp(name, "layer0.", 7) &&
+                               (!strcmp(leaf, "k_w") || !strcmp(leaf, "k_b") || !strcmp(leaf, "v_w") || !strcmp(leaf, "v_b") ||
+                                (src.cfg.attn_type == ATTN_MHA && (!strcmp(leaf, "q_w") || !strcmp(leaf, "q_b")))));
+        int made_by_conversion = converting_heads && (!strcmp(leaf, "q_w") || !strcmp(leaf, "q_b") ||
+                                                      !strcmp(leaf, "kv_w") || !strcmp(leaf, "kv_b"));
+        if (!copied[i] && !fresh_by_design && !made_by_conversion)
+            die("--init-from: '%s' has no tensor %s of shape [%zu, %zu]; the only conversions are mha -> gqa/mqa and "
+                "adding a ctxkv layer 0", path, name, m->tensors[i].rows, m->tensors[i].cols);
+    }
+    free(copied);
     const int C = c->n_embd, H = c->n_head, D = head_dim(c);
     if (c->model_type == MODEL_CTXPYTHIA) die("--init-from cannot start a ctxpythia model: its layers have another width");
     if (c->layer0_type == LAYER0_CTXKV && src.cfg.attn_type == ATTN_MHA) {
@@ -2536,11 +2582,11 @@ static int run_generate(Model *m, const Args *a, const Tokenizer *tk) {
     uint64_t rng = (uint64_t)a->seed ^ 0x9E3779B97F4A7C15ull;
     GenStats st;
     printf("--- %d tokens after a %d-token prompt ---\n", a->generate, n_prompt);
-    model_generate(m, prompt, n_prompt, a->generate, a->temperature, &rng, out, tk->tokens ? tk : NULL, &st);
+    model_generate(m, 1, prompt, n_prompt, a->generate, a->temperature, &rng, out, tk->tokens ? tk : NULL, &st);
     if (!tk->tokens) for (int i = n_prompt; i < n_prompt + a->generate; i++) printf("%d ", out[i]);
     printf("\n---\n");
     const int T = n_prompt + a->generate;
-    printf("{\"generated_tokens\": %d, \"seconds\": %.4f, \"tokens_per_s\": %.1f, \"kv_cache_tokens\": %d, "
+    printf("{\"generated_tokens\": %d, \"seconds\": %.4f, \"tokens_per_s\": %.1f, \"kv_cache_capacity_tokens\": %d, "
            "\"kv_cache_bytes\": %zu, \"kv_bytes_per_token_fp32\": %zu}\n",
            a->generate, st.seconds, a->generate / st.seconds, T, st.cache_bytes, kv_elements_per_token(&m->cfg) * sizeof(float));
     free(out);
@@ -2737,7 +2783,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     Model model = model_from_args(&a, &cfg);
-    if (a.T > model.cfg.max_seq_len) die("-t %d exceeds the model's max_seq_len %d", a.T, model.cfg.max_seq_len);
+    if (!a.generate && a.T > model.cfg.max_seq_len) die("-t %d exceeds the model's max_seq_len %d", a.T, model.cfg.max_seq_len);
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
@@ -2807,7 +2853,7 @@ int main(int argc, char **argv) {
         if ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || (last && a.sample_every > 0)) {
             int prompt = tk.tokens ? tk.eot : 0;
             printf("--- sample at step %d ---\n", step);
-            model_generate(&model, &prompt, 1, a.sample_len, a.temperature, &sample_rng, sample_buf, tk.tokens ? &tk : NULL, NULL);
+            model_generate(&model, 1, &prompt, 1, a.sample_len, a.temperature, &sample_rng, sample_buf, tk.tokens ? &tk : NULL, NULL);
             if (!tk.tokens) for (int i = 1; i <= a.sample_len; i++) printf("%d ", sample_buf[i]);
             printf("\n---\n");
         }
