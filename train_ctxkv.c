@@ -1230,6 +1230,7 @@ typedef struct {
     float mean_loss;            // of the last forward with targets, else -1
     int n_valid;                // non-ignored targets in the last forward
     BlockActs cb;               // ContextBlock scratch (phase 1 and the exact recurrence)
+    int head_from;              // B = 1 inference: logits only for rows >= head_from (0 = all)
 } Model;
 
 // Which tensors train. Phase 1 trains only the ContextBlock (OACD); phase 2 (and every model
@@ -1630,7 +1631,11 @@ static void head_forward(Model *m, int BT) {
     Acts *a = &m->a;
     const float *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
-    matmul_forward(a->logits, a->lnf, m->p.embed_out, NULL, BT, c->n_embd, c->padded_vocab_size);
+    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
+    // vocabulary head is most of the cost
+    int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
+    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
+                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
 }
 
 // Forward pass. inputs/targets (B,T); targets may be NULL (inference). Returns the mean loss
@@ -2157,6 +2162,8 @@ typedef struct {
     const char *attn, *init_from, *prompt_ids;       // attention variant flags (NULL = not given)
     int n_kv_head, kv_rank, rope_dim, q_rank;        // 0 (q_rank -1) = not given
     int generate, kv_report;
+    const char *eval_heldout, *eval_lambada;   // evaluation (doc/formats.md "Evaluation files")
+    int heldout_max_tokens, lambada_max, eval_gen, gen_prompt, gen_new;
     // Context-KV
     const char *layer0, *model_type, *context_block;
     int context_dim, context_interval, max_contexts, phase;
@@ -2172,6 +2179,7 @@ static Args default_args(void) {
     a.model = NULL; // pythia-14m unless --model or --init-from says otherwise
     a.q_rank = -1;
     a.prompt_ids = "0";
+    a.gen_prompt = 128; a.gen_new = 256;
     a.p1_iters = 60; a.p1_rounds = 4; a.oacd_slice = 5000;
     a.p1_noise = 0.1f; a.p1_lr = 2e-3f; a.p1_clip = 2.0f; a.p1_tol = 0.03f; a.p1_stop = 0.9f; a.oacd_lambda = 0.1f;
     a.train = "data/tinyshakespeare/tiny_shakespeare_train.bin";
@@ -2220,6 +2228,14 @@ static void usage(FILE *f) {
         "  --p1-stop FLOAT       phase 1: stop a round at this converged fraction [0.9]\n"
         "  --oacd-lambda FLOAT   OACD centroid weight                      [0.1]\n"
         "  --oacd-slice INT      OACD slice of consecutive positions       [5000]\n"
+        "evaluation (after training; with --steps 0 on a checkpoint, evaluation only):\n"
+        "  --eval-heldout FILE   held-out loss, sliding window T, stride T/2 (data/eval/wikitext2_test.bin)\n"
+        "  --heldout-max-tokens INT  score at most this many tokens, 0 = all [0]\n"
+        "  --eval-lambada FILE   LAMBADA last-word accuracy and perplexity (data/eval/lambada_test.bin)\n"
+        "  --lambada-max INT     examples to score, 0 = all            [0]\n"
+        "  --eval-gen            generation tokens/s with the KV cache at batch 1 and 8\n"
+        "  --gen-prompt INT      prompt tokens for --eval-gen            [128]\n"
+        "  --gen-new INT         new tokens for --eval-gen               [256]\n"
         "data and training:\n"
         "  --train GLOB          training shards                          [%s]\n"
         "  --val GLOB            validation shards ('' for none)          [%s]\n"
@@ -2277,6 +2293,7 @@ static Args parse_args(int argc, char **argv) {
         const char *f = argv[i];
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) { usage(stdout); exit(0); }
         if (!strcmp(f, "--kv-report")) { a.kv_report = 1; continue; }
+        if (!strcmp(f, "--eval-gen")) { a.eval_gen = 1; continue; }
         if (i + 1 >= argc) die("flag %s needs a value (see -h)", f);
         const char *v = argv[++i];
         if (!strcmp(f, "--model")) a.model = v;
@@ -2293,6 +2310,12 @@ static Args parse_args(int argc, char **argv) {
         else if (!strcmp(f, "--q-rank")) a.q_rank = (int)parse_int(f, v, 0, 1 << 16);
         else if (!strcmp(f, "--generate")) a.generate = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "--layer0")) a.layer0 = v;
+        else if (!strcmp(f, "--eval-heldout")) a.eval_heldout = v;
+        else if (!strcmp(f, "--eval-lambada")) a.eval_lambada = v;
+        else if (!strcmp(f, "--heldout-max-tokens")) a.heldout_max_tokens = (int)parse_int(f, v, 0, INT32_MAX);
+        else if (!strcmp(f, "--lambada-max")) a.lambada_max = (int)parse_int(f, v, 0, INT32_MAX);
+        else if (!strcmp(f, "--gen-prompt")) a.gen_prompt = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--gen-new")) a.gen_new = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "--model-type")) a.model_type = v;
         else if (!strcmp(f, "--context-block")) a.context_block = v;
         else if (!strcmp(f, "--context-dim")) a.context_dim = (int)parse_int(f, v, 1, 1 << 16);
@@ -2730,6 +2753,111 @@ static float evaluate(Model *m, DataLoader *val, int max_batches) {
     return (float)(sum / n);
 }
 
+// ----------------------------------------------------------------------------
+// Evaluation suite (doc/evaluation.md)
+
+// Held-out loss by a sliding window of T tokens with stride T/2: each window scores only the
+// targets no earlier window scored, so every token is predicted once, with at least T/2
+// tokens of context after the first window. Returns the mean loss; *scored = tokens counted.
+static float eval_heldout(Model *m, const char *path, int T, int max_tokens, long long *scored) {
+    size_t ntok;
+    uint16_t *tok = shard_load(path, &ntok, m->cfg.vocab_size);
+    if (ntok < 2) die("'%s' has fewer than 2 tokens", path);
+    int *x = malloc_check(T * sizeof(int), "heldout"), *y = malloc_check(T * sizeof(int), "heldout");
+    double total = 0.0;
+    long long count = 0;
+    size_t done = 0; // targets tok[1..done] are scored
+    const int stride = T / 2 > 0 ? T / 2 : 1;
+    for (size_t s = 0; done < ntok - 1; s += stride) {
+        int len = (int)(ntok - 1 - s < (size_t)T ? ntok - 1 - s : (size_t)T);
+        for (int i = 0; i < len; i++) {
+            x[i] = tok[s + i];
+            y[i] = s + i + 1 > done ? tok[s + i + 1] : IGNORE_INDEX; // target index s+i+1
+        }
+        model_forward(m, x, y, 1, len);
+        for (int i = 0; i < len; i++)
+            if (y[i] != IGNORE_INDEX) { total += m->a.losses[i]; count++; }
+        done = s + len;
+        if (max_tokens > 0 && count >= max_tokens) break;
+    }
+    free(x); free(y); free(tok);
+    *scored = count;
+    return (float)(total / count);
+}
+
+typedef struct { int n_ctx, n_tgt; size_t offset; } LambadaExample;
+
+// LAMBADA: an example is correct when every token of the final word is the argmax given all
+// preceding text; perplexity = exp(−mean over examples of Σ log p(final-word tokens)).
+static void eval_lambada(Model *m, const char *path, int max_examples, float *acc, float *ppl, int *n_scored) {
+    FILE *f = fopen_check(path, "rb");
+    long long size = file_size(f);
+    int h[HEADER_INTS];
+    if (size < (long long)sizeof h) die("'%s' is too small to be a LAMBADA file", path);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != 20261128 || h[1] != 1) die("'%s' is not a LAMBADA eval file (magic %d, version %d)", path, h[0], h[1]);
+    if (h[2] < 1 || h[3] < 0) die("'%s': bad example/token counts", path);
+    if (size != (long long)sizeof h + 8LL * h[2] + 2LL * h[3]) die("'%s' is truncated or corrupt (size %lld)", path, size);
+    LambadaExample *ex = NULL; // stb_ds array
+    size_t off = 0;
+    for (int i = 0; i < h[2]; i++) {
+        int pair[2];
+        fread_check(pair, sizeof(int), 2, f, path);
+        if (pair[0] < 1 || pair[1] < 1 || off + pair[0] + pair[1] > (size_t)h[3]) die("'%s': example %d has bad lengths", path, i);
+        LambadaExample e = {pair[0], pair[1], off};
+        arrput(ex, e);
+        off += pair[0] + pair[1];
+    }
+    if (off != (size_t)h[3]) die("'%s': example lengths do not add up to the token count", path);
+    uint16_t *tok = malloc_check(off * sizeof(uint16_t), "lambada");
+    fread_check(tok, sizeof(uint16_t), off, f, path);
+    fclose(f);
+    const int V = m->cfg.vocab_size, Vp = m->cfg.padded_vocab_size;
+    int n = (int)arrlen(ex), correct = 0, used = 0;
+    if (max_examples > 0 && max_examples < n) n = max_examples;
+    double sum_logp = 0.0;
+    int *x = NULL;
+    for (int i = 0; i < n; i++) {
+        int L = ex[i].n_ctx + ex[i].n_tgt - 1; // the input is everything but the last target token
+        if (L > m->cfg.max_seq_len) continue;  // longer than the model sees: not scored
+        arrsetlen(x, L);
+        for (int j = 0; j < L; j++) x[j] = tok[ex[i].offset + j];
+        m->head_from = ex[i].n_ctx - 1;
+        model_forward(m, x, NULL, 1, L);
+        int all_argmax = 1;
+        for (int j = 0; j < ex[i].n_tgt; j++) {
+            const float *z = m->a.logits + (size_t)(ex[i].n_ctx - 1 + j) * Vp;
+            int target = tok[ex[i].offset + ex[i].n_ctx + j], best = 0;
+            for (int v = 1; v < V; v++) if (z[v] > z[best]) best = v;
+            all_argmax &= best == target;
+            double mx = z[best], se = 0.0;
+            for (int v = 0; v < V; v++) se += exp((double)z[v] - mx);
+            sum_logp += z[target] - mx - log(se);
+        }
+        correct += all_argmax;
+        used++;
+    }
+    m->head_from = 0;
+    arrfree(x); arrfree(ex); free(tok);
+    *acc = used ? (float)correct / used : 0.0f;
+    *ppl = used ? (float)exp(-sum_logp / used) : 0.0f;
+    *n_scored = used;
+}
+
+// Generation throughput with the KV cache: B prompts of n_prompt tokens (from `tokens`),
+// n_new new tokens each; tokens/s counts new tokens over the whole call (prefill included).
+static float eval_generation(Model *m, int B, const uint16_t *tokens, size_t ntok, int n_prompt, int n_new, size_t *cache_bytes) {
+    int *prompts = malloc_check((size_t)B * n_prompt * sizeof(int), "eval gen");
+    for (size_t i = 0; i < (size_t)B * n_prompt; i++) prompts[i] = tokens[i % ntok];
+    int *out = malloc_check((size_t)B * (n_prompt + n_new) * sizeof(int), "eval gen");
+    uint64_t rng = 42;
+    GenStats st;
+    model_generate(m, B, prompts, n_prompt, n_new, 1.0f, &rng, out, NULL, &st);
+    free(prompts); free(out);
+    *cache_bytes = st.cache_bytes;
+    return (float)((double)B * n_new / st.seconds);
+}
+
 static void mkdir_p(const char *dir) {
     char buf[4096];
     if ((size_t)snprintf(buf, sizeof buf, "%s", dir) >= sizeof buf) die("--out path too long");
@@ -2798,10 +2926,11 @@ int main(int argc, char **argv) {
     if (a.generate) return run_generate(&model, &a, &tk);
 
     DataLoader train, val;
-    dataloader_init(&train, a.train, a.B, a.T, model.cfg.vocab_size);
+    int have_train = a.steps > 0 || a.phase == 1; // --steps 0: evaluation only
+    if (have_train) dataloader_init(&train, a.train, a.B, a.T, model.cfg.vocab_size);
     int have_val = a.val && a.val[0];
     if (have_val) dataloader_init(&val, a.val, a.B, a.T, model.cfg.vocab_size);
-    printf("train: %d shard(s) matching '%s' | val: %s\n", (int)arrlen(train.files), a.train, have_val ? a.val : "none");
+    if (have_train) printf("train: %d shard(s) matching '%s' | val: %s\n", (int)arrlen(train.files), a.train, have_val ? a.val : "none");
 
     FILE *log = NULL;
     char path[4200];
@@ -2883,21 +3012,71 @@ int main(int argc, char **argv) {
             fflush(log);
         }
     }
-    if (a.out) {
+    if (a.out && a.steps > 0) {
         snprintf(path, sizeof path, "%s/model.bin", a.out);
         model_save(&model, path);
         printf("wrote %s\n", path);
+    }
+    // the evaluation suite; null in metrics.json for what was not asked for
+    char heldout[64] = "null", lam_acc[64] = "null", lam_ppl[64] = "null", gen1[64] = "null", gen8[64] = "null";
+    char val_s[64] = "null", heldout_n[64] = "null", lam_n[64] = "null", cache_meas[64] = "null";
+    char train_s[64] = "null";
+    if (have_val) snprintf(val_s, sizeof val_s, "%.6f", val_loss);
+    if (a.steps > 0) snprintf(train_s, sizeof train_s, "%.6f", train_loss);
+    if (a.eval_heldout) {
+        long long scored;
+        double t0 = now_seconds();
+        float l = eval_heldout(&model, a.eval_heldout, a.T, a.heldout_max_tokens, &scored);
+        printf("held-out loss %.4f over %lld tokens of %s (window %d, stride %d) [%.1f s]\n", l, scored, a.eval_heldout, a.T, a.T / 2, now_seconds() - t0);
+        snprintf(heldout, sizeof heldout, "%.6f", l);
+        snprintf(heldout_n, sizeof heldout_n, "%lld", scored);
+    }
+    if (a.eval_lambada) {
+        float acc, ppl;
+        int n;
+        double t0 = now_seconds();
+        eval_lambada(&model, a.eval_lambada, a.lambada_max, &acc, &ppl, &n);
+        printf("LAMBADA: accuracy %.4f, perplexity %.2f over %d examples [%.1f s]\n", acc, ppl, n, now_seconds() - t0);
+        snprintf(lam_acc, sizeof lam_acc, "%.6f", acc);
+        snprintf(lam_ppl, sizeof lam_ppl, "%.4f", ppl);
+        snprintf(lam_n, sizeof lam_n, "%d", n);
+    }
+    if (a.eval_gen) {
+        // prompts from the validation (or training) tokens, so the model sees real text
+        const DataLoader *src = have_val ? &val : have_train ? &train : NULL;
+        uint16_t fallback = 0;
+        const uint16_t *ptok = src ? src->tokens : &fallback;
+        size_t pn = src ? src->ntok : 1;
+        size_t bytes1, bytes8;
+        float t1 = eval_generation(&model, 1, ptok, pn, a.gen_prompt, a.gen_new, &bytes1);
+        float t8 = eval_generation(&model, 8, ptok, pn, a.gen_prompt, a.gen_new, &bytes8);
+        printf("generation: %.1f tok/s at batch 1, %.1f tok/s at batch 8 (%d new after %d) | KV cache %zu bytes at batch 1\n",
+               t1, t8, a.gen_new, a.gen_prompt, bytes1);
+        snprintf(gen1, sizeof gen1, "%.2f", t1);
+        snprintf(gen8, sizeof gen8, "%.2f", t8);
+        snprintf(cache_meas, sizeof cache_meas, "%zu", bytes1);
+    }
+    if (a.out) {
+        const Config *c = &model.cfg;
         snprintf(path, sizeof path, "%s/metrics.json", a.out);
         AtomicFile af = atomic_open(path);
-        fprintf(af.f, "{\"train_loss\": %.6f, \"val_loss\": %.6f, \"tokens_seen\": %lld, \"tokens_per_s\": %.1f, \"steps\": %d, \"params\": %zu}\n",
-                train_loss, val_loss, tokens_seen, train_time > 0 ? tokens_seen / train_time : 0.0, a.steps, model.num_params);
+        fprintf(af.f,
+                "{\"train_loss\": %s, \"val_loss\": %s, \"heldout_loss_wikitext2\": %s, \"heldout_tokens\": %s, "
+                "\"lambada_acc\": %s, \"lambada_ppl\": %s, \"lambada_examples\": %s, \"generation_toks_per_s\": %s, "
+                "\"generation_toks_per_s_b8\": %s, \"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, "
+                "\"kv_cache_bytes_measured_fp32\": %s, \"kv_cache_bytes_analytic_fp32\": %zu, \"params\": %zu, "
+                "\"tokens_seen\": %lld, \"tokens_per_s\": %.1f, \"steps\": %d}\n",
+                train_s, val_s, heldout, heldout_n, lam_acc, lam_ppl, lam_n, gen1, gen8,
+                2 * attn_kv_elements(c, c->attn_type), 2 * kv_elements_per_token(c), cache_meas,
+                4 * kv_elements_at(c, (size_t)a.gen_prompt + a.gen_new), model.num_params, tokens_seen,
+                train_time > 0 ? tokens_seen / train_time : 0.0, a.steps);
         atomic_commit(&af);
         printf("wrote %s\n", path);
         fclose(log);
     }
     free(sample_buf);
     tokenizer_free(&tk);
-    dataloader_free(&train);
+    if (have_train) dataloader_free(&train);
     if (have_val) dataloader_free(&val);
     model_free(&model);
     return 0;
