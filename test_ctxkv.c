@@ -661,6 +661,20 @@ static void check_bad_inputs(const char *bin) {
         snprintf(cmd, sizeof cmd, "%s --model tiny --layer0 ctxkv --context-dim 16 --context-block %s -b 2 -t 16 --bench 1", bin, blk);
         check(runs_ok(cmd), "a context block of the right width loads (exit 0)");
     }
+    snprintf(cmd, sizeof cmd, "%s --model tiny --train %s --val '' -b 2 -t 16 --steps 1 --out /proc/nope/out", bin, good);
+    check_fails("unwritable --out", cmd, "--out: cannot create directory");
+    snprintf(cmd, sizeof cmd, "%s --model pythia-14m -b 60000 -t 2048 --steps 1", bin);
+    check_fails("-b x -t too large for memory", cmd, "more than this machine's");
+    snprintf(cmd, sizeof cmd, "%s --model tiny --resume %s", bin, tmpdir);
+    check_fails("--resume with --model", cmd, "--resume conflicts with --model");
+    snprintf(cmd, sizeof cmd, "%s --model tiny --steps 5 --stop-at 3", bin);
+    check_fails("--stop-at without --out", cmd, "need --out DIR");
+    snprintf(cmd, sizeof cmd, "%s -b -3", bin);
+    check_fails("negative -b", cmd, "-b must be in 1..");
+    snprintf(cmd, sizeof cmd, "%s -t 99999999999999999999", bin);
+    check_fails("overflowing -t", cmd, "-t expects an integer");
+    snprintf(cmd, sizeof cmd, "%s --lr nan", bin);
+    check_fails("--lr nan", cmd, "--lr expects a number");
     snprintf(cmd, sizeof cmd, "%s -b abc", bin);
     check_fails("non-numeric -b", cmd, "-b expects an integer");
     snprintf(cmd, sizeof cmd, "%s --model tiny -t 200 --bench 1", bin);
@@ -669,6 +683,94 @@ static void check_bad_inputs(const char *bin) {
     check_fails("unknown flag", cmd, "unknown flag --bogus");
     snprintf(cmd, sizeof cmd, "%s -h", bin);
     check(runs_ok(cmd), "-h prints usage and exits 0");
+}
+
+// ----------------------------------------------------------------------------
+// exact resume and the numerical guard
+
+static char *read_all(const char *path, long long *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { *n = -1; return NULL; }
+    *n = file_size(f);
+    char *buf = malloc_check(*n + 1, "read");
+    if (fread(buf, 1, *n, f) != (size_t)*n) *n = -1;
+    buf[*n > 0 ? *n : 0] = 0;
+    fclose(f);
+    return buf;
+}
+
+// the "loss" fields of a log's train lines, in order (printed with %.9g: exact floats)
+static void train_losses(const char *log, char *out, size_t n) {
+    out[0] = 0;
+    for (const char *p = log; (p = strstr(p, "\"type\": \"train\"")) != NULL; p++) {
+        const char *l = strstr(p, "\"loss\": ");
+        const char *e = l ? strchr(l, ',') : NULL;
+        if (!e) break;
+        strncat(out, l, e - l < (long)(n - strlen(out) - 2) ? (size_t)(e - l) : 0);
+        strncat(out, ";", n - strlen(out) - 1);
+    }
+}
+
+static void check_resume(const char *bin) {
+    printf("-- exact resume and the numerical guard\n");
+    char shard[512], cmd[4096], a_dir[512], b_dir[512], p1[600], p2[600];
+    snprintf(shard, sizeof shard, "%s/resume_data.bin", tmpdir);
+    uint16_t tok[4000];
+    uint64_t rng = 99;
+    for (int i = 0; i < 4000; i++) tok[i] = random_u32(&rng) % 96;
+    write_shard_file(shard, SHARD_MAGIC, 4000, tok, 4000);
+    snprintf(a_dir, sizeof a_dir, "%s/runA", tmpdir);
+    snprintf(b_dir, sizeof b_dir, "%s/runB", tmpdir);
+    char common[2048];
+    snprintf(common, sizeof common, "--train %s --val %s --val-every 5 --val-batches 2 -b 2 -t 16 --steps 20 --warmup 3 "
+             "--sample-every 7 --sample-len 4 --tokenizer ''", shard, shard);
+    snprintf(cmd, sizeof cmd, "%s --model tiny %s --out %s", bin, common, a_dir);
+    int ok = runs_ok(cmd);
+    snprintf(cmd, sizeof cmd, "%s --model tiny %s --out %s --stop-at 10", bin, common, b_dir);
+    ok &= runs_ok(cmd);
+    char c_dir[512]; // a copy of the state at step 10, for the guard below
+    snprintf(c_dir, sizeof c_dir, "%s/runC", tmpdir);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s && cp %s/train_state.bin %s/", c_dir, b_dir, c_dir);
+    ok &= system(cmd) == 0;
+    snprintf(cmd, sizeof cmd, "%s %s --out %s --resume %s", bin, common, b_dir, b_dir);
+    ok &= runs_ok(cmd);
+    check(ok, "20 steps straight; 10 steps, stop, resume, 10 steps (all exit 0)");
+    long long na, nb;
+    snprintf(p1, sizeof p1, "%s/log.jsonl", a_dir);
+    snprintf(p2, sizeof p2, "%s/log.jsonl", b_dir);
+    char *la = read_all(p1, &na), *lb = read_all(p2, &nb);
+    static char sa[8192], sb[8192];
+    train_losses(la ? la : "", sa, sizeof sa);
+    train_losses(lb ? lb : "", sb, sizeof sb);
+    int n_losses = 0;
+    for (char *p = sa; *p; p++) n_losses += *p == ';';
+    check(n_losses == 20 && !strcmp(sa, sb), "the %d step losses are bit-identical", n_losses);
+    free(la); free(lb);
+    snprintf(p1, sizeof p1, "%s/model.bin", a_dir);
+    snprintf(p2, sizeof p2, "%s/model.bin", b_dir);
+    check(files_equal(p1, p2) && file_exists(p1), "the final parameters are bit-identical (model.bin byte for byte)");
+
+    // guard: a state with a NaN weight resumes into a non-finite loss; training stops naming
+    // the step, and the state on disk is left as it was
+    char state[600];
+    snprintf(state, sizeof state, "%s/train_state.bin", c_dir);
+    long long n;
+    char *bytes = read_all(state, &n);
+    if (bytes && n > 4096 + 2048 + 4) {
+        float nan = NAN;
+        memcpy(bytes + 2048 + 4 * (128 * 32), &nan, 4); // layer0.ln1_w[0], right after embed_in (128 x 32)
+        FILE *f = fopen_check(state, "wb");
+        fwrite_check(bytes, 1, n, f, state);
+        fclose(f);
+    }
+    free(bytes);
+    char *before = read_all(state, &n);
+    snprintf(cmd, sizeof cmd, "%s %s --out %s --resume %s", bin, common, c_dir, c_dir);
+    check_fails("non-finite loss after resuming from a poisoned state", cmd, "step 11: loss nan");
+    long long n2;
+    char *after = read_all(state, &n2);
+    check(before && after && n == n2 && !memcmp(before, after, n), "the last training state (step 10) is left in place, unchanged");
+    free(before); free(after);
 }
 
 int main(int argc, char **argv) {
@@ -719,6 +821,7 @@ int main(int argc, char **argv) {
 
     check_roundtrip(testdata);
     check_bad_inputs(bin);
+    check_resume(bin);
 
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);

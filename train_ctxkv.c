@@ -150,6 +150,8 @@ static inline v8 select8(v8i mask, v8 a, v8 b) {
 // softmax calls exp B·T·V times per step, and libm's scalar exp dominated the profile.
 static inline v8 exp8(v8 x) {
     const v8 hi = splat8(88.3762626647949f), lo = splat8(-87.3365447504f);
+    const v8i nan_lanes = x != x; // NaN must stay NaN (the integer exponent below would hide it)
+    const v8 x_in = x;
     x = select8(x > hi, hi, x);
     x = select8(x < lo, lo, x);
     v8 t = x * splat8(1.44269504088896341f) + splat8(0.5f);
@@ -167,7 +169,7 @@ static inline v8 exp8(v8 x) {
     v8i bits = (n + 127) << 23;                       // 2^n as a float's exponent field
     v8 scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return select8(nan_lanes, x_in, p * scale);
 }
 
 // x[i] = exp(x[i] − shift) for n entries; returns their sum. Tails go through the same
@@ -1290,6 +1292,79 @@ static void model_init_random(Model *m, const Config *c, float init_std, uint64_
     }
 }
 
+// ----------------------------------------------------------------------------
+// Training state for exact resume: one file, written atomically, so weights and optimizer
+// state can never disagree. Layout: a 256-int32 header (below), then a complete checkpoint
+// (its own header and the parameters), then AdamW's m and v (doc/formats.md).
+
+#define TRAIN_STATE_MAGIC 20261129
+#define TRAIN_STATE_VERSION 1
+
+typedef struct {
+    int step;                  // optimizer steps done
+    int shard_index;           // data loader position: the next batch starts here
+    long long pos;
+    uint64_t rng;              // sampling RNG
+    int B, T;
+    long long tokens_seen;
+} TrainState;
+
+static void split64(int *h, uint64_t v) { h[0] = (int)(uint32_t)v; h[1] = (int)(uint32_t)(v >> 32); }
+static uint64_t join64(const int *h) { return (uint64_t)(uint32_t)h[0] | ((uint64_t)(uint32_t)h[1] << 32); }
+
+static void train_state_save(const Model *m, const char *path, const TrainState *st) {
+    int h[HEADER_INTS] = {0}, ch[HEADER_INTS];
+    h[0] = TRAIN_STATE_MAGIC; h[1] = TRAIN_STATE_VERSION; h[2] = st->step; h[3] = m->adam_step;
+    h[4] = st->shard_index; split64(h + 5, (uint64_t)st->pos); split64(h + 7, st->rng);
+    h[9] = st->B; h[10] = st->T; split64(h + 11, (uint64_t)st->tokens_seen);
+    config_to_header(&m->cfg, ch);
+    AtomicFile af = atomic_open(path);
+    fwrite_check(h, sizeof(int), HEADER_INTS, af.f, af.tmp);
+    fwrite_check(ch, sizeof(int), HEADER_INTS, af.f, af.tmp);
+    fwrite_check(m->params_memory, sizeof(float), m->num_params, af.f, af.tmp);
+    for (int k = 0; k < 2; k++) { // AdamW m and v (zeros before the first update)
+        const float *mv = k == 0 ? m->m_memory : m->v_memory;
+        if (mv) fwrite_check(mv, sizeof(float), m->num_params, af.f, af.tmp);
+        else for (size_t i = 0; i < m->num_params; i++) { float z = 0.0f; fwrite_check(&z, sizeof z, 1, af.f, af.tmp); }
+    }
+    atomic_commit(&af); // the previous state stays in place until this rename
+}
+
+// Reads the state header and the model config; with m != NULL also the weights and AdamW state.
+static Config train_state_load(const char *path, Model *m, TrainState *st) {
+    FILE *f = fopen_check(path, "rb");
+    long long size = file_size(f);
+    int h[HEADER_INTS], ch[HEADER_INTS];
+    if (size < 2LL * (long long)sizeof h) die("'%s' is too small to be a training state", path);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != TRAIN_STATE_MAGIC || h[1] != TRAIN_STATE_VERSION) die("'%s' is not a training state (magic %d, version %d)", path, h[0], h[1]);
+    fread_check(ch, sizeof(int), HEADER_INTS, f, path);
+    if (ch[0] != CKPT_MAGIC || ch[1] != CKPT_VERSION) die("'%s': the embedded checkpoint header is bad", path);
+    Config c = config_from_header(ch);
+    const char *problem = config_problem(&c);
+    if (problem) die("'%s': bad config: %s", path, problem);
+    size_t n = layout_params(&c, NULL, NULL, NULL);
+    if (size != 2LL * (long long)sizeof h + 3LL * 4 * (long long)n) die("'%s' has %lld bytes, not the %lld its header implies: truncated or corrupt", path, size, 2LL * (long long)sizeof h + 12LL * (long long)n);
+    st->step = h[2]; st->shard_index = h[4]; st->pos = (long long)join64(h + 5); st->rng = join64(h + 7);
+    st->B = h[9]; st->T = h[10]; st->tokens_seen = (long long)join64(h + 11);
+    if (st->step < 0 || h[3] < 0 || st->shard_index < 0 || st->pos < 0) die("'%s': bad step or data position", path);
+    if (m) {
+        model_alloc_params(m, &c);
+        fread_check(m->params_memory, sizeof(float), n, f, path);
+        m->m_memory = malloc_check(n * sizeof(float), "AdamW m");
+        m->v_memory = malloc_check(n * sizeof(float), "AdamW v");
+        fread_check(m->m_memory, sizeof(float), n, f, path);
+        fread_check(m->v_memory, sizeof(float), n, f, path);
+        m->adam_step = h[3];
+    }
+    fclose(f);
+    return c;
+}
+
+static void resume_path(char *buf, size_t n, const char *dir) {
+    if ((size_t)snprintf(buf, n, "%s/train_state.bin", dir) >= n) die("--resume path too long");
+}
+
 // Loads a checkpoint; refuses one whose header is inconsistent or whose size differs
 // from what the header implies.
 // Reads and validates a checkpoint's header and size; leaves f at the parameters.
@@ -1829,6 +1904,14 @@ static void dataloader_next(DataLoader *d) {
     d->pos += (size_t)d->B * d->T;
 }
 
+// puts the loader where a saved run left it
+static void dataloader_seek(DataLoader *d, int shard_index, long long pos) {
+    if (shard_index >= (int)arrlen(d->files)) die("--resume: the saved data position is shard %d, but only %d shard(s) match", shard_index, (int)arrlen(d->files));
+    if (shard_index != d->shard_index) dataloader_load_shard(d, shard_index);
+    if (pos < 0 || (size_t)pos > d->ntok) die("--resume: the saved data position %lld is past the end of '%s'", pos, d->files[shard_index]);
+    d->pos = (size_t)pos;
+}
+
 // how many whole batches the first shard holds (used to cap validation)
 static int dataloader_batches_in_shard(const DataLoader *d) { return (int)((d->ntok - 1) / ((size_t)d->B * d->T)); }
 
@@ -2162,6 +2245,8 @@ typedef struct {
     const char *attn, *init_from, *prompt_ids;       // attention variant flags (NULL = not given)
     int n_kv_head, kv_rank, rope_dim, q_rank;        // 0 (q_rank -1) = not given
     int generate, kv_report;
+    const char *resume;                        // DIR with a train_state.bin to continue from
+    int checkpoint_every, stop_at;
     const char *eval_heldout, *eval_lambada;   // evaluation (doc/formats.md "Evaluation files")
     int heldout_max_tokens, lambada_max, eval_gen, gen_prompt, gen_new;
     // Context-KV
@@ -2258,7 +2343,11 @@ static void usage(FILE *f) {
         "  --sample-every INT    print a sample every N steps, 0 = never  [%d]\n"
         "  --sample-len INT      tokens per sample                        [%d]\n"
         "  --temperature FLOAT   sampling temperature                     [%g]\n"
-        "  --out DIR             write DIR/log.jsonl, DIR/model.bin, DIR/metrics.json\n"
+        "  --out DIR             write DIR/log.jsonl, DIR/model.bin, DIR/metrics.json, DIR/train_state.bin\n"
+        "  --checkpoint-every INT  save DIR/train_state.bin every N steps (atomic), 0 = only at the end [0]\n"
+        "  --stop-at INT         save the training state after step N and exit (an interruption, for tests)\n"
+        "  --resume DIR          continue exactly from DIR/train_state.bin (weights, AdamW state, step,\n"
+        "                        data position, RNG); give the same flags as the original run\n"
         "  --bench INT           time N training steps on random tokens, print JSON, exit\n"
         "  --generate INT        generate N tokens with the KV cache, print them and tokens/s, exit\n"
         "  --prompt-ids LIST     comma-separated prompt token ids for --generate [0]\n"
@@ -2311,6 +2400,9 @@ static Args parse_args(int argc, char **argv) {
         else if (!strcmp(f, "--generate")) a.generate = (int)parse_int(f, v, 1, 1 << 20);
         else if (!strcmp(f, "--layer0")) a.layer0 = v;
         else if (!strcmp(f, "--eval-heldout")) a.eval_heldout = v;
+        else if (!strcmp(f, "--resume")) a.resume = v;
+        else if (!strcmp(f, "--checkpoint-every")) a.checkpoint_every = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--stop-at")) a.stop_at = (int)parse_int(f, v, 1, 1 << 30);
         else if (!strcmp(f, "--eval-lambada")) a.eval_lambada = v;
         else if (!strcmp(f, "--heldout-max-tokens")) a.heldout_max_tokens = (int)parse_int(f, v, 0, INT32_MAX);
         else if (!strcmp(f, "--lambada-max")) a.lambada_max = (int)parse_int(f, v, 0, INT32_MAX);
@@ -2353,6 +2445,11 @@ static Args parse_args(int argc, char **argv) {
         else die("unknown flag %s (see -h)", f);
     }
     if (a.model && a.init_from) die("--model and --init-from conflict: --init-from FILE already names the starting checkpoint");
+    if (a.resume && (a.model || a.init_from || a.context_block))
+        die("--resume conflicts with --model / --init-from / --context-block: the run's state already holds the model");
+    if (a.resume && a.phase == 1) die("--resume conflicts with --phase 1 (phase 1 is short and not resumable)");
+    if ((a.checkpoint_every || a.stop_at) && !a.out) die("--checkpoint-every / --stop-at need --out DIR (where the checkpoint goes)");
+    if (a.stop_at && a.stop_at >= a.steps) die("--stop-at %d must be before --steps %d", a.stop_at, a.steps);
     return a;
 }
 
@@ -2463,6 +2560,14 @@ static void check_variant_flags_match(const Config *c, const Args *a, const char
 
 // The model config the flags ask for, without building the model (--kv-report needs no weights).
 static Config config_from_args(const Args *a) {
+    if (a->resume) {
+        char path[4200];
+        TrainState st;
+        resume_path(path, sizeof path, a->resume);
+        Config c = train_state_load(path, NULL, &st);
+        check_variant_flags_match(&c, a, path);
+        return c;
+    }
     const char *name = a->init_from ? a->init_from : (a->model ? a->model : "pythia-14m");
     const Preset *p = a->init_from ? NULL : find_preset(name);
     Config c;
@@ -2559,7 +2664,12 @@ static void model_init_from(Model *m, const Config *c, const char *path, float i
 
 static Model model_from_args(const Args *a, const Config *c) {
     Model m;
-    if (a->init_from) model_init_from(&m, c, a->init_from, a->init_std, (uint64_t)a->seed);
+    if (a->resume) {
+        char path[4200];
+        TrainState st;
+        resume_path(path, sizeof path, a->resume);
+        train_state_load(path, &m, &st);
+    } else if (a->init_from) model_init_from(&m, c, a->init_from, a->init_std, (uint64_t)a->seed);
     else if (find_preset(a->model ? a->model : "pythia-14m")) model_init_random(&m, c, a->init_std, (uint64_t)a->seed);
     else model_load(&m, a->model);
     return m;
@@ -2921,6 +3031,15 @@ int main(int argc, char **argv) {
     if (a.context_block) context_block_load(&model, a.context_block);
     if (a.phase && !has_context_block(&model.cfg)) die("--phase needs a model with a context block (--layer0 ctxkv or --model-type ctxpythia)");
     if (a.bench) return run_bench(&model, &a);
+    // the memory a training step needs, before any of it is touched
+    if (a.steps > 0) {
+        double need = 4.0 * ((double)layout_acts(&model.cfg, a.B, a.T, NULL, &model.a, NULL) +
+                             (double)layout_acts(&model.cfg, a.B, a.T, NULL, NULL, &model.ga) + 4.0 * model.num_params);
+        double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+        if (have > 0 && need > 0.9 * have)
+            die("-b %d -t %d need about %.1f GiB (activations, gradients, AdamW state), more than this machine's %.1f GiB; lower -b or -t",
+                a.B, a.T, need / (1 << 30), have / (1 << 30));
+    }
     Tokenizer tk;
     if (!tokenizer_load(&tk, a.tokenizer)) printf("(no token table at '%s': samples print token ids)\n", a.tokenizer);
     if (a.generate) return run_generate(&model, &a, &tk);
@@ -2937,7 +3056,17 @@ int main(int argc, char **argv) {
     if (a.out) {
         mkdir_p(a.out);
         snprintf(path, sizeof path, "%s/log.jsonl", a.out);
-        log = fopen_check(path, "w");
+        log = fopen_check(path, a.resume ? "a" : "w"); // a resumed run continues its log
+    }
+    TrainState rs = {0};
+    if (a.resume) {
+        char sp[4200];
+        resume_path(sp, sizeof sp, a.resume);
+        train_state_load(sp, NULL, &rs);
+        if (rs.B != a.B || rs.T != a.T) die("--resume: the run used -b %d -t %d, but -b %d -t %d were given", rs.B, rs.T, a.B, a.T);
+        if (rs.step > a.steps) die("--resume: the run already did %d steps, more than --steps %d", rs.step, a.steps);
+        if (have_train) dataloader_seek(&train, rs.shard_index, rs.pos);
+        printf("resuming %s at step %d\n", sp, rs.step);
     }
     if (a.phase == 1) { // train the ContextBlock alone, save it, stop
         model_set_phase(&model, 1);
@@ -2966,13 +3095,16 @@ int main(int argc, char **argv) {
         return 0;
     }
     AdamW opt = {a.lr, a.beta1, a.beta2, a.eps, a.weight_decay};
-    uint64_t sample_rng = (uint64_t)a.seed ^ 0x9E3779B97F4A7C15ull;
+    uint64_t sample_rng = a.resume ? rs.rng : (uint64_t)a.seed ^ 0x9E3779B97F4A7C15ull;
     int *sample_buf = malloc_check((a.sample_len + 1) * sizeof(int), "sample");
     const int BT = a.B * a.T;
     double train_time = 0.0;
     float train_loss = -1.0f, val_loss = -1.0f;
-    long long tokens_seen = 0;
-    for (int step = 0; step <= a.steps; step++) {
+    long long tokens_seen = a.resume ? rs.tokens_seen : 0;
+    int last_saved = a.resume ? rs.step : -1; // step of the last good training state on disk
+    char state_path[4200] = "";
+    if (a.out) snprintf(state_path, sizeof state_path, "%s/train_state.bin", a.out);
+    for (int step = a.resume ? rs.step : 0; step <= a.steps; step++) {
         int last = step == a.steps;
         if (have_val && (last || (a.val_every > 0 && step % a.val_every == 0))) {
             val_loss = evaluate(&model, &val, a.val_batches);
@@ -2993,7 +3125,11 @@ int main(int argc, char **argv) {
         model_zero_grad(&model);
         model_backward(&model);
         float norm = model_clip_grad_norm(&model, a.grad_clip);
-        if (!isfinite(loss) || !isfinite(norm)) die("step %d: loss %g / grad norm %g is not finite; stopping", step, loss, norm);
+        if (!isfinite(loss) || !isfinite(norm)) {
+            if (last_saved >= 0) die("step %d: loss %g / grad norm %g is not finite; stopping. The last good training state "
+                                     "(step %d) is in %s", step + 1, loss, norm, last_saved, a.resume && !a.out ? a.resume : state_path);
+            die("step %d: loss %g / grad norm %g is not finite; stopping (no checkpoint was saved yet)", step + 1, loss, norm);
+        }
         opt.lr = lr_at(&a, step);
         model_update(&model, &opt);
         double dt = now_seconds() - t0;
@@ -3006,10 +3142,20 @@ int main(int argc, char **argv) {
         printf("step %d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s | ETA %s\n", step + 1, a.steps,
                loss, norm, opt.lr, dt * 1e3, BT / dt, eta);
         fflush(stdout);
+        if (a.out && (step + 1 == a.steps || step + 1 == a.stop_at || (a.checkpoint_every && (step + 1) % a.checkpoint_every == 0))) {
+            TrainState st = {step + 1, train.shard_index, (long long)train.pos, sample_rng, a.B, a.T, tokens_seen};
+            train_state_save(&model, state_path, &st);
+            last_saved = step + 1;
+        }
         if (log) {
-            fprintf(log, "{\"type\": \"train\", \"step\": %d, \"loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6e, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"tokens_seen\": %lld}\n",
+            fprintf(log, "{\"type\": \"train\", \"step\": %d, \"loss\": %.9g, \"grad_norm\": %.6f, \"lr\": %.6e, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"tokens_seen\": %lld}\n",
                     step + 1, loss, norm, opt.lr, dt * 1e3, tok_s, tokens_seen);
             fflush(log);
+        }
+        if (step + 1 == a.stop_at) {
+            printf("stopped after step %d (--stop-at); continue with --resume %s\n", step + 1, a.out);
+            if (log) fclose(log);
+            return 0;
         }
     }
     if (a.out && a.steps > 0) {

@@ -225,7 +225,8 @@ def read_state(path):
 CKPT_FIELDS = ["magic", "version", "vocab_size", "padded_vocab_size", "n_layer", "n_head",
                "n_embd", "n_inner", "rotary_dims", "rope_base", "max_seq_len", "layer_norm_eps",
                "attn_type", "n_kv_head", "kv_rank", "q_rank", "mla_rope_dim", "layer0_type",
-               "model_type", "context_dim", "context_interval", "max_contexts", "rms_eps"]
+               "model_type", "context_dim", "context_interval", "max_contexts", "rms_eps",
+               "embed_dim"]
 CKPT_FLOAT_FIELDS = {"rope_base", "layer_norm_eps", "rms_eps"}
 
 
@@ -257,7 +258,10 @@ def ckpt_param_count(hd, path):
     cfg, tensors = ck.read_checkpoint(str(path))
     n = ck.num_params(cfg)
     assert n == sum(a.size for a in tensors.values())
-    if hd["attn_type"] == 0 and hd["model_type"] == 0:
+    if hd["layer0_type"] or hd["model_type"]:
+        own = ctx_param_count(hd)
+        assert own == n, f"param count: reference.py {own} vs prepro/ckpt.py {n}"
+    elif hd["attn_type"] == 0 and hd["model_type"] == 0:
         own = mha_param_count(hd)
         assert own == n, f"param count: reference.py {own} vs prepro/ckpt.py {n}"
     elif hd["model_type"] == 0 and hd["layer0_type"] == 0:
@@ -279,13 +283,20 @@ def import_prepro(module):
 # AdamW steps (shared by all variants)
 
 
-def run_adamw(model, params_in_order, loss_fn, hyper):
+def run_adamw(model, params_in_order, loss_fn, hyper, frozen=()):
     """S steps of torch.optim.AdamW on loss_fn(model); returns (losses, grad_norms, clipped).
 
     losses[s] is the loss before update s. Weight decay only on tensors with dim() == 2.
     Gradients are clipped with clip_grad_norm_(params, grad_clip) before each step when
     grad_clip > 0 (torch: g *= min(1, clip / (norm + 1e-6))). `model` is modified.
+    frozen: parameters (of params_in_order) that do not train. They are left out of the
+    optimizer's param groups altogether (no update, no weight decay, no Adam state) and out
+    of the gradient norm / clipping (their gradient is zero in every reference that freezes
+    them, so the norm is the same either way).
     """
+    fz = {id(p) for p in frozen}
+    assert fz <= {id(p) for p in params_in_order}, "frozen parameters must be among params_in_order"
+    params_in_order = [p for p in params_in_order if id(p) not in fz]
     decay = [p for p in params_in_order if p.dim() == 2]
     no_decay = [p for p in params_in_order if p.dim() != 2]
     opt = torch.optim.AdamW(
@@ -480,12 +491,14 @@ def forward_loss(model, inputs, targets):
     return logits, ce_loss(logits, targets)
 
 
-def make_reference(name, model, entries_fn, ckpt_path, inputs, targets, hyper, state_path):
+def make_reference(name, model, entries_fn, ckpt_path, inputs, targets, hyper, state_path, frozen=()):
     """Shared part: float64 logits/loss/grads, AdamW steps, state file, checks.
 
     model:      float32 PyTorch model (fp16-exact parameters), attention set to fp64-exact
     entries_fn: model -> [(ckpt_name, param, padded_rows)] in checkpoint order
     ckpt_path:  the converted checkpoint of this model (checked against the parameters)
+    frozen:     entry names of tensors that do not train in the AdamW steps (run_adamw);
+                they are checked to stay bit-identical
     """
     m64 = copy.deepcopy(model).double()
     m64.zero_grad(set_to_none=True)
@@ -524,9 +537,20 @@ def make_reference(name, model, entries_fn, ckpt_path, inputs, targets, hyper, s
 
     # AdamW steps (float64, on a fresh copy)
     m_opt = copy.deepcopy(model).double()
-    params = [p for _, p, _ in entries_fn(m_opt)]
+    opt_entries = entries_fn(m_opt)
+    params = [p for _, p, _ in opt_entries]
+    frozen_p = [p for n, p, _ in opt_entries if n in frozen]
+    assert len(frozen_p) == len(frozen), f"unknown frozen tensors {sorted(set(frozen) - {n for n, _, _ in opt_entries})}"
+    frozen_before = [p.detach().clone() for p in frozen_p]
     losses, norms, clipped = run_adamw(
-        m_opt, params, lambda m: forward_loss(m, inputs, targets)[1], hyper)
+        m_opt, params, lambda m: forward_loss(m, inputs, targets)[1], hyper, frozen=frozen_p)
+    if frozen:
+        assert all(torch.equal(a, p.detach()) for a, p in zip(frozen_before, frozen_p)), "a frozen tensor moved"
+        start = {n: q.detach().double() for n, q, _ in entries_fn(model)}
+        still = [n for n, p, _ in opt_entries if n not in frozen and torch.equal(p.detach(), start[n])]
+        assert not still, f"trainable tensors that did not move: {still}"
+        print(f"[{name}] frozen in the AdamW steps (left out of the optimizer and the grad norm; "
+              f"checked unchanged): {', '.join(frozen)}")
     assert abs(losses[0] - loss.item()) < 1e-12
     print(f"[{name}] AdamW lr={hyper['lr']} betas=({hyper['beta1']}, {hyper['beta2']}) eps={hyper['eps']} "
           f"wd={hyper['weight_decay']} clip={hyper['grad_clip']}")
@@ -826,10 +850,11 @@ def ckpt_name(n):
     return "layers." + n[1:] if n[0] == "l" and n[1].isdigit() else n
 
 
-def randomise_variant_(model, gen, emb_std=0.5, mat_gain=0.5, ln_std=0.2, bias_std=0.1):
+def randomise_variant_(model, gen, emb_std=0.5, mat_gain=0.5, ln_std=0.2, bias_std=0.1, gain1=None):
     """As rerandomise_ for the HF model: matrices N(0, gain/sqrt(fan_in)) (gain 1 for
-    VARIANT_GAIN1, else mat_gain), embed_in N(0, emb_std), norm weights 1 + N(0, ln_std),
-    biases N(0, bias_std); then rounded to float16 values."""
+    gain1, default VARIANT_GAIN1, else mat_gain), embed_in N(0, emb_std), norm weights
+    1 + N(0, ln_std), biases N(0, bias_std); then rounded to float16 values."""
+    gain1 = VARIANT_GAIN1 if gain1 is None else gain1
     with torch.no_grad():
         for name, p in model.named_parameters():
             r = torch.randn(p.shape, generator=gen, dtype=torch.float64)
@@ -841,7 +866,7 @@ def randomise_variant_(model, gen, emb_std=0.5, mat_gain=0.5, ln_std=0.2, bias_s
             elif p.dim() == 1:  # LayerNorm / RMSNorm weights
                 v = 1.0 + ln_std * r
             elif p.dim() == 2:
-                v = (1.0 if short in VARIANT_GAIN1 else mat_gain) / np.sqrt(p.shape[1]) * r
+                v = (1.0 if short in gain1 else mat_gain) / np.sqrt(p.shape[1]) * r
             else:
                 raise ValueError(name)
             p.copy_(v.to(p.dtype))
@@ -1212,16 +1237,18 @@ def check_mla_absorbed(model, inputs):
     return max(dl, da)
 
 
-def variant_header_json(cfg):
+def variant_header_json(cfg, last=22):
     """Header fields of a checkpoint config, as stored: name -> value (floats as the
-    shortest decimal that gives the same float32), plus the raw int32 header words 0..22."""
+    shortest decimal that gives the same float32), plus the raw int32 header words 0..last
+    (variants.json keeps words 0..22, as before embed_dim (word 23) existed; 0 there = n_embd)."""
     ck = import_prepro("ckpt")
     c = ck.check_cfg(cfg)
     h = ck.make_ckpt_header(c)
     fields = {"magic": int(h[0]), "version": int(h[1])}
     for i, name, kind in ck.HEADER_FIELDS:
-        fields[name] = float(str(np.float32(bits2f32(h[i])))) if kind == "f" else int(h[i])
-    last = max(i for i, _, _ in ck.HEADER_FIELDS)
+        if i <= last:
+            fields[name] = float(str(np.float32(bits2f32(h[i])))) if kind == "f" else int(h[i])
+    assert not h[last + 1:].any(), f"header words after {last} are not 0"
     return fields, [int(v) for v in h[: last + 1]]
 
 

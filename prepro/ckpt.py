@@ -34,14 +34,23 @@ HEADER_FIELDS = [
     (20, "context_interval", "i"),
     (21, "max_contexts", "i"),
     (22, "rms_eps", "f"),
+    (23, "embed_dim", "i"),
 ]
 ATTN_TYPES = {"mha": 0, "gqa": 1, "mqa": 2, "mla": 3}
 ATTN_NAMES = {v: k for k, v in ATTN_TYPES.items()}
 MLA_RMS_EPS = 1e-6  # DeepSeek-V2's RMSNorm epsilon, the default rms_eps of an mla checkpoint
 # fields that may be left out of cfg; they default to 0 (n_kv_head defaults to n_head, or 1
 # for mqa; rms_eps to MLA_RMS_EPS for mla)
+# embed_dim defaults to 0, which means n_embd: files written before the field existed have 0
+# there (and so do the checkpoints written from configs that leave it out, e.g. import_hf.py);
+# a config with a ContextBlock gets it filled in (= n_embd unless given).
 OPTIONAL_FIELDS = {"attn_type", "n_kv_head", "kv_rank", "q_rank", "mla_rope_dim", "layer0_type",
-                   "model_type", "context_dim", "context_interval", "max_contexts", "rms_eps"}
+                   "model_type", "context_dim", "context_interval", "max_contexts", "rms_eps",
+                   "embed_dim"}
+LAYER0_TYPES = {"same": 0, "ctxkv": 1}
+MODEL_TYPES = {"pythia": 0, "ctxpythia": 1}
+# the ContextBlock tensors, in file order (doc/formats.md, "Context-KV"), right after embed_in
+CONTEXT_BLOCK_NAMES = ("ctx_ln_e_w", "ctx_ln_e_b", "ctx_w", "ctx_b", "ctx_ln_c_w", "ctx_ln_c_b")
 
 
 def padded_vocab(v, multiple=128):
@@ -51,6 +60,31 @@ def padded_vocab(v, multiple=128):
 def _attn_type(cfg):
     a = cfg.get("attn_type", 0)
     return ATTN_TYPES.get(a, a) if isinstance(a, str) else int(a)
+
+
+def embed_dim(cfg):
+    """Width E of embed_in and of the ContextBlock's token input (header field 23; 0 = n_embd)."""
+    return cfg.get("embed_dim") or cfg["n_embd"]
+
+
+def has_context_block(cfg):
+    """layer0_type 1 (ctxkv) or model_type 1 (ctxpythia): the file holds a ContextBlock."""
+    return cfg.get("layer0_type", 0) == 1 or cfg.get("model_type", 0) == 1
+
+
+def context_block_specs(E, dc):
+    """Ordered (name, shape) of the ContextBlock (E = embed_dim, dc = context_dim); the same
+    order as the context block file (context_block.bin)."""
+    shapes = [(E,), (E,), (dc, dc + E), (dc,), (dc,), (dc,)]
+    return list(zip(CONTEXT_BLOCK_NAMES, shapes))
+
+
+def ctxkv_attn_specs(cfg):
+    """Layer 0's attention tensors with layer0_type 1 (ctxkv): queries from the token, keys and
+    values from the contexts (width context_dim); H heads of D = n_embd / n_head, no RoPE."""
+    C, dc = cfg["n_embd"], cfg["context_dim"]
+    return [("q_w", (C, C)), ("q_b", (C,)), ("k_w", (C, dc)), ("k_b", (C,)),
+            ("v_w", (C, dc)), ("v_b", (C,)), ("dense_w", (C, C)), ("dense_b", (C,))]
 
 
 def attn_specs(cfg):
@@ -80,15 +114,21 @@ def attn_specs(cfg):
 
 def param_specs(cfg):
     """Ordered (name, shape) of every tensor in the file (doc/formats.md, "Checkpoint");
-    the attention tensors of each layer follow attn_type (attn_specs)."""
+    the attention tensors of each layer follow attn_type (attn_specs), except layer 0 with
+    layer0_type 1 (ctxkv_attn_specs). A model with a ContextBlock (ctxkv or ctxpythia) has
+    its tensors right after embed_in [Vp, embed_dim]; for ctxpythia n_embd = context_dim."""
     Vp, L, d, ff = (cfg[k] for k in ("padded_vocab_size", "n_layer", "n_embd", "n_inner"))
     attn = attn_specs(cfg)
-    specs = [("embed_in", (Vp, d))]
+    E = embed_dim(cfg)
+    specs = [("embed_in", (Vp, E))]
+    if has_context_block(cfg):
+        specs += context_block_specs(E, cfg["context_dim"])
     for l in range(L):
         p = f"layers.{l}."
         specs += [(p + "ln1_w", (d,)), (p + "ln1_b", (d,)),
                   (p + "ln2_w", (d,)), (p + "ln2_b", (d,))]
-        specs += [(p + n, s) for n, s in attn]
+        layer_attn = ctxkv_attn_specs(cfg) if l == 0 and cfg.get("layer0_type", 0) == 1 else attn
+        specs += [(p + n, s) for n, s in layer_attn]
         specs += [(p + "fc_w", (ff, d)), (p + "fc_b", (ff,)),
                   (p + "proj_w", (d, ff)), (p + "proj_b", (d,))]
     specs += [("lnf_w", (d,)), ("lnf_b", (d,)), ("embed_out", (Vp, d))]
@@ -140,7 +180,45 @@ def check_cfg(cfg):
     if not 0 < cfg["vocab_size"] <= cfg["padded_vocab_size"]:
         raise PreproError(f"vocab_size {cfg['vocab_size']} must be in 1..padded_vocab_size "
                           f"{cfg['padded_vocab_size']}")
+    _check_context_fields(cfg)
     return cfg
+
+
+def _check_context_fields(cfg):
+    """layer0_type / model_type / context_* / embed_dim (doc/formats.md, "Context-KV"); the
+    same rules as train_ctxkv.c's config_problem. Fills embed_dim = n_embd for a model with a
+    ContextBlock when it was left at 0."""
+    for key, names in (("layer0_type", LAYER0_TYPES), ("model_type", MODEL_TYPES)):
+        v = cfg[key]
+        cfg[key] = v = names.get(v, v) if isinstance(v, str) else int(v)
+        if v not in names.values():
+            raise PreproError(f"unknown {key} {v} ({', '.join(f'{i} {n}' for n, i in names.items())})")
+    ctxkv, ctxpythia = cfg["layer0_type"] == 1, cfg["model_type"] == 1
+    if ctxkv and ctxpythia:
+        raise PreproError("ctxpythia has no separate ctxkv layer 0 (layer0_type must be 0)")
+    if cfg["embed_dim"] < 0:
+        raise PreproError(f"embed_dim {cfg['embed_dim']} must be >= 0 (0 = n_embd)")
+    if ctxkv or ctxpythia:
+        if cfg["context_dim"] < 1:
+            raise PreproError(f"context_dim {cfg['context_dim']} must be >= 1 with a ContextBlock")
+        if not cfg["embed_dim"]:
+            cfg["embed_dim"] = cfg["n_embd"]
+    elif cfg["context_dim"] or cfg["context_interval"] or cfg["max_contexts"]:
+        raise PreproError("context_dim / context_interval / max_contexts are set, but neither "
+                          "layer0_type 1 (ctxkv) nor model_type 1 (ctxpythia) is")
+    if ctxkv:
+        if cfg["context_interval"] < 1 or cfg["max_contexts"] < 1:
+            raise PreproError(f"ctxkv: context_interval {cfg['context_interval']} and max_contexts "
+                              f"{cfg['max_contexts']} must be >= 1")
+        if embed_dim(cfg) != cfg["n_embd"]:
+            raise PreproError(f"ctxkv: embed_dim {cfg['embed_dim']} must equal n_embd {cfg['n_embd']}")
+    elif ctxpythia:
+        if cfg["n_embd"] != cfg["context_dim"]:
+            raise PreproError(f"ctxpythia: n_embd {cfg['n_embd']} must equal context_dim "
+                              f"{cfg['context_dim']} (the layers run at the context width)")
+    elif embed_dim(cfg) != cfg["n_embd"]:
+        raise PreproError(f"embed_dim {cfg['embed_dim']} must equal n_embd {cfg['n_embd']} "
+                          f"(or be 0) without a ContextBlock")
 
 
 def make_ckpt_header(cfg):
