@@ -336,6 +336,76 @@ static void check_phase1_finite_differences(void) {
     model_free(&m);
 }
 
+// Phase-1 reference (dev/reference.py, PyTorch float64): the ContextBlock on a given shifted
+// input S for all positions at once, its OACD loss, the gradients of the six block tensors,
+// and the sequential recurrence. Layout: reference.py's write_ctxblock_state docstring.
+static void check_ctxblock_reference(const char *path) {
+    printf("-- ContextBlock / OACD reference: %s\n", path);
+    long long size;
+    FILE *f = fopen(path, "rb");
+    if (!f) { check(0, "reference file readable (%s)", path); return; }
+    size = file_size(f);
+    int h[HEADER_INTS];
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    const int B = h[2], T = h[3], E = h[4], dc = h[5], Vp = h[6], V = h[7], slice = h[8];
+    const float lambda = bits_float(h[9]);
+    if (h[0] != 20261127 || h[1] != 1 || B < 1 || T < 1 || E < 1 || dc < 1 || Vp < V || V < 1 || slice < 1) {
+        check(0, "'%s' has a valid header", path); fclose(f); return;
+    }
+    Config c = config_from_preset(find_preset("tiny"));
+    c.vocab_size = V; c.padded_vocab_size = Vp; c.n_embd = E; c.embed_dim = E; c.n_head = 4; c.rotary_dims = 0;
+    c.layer0_type = LAYER0_CTXKV; c.context_dim = dc; c.context_interval = 1; c.max_contexts = 1;
+    Model m;
+    model_init_random(&m, &c, 0.02f, 1);
+    const size_t N = (size_t)B * T;
+    size_t nblock = 0;
+    for (int i = 0; i < N_BLOCK_TENSORS - 1; i++) { const ParamTensor *pt = find_tensor(&m, BLOCK_TENSORS[i]); nblock += pt->rows * pt->cols; }
+    long long expect = sizeof h + 4LL * (nblock + (size_t)Vp * E + N + 3 * N * dc + 1 + nblock);
+    if (size != expect) { check(0, "'%s' has the size its header implies (%lld vs %lld)", path, size, expect); fclose(f); model_free(&m); return; }
+    for (int i = 0; i < N_BLOCK_TENSORS; i++) { const ParamTensor *pt = find_tensor(&m, BLOCK_TENSORS[i]); fread_check(m.params_memory + pt->offset, 4, pt->rows * pt->cols, f, path); }
+    int *tok = malloc_check(N * sizeof(int), "ref");
+    float *S = malloc_check(N * dc * 4, "ref"), *O = malloc_check(N * dc * 4, "ref"), *G = malloc_check(nblock * 4, "ref"), *Cseq = malloc_check(N * dc * 4, "ref");
+    float loss_ref;
+    fread_check(tok, 4, N, f, path); fread_check(S, 4, N * dc, f, path); fread_check(O, 4, N * dc, f, path);
+    fread_check(&loss_ref, 4, 1, f, path); fread_check(G, 4, nblock, f, path); fread_check(Cseq, 4, N * dc, f, path);
+    fclose(f);
+    float *Emb = malloc_check(N * E * 4, "ref"), *dO = malloc_check(N * dc * 4, "ref");
+    embedding_forward(Emb, tok, m.p.embed_in, (int)N, E);
+    blockacts_ensure(&m.cb, (int)N, E, dc);
+    contextblock_forward(&m.cb, &m.p, S, Emb, (int)N, E, dc, c.ln_eps);
+    float dmax = 0.0f;
+    for (size_t i = 0; i < N * dc; i++) dmax = fmaxf(dmax, fabsf(m.cb.out[i] - O[i]));
+    check(dmax <= 1e-5f, "ContextBlock on all positions in parallel: max diff %.2e (tol 1e-5)", dmax);
+    float loss = oacd_forward(m.cb.out, (int)N, dc, slice, lambda);
+    check(fabsf(loss - loss_ref) <= 1e-5f, "OACD loss %.7f vs ref %.7f (tol 1e-5)", loss, loss_ref);
+    m.grads_memory = calloc_check(m.num_params * 4, "ref");
+    layout_params(&c, m.grads_memory, &m.g, NULL);
+    oacd_backward(dO, m.cb.out, (int)N, dc, slice, lambda);
+    contextblock_backward(&m.cb, &m.p, &m.g, dO, Emb, (int)N, E, dc);
+    size_t off = 0;
+    int bad = 0;
+    for (int i = 0; i < N_BLOCK_TENSORS - 1; i++) {
+        const ParamTensor *pt = find_tensor(&m, BLOCK_TENSORS[i]);
+        size_t n = pt->rows * pt->cols;
+        float maxref = 0.0f, md = 0.0f;
+        for (size_t j = 0; j < n; j++) { maxref = fmaxf(maxref, fabsf(G[off + j])); md = fmaxf(md, fabsf(m.grads_memory[pt->offset + j] - G[off + j])); }
+        float rel = md / fmaxf(1.0f, maxref);
+        printf("   grad %-12s max|ref| %.3e  rel %.3e\n", pt->name, maxref, rel);
+        bad += !(rel <= 1e-4f);
+        off += n;
+    }
+    check(bad == 0, "OACD gradients of the 6 block tensors within 1e-4 of PyTorch autograd");
+    int x[4096];
+    for (size_t i = 0; i < N && i < 4096; i++) x[i] = tok[i];
+    model_ensure_acts(&m, B, T);
+    compute_contexts(&m, x, B, T);
+    dmax = 0.0f;
+    for (size_t i = 0; i < N * dc; i++) dmax = fmaxf(dmax, fabsf(m.a.contexts[i] - Cseq[i]));
+    check(dmax <= 1e-5f, "the sequential recurrence matches the reference contexts (max diff %.2e)", dmax);
+    free(tok); free(S); free(O); free(G); free(Cseq); free(Emb); free(dO);
+    model_free(&m);
+}
+
 // The parallel (Jacobi) iteration without noise reaches the exact sequential recurrence
 // after T iterations: position t is exact once t+1 iterations have run.
 static void check_jacobi_equals_recurrence(void) {
@@ -807,6 +877,7 @@ int main(int argc, char **argv) {
     const int n_cfgs = (int)(sizeof cfgs / sizeof cfgs[0]);
     for (int i = 0; i < n_cfgs; i++) check_finite_differences(cfgs[i].label, cfgs[i].c);
     check_phase1_finite_differences();
+    check_ctxblock_reference("dev/ref/ctxblock_state.bin");
     check_jacobi_equals_recurrence();
     printf("-- cached decoding\n");
     for (int i = 0; i < n_cfgs; i++) check_cached_decoding(cfgs[i].label, cfgs[i].c);

@@ -789,3 +789,1201 @@ static size_t layout_acts(const Config *c, size_t B, size_t T, char *base, Acts 
     }
     return off;
 }
+
+// ----------------------------------------------------------------------------
+// Layers: forward/backward pairs. Each host function launches the kernel(s) that do what
+// the CPU function's loops do; shapes and argument order are the CPU program's.
+
+// embedding: out[b,t,:] = table[ids[b,t], :]                 table (Vp,C), out (B,T,C), ids on the GPU
+__global__ void embedding_forward_kernel(floatX *out, const int *ids, const floatX *table, int C) {
+    const int i = blockIdx.x;
+    const floatX *row = table + (size_t)ids[i] * C;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) out[(size_t)i * C + j] = row[j];
+}
+static void embedding_forward(floatX *out, const int *ids, const floatX *table, int BT, int C) {
+    embedding_forward_kernel<<<BT, 128>>>(out, ids, table, C);
+    launchCheck();
+}
+
+// Repeated ids add into the same row. The CPU program does it serially; here the positions
+// of each distinct id are grouped on the host (ids are host data: ids_host), and one block per
+// distinct id sums its positions in a fixed order, in fp32, then adds once into the table.
+__global__ void embedding_backward_kernel(floatX *dtable, const floatX *dout, const int *uniq, const int *starts,
+                                          const int *positions, int C) {
+    const int u = blockIdx.x, id = uniq[u];
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        float s = 0.0f;
+        for (int k = starts[u]; k < starts[u + 1]; k++) s += tof(dout[(size_t)positions[k] * C + j]);
+        dtable[(size_t)id * C + j] = fx(tof(dtable[(size_t)id * C + j]) + s);
+    }
+}
+static void embedding_backward(floatX *dtable, const floatX *dout, const int *ids_host, int BT, int C) {
+    // buckets: order = positions sorted by (id, position); uniq[u], starts[u]..starts[u+1]
+    int *order = (int *)malloc_check((size_t)BT * sizeof(int), "embedding backward");
+    for (int i = 0; i < BT; i++) order[i] = i;
+    std::sort(order, order + BT, [&](int a, int b) { return ids_host[a] != ids_host[b] ? ids_host[a] < ids_host[b] : a < b; });
+    int *buf = (int *)malloc_check((size_t)(3 * BT + 1) * sizeof(int), "embedding backward");
+    int *uniq = buf, *starts = buf + BT, nu = 0; // starts has nu+1 entries
+    for (int i = 0; i < BT; i++)
+        if (i == 0 || ids_host[order[i]] != ids_host[order[i - 1]]) { uniq[nu] = ids_host[order[i]]; starts[nu] = i; nu++; }
+    starts[nu] = BT;
+    int *positions = starts + nu + 1;
+    memcpy(positions, order, (size_t)BT * sizeof(int));
+    const size_t n = (size_t)nu + (nu + 1) + BT;
+    int *d = (int *)dev_temp(TMP_BUCKETS, n * sizeof(int));
+    cudaCheck(cudaMemcpy(d, uniq, (size_t)nu * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d + nu, starts, (size_t)(nu + 1 + BT) * sizeof(int), cudaMemcpyHostToDevice));
+    embedding_backward_kernel<<<nu, 128>>>(dtable, dout, d, d + nu, d + nu + nu + 1, C);
+    launchCheck();
+    free(order);
+    free(buf);
+}
+
+// LayerNorm over the last dim (biased variance, as nn.LayerNorm).  inp/out (N,C), mean/rstd (N)
+// One warp per row; statistics in fp32.
+__global__ void layernorm_forward_kernel(floatX *out, float *mean, float *rstd, const floatX *inp, const floatX *w,
+                                         const floatX *b, int N, int C, float eps) {
+    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const floatX *x = inp + (size_t)n * C;
+    floatX *y = out + (size_t)n * C;
+    float m = 0.0f;
+    for (int i = lane; i < C; i += 32) m += tof(x[i]);
+    m = warp_reduce_sum(m) / C;
+    float v = 0.0f;
+    for (int i = lane; i < C; i += 32) { float d = tof(x[i]) - m; v += d * d; }
+    v = warp_reduce_sum(v) / C;
+    const float r = 1.0f / sqrtf(v + eps);
+    for (int i = lane; i < C; i += 32) y[i] = fx((tof(x[i]) - m) * r * tof(w[i]) + tof(b[i]));
+    if (lane == 0) { mean[n] = m; rstd[n] = r; }
+}
+static void layernorm_forward(floatX *out, float *mean, float *rstd, const floatX *inp, const floatX *w,
+                              const floatX *b, int N, int C, float eps) {
+    layernorm_forward_kernel<<<ceil_div(N, 8), 256>>>(out, mean, rstd, inp, w, b, N, C, eps);
+    launchCheck();
+}
+
+// dx += r·(g − mean(g) − x̂·mean(g⊙x̂)), g = dy⊙w;  dw += Σ dy⊙x̂;  db += Σ dy
+__global__ void layernorm_backward_kernel(floatX *dinp, const floatX *dout, const floatX *inp, const floatX *w,
+                                          const float *mean, const float *rstd, int N, int C) {
+    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const floatX *dy = dout + (size_t)n * C, *x = inp + (size_t)n * C;
+    floatX *dx = dinp + (size_t)n * C;
+    const float m = mean[n], r = rstd[n];
+    float g_mean = 0.0f, gx_mean = 0.0f;
+    for (int i = lane; i < C; i += 32) {
+        float xhat = (tof(x[i]) - m) * r, g = tof(dy[i]) * tof(w[i]);
+        g_mean += g;
+        gx_mean += g * xhat;
+    }
+    g_mean = warp_reduce_sum(g_mean) / C;
+    gx_mean = warp_reduce_sum(gx_mean) / C;
+    for (int i = lane; i < C; i += 32) {
+        float xhat = (tof(x[i]) - m) * r;
+        dx[i] = fx(tof(dx[i]) + r * (tof(dy[i]) * tof(w[i]) - g_mean - xhat * gx_mean));
+    }
+}
+struct LayerNormDW { // dy⊙x̂
+    const floatX *dout, *inp; const float *mean, *rstd; int C;
+    __device__ float operator()(int n, int i) const {
+        return tof(dout[(size_t)n * C + i]) * (tof(inp[(size_t)n * C + i]) - mean[n]) * rstd[n];
+    }
+};
+struct RowSum { // the entry itself (bias gradients: Σ_n dout)
+    const floatX *x; int C;
+    __device__ float operator()(int n, int i) const { return tof(x[(size_t)n * C + i]); }
+};
+static void layernorm_backward(floatX *dinp, floatX *dw, floatX *db, const floatX *dout, const floatX *inp,
+                               const floatX *w, const float *mean, const float *rstd, int N, int C) {
+    layernorm_backward_kernel<<<ceil_div(N, 8), 256>>>(dinp, dout, inp, w, mean, rstd, N, C);
+    launchCheck();
+    // weight grads reduce over N: a column sum per channel
+    column_sum_add(dw, N, C, LayerNormDW{dout, inp, mean, rstd, C});
+    column_sum_add(db, N, C, RowSum{dout, C});
+}
+
+// Linear layers are cuBLASLt. Row-major X (r,c) is column-major Xᵀ, so with m, n, k in
+// cuBLAS's column-major terms:
+//   forward   out (N,OC) = inp·wᵀ + bias :  outᵀ (OC×N)  = w[T] (C×OC stored) · inpᵀ (C×N),   bias epilogue
+//   dinp      (N,C)  += dout·w           :  dinpᵀ (C×N)  = w (C×OC stored) · doutᵀ (OC×N),    beta 1
+//   dw        (OC,C) += doutᵀ·inp        :  dwᵀ (C×OC)   = inpᵀ (C×N) · dout[T] (OC×N stored), beta 1
+// Compute type fp32 (no TF32): with PRECISION=FP32 this is an ordinary SGEMM.
+static int ptr_alignment(const void *p) { // largest power of two <= 256 that divides the address
+    uintptr_t a = (uintptr_t)p;
+    int al = 256;
+    while (al > 1 && a % al) al /= 2;
+    return al;
+}
+
+static void matmul_cublaslt(floatX *d, const floatX *a, const floatX *b, const floatX *bias, int m, int n, int k,
+                            int transA, int transB, int lda, int ldb, int ldd, float beta) {
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, ld;
+    cublasLtMatmulPreference_t pref;
+    cublasCheck(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N, opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opA, sizeof opA));
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opB, sizeof opB));
+    if (bias) {
+        cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+        cudaDataType_t bias_type = CUDA_LOWP;
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep));
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
+    }
+    cublasCheck(cublasLtMatrixLayoutCreate(&la, CUDA_LOWP, transA ? k : m, transA ? m : k, lda));
+    cublasCheck(cublasLtMatrixLayoutCreate(&lb, CUDA_LOWP, transB ? n : k, transB ? k : n, ldb));
+    cublasCheck(cublasLtMatrixLayoutCreate(&ld, CUDA_LOWP, m, n, ldd));
+    cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = CUBLASLT_WORKSPACE;
+    uint32_t al_a = ptr_alignment(a), al_b = ptr_alignment(b), al_d = ptr_alignment(d);
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof al_a));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof al_b));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, sizeof al_d));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof al_d));
+    cublasLtMatmulHeuristicResult_t heur;
+    int found = 0;
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, desc, la, lb, ld, ld, pref, 1, &heur, &found);
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0)
+        die("cuBLASLt has no algorithm for m %d n %d k %d (trans %d%d, ld %d %d %d, bias %s, alignment %u %u %u): %s", m, n,
+            k, transA, transB, lda, ldb, ldd, bias ? "yes" : "no", al_a, al_b, al_d, cublasGetStatusString(st));
+    const float alpha = 1.0f;
+    cublasCheck(cublasLtMatmul(cublaslt_handle, desc, &alpha, a, la, b, lb, &beta, d, ld, d, ld, &heur.algo,
+                               cublaslt_workspace, CUBLASLT_WORKSPACE, 0));
+    cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
+    cublasCheck(cublasLtMatrixLayoutDestroy(la));
+    cublasCheck(cublasLtMatrixLayoutDestroy(lb));
+    cublasCheck(cublasLtMatrixLayoutDestroy(ld));
+    cublasCheck(cublasLtMatmulDescDestroy(desc));
+}
+
+// Linear layer, PyTorch layout: out (N,OC) = inp (N,C) · wᵀ + bias (OC, or NULL for none).
+static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, const floatX *bias, int N, int C, int OC) {
+    matmul_cublaslt(out, w, inp, bias, OC, N, C, 1, 0, C, C, OC, 0.0f);
+}
+
+// dinp (N,C) += dout·w;  dw (OC,C) += doutᵀ·inp;  dbias (OC) += Σ_n dout.   dinp/dbias may be NULL.
+static void matmul_backward(floatX *dinp, floatX *dw, floatX *dbias, const floatX *dout, const floatX *inp,
+                            const floatX *w, int N, int C, int OC) {
+    if (dinp) matmul_cublaslt(dinp, w, dout, NULL, C, N, OC, 0, 0, C, OC, C, 1.0f);
+    matmul_cublaslt(dw, inp, dout, NULL, C, OC, N, 0, 1, C, OC, C, 1.0f);
+    if (dbias) column_sum_add(dbias, N, OC, RowSum{dout, OC});
+}
+
+// RoPE table for R rotated dims: cos/sin (max_seq_len, R/2), θ[p][i] = p · base^(−2i/R),
+// formed in fp32 on the host as the CPU program does (so the tables are identical), then
+// copied to the GPU. The model has one for its rotary_dims and, for MLA, one for d_R.
+typedef struct { int R; float *cos, *sin; } Rope; // cos/sin on the GPU
+
+static Rope rope_init(int max_seq_len, int R, float base) {
+    Rope rp = {R, NULL, NULL};
+    size_t n = (size_t)max_seq_len * (R / 2 > 0 ? R / 2 : 1);
+    float *cs = (float *)calloc_check(2 * n * sizeof(float), "rope table"), *sn = cs + n;
+    for (int i = 0; i < R / 2; i++) {
+        float inv_freq = 1.0f / powf(base, (float)(2 * i) / (float)R);
+        for (int p = 0; p < max_seq_len; p++) {
+            float theta = (float)p * inv_freq;
+            cs[p * (R / 2) + i] = cosf(theta);
+            sn[p * (R / 2) + i] = sinf(theta);
+        }
+    }
+    rp.cos = (float *)cuda_malloc_check(2 * n * sizeof(float), "rope table");
+    rp.sin = rp.cos + n;
+    cudaCheck(cudaMemcpy(rp.cos, cs, 2 * n * sizeof(float), cudaMemcpyHostToDevice));
+    free(cs);
+    return rp;
+}
+
+static void rope_free(Rope *rp) { cuda_free(rp->cos); rp->cos = rp->sin = NULL; }
+
+// Rotate-half RoPE in place on the first R dims of n_heads heads per row, pairs (i, i + R/2):
+//   x'[i] = x[i]c − x[i+R/2]s,  x'[i+R/2] = x[i+R/2]c + x[i]s.
+// Rows are (B,T) positions, pos = pos0 + t. sign = −1 applies the inverse rotation.
+// One thread per (b, t, head, pair).
+__global__ void rope_rotate_kernel(floatX *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride,
+                                   const float *cs, const float *sn, int half, float sign) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * T * n_heads * half) return;
+    const int i = (int)(idx % half);
+    size_t r = idx / half;
+    const int h = (int)(r % n_heads);
+    r /= n_heads;
+    const int t = (int)(r % T), b = (int)(r / T);
+    const float c = cs[(size_t)(pos0 + t) * half + i], si = sign * sn[(size_t)(pos0 + t) * half + i];
+    floatX *v = x + ((size_t)b * T + t) * row_stride + (size_t)h * head_stride;
+    const float x1 = tof(v[i]), x2 = tof(v[i + half]);
+    v[i] = fx(x1 * c - x2 * si);
+    v[i + half] = fx(x2 * c + x1 * si);
+}
+static void rope_rotate(floatX *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride,
+                        const Rope *rp, float sign) {
+    const int half = rp->R / 2;
+    const size_t n = (size_t)B * T * n_heads * half;
+    if (n == 0) return;
+    rope_rotate_kernel<<<ceil_div(n, 256), 256>>>(x, B, T, pos0, row_stride, n_heads, head_stride, rp->cos, rp->sin, half, sign);
+    launchCheck();
+}
+
+static void rope_forward(floatX *x, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, const Rope *rp) {
+    rope_rotate(x, B, T, pos0, row_stride, n_heads, head_stride, rp, 1.0f);
+}
+
+// the rotation is orthogonal, so its backward is the inverse rotation of the gradient
+static void rope_backward(floatX *dx, int B, int T, int pos0, int row_stride, int n_heads, int head_stride, const Rope *rp) {
+    rope_rotate(dx, B, T, pos0, row_stride, n_heads, head_stride, rp, -1.0f);
+}
+
+// RMSNorm (MLA's latent norms): y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps). Weight only.
+// inp rows are in_stride apart (MLA normalises the first kv_rank columns of a wider row).
+__global__ void rmsnorm_forward_kernel(floatX *out, float *rstd, const floatX *inp, int in_stride, const floatX *w, int N,
+                                       int C, float eps) {
+    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const floatX *x = inp + (size_t)n * in_stride;
+    float ss = 0.0f;
+    for (int i = lane; i < C; i += 32) ss += tof(x[i]) * tof(x[i]);
+    ss = warp_reduce_sum(ss);
+    const float r = 1.0f / sqrtf(ss / C + eps);
+    for (int i = lane; i < C; i += 32) out[(size_t)n * C + i] = fx(tof(x[i]) * r * tof(w[i]));
+    if (lane == 0) rstd[n] = r;
+}
+static void rmsnorm_forward(floatX *out, float *rstd, const floatX *inp, int in_stride, const floatX *w, int N, int C,
+                            float eps) {
+    rmsnorm_forward_kernel<<<ceil_div(N, 8), 256>>>(out, rstd, inp, in_stride, w, N, C, eps);
+    launchCheck();
+}
+
+// dx += r·g − x·r³·mean(g⊙x), g = dy⊙w;  dw += Σ dy⊙x·r
+__global__ void rmsnorm_backward_kernel(floatX *dinp, int in_stride, const floatX *dout, const floatX *inp,
+                                        const floatX *w, const float *rstd, int N, int C) {
+    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const floatX *x = inp + (size_t)n * in_stride, *dy = dout + (size_t)n * C;
+    floatX *dx = dinp + (size_t)n * in_stride;
+    const float r = rstd[n];
+    float gx = 0.0f;
+    for (int i = lane; i < C; i += 32) gx += tof(dy[i]) * tof(w[i]) * tof(x[i]);
+    gx = warp_reduce_sum(gx) / C;
+    for (int i = lane; i < C; i += 32) dx[i] = fx(tof(dx[i]) + r * tof(dy[i]) * tof(w[i]) - tof(x[i]) * r * r * r * gx);
+}
+struct RmsNormDW { // dy⊙x·r
+    const floatX *dout, *inp; int in_stride; const float *rstd; int C;
+    __device__ float operator()(int n, int i) const {
+        return tof(dout[(size_t)n * C + i]) * tof(inp[(size_t)n * in_stride + i]) * rstd[n];
+    }
+};
+static void rmsnorm_backward(floatX *dinp, int in_stride, floatX *dw, const floatX *dout, const floatX *inp,
+                             const floatX *w, const float *rstd, int N, int C) {
+    rmsnorm_backward_kernel<<<ceil_div(N, 8), 256>>>(dinp, in_stride, dout, inp, w, rstd, N, C);
+    launchCheck();
+    column_sum_add(dw, N, C, RmsNormDW{dout, inp, in_stride, rstd, C});
+}
+
+// A view of per-head vectors inside a (B,T,row) buffer: head h of token (b,t) starts at
+// base + (b*T + t)*row_stride + h*head_stride. Lets one attention core read the fused QKV
+// of MHA and the separate Q / KV projections of the other variants.
+typedef struct { floatX *base; int row_stride, head_stride; } HeadView;
+
+__host__ __device__ inline floatX *head_at(HeadView v, int T, int b, int t, int h) {
+    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
+}
+
+#define ATT_THREADS 128
+
+// Causal softmax attention. H query heads share G key/value heads: query head h reads
+// KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
+// One block per query row (t, h, b): the row's scores sit in shared memory in fp32.
+__global__ void attention_forward_kernel(floatX *out, floatX *att, HeadView q, HeadView k, HeadView v, int T, int H,
+                                         int G, int Dqk, int Dv, float scale) {
+    extern __shared__ float sm[];
+    float *qs = sm, *p = sm + Dqk; // q (Dqk), scores (T)
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
+    const floatX *qt = head_at(q, T, b, t, h);
+    for (int j = threadIdx.x; j < Dqk; j += blockDim.x) qs[j] = tof(qt[j]);
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        const floatX *ks = head_at(k, T, b, s, g);
+        float d = 0.0f;
+        for (int j = 0; j < Dqk; j++) d += qs[j] * tof(ks[j]);
+        p[s] = scale * d;
+        mx = fmaxf(mx, p[s]);
+    }
+    mx = block_reduce_max(mx);
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        p[s] = expf(p[s] - mx);
+        sum += p[s];
+    }
+    const float inv = 1.0f / block_reduce_sum(sum);
+    floatX *arow = att + (((size_t)b * H + h) * T + t) * T;
+    for (int s = threadIdx.x; s < T; s += blockDim.x) {
+        float pn = s <= t ? p[s] * inv : 0.0f;
+        if (s <= t) p[s] = pn;
+        arow[s] = fx(pn);
+    }
+    __syncthreads();
+    floatX *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+    for (int j = threadIdx.x; j < Dv; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s <= t; s++) acc += p[s] * tof(head_at(v, T, b, s, g)[j]);
+        o[j] = fx(acc);
+    }
+}
+static void attention_forward(floatX *out, floatX *att, HeadView q, HeadView k, HeadView v, int B, int T, int H,
+                              int G, int Dqk, int Dv, float scale) {
+    const size_t smem = (size_t)(Dqk + T) * sizeof(float);
+    set_smem(attention_forward_kernel, smem);
+    attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(out, att, q, k, v, T, H, G, Dqk, Dv, scale);
+    launchCheck();
+}
+
+// dV_g += Σ_h Pᵀ·dO,  dP = dO·Vᵀ,  dS = P⊙(dP − rowsum(dP⊙P)),  dQ += scale·dS·K,  dK_g += scale·dSᵀ·Q.
+// Two kernels so that each output row has one writer: the query side, one block per query
+// row (t, h, b), forms dS (kept in datt, with the scale) and dq; the key side, one block per
+// key row (s, g, b), sums dk and dv over the query rows t >= s of the heads that share g.
+__global__ void attention_backward_query_kernel(HeadView dq, floatX *datt, const floatX *dout, const floatX *att,
+                                                HeadView k, HeadView v, int T, int H, int G, int Dqk, int Dv, float scale) {
+    extern __shared__ float sm[];
+    float *dos = sm, *ds = sm + Dv; // dO row (Dv), dP then dS (T)
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
+    const floatX *dot_ = dout + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+    for (int j = threadIdx.x; j < Dv; j += blockDim.x) dos[j] = tof(dot_[j]);
+    __syncthreads();
+    const floatX *p = att + (((size_t)b * H + h) * T + t) * T;
+    floatX *dsrow = datt + (((size_t)b * H + h) * T + t) * T;
+    float rowsum = 0.0f;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        const floatX *vs = head_at(v, T, b, s, g);
+        float d = 0.0f;
+        for (int j = 0; j < Dv; j++) d += dos[j] * tof(vs[j]);
+        ds[s] = d;
+        rowsum += d * tof(p[s]);
+    }
+    rowsum = block_reduce_sum(rowsum);
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        ds[s] = tof(p[s]) * (ds[s] - rowsum) * scale;
+        dsrow[s] = fx(ds[s]);
+    }
+    __syncthreads();
+    floatX *dqt = head_at(dq, T, b, t, h);
+    for (int j = threadIdx.x; j < Dqk; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s <= t; s++) acc += ds[s] * tof(head_at(k, T, b, s, g)[j]);
+        dqt[j] = fx(tof(dqt[j]) + acc);
+    }
+}
+__global__ void attention_backward_kv_kernel(HeadView dk, HeadView dv, const floatX *datt, const floatX *dout,
+                                             const floatX *att, HeadView q, int T, int H, int G, int Dqk, int Dv) {
+    const int s = blockIdx.x, g = blockIdx.y, b = blockIdx.z, group = H / G;
+    floatX *dks = head_at(dk, T, b, s, g), *dvs = head_at(dv, T, b, s, g);
+    for (int j = threadIdx.x; j < Dqk || j < Dv; j += blockDim.x) {
+        float ak = 0.0f, av = 0.0f;
+        for (int h = g * group; h < (g + 1) * group; h++)
+            for (int t = s; t < T; t++) {
+                const size_t r = (((size_t)b * H + h) * T + t) * T + s;
+                if (j < Dqk) ak += tof(datt[r]) * tof(head_at(q, T, b, t, h)[j]);
+                if (j < Dv) av += tof(att[r]) * tof(dout[((size_t)b * T + t) * H * Dv + (size_t)h * Dv + j]);
+            }
+        if (j < Dqk) dks[j] = fx(tof(dks[j]) + ak);
+        if (j < Dv) dvs[j] = fx(tof(dvs[j]) + av);
+    }
+}
+static void attention_backward(HeadView dq, HeadView dk, HeadView dv, floatX *datt, const floatX *dout,
+                               const floatX *att, HeadView q, HeadView k, HeadView v, int B, int T, int H, int G,
+                               int Dqk, int Dv, float scale) {
+    const size_t smem = (size_t)(Dv + T) * sizeof(float);
+    set_smem(attention_backward_query_kernel, smem);
+    attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dq, datt, dout, att, k, v, T, H, G, Dqk, Dv, scale);
+    launchCheck();
+    attention_backward_kv_kernel<<<dim3(T, G, B), ATT_THREADS>>>(dk, dv, datt, dout, att, q, T, H, G, Dqk, Dv);
+    launchCheck();
+}
+
+// Context-KV attention (layer 0, doc/context_kv.md). Query t attends over M slots: slot k
+// holds the key/value of the context at s = t − k·I when s >= 0; empty slots are masked out.
+// No positional encoding: the slot order and the recurrence carry position.
+// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D), att (B,H,T,M).
+// One block per query row (t, h, b).
+__global__ void ctx_attention_forward_kernel(floatX *out, floatX *att, const floatX *q, const floatX *kc, const floatX *vc,
+                                             int T, int H, int D, int interval, int M) {
+    extern __shared__ float sm[];
+    float *qs = sm, *p = sm + D; // q (D), slot scores (M)
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    const floatX *qt = q + ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) qs[j] = tof(qt[j]);
+    __syncthreads();
+    const int n = min(M, t / interval + 1); // filled slots: s = t, t−I, … while s >= 0
+    float mx = -INFINITY;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        const floatX *ks = kc + ((size_t)b * T + t - k * interval) * C + h * D;
+        float d = 0.0f;
+        for (int j = 0; j < D; j++) d += qs[j] * tof(ks[j]);
+        p[k] = scale * d;
+        mx = fmaxf(mx, p[k]);
+    }
+    mx = block_reduce_max(mx);
+    float sum = 0.0f;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        p[k] = expf(p[k] - mx);
+        sum += p[k];
+    }
+    const float inv = 1.0f / block_reduce_sum(sum);
+    floatX *arow = att + (((size_t)b * H + h) * T + t) * M;
+    for (int k = threadIdx.x; k < M; k += blockDim.x) {
+        float pn = k < n ? p[k] * inv : 0.0f;
+        if (k < n) p[k] = pn;
+        arow[k] = fx(pn);
+    }
+    __syncthreads();
+    floatX *o = out + ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < n; k++) acc += p[k] * tof(vc[((size_t)b * T + t - k * interval) * C + h * D + j]);
+        o[j] = fx(acc);
+    }
+}
+static void ctx_attention_forward(floatX *out, floatX *att, const floatX *q, const floatX *kc, const floatX *vc, int B,
+                                  int T, int H, int D, int interval, int M) {
+    const size_t smem = (size_t)(D + M) * sizeof(float);
+    set_smem(ctx_attention_forward_kernel, smem);
+    ctx_attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(out, att, q, kc, vc, T, H, D, interval, M);
+    launchCheck();
+}
+
+// dV_s += P·dO, dP = dO·V_s, dS = P⊙(dP − Σ P⊙dP), dq += scale·Σ dS·K_s, dK_s += scale·dS·q.
+// As attention_backward: the query side per query row (t, h, b) forms dS (in datt) and dq;
+// the source side per source row (s, h, b) gathers the query rows t = s + k·I that read it.
+__global__ void ctx_attention_backward_query_kernel(floatX *dq, floatX *datt, const floatX *dout, const floatX *att,
+                                                    const floatX *kc, const floatX *vc, int T, int H, int D, int interval, int M) {
+    extern __shared__ float sm[];
+    float *dos = sm, *ds = sm + D; // dO row (D), dP then dS (M)
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    const floatX *dot_ = dout + ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) dos[j] = tof(dot_[j]);
+    __syncthreads();
+    const int n = min(M, t / interval + 1);
+    const floatX *p = att + (((size_t)b * H + h) * T + t) * M;
+    floatX *dsrow = datt + (((size_t)b * H + h) * T + t) * M;
+    float rowsum = 0.0f;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        const floatX *vs = vc + ((size_t)b * T + t - k * interval) * C + h * D;
+        float d = 0.0f;
+        for (int j = 0; j < D; j++) d += dos[j] * tof(vs[j]);
+        ds[k] = d;
+        rowsum += d * tof(p[k]);
+    }
+    rowsum = block_reduce_sum(rowsum);
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        ds[k] = tof(p[k]) * (ds[k] - rowsum) * scale;
+        dsrow[k] = fx(ds[k]);
+    }
+    __syncthreads();
+    floatX *dqt = dq + ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < n; k++) acc += ds[k] * tof(kc[((size_t)b * T + t - k * interval) * C + h * D + j]);
+        dqt[j] = fx(tof(dqt[j]) + acc);
+    }
+}
+__global__ void ctx_attention_backward_source_kernel(floatX *dkc, floatX *dvc, const floatX *datt, const floatX *dout,
+                                                     const floatX *att, const floatX *q, int T, int H, int D, int interval, int M) {
+    const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float ak = 0.0f, av = 0.0f;
+        for (int k = 0; k < M && s + k * interval < T; k++) { // query t = s + k·I reads s through slot k
+            const int t = s + k * interval;
+            const size_t r = (((size_t)b * H + h) * T + t) * M + k;
+            ak += tof(datt[r]) * tof(q[((size_t)b * T + t) * C + h * D + j]);
+            av += tof(att[r]) * tof(dout[((size_t)b * T + t) * C + h * D + j]);
+        }
+        const size_t o = ((size_t)b * T + s) * C + h * D + j;
+        dkc[o] = fx(tof(dkc[o]) + ak);
+        dvc[o] = fx(tof(dvc[o]) + av);
+    }
+}
+static void ctx_attention_backward(floatX *dq, floatX *dkc, floatX *dvc, floatX *datt, const floatX *dout, const floatX *att,
+                                   const floatX *q, const floatX *kc, const floatX *vc, int B, int T, int H, int D,
+                                   int interval, int M) {
+    const size_t smem = (size_t)(D + M) * sizeof(float);
+    set_smem(ctx_attention_backward_query_kernel, smem);
+    ctx_attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dq, datt, dout, att, kc, vc, T, H, D, interval, M);
+    launchCheck();
+    ctx_attention_backward_source_kernel<<<dim3(T, H, B), ATT_THREADS>>>(dkc, dvc, datt, dout, att, q, T, H, D, interval, M);
+    launchCheck();
+}
+
+// exact GELU, 0.5·x·(1 + erf(x/√2)), as HF's "gelu" (not the tanh form). Built without
+// --use_fast_math, so erff is the accurate one.
+#define GELU_SQRT1_2 0.70710678118654752440f
+__global__ void gelu_forward_kernel(floatX *out, const floatX *inp, size_t N) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    const float x = tof(inp[i]);
+    out[i] = fx(0.5f * x * (1.0f + erff(x * GELU_SQRT1_2)));
+}
+static void gelu_forward(floatX *out, const floatX *inp, size_t N) {
+    if (N == 0) return;
+    gelu_forward_kernel<<<ceil_div(N, 256), 256>>>(out, inp, N);
+    launchCheck();
+}
+
+// GELU'(x) = 0.5(1 + erf(x/√2)) + x·exp(−x²/2)/√(2π)
+__global__ void gelu_backward_kernel(floatX *dinp, const floatX *inp, const floatX *dout, size_t N) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    const float inv_sqrt_2pi = 0.3989422804014327f;
+    const float x = tof(inp[i]);
+    const float grad = 0.5f * (1.0f + erff(x * GELU_SQRT1_2)) + x * expf(-0.5f * x * x) * inv_sqrt_2pi;
+    dinp[i] = fx(tof(dinp[i]) + grad * tof(dout[i]));
+}
+static void gelu_backward(floatX *dinp, const floatX *inp, const floatX *dout, size_t N) {
+    if (N == 0) return;
+    gelu_backward_kernel<<<ceil_div(N, 256), 256>>>(dinp, inp, dout, N);
+    launchCheck();
+}
+
+// out = a + b + c (the parallel residual); its backward is the identity into each branch,
+// which is why model_backward hands the same dresid to both branches.
+__global__ void residual3_forward_kernel(floatX *out, const floatX *a, const floatX *b, const floatX *c, size_t N) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < N) out[i] = fx(tof(a[i]) + tof(b[i]) + tof(c[i]));
+}
+static void residual3_forward(floatX *out, const floatX *a, const floatX *b, const floatX *c, size_t N) {
+    if (N == 0) return;
+    residual3_forward_kernel<<<ceil_div(N, 256), 256>>>(out, a, b, c, N);
+    launchCheck();
+}
+
+// Fused softmax / cross-entropy over the first V columns of logits (N,Vp); padding columns
+// never count. One block per row, in fp32: lse = logsumexp of the row (kept for backward),
+// losses[n] = lse − logits[n][target]; ignored rows get loss 0. No probability buffer.
+#define CE_THREADS 512
+__global__ void crossentropy_forward_kernel(float *losses, float *lse, const floatX *logits, const int *targets, int V, int Vp) {
+    const int n = blockIdx.x;
+    const floatX *z = logits + (size_t)n * Vp;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, tof(z[i]));
+    mx = block_reduce_max(mx);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(tof(z[i]) - mx);
+    s = block_reduce_sum(s);
+    if (threadIdx.x == 0) {
+        const float l = mx + logf(s);
+        lse[n] = l;
+        losses[n] = targets[n] == IGNORE_INDEX ? 0.0f : l - tof(z[targets[n]]);
+    }
+}
+// Returns the mean over non-ignored rows and sets *n_valid. The per-row losses come back to
+// losses_host (the CPU program's a.losses); targets_host counts the valid rows.
+static float crossentropy_forward(float *losses, float *lse, const floatX *logits, const int *targets, int N, int V,
+                                  int Vp, int *n_valid, const int *targets_host, float *losses_host) {
+    crossentropy_forward_kernel<<<N, CE_THREADS>>>(losses, lse, logits, targets, V, Vp);
+    launchCheck();
+    cudaCheck(cudaMemcpy(losses_host, losses, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost));
+    double total = 0.0;
+    int valid = 0;
+    for (int n = 0; n < N; n++) {
+        if (targets_host[n] == IGNORE_INDEX) continue;
+        total += losses_host[n];
+        valid++;
+    }
+    *n_valid = valid;
+    return valid ? (float)(total / valid) : 0.0f;
+}
+
+// dlogits = (softmax(logits) − onehot(target)) / n_valid, written IN PLACE over logits
+// (saves a (B,T,Vp) buffer). Ignored rows and padding columns get 0.
+__global__ void crossentropy_backward_kernel(floatX *z_all, const float *lse, const int *targets, int V, int Vp, float scale) {
+    const int n = blockIdx.x, target = targets[n];
+    floatX *z = z_all + (size_t)n * Vp;
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+        float d = 0.0f;
+        if (target != IGNORE_INDEX && i < V) {
+            d = expf(tof(z[i]) - lse[n]) * scale;
+            if (i == target) d -= scale;
+        }
+        z[i] = fx(d);
+    }
+}
+static void crossentropy_backward(floatX *logits_to_dlogits, const float *lse, const int *targets, int N, int V,
+                                  int Vp, int n_valid) {
+    const float scale = 1.0f / (float)n_valid;
+    crossentropy_backward_kernel<<<N, CE_THREADS>>>(logits_to_dlogits, lse, targets, V, Vp, scale);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// ContextBlock (doc/context_kv.md): one ContextLayer on N rows at once,
+//   O = LN_c(S + GELU(W_c [S ; LN_e(E)] + b_c))
+// S (N,d_c) plays c_{t-1}, E (N,E) the token embeddings. Phase 1 runs it on every position
+// in parallel (S = shifted previous iterate); the exact recurrence runs it on the B rows of
+// one time step after another (S = the previous step's output).
+
+typedef struct {
+    int cap;                          // rows allocated
+    char *mem;                        // one GPU allocation
+    floatX *u; float *u_mean, *u_rstd;        // (N,E), (N), (N) LN_e(E)
+    floatX *z;                                // (N,d_c+E) [S ; u]
+    floatX *pre, *g;                          // (N,d_c) before / after GELU
+    floatX *r; float *r_mean, *r_rstd;        // (N,d_c) S + g, and LN_c's statistics
+    floatX *out;                              // (N,d_c)
+    floatX *dr, *dpre, *dz, *du, *dE;         // backward scratch
+} BlockActs;
+
+static size_t blockacts_layout(BlockActs *cb, char *base, size_t N, size_t E, size_t dc) {
+    size_t off = 0;
+    BUF(cb->u, N * E); BUF(cb->u_mean, N); BUF(cb->u_rstd, N); BUF(cb->z, N * (dc + E)); BUF(cb->pre, N * dc);
+    BUF(cb->g, N * dc); BUF(cb->r, N * dc); BUF(cb->r_mean, N); BUF(cb->r_rstd, N); BUF(cb->out, N * dc);
+    BUF(cb->dr, N * dc); BUF(cb->dpre, N * dc); BUF(cb->dz, N * (dc + E)); BUF(cb->du, N * E); BUF(cb->dE, N * E);
+    return off;
+}
+
+static void blockacts_ensure(BlockActs *cb, int N, int E, int dc) {
+    if (N <= cb->cap) return;
+    cuda_free(cb->mem);
+    cb->mem = (char *)cuda_malloc_check(blockacts_layout(cb, NULL, N, E, dc), "context block");
+    blockacts_layout(cb, cb->mem, N, E, dc);
+    cb->cap = N;
+}
+
+// z[n] = [S[n] ; u[n]]
+__global__ void concat_rows_kernel(floatX *z, const floatX *S, const floatX *u, int N, int dc, int Ed) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * (dc + Ed)) return;
+    const size_t n = idx / (dc + Ed);
+    const int j = (int)(idx % (dc + Ed));
+    z[idx] = j < dc ? S[n * dc + j] : u[n * Ed + j - dc];
+}
+// dst[n] = src[n][col0 .. col0+width)   (src rows of src_width)
+__global__ void copy_cols_kernel(floatX *dst, const floatX *src, int N, int src_width, int col0, int width) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * width) return;
+    dst[idx] = src[(idx / width) * src_width + col0 + idx % width];
+}
+// out = a + b
+__global__ void add_kernel(floatX *out, const floatX *a, const floatX *b, size_t N) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < N) out[i] = fx(tof(a[i]) + tof(b[i]));
+}
+
+static void contextblock_forward(BlockActs *cb, const Params *p, const floatX *S, const floatX *E, int N, int Ed, int dc,
+                                 float eps) {
+    layernorm_forward(cb->u, cb->u_mean, cb->u_rstd, E, p->ctx_ln_e_w, p->ctx_ln_e_b, N, Ed, eps);
+    concat_rows_kernel<<<ceil_div((size_t)N * (dc + Ed), 256), 256>>>(cb->z, S, cb->u, N, dc, Ed); // z = [S ; u]
+    launchCheck();
+    matmul_forward(cb->pre, cb->z, p->ctx_w, p->ctx_b, N, dc + Ed, dc);
+    gelu_forward(cb->g, cb->pre, (size_t)N * dc);
+    add_kernel<<<ceil_div((size_t)N * dc, 256), 256>>>(cb->r, S, cb->g, (size_t)N * dc);
+    launchCheck();
+    layernorm_forward(cb->out, cb->r_mean, cb->r_rstd, cb->r, p->ctx_ln_c_w, p->ctx_ln_c_b, N, dc, eps);
+}
+
+// Gradients of the block's parameters only (into g): S is a constant (detached iterate) and
+// E belongs to the frozen embeddings, so their gradients are not formed.
+static void contextblock_backward(BlockActs *cb, const Params *p, Params *g, const floatX *dout, const floatX *E, int N,
+                                  int Ed, int dc) {
+    cudaCheck(cudaMemset(cb->dr, 0, (size_t)N * dc * sizeof(floatX)));
+    layernorm_backward(cb->dr, g->ctx_ln_c_w, g->ctx_ln_c_b, dout, cb->r, p->ctx_ln_c_w, cb->r_mean, cb->r_rstd, N, dc);
+    cudaCheck(cudaMemset(cb->dpre, 0, (size_t)N * dc * sizeof(floatX)));
+    gelu_backward(cb->dpre, cb->pre, cb->dr, (size_t)N * dc); // dr reaches g through the residual
+    cudaCheck(cudaMemset(cb->dz, 0, (size_t)N * (dc + Ed) * sizeof(floatX)));
+    matmul_backward(cb->dz, g->ctx_w, g->ctx_b, cb->dpre, cb->z, p->ctx_w, N, dc + Ed, dc);
+    copy_cols_kernel<<<ceil_div((size_t)N * Ed, 256), 256>>>(cb->du, cb->dz, N, dc + Ed, dc, Ed);
+    launchCheck();
+    cudaCheck(cudaMemset(cb->dE, 0, (size_t)N * Ed * sizeof(floatX)));
+    layernorm_backward(cb->dE, g->ctx_ln_e_w, g->ctx_ln_e_b, cb->du, E, p->ctx_ln_e_w, cb->u_mean, cb->u_rstd, N, Ed);
+}
+
+// Per slice of `slice` consecutive rows of X (N,d) and column j: the column mean μ_j and
+// Σ_i (X_ij − μ_j)², in double as the CPU program. One thread per (slice, column).
+__global__ void oacd_stats_kernel(double *mu, double *dev, const floatX *X, int N, int d, int slice) {
+    const int s = blockIdx.x, s0 = s * slice, n = min(slice, N - s0);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        double m_ = 0.0;
+        for (int i = 0; i < n; i++) m_ += tof(X[(size_t)(s0 + i) * d + j]);
+        m_ /= n;
+        double e2 = 0.0;
+        for (int i = 0; i < n; i++) { double e = tof(X[(size_t)(s0 + i) * d + j]) - m_; e2 += e * e; }
+        mu[(size_t)s * d + j] = m_;
+        dev[(size_t)s * d + j] = e2;
+    }
+}
+// the statistics of every slice, on the host: mu, dev (n_slices, d) doubles
+static void oacd_stats(double *mu, double *dev, const floatX *X, int N, int d, int slice) {
+    const int n_slices = (N + slice - 1) / slice;
+    double *dm = (double *)dev_temp(TMP_OACD, 2 * (size_t)n_slices * d * sizeof(double));
+    oacd_stats_kernel<<<n_slices, 256>>>(dm, dm + (size_t)n_slices * d, X, N, d, slice);
+    launchCheck();
+    cudaCheck(cudaMemcpy(mu, dm, (size_t)n_slices * d * sizeof(double), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(dev, dm + (size_t)n_slices * d, (size_t)n_slices * d * sizeof(double), cudaMemcpyDeviceToHost));
+}
+
+// OACD diversity loss on rows X (N,d), per slice of `slice` consecutive rows, averaged:
+//   L_slice = −||X − 1μᵀ||_F / n + λ·||μ||²,   μ = mean of the slice's n rows
+// The Frobenius norm is not squared: it rewards spread without letting one direction dominate.
+static float oacd_forward(const floatX *X, int N, int d, int slice, float lambda) {
+    const int n_slices_all = (N + slice - 1) / slice;
+    double *mu = (double *)malloc_check(2 * (size_t)n_slices_all * d * sizeof(double), "oacd"), *dev = mu + (size_t)n_slices_all * d;
+    oacd_stats(mu, dev, X, N, d, slice);
+    double total = 0.0;
+    int n_slices = 0;
+    for (int s0 = 0; s0 < N; s0 += slice, n_slices++) {
+        int n = N - s0 < slice ? N - s0 : slice;
+        double mu_sq = 0.0, dev_sq = 0.0;
+        for (int j = 0; j < d; j++) {
+            double m_ = mu[(size_t)n_slices * d + j];
+            mu_sq += m_ * m_;
+            dev_sq += dev[(size_t)n_slices * d + j];
+        }
+        total += -sqrt(dev_sq) / n + lambda * mu_sq;
+    }
+    free(mu);
+    return (float)(total / n_slices);
+}
+
+// dX_t = (−(X_t − μ)/||X − 1μᵀ||_F + 2λμ) / n per slice, / number of slices. (The centring
+// drops out of the first term because the deviations of a slice sum to zero.)
+__global__ void oacd_backward_kernel(floatX *dX, const floatX *X, const float *mu, const float *inv_F, int N, int d,
+                                     int slice, int n_slices, float lambda) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * d) return;
+    const int row = (int)(idx / d), j = (int)(idx % d), s = row / slice, n = min(slice, N - s * slice);
+    const float scale = 1.0f / ((float)n * n_slices), m_ = mu[(size_t)s * d + j];
+    dX[idx] = fx(scale * (-(tof(X[idx]) - m_) * inv_F[s] + 2.0f * lambda * m_));
+}
+static void oacd_backward(floatX *dX, const floatX *X, int N, int d, int slice, float lambda) {
+    int n_slices = (N + slice - 1) / slice;
+    double *mu = (double *)malloc_check(2 * (size_t)n_slices * d * sizeof(double), "oacd"), *dev = mu + (size_t)n_slices * d;
+    oacd_stats(mu, dev, X, N, d, slice);
+    // per slice: μ as float and 1/||X − 1μᵀ||_F, to the GPU
+    float *host = (float *)malloc_check(((size_t)n_slices * d + n_slices) * sizeof(float), "oacd");
+    for (int s = 0; s < n_slices; s++) {
+        double dev_sq = 0.0;
+        for (int j = 0; j < d; j++) {
+            host[(size_t)s * d + j] = (float)mu[(size_t)s * d + j];
+            dev_sq += dev[(size_t)s * d + j];
+        }
+        float F = (float)sqrt(dev_sq);
+        host[(size_t)n_slices * d + s] = F > 1e-12f ? 1.0f / F : 0.0f;
+    }
+    float *dh = (float *)dev_temp(TMP_UPLOAD, ((size_t)n_slices * d + n_slices) * sizeof(float));
+    cudaCheck(cudaMemcpy(dh, host, ((size_t)n_slices * d + n_slices) * sizeof(float), cudaMemcpyHostToDevice));
+    oacd_backward_kernel<<<ceil_div((size_t)N * d, 256), 256>>>(dX, X, dh, dh + (size_t)n_slices * d, N, d, slice, n_slices, lambda);
+    launchCheck();
+    free(host);
+    free(mu);
+}
+
+// ----------------------------------------------------------------------------
+// The model
+
+typedef struct {
+    Config cfg;
+    ParamTensor *tensors;       // stb_ds array: checkpoint order, names, shapes
+    size_t num_params;          // in the checkpoint
+    size_t num_params_dev;      // elements of the GPU blocks (tensors 256-byte aligned)
+    float *params_memory;       // host fp32 copy, checkpoint order (init, load, save, --init-from)
+    floatX *params_dev; Params p;         // GPU: what the layers read
+    float *master_dev;                    // GPU fp32 master weights (= params_dev with PRECISION=FP32)
+    floatX *grads_memory; Params g;       // GPU, allocated on first backward
+    float *m_memory, *v_memory;           // GPU AdamW moments, allocated on first update
+    int adam_step;
+    Rope rope;                            // rotary_dims of each head (Pythia's partial RoPE)
+    Rope mla_rope;                        // MLA's decoupled d_R dims (R = 0 otherwise)
+    char *acts_memory; Acts a; size_t acts_cap;       // GPU activations, capacity in bytes
+    char *gacts_memory; GradActs ga; size_t gacts_cap; // their gradients
+    size_t batch_cap;
+    int B, T;                   // shape of the last forward
+    int *inputs, *targets;      // host copies of the last forward's batch
+    int *inputs_dev, *targets_dev;        // the same on the GPU
+    float mean_loss;            // of the last forward with targets, else -1
+    int n_valid;                // non-ignored targets in the last forward
+    BlockActs cb;               // ContextBlock scratch (phase 1 and the exact recurrence)
+    int head_from;              // B = 1 inference: logits only for rows >= head_from (0 = all)
+    float *losses_host;         // (B,T) a.losses of the last forward with targets, on the host
+    float *logits_host; size_t logits_host_cap; // rows of a.logits fetched by model_logits_host
+} Model;
+
+// Which tensors train. Phase 1 trains only the ContextBlock (OACD); phase 2 (and every model
+// without a block) trains the rest with the block frozen; ctxpythia also freezes embed_in,
+// which feeds only the block (doc/context_kv.md).
+static void model_set_phase(Model *m, int phase) {
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        ParamTensor *t = &m->tensors[i];
+        int in_block = strncmp(t->name, "ctx_", 4) == 0;
+        int embed_frozen = m->cfg.model_type == MODEL_CTXPYTHIA && strcmp(t->name, "embed_in") == 0;
+        t->frozen = phase == 1 ? !in_block : (in_block || embed_frozen);
+    }
+}
+
+static void model_alloc_params(Model *m, const Config *c) {
+    cuda_init();
+    memset(m, 0, sizeof *m);
+    m->cfg = *c;
+    m->p.layer = (LayerParams *)calloc_check(c->n_layer * sizeof(LayerParams), "layer params");
+    m->g.layer = (LayerParams *)calloc_check(c->n_layer * sizeof(LayerParams), "layer grads");
+    m->num_params = layout_params(c, NULL, NULL, &m->tensors, &m->num_params_dev);
+    m->params_memory = (float *)malloc_check(m->num_params * sizeof(float), "parameters");
+    m->params_dev = (floatX *)cuda_calloc_check(m->num_params_dev * sizeof(floatX), "parameters");
+#ifdef ENABLE_FP32
+    m->master_dev = m->params_dev;
+#else
+    m->master_dev = (float *)cuda_calloc_check(m->num_params_dev * sizeof(float), "fp32 master weights");
+#endif
+    layout_params(c, m->params_dev, &m->p, NULL);
+    m->rope = rope_init(c->max_seq_len, c->rotary_dims, c->rope_base);
+    m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim : 0, c->rope_base);
+    m->a.layer = (LayerActs *)calloc_check(c->n_layer * sizeof(LayerActs), "layer acts");
+    m->mean_loss = -1.0f;
+    model_set_phase(m, 2);
+}
+
+// params_memory (host, fp32, checkpoint order) -> master weights and params_dev (GPU)
+static void model_to_device(Model *m) {
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        const ParamTensor *t = &m->tensors[i];
+        cudaCheck(cudaMemcpy(m->master_dev + t->dev_offset, m->params_memory + t->offset, t->rows * t->cols * sizeof(float),
+                             cudaMemcpyHostToDevice));
+    }
+#ifndef ENABLE_FP32
+    cast_to_floatX_kernel<<<ceil_div(m->num_params_dev, 256), 256>>>(m->params_dev, m->master_dev, m->num_params_dev);
+    launchCheck();
+#endif
+}
+
+// the fp32 master weights (GPU) -> params_memory (host), before anything on the host reads it
+static void model_to_host(const Model *m) {
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        const ParamTensor *t = &m->tensors[i];
+        cudaCheck(cudaMemcpy(m->params_memory + t->offset, m->master_dev + t->dev_offset, t->rows * t->cols * sizeof(float),
+                             cudaMemcpyDeviceToHost));
+    }
+}
+
+// Random init as HF GPTNeoX (_init_weights): N(0, init_std) for matrices and embeddings,
+// LayerNorm 1/0, biases 0; the two residual-output matrices (dense, proj) are scaled by
+// 1/sqrt(2L) as in GPT-2, which keeps the residual stream's variance flat with depth.
+// On the host with the CPU program's RNG, so both programs start from the same weights.
+static void model_init_random(Model *m, const Config *c, float init_std, uint64_t seed) {
+    model_alloc_params(m, c);
+    uint64_t rng = seed ? seed : 1;
+    memset(m->params_memory, 0, m->num_params * sizeof(float));
+    const float resid_std = init_std / sqrtf(2.0f * c->n_layer);
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        ParamTensor *t = &m->tensors[i];
+        float *w = m->params_memory + t->offset;
+        size_t n = t->rows * t->cols;
+        const char *leaf = strrchr(t->name, '.') ? strrchr(t->name, '.') + 1 : t->name;
+        if (strcmp(leaf, "ln1_w") == 0 || strcmp(leaf, "ln2_w") == 0 || strcmp(leaf, "lnf_w") == 0 ||
+            strstr(leaf, "norm_w") || strcmp(leaf, "ctx_ln_e_w") == 0 || strcmp(leaf, "ctx_ln_c_w") == 0) {
+            for (size_t j = 0; j < n; j++) w[j] = 1.0f; // LayerNorm and RMSNorm weights
+        } else if (strcmp(leaf, "ctx_w") == 0 || strcmp(leaf, "ctx_b") == 0) {
+            // the prototype's init: W_c ~ N(0, 0.1²), b_c ~ N(0, 0.01²); it reports that
+            // Xavier-style init keeps phase 1 from converging
+            float std = strcmp(leaf, "ctx_w") == 0 ? 0.1f : 0.01f;
+            for (size_t j = 0; j < n; j++) w[j] = std * random_normal(&rng);
+        } else if (t->rows > 1) {
+            float std = (strcmp(leaf, "dense_w") == 0 || strcmp(leaf, "proj_w") == 0) ? resid_std : init_std;
+            size_t real_rows = t->rows;
+            if (strcmp(leaf, "embed_in") == 0 || strcmp(leaf, "embed_out") == 0) real_rows = c->vocab_size;
+            for (size_t j = 0; j < real_rows * t->cols; j++) w[j] = std * random_normal(&rng);
+        } // biases stay 0; padding rows of the embeddings stay 0
+    }
+    model_to_device(m);
+}
+
+// Loads a checkpoint; refuses one whose header is inconsistent or whose size differs
+// from what the header implies.
+// Reads and validates a checkpoint's header and size; leaves f at the parameters.
+static Config checkpoint_open(const char *path, FILE **out) {
+    FILE *f = fopen_check(path, "rb");
+    int h[HEADER_INTS];
+    long long size = file_size(f);
+    if (size < (long long)sizeof h) die("'%s' is too small to be a checkpoint (%lld bytes)", path, size);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != CKPT_MAGIC) die("'%s' is not a ctxkv checkpoint (magic %d, expected %d)", path, h[0], CKPT_MAGIC);
+    if (h[1] != CKPT_VERSION) die("'%s' has checkpoint version %d, this build reads %d", path, h[1], CKPT_VERSION);
+    Config c = config_from_header(h);
+    const char *problem = config_problem(&c);
+    if (problem) die("'%s': bad config in header: %s", path, problem);
+    size_t n = layout_params(&c, NULL, NULL, NULL);
+    long long expect = (long long)sizeof h + (long long)n * (long long)sizeof(float);
+    if (size != expect)
+        die("'%s' has %lld bytes but its header implies %lld (%zu parameters): wrong size", path, size, expect, n);
+    if (out) *out = f;
+    else fclose(f);
+    return c;
+}
+
+static void model_load(Model *m, const char *path) {
+    FILE *f;
+    Config c = checkpoint_open(path, &f);
+    model_alloc_params(m, &c);
+    fread_check(m->params_memory, sizeof(float), m->num_params, f, path);
+    fclose(f);
+    model_to_device(m);
+}
+
+static void model_save(const Model *m, const char *path) {
+    int h[HEADER_INTS];
+    config_to_header(&m->cfg, h);
+    model_to_host(m); // the fp32 master weights are the checkpoint
+    AtomicFile af = atomic_open(path);
+    fwrite_check(h, sizeof(int), HEADER_INTS, af.f, af.tmp);
+    fwrite_check(m->params_memory, sizeof(float), m->num_params, af.f, af.tmp);
+    atomic_commit(&af);
+}
+
+static void model_free(Model *m) {
+    free(m->params_memory); cuda_free(m->params_dev);
+    if ((void *)m->master_dev != (void *)m->params_dev) cuda_free(m->master_dev);
+    cuda_free(m->grads_memory); cuda_free(m->m_memory); cuda_free(m->v_memory);
+    cuda_free(m->acts_memory); cuda_free(m->gacts_memory); rope_free(&m->rope); rope_free(&m->mla_rope);
+    free(m->p.layer); free(m->g.layer); free(m->a.layer);
+    free(m->inputs); free(m->targets); cuda_free(m->inputs_dev); cuda_free(m->targets_dev); cuda_free(m->cb.mem);
+    free(m->losses_host); free(m->logits_host);
+    arrfree(m->tensors);
+    memset(m, 0, sizeof *m);
+}
+
+// Points the activations at GPU memory for a (B,T) batch, growing the block when this batch
+// needs more than any earlier one.
+static void model_ensure_acts(Model *m, int B, int T) {
+    size_t need = layout_acts(&m->cfg, B, T, NULL, &m->a, NULL);
+    if (need > m->acts_cap) {
+        cuda_free(m->acts_memory);
+        m->acts_memory = (char *)cuda_malloc_check(need, "activations");
+        m->acts_cap = need;
+    }
+    layout_acts(&m->cfg, B, T, m->acts_memory, &m->a, NULL);
+    size_t BT = (size_t)B * T;
+    if (BT > m->batch_cap) {
+        free(m->inputs); free(m->targets); free(m->losses_host);
+        cuda_free(m->inputs_dev); cuda_free(m->targets_dev);
+        m->inputs = (int *)malloc_check(BT * sizeof(int), "batch");
+        m->targets = (int *)malloc_check(BT * sizeof(int), "batch");
+        m->losses_host = (float *)malloc_check(BT * sizeof(float), "losses");
+        m->inputs_dev = (int *)cuda_malloc_check(BT * sizeof(int), "batch");
+        m->targets_dev = (int *)cuda_malloc_check(BT * sizeof(int), "batch");
+        m->batch_cap = BT;
+    }
+}
+
+// rows [row0, row0 + n) of the last forward's logits (Vp each), as fp32 on the host (the CPU
+// program reads m->a.logits directly)
+static const float *model_logits_host(Model *m, size_t row0, size_t n) {
+    const size_t Vp = m->cfg.padded_vocab_size;
+    if (n * Vp > m->logits_host_cap) {
+        free(m->logits_host);
+        m->logits_host = (float *)malloc_check(n * Vp * sizeof(float), "logits");
+        m->logits_host_cap = n * Vp;
+    }
+    download_floats(m->logits_host, m->a.logits + row0 * Vp, n * Vp);
+    return m->logits_host;
+}
+
+// ----------------------------------------------------------------------------
+// Attention blocks. What differs between the variants is only how q, k and v are made
+// from LN_1(x) (attn_project_*), where they sit (attn_views), and what the KV cache holds
+// (attn_kv_elements, attn_cache_write, attn_decode). The causal softmax core and the
+// output projection are shared. doc/attention.md has the equations.
+
+// Head views of q, k, v inside an AttnActs (activations or their gradients: same layout).
+static void attn_views(const Config *c, int kind, const AttnActs *at, HeadView *q, HeadView *k, HeadView *v) {
+    const int C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
+    switch (kind) {
+    case ATTN_CTX: // heads of D; kc/vc rows are source positions (the slots index them)
+        *q = HeadView{at->q, C, D};
+        *k = HeadView{at->kc, C, D};
+        *v = HeadView{at->vc, C, D};
+        break;
+    case ATTN_MHA: // fused, interleaved per head: [q | k | v] of head h at h*3D
+        *q = HeadView{at->qkv, 3 * C, 3 * D};
+        *k = HeadView{at->qkv + D, 3 * C, 3 * D};
+        *v = HeadView{at->qkv + 2 * D, 3 * C, 3 * D};
+        break;
+    case ATTN_GQA:
+    case ATTN_MQA: // q (H heads), then kv = [K of G heads | V of G heads]
+        *q = HeadView{at->q, H * D, D};
+        *k = HeadView{at->kv, 2 * G * D, D};
+        *v = HeadView{at->kv + G * D, 2 * G * D, D};
+        break;
+    case ATTN_MLA: // q and k per head [nope (D) | rope (dR)]; v is the second half of kvb's head
+        *q = HeadView{at->q, H * Dq, Dq};
+        *k = HeadView{at->k, H * Dq, Dq};
+        *v = HeadView{at->kvb + D, H * 2 * D, 2 * D};
+        break;
+    }
+}
+
+// key/value heads the core sees: MLA materialises one key per query head for training
+static int attn_core_kv_heads(const Config *c, int kind) {
+    return (kind == ATTN_MLA || kind == ATTN_CTX) ? c->n_head : c->n_kv_head;
+}
+
+// MLA: k[bt][h] = [k_nope_h (from kvb) | k_pe (shared by all heads)]. One thread per entry.
+__global__ void mla_gather_keys_kernel(floatX *k, const floatX *kvb, const floatX *kpe, int kpe_stride, int BT, int H, int D, int dR) {
+    const int Dq = D + dR;
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * H * Dq) return;
+    const int j = (int)(idx % Dq);
+    const size_t nh = idx / Dq, n = nh / H; // nh = n*H + h
+    k[idx] = j < D ? kvb[nh * 2 * D + j] : kpe[n * kpe_stride + j - D];
+}
+static void mla_gather_keys(floatX *k, const floatX *kvb, const floatX *kpe, int kpe_stride, int BT, int H, int D, int dR) {
+    mla_gather_keys_kernel<<<ceil_div((size_t)BT * H * (D + dR), 256), 256>>>(k, kvb, kpe, kpe_stride, BT, H, D, dR);
+    launchCheck();
+}
+
+// its backward: dk_nope to its head in dkvb, dk_pe summed over the heads that share it.
+// One thread per (token, column): the k_pe columns loop over the heads in order.
+__global__ void mla_gather_keys_backward_kernel(floatX *dkvb, floatX *dkpe, int kpe_stride, const floatX *dk, int BT, int H,
+                                                int D, int dR) {
+    const int Dq = D + dR;
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * (H * D + dR)) return;
+    const size_t n = idx / (H * D + dR);
+    const int col = (int)(idx % (H * D + dR));
+    if (col < H * D) { // k_nope of head h, dim j
+        const int h = col / D, j = col % D;
+        floatX *dst = dkvb + (n * H + h) * 2 * D + j;
+        *dst = fx(tof(*dst) + tof(dk[(n * H + h) * Dq + j]));
+    } else { // k_pe dim j, shared
+        const int j = col - H * D;
+        float s = 0.0f;
+        for (int h = 0; h < H; h++) s += tof(dk[(n * H + h) * Dq + D + j]);
+        floatX *dst = dkpe + n * kpe_stride + j;
+        *dst = fx(tof(*dst) + s);
+    }
+}
+static void mla_gather_keys_backward(floatX *dkvb, floatX *dkpe, int kpe_stride, const floatX *dk, int BT, int H, int D, int dR) {
+    mla_gather_keys_backward_kernel<<<ceil_div((size_t)BT * (H * D + dR), 256), 256>>>(dkvb, dkpe, kpe_stride, dk, BT, H, D, dR);
+    launchCheck();
+}
+
+// q, k, v from x = LN_1(x_l) (B,T,C), positions pos0.., RoPE applied
+static void attn_project_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const floatX *x, int B,
+                                 int T, int pos0) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
+    switch (kind) {
+    case ATTN_CTX: // q from the token; keys and values of every context (constants)
+        matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, C);
+        matmul_forward(at->kc, m->a.contexts, lp->k_w, lp->k_b, BT, c->context_dim, C);
+        matmul_forward(at->vc, m->a.contexts, lp->v_w, lp->v_b, BT, c->context_dim, C);
+        break;
+    case ATTN_MHA:
+        matmul_forward(at->qkv, x, lp->qkv_w, lp->qkv_b, BT, C, 3 * C);
+        rope_forward(at->qkv, B, T, pos0, 3 * C, H, 3 * D, &m->rope);     // q
+        rope_forward(at->qkv + D, B, T, pos0, 3 * C, H, 3 * D, &m->rope); // k
+        break;
+    case ATTN_GQA:
+    case ATTN_MQA:
+        matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, H * D);
+        matmul_forward(at->kv, x, lp->kv_w, lp->kv_b, BT, C, 2 * G * D);
+        rope_forward(at->q, B, T, pos0, H * D, H, D, &m->rope);
+        rope_forward(at->kv, B, T, pos0, 2 * G * D, G, D, &m->rope); // the G key heads, before sharing
+        break;
+    case ATTN_MLA: {
+        const int dR = c->mla_rope_dim, Dq = D + dR, KVA = c->kv_rank + dR;
+        if (c->q_rank > 0) { // query compression: q = W_UQ · RMSNorm(W_DQ x)
+            matmul_forward(at->q_lat, x, lp->q_a_w, NULL, BT, C, c->q_rank);
+            rmsnorm_forward(at->q_lat_norm, at->q_lat_rstd, at->q_lat, c->q_rank, lp->q_a_norm_w, BT, c->q_rank, c->rms_eps);
+            matmul_forward(at->q, at->q_lat_norm, lp->q_b_w, NULL, BT, c->q_rank, H * Dq);
+        } else {
+            matmul_forward(at->q, x, lp->q_w, NULL, BT, C, H * Dq);
+        }
+        rope_forward(at->q + D, B, T, pos0, H * Dq, H, Dq, &m->mla_rope);               // q_pe
+        matmul_forward(at->kv_a, x, lp->kv_a_w, NULL, BT, C, KVA);                       // [c | k_R]
+        rope_forward(at->kv_a + c->kv_rank, B, T, pos0, KVA, 1, 0, &m->mla_rope);        // k_pe
+        rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, c->kv_rank, c->rms_eps);
+        matmul_forward(at->kvb, at->c_norm, lp->kv_b_w, NULL, BT, c->kv_rank, H * 2 * D); // [k_nope | v]
+        mla_gather_keys(at->k, at->kvb, at->kv_a + c->kv_rank, KVA, BT, H, D, dR);
+        break;
+    }
+    }
+}
+
+// backward of attn_project_forward: dat holds dq, dk, dv (from the core); accumulates into
+// dx (B,T,C) and the layer's parameter grads lg
+static void attn_project_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
+                                  AttnActs *dat, floatX *dx, const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
+    switch (kind) {
+    case ATTN_CTX: // the contexts are constants: no gradient flows into them
+        matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, C);
+        matmul_backward(NULL, lg->k_w, lg->k_b, dat->kc, m->a.contexts, lp->k_w, BT, c->context_dim, C);
+        matmul_backward(NULL, lg->v_w, lg->v_b, dat->vc, m->a.contexts, lp->v_w, BT, c->context_dim, C);
+        break;
+    case ATTN_MHA:
+        rope_backward(dat->qkv, B, T, 0, 3 * C, H, 3 * D, &m->rope);
+        rope_backward(dat->qkv + D, B, T, 0, 3 * C, H, 3 * D, &m->rope);
+        matmul_backward(dx, lg->qkv_w, lg->qkv_b, dat->qkv, x, lp->qkv_w, BT, C, 3 * C);
+        break;
+    case ATTN_GQA:
+    case ATTN_MQA:
+        rope_backward(dat->q, B, T, 0, H * D, H, D, &m->rope);
+        rope_backward(dat->kv, B, T, 0, 2 * G * D, G, D, &m->rope);
+        matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, H * D);
+        matmul_backward(dx, lg->kv_w, lg->kv_b, dat->kv, x, lp->kv_w, BT, C, 2 * G * D);
+        break;
+    case ATTN_MLA: {
+        const int dR = c->mla_rope_dim, Dq = D + dR, KVA = c->kv_rank + dR;
+        mla_gather_keys_backward(dat->kvb, dat->kv_a + c->kv_rank, KVA, dat->k, BT, H, D, dR);
+        rope_backward(dat->kv_a + c->kv_rank, B, T, 0, KVA, 1, 0, &m->mla_rope);
+        rope_backward(dat->q + D, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
+        matmul_backward(dat->c_norm, lg->kv_b_w, NULL, dat->kvb, at->c_norm, lp->kv_b_w, BT, c->kv_rank, H * 2 * D);
+        rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, c->kv_rank);
+        matmul_backward(dx, lg->kv_a_w, NULL, dat->kv_a, x, lp->kv_a_w, BT, C, KVA);
+        if (c->q_rank > 0) {
+            matmul_backward(dat->q_lat_norm, lg->q_b_w, NULL, dat->q, at->q_lat_norm, lp->q_b_w, BT, c->q_rank, H * Dq);
+            rmsnorm_backward(dat->q_lat, c->q_rank, lg->q_a_norm_w, dat->q_lat_norm, at->q_lat, lp->q_a_norm_w, at->q_lat_rstd, BT, c->q_rank);
+            matmul_backward(dx, lg->q_a_w, NULL, dat->q_lat, x, lp->q_a_w, BT, C, c->q_rank);
+        } else {
+            matmul_backward(dx, lg->q_w, NULL, dat->q, x, lp->q_w, BT, C, H * Dq);
+        }
+        break;
+    }
+    }
+}
+
+// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l). A ctxkv layer attends over its
+// context slots; every other kind uses the causal core.
+static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, floatX *out,
+                                    const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
+    attn_project_forward(m, kind, lp, at, x, B, T, 0);
+    if (kind == ATTN_CTX) {
+        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
+    } else {
+        HeadView q, k, v;
+        attn_views(c, kind, at, &q, &k, &v);
+        attention_forward(at->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c, kind), Dq, D, 1.0f / sqrtf((float)Dq));
+    }
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
+}
+
+static void attention_block_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
+                                     AttnActs *dat, floatX *dx, const floatX *dout, const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
+    matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
+    if (kind == ATTN_CTX) {
+        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H,
+                               D, c->context_interval, c->max_contexts);
+    } else {
+        HeadView q, k, v, dq, dk, dv;
+        attn_views(c, kind, at, &q, &k, &v);
+        attn_views(c, kind, dat, &dq, &dk, &dv);
+        attention_backward(dq, dk, dv, dat->att, dat->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c, kind), Dq,
+                           D, 1.0f / sqrtf((float)Dq));
+    }
+    attn_project_backward(m, kind, lp, lg, at, dat, dx, x, B, T);
+}

@@ -5,7 +5,9 @@ Reference-state generator for test_ctxkv (dev only; needs dev/requirements-dev.t
     /work/devvenv/bin/python dev/reference.py                    # writes all of dev/ref/*
     /work/devvenv/bin/python dev/reference.py --variants mha     # only tiny_*.bin (+ hf_tiny/)
     /work/devvenv/bin/python dev/reference.py --variants gqa,mla # only those variants
-    (names: mha gqa mqa mla mlaq; dev/ref/variants.json is rewritten on every run)
+    /work/devvenv/bin/python dev/reference.py --variants ctxkv,ctxpythia,ctxblock  # Context-KV only
+    (names: mha gqa mqa mla mlaq ctxkv ctxpythia ctxblock; dev/ref/variants.json and
+    dev/ref/ctx_variants.json are rewritten on every run)
 
 mha (tiny_model.bin, tiny_state.bin): the ground truth is Hugging Face `transformers`
 GPTNeoXForCausalLM. This job:
@@ -30,6 +32,21 @@ HF's repeat_kv expansion; MLA attention equals HF DeepseekV2Attention (rope rows
 to interleaved pairs, ~1e-7: HF's RMSNorm/RoPE run in float32); the MLA absorbed
 latent-cache decode equals the plain form at every position; and a list of layout /
 convention mistakes (VARIANT_MUTATIONS) must each move the logits.
+
+ctxkv, ctxpythia (<name>_model.bin, <name>_state.bin): Context-KV (layer0_type 1: layer 0
+attends from the token to the contexts c_t, c_{t-I}, ..., c_{t-(M-1)I}; layer 1 gqa) and
+Context-Pythia (model_type 1: the layers run at width d_c on the contexts), ground truth
+`CtxModel` (float64, same parameter recipe), in phase-2 semantics: the contexts come from the
+exact sequential ContextBlock recurrence (c_{-1} = 0 per row) on the current embed_in and
+are constants, so the ContextBlock's gradients are exact zeros (and embed_in's, for
+ctxpythia). The 10 AdamW steps leave the frozen tensors (CTX_FROZEN) out of the optimizer
+and the gradient norm. Checks: see the "Context-KV" section below.
+
+ctxblock (ctxblock_state.bin): phase 1, the parallel (Jacobi) step O = ContextBlock(S, E)
+for all positions at once, its OACD loss (slices of 12 rows of the 32, the last one partial)
+and the gradients of the six block tensors, plus the sequential contexts; layout in
+write_ctxblock_state. Also asserts that the noiseless Jacobi iteration from P = 0 reproduces
+the sequential recurrence after T iterations.
 
 Everything is seeded (each variant has its own parameter seed; one batch is shared by the
 variants), so two runs, or runs of different --variants subsets, give byte-identical files.
