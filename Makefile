@@ -66,7 +66,9 @@ $(TESTDATA)/.stamp: $(VENV)/.stamp dev/make_test_data.py prepro/common.py prepro
 
 # the Python prepro tests, then the C harness (whose last line is the overall "N passed, N failed")
 test: train_ctxkv test_ctxkv testdata
+	$(MAKE) --no-print-directory cuda-check
 	$(VPY) prepro/test_prepro.py
+	$(MAKE) --no-print-directory fuzz-replay
 	OMP_NUM_THREADS=$(THREADS) ./test_ctxkv
 
 # the default run: pythia-14m shape on Tiny Shakespeare, a few minutes on two cores
@@ -80,3 +82,191 @@ ctxkv-demo: train_ctxkv data
 
 clean:
 	rm -rf train_ctxkv test_ctxkv build
+
+# ---------------------------------------------------------------------------
+# Robustness (doc/robustness.md): fuzzing the file loaders, replaying what it found, ASan.
+#   make fuzz [FUZZ_SECONDS=60]   build and run every fuzz target (make -k -j2 fuzz: two at a time)
+#   make fuzz-shard ...           one target; fuzz-seeds rewrites the seed corpora
+#   make fuzz-replay              the committed corpora and regressions (part of make test)
+#   make test-asan                the whole harness against ASan/UBSan builds
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_MAXLEN ?= 16384
+FUZZ_TARGETS = shard checkpoint toktab refstate
+FUZZ_DIR = dev/fuzz
+FUZZ_BUILD = build/fuzz
+FUZZ_SRC = $(FUZZ_DIR)/fuzz_common.h train_ctxkv.c test_ctxkv.c
+# -march=native when the compiler accepts it (the same probe as above, for these builds)
+NATIVE_FLAG = $(shell echo 'int main(){return 0;}' | $(1) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
+SAN_WARN = -std=gnu11 -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas
+FUZZ_CFLAGS = $(SAN_WARN) -g -O1 -DFUZZING -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+# the replay runs under make test with $(CC); ASan/UBSan when that compiler has them
+REPLAY_SAN = $(shell echo 'int main(){return 0;}' | $(CC) -fsanitize=address,undefined -x c - -o /dev/null 2>/dev/null && echo -fsanitize=address,undefined -fno-sanitize-recover=undefined)
+FUZZ_RUNS = $(FUZZ_TARGETS:%=fuzz-%)
+
+.PHONY: fuzz $(FUZZ_RUNS) fuzz-replay fuzz-seeds test-asan
+
+$(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz_%): $(FUZZ_BUILD)/fuzz_%: $(FUZZ_DIR)/fuzz_%.c $(FUZZ_SRC) | $(STB)
+	@mkdir -p $(FUZZ_BUILD)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(call NATIVE_FLAG,$(FUZZ_CC)) -o $@ $< -lm
+
+# Each run starts from the committed seeds (dev/fuzz/corpus/T) and grows its own corpus in
+# build/fuzz/corpus/T. A finding (crash, leak, timeout, out-of-memory) is moved to
+# dev/fuzz/regressions/T/, which make test replays, and fails the target (make -k fuzz goes
+# on with the other targets).
+$(FUZZ_RUNS): fuzz-%: $(FUZZ_BUILD)/fuzz_%
+	@mkdir -p $(FUZZ_BUILD)/corpus/$* $(FUZZ_BUILD)/artifacts/$*
+	@echo "fuzz_$*: up to $(FUZZ_SECONDS) s, log in $(FUZZ_BUILD)/fuzz_$*.log"
+	@t0=$$(date +%s); \
+	 $(FUZZ_BUILD)/fuzz_$* -max_total_time=$(FUZZ_SECONDS) -max_len=$(FUZZ_MAXLEN) -timeout=30 -rss_limit_mb=4096 \
+	  -close_fd_mask=3 -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/artifacts/$*/ \
+	  $(FUZZ_BUILD)/corpus/$* $(FUZZ_DIR)/corpus/$* > $(FUZZ_BUILD)/fuzz_$*.log 2>&1; \
+	 rc=$$?; secs=$$(( $$(date +%s) - t0 )); found=0; \
+	 for f in $(FUZZ_BUILD)/artifacts/$*/*; do \
+	   [ -f "$$f" ] || continue; mkdir -p $(FUZZ_DIR)/regressions/$*; mv "$$f" $(FUZZ_DIR)/regressions/$*/; \
+	   echo "fuzz_$*: FINDING $(FUZZ_DIR)/regressions/$*/$$(basename $$f)"; found=1; done; \
+	 runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $(FUZZ_BUILD)/fuzz_$*.log); \
+	 echo "fuzz_$*: $${runs:-?} executions in $$secs s, corpus $$(ls $(FUZZ_BUILD)/corpus/$* | wc -l) inputs, exit $$rc"; \
+	 if [ $$found = 1 ] || [ $$rc != 0 ]; then grep -m1 -A12 -E '^==[0-9]+==|ERROR|runtime error' $(FUZZ_BUILD)/fuzz_$*.log; exit 1; fi
+
+fuzz: $(FUZZ_RUNS)
+
+$(FUZZ_BUILD)/fuzz_replay: $(FUZZ_DIR)/fuzz_replay.c $(FUZZ_TARGETS:%=$(FUZZ_DIR)/fuzz_%.c) $(FUZZ_SRC) | $(STB)
+	@mkdir -p $(FUZZ_BUILD)
+	$(CC) $(SAN_WARN) -g -O1 -DFUZZING $(REPLAY_SAN) $(call NATIVE_FLAG,$(CC)) -o $@ $< -lm
+
+fuzz-replay: $(FUZZ_BUILD)/fuzz_replay
+	$(FUZZ_BUILD)/fuzz_replay $(FUZZ_DIR)
+
+$(FUZZ_BUILD)/make_seeds: $(FUZZ_DIR)/make_seeds.c train_ctxkv.c | $(STB)
+	@mkdir -p $(FUZZ_BUILD)
+	$(CC) $(SAN_WARN) -O1 -g -o $@ $< -lm
+
+fuzz-seeds: $(FUZZ_BUILD)/make_seeds testdata
+	rm -rf $(FUZZ_DIR)/corpus
+	$(FUZZ_BUILD)/make_seeds $(FUZZ_DIR)/corpus $(TESTDATA)/tokenizer.bin
+
+# ASan + UBSan builds of both binaries, without OpenMP (its runtime gives ASan false
+# positives); test_ctxkv runs the asan train_ctxkv through TRAIN_BIN. Leak checks: on for
+# test_ctxkv; off by default for train_ctxkv (dev/asan_train_options.c says why), then on for
+# one full run (train, val, samples, generation, save) where its main frees everything.
+ASAN_BUILD = build/asan
+ASAN_CFLAGS = $(SAN_WARN) -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+UBSAN_ENV = UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+
+$(ASAN_BUILD)/train_ctxkv: train_ctxkv.c dev/asan_train_options.c | $(STB)
+	@mkdir -p $(ASAN_BUILD)
+	$(CC) $(ASAN_CFLAGS) $(call NATIVE_FLAG,$(CC)) -o $@ train_ctxkv.c dev/asan_train_options.c -lm
+
+$(ASAN_BUILD)/test_ctxkv: test_ctxkv.c train_ctxkv.c | $(STB)
+	@mkdir -p $(ASAN_BUILD)
+	$(CC) $(ASAN_CFLAGS) $(call NATIVE_FLAG,$(CC)) -o $@ $< -lm
+
+test-asan: $(ASAN_BUILD)/train_ctxkv $(ASAN_BUILD)/test_ctxkv testdata
+	rm -rf $(ASAN_BUILD)/run
+	$(UBSAN_ENV) ASAN_OPTIONS=detect_leaks=1 $(ASAN_BUILD)/train_ctxkv --model pythia-14m -b 2 -t 16 --steps 3 \
+	  --train $(TESTDATA)/roundtrip.bin --val $(TESTDATA)/roundtrip.bin --val-every 2 --val-batches 2 --sample-every 2 \
+	  --sample-len 4 --tokenizer $(TESTDATA)/tokenizer.bin --eval-gen --gen-prompt 4 --gen-new 4 --out $(ASAN_BUILD)/run > $(ASAN_BUILD)/run.log
+	@echo "asan: a full training run of $(ASAN_BUILD)/train_ctxkv exits 0 with leak checks on (log: $(ASAN_BUILD)/run.log)"
+	$(UBSAN_ENV) TRAIN_BIN=$(ASAN_BUILD)/train_ctxkv $(ASAN_BUILD)/test_ctxkv
+
+# ---------------------------------------------------------------------------
+# CUDA (README, GPU section): train_ctxkv.cu, the CUDA mirror of train_ctxkv.c, and its harness
+# test_ctxkv_cu.cu, which links the CPU program through test_ctxkv_cpu.c. Nothing CUDA runs in
+# CI: `make test` only compiles both (cuda-check) when nvcc exists, warnings as errors.
+#   make train_ctxkv_cu test_ctxkv_cu          bf16 + fp32 master weights, for sm_80 and sm_90
+#   ... PRECISION=FP32                         all fp32: compares with the CPU exactly
+#   ... GPU_COMPUTE_CAPABILITY=90              one architecture (faster to build)
+#   make cuda-emu                              the harness on the CPU through dev/cuda/emu (no GPU)
+#   make dev-cuda                              build the kernel files in dev/cuda
+NVCC ?= nvcc
+NVCC_FOUND := $(shell command -v $(NVCC) 2>/dev/null)
+GPU_COMPUTE_CAPABILITY ?= 80 90
+NVCC_GENCODE = $(foreach cc,$(GPU_COMPUTE_CAPABILITY),-gencode arch=compute_$(cc),code=sm_$(cc))
+NVCC_FLAGS ?= -O3 -std=c++17
+NVCC_WERROR = --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
+NVCC_LDLIBS = -lcublasLt -lcublas -lm
+CU_PREC = $(if $(filter FP32,$(PRECISION)),-DENABLE_FP32)
+CU_FLAGS = $(NVCC_FLAGS) $(CU_PREC) $(NVCC_GENCODE)
+DEV_CUDA = $(wildcard dev/cuda/*.cu)
+CU_EMPTY :=
+CU_SPACE := $(CU_EMPTY) $(CU_EMPTY)
+CU_ARCHS = $(subst $(CU_SPACE),$(CU_SPACE)and$(CU_SPACE),$(strip $(patsubst %,sm_%,$(GPU_COMPUTE_CAPABILITY))))
+# the CPU program as an object for the harness: no OpenMP, no -march=native (test models are tiny)
+CPUREF_CFLAGS = -O2 -std=gnu11 -Wall -Wextra -Wno-psabi -Wno-unused-function -Wno-unknown-pragmas
+
+.PHONY: cuda-flags cuda-check cuda-emu dev-cuda clean-cuda
+
+# the CUDA binaries rebuild when PRECISION or the architectures change
+build/cu_flags.txt: cuda-flags
+	@mkdir -p build
+	@echo '$(CU_FLAGS)' | cmp -s - $@ || echo '$(CU_FLAGS)' > $@
+
+train_ctxkv_cu: train_ctxkv.cu build/cu_flags.txt | $(STB)
+	$(NVCC) $(CU_FLAGS) -o $@ $< $(NVCC_LDLIBS)
+
+build/test_ctxkv_cpu.o: test_ctxkv_cpu.c train_ctxkv.c | $(STB)
+	@mkdir -p build
+	$(CC) $(CPUREF_CFLAGS) -c -o $@ $<
+
+test_ctxkv_cu: test_ctxkv_cu.cu train_ctxkv.cu build/test_ctxkv_cpu.o build/cu_flags.txt | $(STB)
+	$(NVCC) $(CU_FLAGS) -o $@ $< build/test_ctxkv_cpu.o $(NVCC_LDLIBS)
+
+# make test's CUDA check: both targets and the kernel files in dev/cuda compile, warnings as
+# errors, for every architecture (two compiles at a time; outputs in build/cuda-check, never run:
+# CI has no GPU). About a minute on two cores.
+CUDA_CHECK = build/cuda-check
+cuda-check: | $(STB)
+	@if [ -z "$(NVCC_FOUND)" ]; then echo "SKIP cuda: $(NVCC) not found, train_ctxkv_cu and test_ctxkv_cu not compiled"; exit 0; fi; \
+	mkdir -p $(CUDA_CHECK) && \
+	$(CC) $(CPUREF_CFLAGS) -c -o $(CUDA_CHECK)/test_ctxkv_cpu.o test_ctxkv_cpu.c && \
+	{ $(NVCC) $(CU_FLAGS) $(NVCC_WERROR) -o $(CUDA_CHECK)/train_ctxkv_cu train_ctxkv.cu $(NVCC_LDLIBS) & p1=$$!; \
+	  $(NVCC) $(CU_FLAGS) $(NVCC_WERROR) -o $(CUDA_CHECK)/test_ctxkv_cu test_ctxkv_cu.cu $(CUDA_CHECK)/test_ctxkv_cpu.o $(NVCC_LDLIBS) & p2=$$!; \
+	  wait $$p1; r1=$$?; wait $$p2; r2=$$?; [ $$r1 = 0 ] && [ $$r2 = 0 ]; } && \
+	{ $(MAKE) --no-print-directory -s -j2 dev-cuda > $(CUDA_CHECK)/dev-cuda.log 2>&1 || { cat $(CUDA_CHECK)/dev-cuda.log; false; }; } && \
+	echo "PASS cuda: train_ctxkv_cu, test_ctxkv_cu and the $(words $(DEV_CUDA)) kernel files in dev/cuda compile for $(CU_ARCHS) ($(if $(CU_PREC),fp32,bf16), warnings as errors), not run" || \
+	{ echo "FAIL cuda: the CUDA sources do not compile with warnings as errors"; exit 1; }
+
+# The CUDA program on the CPU, through the emulator in dev/cuda/emu: test_ctxkv_cu in both
+# precisions, the dev/cuda kernel files, and test_ctxkv with the CUDA binary as TRAIN_BIN. It
+# checks the CUDA program's logic (kernels, cuBLASLt arguments, barriers) where there is no GPU,
+# not its speed nor anything only a GPU shows (races between blocks, cuBLASLt's algorithms).
+# About 3 minutes on two cores.
+EMU = build/emu
+CUDA_HOME ?= /usr/local/cuda
+EMU_CXX = g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -w -I$(CUDA_HOME)/include -Idev/cuda/emu -I$(EMU)
+$(EMU)/%.emu.cpp: %.cu dev/cuda/emu/emulate.py
+	@mkdir -p $(EMU)
+	$(PYTHON) dev/cuda/emu/emulate.py $< $@
+$(EMU)/train_ctxkv_cu_fp32: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h | $(STB)
+	$(EMU_CXX) -DENABLE_FP32 -o $@ $<
+$(EMU)/train_ctxkv_cu_bf16: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h | $(STB)
+	$(EMU_CXX) -o $@ $<
+$(EMU)/test_ctxkv_cu_fp32: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h build/test_ctxkv_cpu.o | $(STB)
+	$(EMU_CXX) -DENABLE_FP32 -o $@ $< build/test_ctxkv_cpu.o -lm
+$(EMU)/test_ctxkv_cu_bf16: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h build/test_ctxkv_cpu.o | $(STB)
+	$(EMU_CXX) -o $@ $< build/test_ctxkv_cpu.o -lm
+$(EMU)/dev/common.h: dev/cuda/common.h dev/cuda/emu/emulate.py
+	@mkdir -p $(EMU)/dev
+	$(PYTHON) dev/cuda/emu/emulate.py $< $@
+$(EMU)/dev/%: dev/cuda/%.cu $(EMU)/dev/common.h dev/cuda/emu/cuda_emu.h
+	$(PYTHON) dev/cuda/emu/emulate.py $< $@.cpp
+	$(EMU_CXX) -o $@ $@.cpp
+cuda-emu: train_ctxkv test_ctxkv testdata $(EMU)/train_ctxkv_cu_fp32 $(EMU)/train_ctxkv_cu_bf16 $(EMU)/test_ctxkv_cu_fp32 $(EMU)/test_ctxkv_cu_bf16 $(DEV_CUDA:dev/cuda/%.cu=$(EMU)/dev/%)
+	@for k in $(DEV_CUDA:dev/cuda/%.cu=%); do $(EMU)/dev/$$k > $(EMU)/dev/$$k.log 2>&1 || { cat $(EMU)/dev/$$k.log; exit 1; }; \
+	  echo "cuda-emu dev/cuda/$$k.cu: $$(tail -n 1 $(EMU)/dev/$$k.log)"; done
+	@for p in fp32 bf16; do \
+	  TRAIN_BIN_CU=$(EMU)/train_ctxkv_cu_$$p $(EMU)/test_ctxkv_cu_$$p > $(EMU)/$$p.log 2>&1 || { grep FAIL $(EMU)/$$p.log; tail -n 1 $(EMU)/$$p.log; exit 1; }; \
+	  echo "cuda-emu $$p: $$(tail -n 1 $(EMU)/$$p.log) (log: $(EMU)/$$p.log)"; done
+	@TRAIN_BIN=$(EMU)/train_ctxkv_cu_fp32 OMP_NUM_THREADS=$(THREADS) ./test_ctxkv > $(EMU)/cpu_harness.log 2>&1 || { grep FAIL $(EMU)/cpu_harness.log; exit 1; }; \
+	  echo "cuda-emu: test_ctxkv's command-line checks (bad input, --resume, --kv-report) against the CUDA binary: $$(tail -n 1 $(EMU)/cpu_harness.log)"
+
+# dev/cuda: one file per kernel (CPU reference, kernel versions, validation, timing)
+dev-cuda: $(DEV_CUDA:dev/cuda/%.cu=$(CUDA_CHECK)/dev/%)
+$(CUDA_CHECK)/dev/%: dev/cuda/%.cu dev/cuda/common.h build/cu_flags.txt
+	@mkdir -p $(CUDA_CHECK)/dev
+	$(NVCC) $(NVCC_FLAGS) $(CU_PREC) $(NVCC_GENCODE) $(NVCC_WERROR) -o $@ $< $(NVCC_LDLIBS)
+
+clean-cuda:
+	rm -f train_ctxkv_cu test_ctxkv_cu
+	rm -rf $(CUDA_CHECK) $(EMU) build/test_ctxkv_cpu.o build/cu_flags.txt

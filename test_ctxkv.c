@@ -716,6 +716,8 @@ static void check_bad_inputs(const char *bin) {
     check_fails("context interval < 1", cmd, "--context-interval must be in 1..");
     snprintf(cmd, sizeof cmd, "%s --model tiny --layer0 ctxkv --max-contexts 0 --kv-report", bin);
     check_fails("max contexts < 1", cmd, "--max-contexts must be in 1..");
+    snprintf(cmd, sizeof cmd, "%s --model tiny --layer0 ctxkv --context-interval 1048576 --max-contexts 1048576 --kv-report", bin);
+    check_fails("a context ring longer than an int", cmd, "must be below 2^30"); // was signed overflow (UB)
     snprintf(cmd, sizeof cmd, "%s --model tiny --context-interval 4 --kv-report", bin);
     check_fails("context flag without a context model", cmd, "need --layer0 ctxkv or --model-type ctxpythia");
     { // a context block of width 16 loaded into a model whose contexts are 8 wide

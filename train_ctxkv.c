@@ -350,6 +350,9 @@ static const char *config_problem(const Config *c) {
     default:
         return "unknown attn_type (0 mha, 1 gqa, 2 mqa, 3 mla)";
     }
+    // as prepro/ckpt.py requires; kv_scratch_per_head sizes buffers by kv_rank for every variant
+    if (c->attn_type != ATTN_MLA && (c->kv_rank || c->q_rank || c->mla_rope_dim || c->rms_eps != 0.0f))
+        return "kv_rank, q_rank, mla_rope_dim and rms_eps must be 0 (used by mla only)";
     if (c->layer0_type != LAYER0_SAME && c->layer0_type != LAYER0_CTXKV) return "layer0_type must be 0 (same) or 1 (ctxkv)";
     if (c->model_type != MODEL_PYTHIA && c->model_type != MODEL_CTXPYTHIA) return "model_type must be 0 (pythia) or 1 (ctxpythia)";
     if (c->layer0_type == LAYER0_CTXKV && c->model_type == MODEL_CTXPYTHIA) return "ctxpythia has no separate ctxkv layer 0";
@@ -360,11 +363,15 @@ static const char *config_problem(const Config *c) {
         return "context fields are set but neither layer0 ctxkv nor ctxpythia is";
     }
     if (c->layer0_type == LAYER0_CTXKV) {
-        if (c->context_interval < 1) return "context interval must be >= 1";
-        if (c->max_contexts < 1) return "max contexts must be >= 1";
+        if (c->context_interval < 1 || c->context_interval > 1 << 20) return "context interval must be in 1..1048576";
+        if (c->max_contexts < 1 || c->max_contexts > 1 << 20) return "max contexts must be in 1..1048576";
+        // the context ring, ctx_ring_len = (M-1)*I + 1, is an int
+        if ((long long)(c->max_contexts - 1) * c->context_interval >= 1 << 30) return "(max contexts - 1) * context interval must be below 2^30";
         if (c->embed_dim != c->n_embd) return "with layer0 ctxkv embed_dim must equal n_embd";
     } else if (c->model_type == MODEL_CTXPYTHIA) {
         if (c->n_embd != c->context_dim) return "ctxpythia runs its layers at the context width: n_embd must equal context_dim";
+        // as the flags require; kv_scratch_per_head sizes buffers by max_contexts for every model
+        if (c->context_interval || c->max_contexts) return "context_interval and max_contexts must be 0 for ctxpythia (they belong to layer0 ctxkv)";
     } else if (c->embed_dim != c->n_embd) {
         return "embed_dim must equal n_embd";
     }

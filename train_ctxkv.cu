@@ -5,16 +5,16 @@ side by side. What differs is where the numbers live and who computes them:
 
   - Parameters, activations, gradients and optimizer state are on the GPU. The parameters
     the layers read (params_dev) and the activations are floatX: bf16 by default, float
-    with PRECISION=FP32 (make train_ctxkv_cu PRECISION=FP32), which is the build to compare
-    with the CPU bit for bit up to summation order. AdamW updates fp32 master weights
+    with PRECISION=FP32 (make train_ctxkv_cu PRECISION=FP32), the build to compare with the
+    CPU: it differs from it only in summation order. AdamW updates fp32 master weights
     (master_dev) and writes the bf16 copy; reductions, softmax and statistics run in fp32.
   - params_memory is, as in the CPU program, the fp32 host copy in checkpoint order: the
     host-side code (init, load, save, --init-from, the context-block file) works on it and
     model_to_device / model_to_host move it. On the GPU each tensor starts on a 256-byte
-    boundary (ParamTensor.dev_offset), which every cuBLASLt algorithm accepts.
+    boundary (ParamTensor.dev_offset), so cuBLASLt always gets well-aligned operands.
   - Every matmul is cuBLASLt (fp32 accumulation, the bias epilogue in the forward); the
-    other layers are the kernels below, one simple kernel (or two) per CPU loop nest. No
-    atomics: every reduction has a fixed order, so a run is deterministic.
+    other layers are the kernels below, one simple kernel (or two) per CPU loop nest. The
+    kernels use no atomics: every reduction has a fixed order, so they repeat bit for bit.
   - Backward functions ACCUMULATE (+=) as on the CPU. Attention backward is split in two
     kernels (the query side per query row, the key/value side per key row) so that no two
     threads add into one element.
@@ -22,6 +22,7 @@ side by side. What differs is where the numbers live and who computes them:
     table, atomic writes, --kv-report) is the CPU program's, transcribed to C++.
 
 Build: make train_ctxkv_cu [PRECISION=FP32] [GPU_COMPUTE_CAPABILITY=90].  Usage: ./train_ctxkv_cu -h
+Checks: test_ctxkv_cu.cu (on a GPU); make cuda-emu runs it on the CPU through dev/cuda/emu.
 */
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -453,6 +454,9 @@ static const char *config_problem(const Config *c) {
     default:
         return "unknown attn_type (0 mha, 1 gqa, 2 mqa, 3 mla)";
     }
+    // as prepro/ckpt.py requires; kv_scratch_per_head sizes buffers by kv_rank for every variant
+    if (c->attn_type != ATTN_MLA && (c->kv_rank || c->q_rank || c->mla_rope_dim || c->rms_eps != 0.0f))
+        return "kv_rank, q_rank, mla_rope_dim and rms_eps must be 0 (used by mla only)";
     if (c->layer0_type != LAYER0_SAME && c->layer0_type != LAYER0_CTXKV) return "layer0_type must be 0 (same) or 1 (ctxkv)";
     if (c->model_type != MODEL_PYTHIA && c->model_type != MODEL_CTXPYTHIA) return "model_type must be 0 (pythia) or 1 (ctxpythia)";
     if (c->layer0_type == LAYER0_CTXKV && c->model_type == MODEL_CTXPYTHIA) return "ctxpythia has no separate ctxkv layer 0";
@@ -463,11 +467,15 @@ static const char *config_problem(const Config *c) {
         return "context fields are set but neither layer0 ctxkv nor ctxpythia is";
     }
     if (c->layer0_type == LAYER0_CTXKV) {
-        if (c->context_interval < 1) return "context interval must be >= 1";
-        if (c->max_contexts < 1) return "max contexts must be >= 1";
+        if (c->context_interval < 1 || c->context_interval > 1 << 20) return "context interval must be in 1..1048576";
+        if (c->max_contexts < 1 || c->max_contexts > 1 << 20) return "max contexts must be in 1..1048576";
+        // the context ring, ctx_ring_len = (M-1)*I + 1, is an int
+        if ((long long)(c->max_contexts - 1) * c->context_interval >= 1 << 30) return "(max contexts - 1) * context interval must be below 2^30";
         if (c->embed_dim != c->n_embd) return "with layer0 ctxkv embed_dim must equal n_embd";
     } else if (c->model_type == MODEL_CTXPYTHIA) {
         if (c->n_embd != c->context_dim) return "ctxpythia runs its layers at the context width: n_embd must equal context_dim";
+        // as the flags require; kv_scratch_per_head sizes buffers by max_contexts for every model
+        if (c->context_interval || c->max_contexts) return "context_interval and max_contexts must be 0 for ctxpythia (they belong to layer0 ctxkv)";
     } else if (c->embed_dim != c->n_embd) {
         return "embed_dim must equal n_embd";
     }
@@ -1697,6 +1705,101 @@ static void model_init_random(Model *m, const Config *c, float init_std, uint64_
     model_to_device(m);
 }
 
+// ----------------------------------------------------------------------------
+// Training state for exact resume: one file, written atomically, so weights and optimizer
+// state can never disagree. Layout: a 256-int32 header (below), then a complete checkpoint
+// (its own header and the parameters), then AdamW's m and v (doc/formats.md).
+
+#define TRAIN_STATE_MAGIC 20261129
+#define TRAIN_STATE_VERSION 1
+
+typedef struct {
+    int step;                  // optimizer steps done
+    int shard_index;           // data loader position: the next batch starts here
+    long long pos;
+    uint64_t rng;              // sampling RNG
+    int B, T;
+    long long tokens_seen;
+} TrainState;
+
+static void split64(int *h, uint64_t v) { h[0] = (int)(uint32_t)v; h[1] = (int)(uint32_t)(v >> 32); }
+static uint64_t join64(const int *h) { return (uint64_t)(uint32_t)h[0] | ((uint64_t)(uint32_t)h[1] << 32); }
+
+// AdamW moments between the GPU layout (dev_offset) and checkpoint order (offset)
+static void moments_to_host(const Model *m, const float *dev, float *host) {
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        const ParamTensor *t = &m->tensors[i];
+        cudaCheck(cudaMemcpy(host + t->offset, dev + t->dev_offset, t->rows * t->cols * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+}
+static void moments_to_device(const Model *m, const float *host, float *dev) {
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        const ParamTensor *t = &m->tensors[i];
+        cudaCheck(cudaMemcpy(dev + t->dev_offset, host + t->offset, t->rows * t->cols * sizeof(float), cudaMemcpyHostToDevice));
+    }
+}
+
+static void train_state_save(const Model *m, const char *path, const TrainState *st) {
+    int h[HEADER_INTS] = {}, ch[HEADER_INTS];
+    h[0] = TRAIN_STATE_MAGIC; h[1] = TRAIN_STATE_VERSION; h[2] = st->step; h[3] = m->adam_step;
+    h[4] = st->shard_index; split64(h + 5, (uint64_t)st->pos); split64(h + 7, st->rng);
+    h[9] = st->B; h[10] = st->T; split64(h + 11, (uint64_t)st->tokens_seen);
+    config_to_header(&m->cfg, ch);
+    model_to_host(m);
+    AtomicFile af = atomic_open(path);
+    fwrite_check(h, sizeof(int), HEADER_INTS, af.f, af.tmp);
+    fwrite_check(ch, sizeof(int), HEADER_INTS, af.f, af.tmp);
+    fwrite_check(m->params_memory, sizeof(float), m->num_params, af.f, af.tmp);
+    float *host = (float *)calloc_check(m->num_params * sizeof(float), "train state");
+    for (int k = 0; k < 2; k++) { // AdamW m and v (zeros before the first update), in checkpoint order
+        const float *mv = k == 0 ? m->m_memory : m->v_memory;
+        if (mv) moments_to_host(m, mv, host);
+        fwrite_check(host, sizeof(float), m->num_params, af.f, af.tmp);
+    }
+    free(host);
+    atomic_commit(&af); // the previous state stays in place until this rename
+}
+
+// Reads the state header and the model config; with m != NULL also the weights and AdamW state.
+static Config train_state_load(const char *path, Model *m, TrainState *st) {
+    FILE *f = fopen_check(path, "rb");
+    long long size = file_size(f);
+    int h[HEADER_INTS], ch[HEADER_INTS];
+    if (size < 2LL * (long long)sizeof h) die("'%s' is too small to be a training state", path);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != TRAIN_STATE_MAGIC || h[1] != TRAIN_STATE_VERSION) die("'%s' is not a training state (magic %d, version %d)", path, h[0], h[1]);
+    fread_check(ch, sizeof(int), HEADER_INTS, f, path);
+    if (ch[0] != CKPT_MAGIC || ch[1] != CKPT_VERSION) die("'%s': the embedded checkpoint header is bad", path);
+    Config c = config_from_header(ch);
+    const char *problem = config_problem(&c);
+    if (problem) die("'%s': bad config: %s", path, problem);
+    size_t n = layout_params(&c, NULL, NULL, NULL);
+    if (size != 2LL * (long long)sizeof h + 3LL * 4 * (long long)n) die("'%s' has %lld bytes, not the %lld its header implies: truncated or corrupt", path, size, 2LL * (long long)sizeof h + 12LL * (long long)n);
+    st->step = h[2]; st->shard_index = h[4]; st->pos = (long long)join64(h + 5); st->rng = join64(h + 7);
+    st->B = h[9]; st->T = h[10]; st->tokens_seen = (long long)join64(h + 11);
+    if (st->step < 0 || h[3] < 0 || st->shard_index < 0 || st->pos < 0) die("'%s': bad step or data position", path);
+    if (m) {
+        model_alloc_params(m, &c);
+        fread_check(m->params_memory, sizeof(float), n, f, path);
+        model_to_device(m);
+        m->m_memory = (float *)cuda_calloc_check(m->num_params_dev * sizeof(float), "AdamW m");
+        m->v_memory = (float *)cuda_calloc_check(m->num_params_dev * sizeof(float), "AdamW v");
+        float *host = (float *)malloc_check(n * sizeof(float), "train state");
+        fread_check(host, sizeof(float), n, f, path);
+        moments_to_device(m, host, m->m_memory);
+        fread_check(host, sizeof(float), n, f, path);
+        moments_to_device(m, host, m->v_memory);
+        free(host);
+        m->adam_step = h[3];
+    }
+    fclose(f);
+    return c;
+}
+
+static void resume_path(char *buf, size_t n, const char *dir) {
+    if ((size_t)snprintf(buf, n, "%s/train_state.bin", dir) >= n) die("--resume path too long");
+}
+
 // Loads a checkpoint; refuses one whose header is inconsistent or whose size differs
 // from what the header implies.
 // Reads and validates a checkpoint's header and size; leaves f at the parameters.
@@ -1987,3 +2090,1794 @@ static void attention_block_backward(const Model *m, int kind, const LayerParams
     }
     attn_project_backward(m, kind, lp, lg, at, dat, dx, x, B, T);
 }
+
+// ----------------------------------------------------------------------------
+// Forward and backward of the whole model
+
+// Checks a batch against the model before anything runs.
+static void check_batch(const Config *c, const int *inputs, const int *targets, int B, int T) {
+    const int V = c->vocab_size;
+    if (T > c->max_seq_len) die("sequence length %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
+    for (int i = 0; i < B * T; i++)
+        if (inputs[i] < 0 || inputs[i] >= V) die("input token id %d at position %d is outside the vocabulary (0..%d)", inputs[i], i, V - 1);
+    if (targets)
+        for (int i = 0; i < B * T; i++)
+            if (targets[i] != IGNORE_INDEX && (targets[i] < 0 || targets[i] >= V))
+                die("target token id %d at position %d is outside the vocabulary (0..%d)", targets[i], i, V - 1);
+}
+
+typedef struct KVCache KVCache;
+static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, floatX *out, const floatX *x,
+                                   KVCache *kv, int l);
+
+// One Pythia layer: x_out = x + Attn(LN_1(x)) + MLP(LN_2(x)), the parallel residual.
+// With a KV cache (decoding, T = 1) the attention reads the cached tokens instead.
+static void layer_forward(Model *m, int l, floatX *x_out, const floatX *x, int B, int T, KVCache *kv) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, F = c->n_inner;
+    const LayerParams *lp = &m->p.layer[l];
+    LayerActs *la = &m->a.layer[l];
+    layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
+    layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
+    if (kv) attention_block_decode(m, lp, &la->at, m->a.attn_out, la->ln1, kv, l);
+    else attention_block_forward(m, layer_kind(c, l), lp, &la->at, m->a.attn_out, la->ln1, B, T);
+    matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
+    gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
+    matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
+    residual3_forward(x_out, x, m->a.attn_out, m->a.mlp_out, (size_t)BT * C);
+}
+
+// ga->dresid holds d loss / d x_out on entry and d loss / d x on return: the parallel
+// residual passes it unchanged to x, to the attention output and to the MLP output.
+static void layer_backward(Model *m, int l, const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, F = c->n_inner;
+    const LayerParams *lp = &m->p.layer[l];
+    LayerParams *lg = &m->g.layer[l];
+    LayerActs *la = &m->a.layer[l];
+    GradActs *ga = &m->ga;
+    // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
+    cudaCheck(cudaMemset(ga->dln1, 0, (size_t)((char *)ga->dlnf - (char *)ga->dln1)));
+    const int kind = layer_kind(c, l);
+    layout_attn_acts(c, kind, B, T, ga->dat_base, 0, &ga->dat, 1);
+    // MLP branch
+    matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
+    gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
+    matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
+    // attention branch
+    attention_block_backward(m, kind, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
+    // both LayerNorms read x: their input grads add into the residual gradient
+    layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
+    layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
+}
+
+// compute_contexts' per-step gather: prev[b] = contexts[b, t-1] (0 at t = 0), emb[b] = embed_in[ids[b, t]]
+__global__ void contexts_gather_kernel(floatX *prev, floatX *emb, const floatX *contexts, const floatX *embed_in,
+                                       const int *inputs, int B, int T, int t, int dc, int Ed) {
+    const int b = blockIdx.x;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x)
+        prev[(size_t)b * dc + j] = t > 0 ? contexts[((size_t)b * T + t - 1) * dc + j] : fx(0.0f);
+    for (int j = threadIdx.x; j < Ed; j += blockDim.x)
+        emb[(size_t)b * Ed + j] = embed_in[(size_t)inputs[b * T + t] * Ed + j];
+}
+// and its scatter: contexts[b, t] = out[b]
+__global__ void contexts_scatter_kernel(floatX *contexts, const floatX *out, int T, int t, int dc) {
+    const int b = blockIdx.x;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) contexts[((size_t)b * T + t) * dc + j] = out[(size_t)b * dc + j];
+}
+
+// The exact recurrence c_t = ContextBlock(c_{t-1}, e_t), c_{-1} = 0 at each sequence start,
+// from the current embed_in: one time step after another, the B sequences of a step at once.
+// Writes m->a.contexts (B,T,d_c). No gradient is ever formed through it (constants).
+// inputs are on the GPU.
+static void compute_contexts(Model *m, const int *inputs, int B, int T) {
+    const Config *c = &m->cfg;
+    const int dc = c->context_dim, Ed = c->embed_dim;
+    blockacts_ensure(&m->cb, B, Ed, dc);
+    floatX *prev = (floatX *)dev_temp(TMP_EMB, (size_t)B * (dc + Ed) * sizeof(floatX)), *emb = prev + (size_t)B * dc;
+    for (int t = 0; t < T; t++) {
+        contexts_gather_kernel<<<B, 128>>>(prev, emb, m->a.contexts, m->p.embed_in, inputs, B, T, t, dc, Ed);
+        launchCheck();
+        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
+        contexts_scatter_kernel<<<B, 128>>>(m->a.contexts, m->cb.out, T, t, dc);
+        launchCheck();
+    }
+}
+
+// final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
+static void head_forward(Model *m, int BT) {
+    const Config *c = &m->cfg;
+    Acts *a = &m->a;
+    const floatX *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
+    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
+    // vocabulary head is most of the cost
+    int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
+    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
+                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
+}
+
+// Forward pass. inputs/targets (B,T) on the host; targets may be NULL (inference). Returns
+// the mean loss (or -1 without targets). Logits are left in m->a.logits (B,T,Vp) on the GPU
+// (model_logits_host fetches rows); the per-position losses in m->losses_host.
+static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+    const Config *c = &m->cfg;
+    const int C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size, BT = B * T;
+    check_batch(c, inputs, targets, B, T);
+    model_ensure_acts(m, B, T);
+    m->B = B;
+    m->T = T;
+    memcpy(m->inputs, inputs, BT * sizeof(int));
+    cudaCheck(cudaMemcpy(m->inputs_dev, inputs, BT * sizeof(int), cudaMemcpyHostToDevice));
+    if (targets) {
+        memcpy(m->targets, targets, BT * sizeof(int));
+        cudaCheck(cudaMemcpy(m->targets_dev, targets, BT * sizeof(int), cudaMemcpyHostToDevice));
+    }
+    Acts *a = &m->a;
+    if (has_context_block(c)) compute_contexts(m, m->inputs_dev, B, T);
+    if (c->model_type == MODEL_CTXPYTHIA) cudaCheck(cudaMemcpy(a->resid, a->contexts, (size_t)BT * C * sizeof(floatX), cudaMemcpyDeviceToDevice)); // x_0 = contexts
+    else embedding_forward(a->resid, m->inputs_dev, m->p.embed_in, BT, C);
+    for (int l = 0; l < c->n_layer; l++)
+        layer_forward(m, l, a->resid + (size_t)(l + 1) * BT * C, a->resid + (size_t)l * BT * C, B, T, NULL);
+    head_forward(m, BT);
+    m->mean_loss = -1.0f;
+    if (targets)
+        m->mean_loss = crossentropy_forward(a->losses, a->lse, a->logits, m->targets_dev, BT, V, Vp, &m->n_valid, m->targets,
+                                            m->losses_host);
+    return m->mean_loss;
+}
+
+static void model_zero_grad(Model *m) {
+    if (m->grads_memory) cudaCheck(cudaMemset(m->grads_memory, 0, m->num_params_dev * sizeof(floatX)));
+}
+
+// Backward of the last forward (which must have had targets). Accumulates into m->g.
+// Overwrites the logits with dlogits.
+static void model_backward(Model *m) {
+    const Config *c = &m->cfg;
+    if (m->mean_loss < 0.0f) die("model_backward called without a forward pass with targets");
+    const int B = m->B, T = m->T, BT = B * T, C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size;
+    if (!m->grads_memory) {
+        m->grads_memory = (floatX *)cuda_calloc_check(m->num_params_dev * sizeof(floatX), "gradients");
+        layout_params(c, m->grads_memory, &m->g, NULL);
+    }
+    size_t need = layout_acts(c, B, T, NULL, NULL, &m->ga);
+    if (need > m->gacts_cap) {
+        cuda_free(m->gacts_memory);
+        m->gacts_memory = (char *)cuda_malloc_check(need, "activation gradients");
+        m->gacts_cap = need;
+    }
+    layout_acts(c, B, T, m->gacts_memory, NULL, &m->ga);
+    Acts *a = &m->a;
+    GradActs *ga = &m->ga;
+    if (m->n_valid == 0) return; // every target ignored: the loss is a constant
+
+    floatX *dlogits = a->logits;
+    crossentropy_backward(dlogits, a->lse, m->targets_dev, BT, V, Vp, m->n_valid);
+    cudaCheck(cudaMemset(ga->dlnf, 0, (size_t)BT * C * sizeof(floatX)));
+    matmul_backward(ga->dlnf, m->g.embed_out, NULL, dlogits, a->lnf, m->p.embed_out, BT, C, Vp);
+    cudaCheck(cudaMemset(ga->dresid, 0, (size_t)BT * C * sizeof(floatX)));
+    floatX *xL = a->resid + (size_t)c->n_layer * BT * C;
+    layernorm_backward(ga->dresid, m->g.lnf_w, m->g.lnf_b, ga->dlnf, xL, m->p.lnf_w, a->lnf_mean, a->lnf_rstd, BT, C);
+    for (int l = c->n_layer - 1; l >= 0; l--) layer_backward(m, l, a->resid + (size_t)l * BT * C, B, T);
+    // ctxpythia's input is the contexts, constants: embed_in gets no gradient (it stays frozen)
+    if (c->model_type != MODEL_CTXPYTHIA) embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
+}
+
+// Σ g² over the whole gradient block: per-block partials in double, summed on the host in
+// block order (deterministic). The alignment padding between tensors holds zeros.
+#define NORM_BLOCKS 512
+__global__ void grad_sq_partial_kernel(double *partial, const floatX *g, size_t n) {
+    __shared__ double sh[256];
+    double s = 0.0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        double v = tof(g[i]);
+        s += v * v;
+    }
+    sh[threadIdx.x] = s;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o) sh[threadIdx.x] += sh[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
+}
+__global__ void scale_kernel(floatX *x, float coef, size_t n) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n) x[i] = fx(tof(x[i]) * coef);
+}
+
+// Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_: scale all grads by
+// min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping. max_norm <= 0: no clip.
+static float model_clip_grad_norm(Model *m, float max_norm) {
+    const size_t n = m->num_params_dev;
+    double *partial = (double *)dev_temp(TMP_NORM, NORM_BLOCKS * sizeof(double)), host[NORM_BLOCKS];
+    grad_sq_partial_kernel<<<NORM_BLOCKS, 256>>>(partial, m->grads_memory, n);
+    launchCheck();
+    cudaCheck(cudaMemcpy(host, partial, sizeof host, cudaMemcpyDeviceToHost));
+    double sq = 0.0;
+    for (int i = 0; i < NORM_BLOCKS; i++) sq += host[i];
+    float norm = (float)sqrt(sq);
+    if (max_norm > 0.0f && isfinite(norm)) {
+        float coef = max_norm / (norm + 1e-6f);
+        if (coef < 1.0f) {
+            scale_kernel<<<ceil_div(n, 256), 256>>>(m->grads_memory, coef, n);
+            launchCheck();
+        }
+    }
+    return norm;
+}
+
+typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamW;
+
+// One tensor's AdamW update on the fp32 master weights; the bf16 copy the layers read is
+// written from the updated master (with PRECISION=FP32 they are the same memory).
+__global__ void adamw_kernel(floatX *params, float *master, const floatX *grads, float *mm, float *vv, size_t n,
+                             float beta1, float beta2, float eps, float decay, float step_size, float bc2_sqrt) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = tof(grads[i]);
+    float p = master[i] * decay;
+    const float m_ = beta1 * mm[i] + (1.0f - beta1) * g;
+    const float v_ = beta2 * vv[i] + (1.0f - beta2) * g * g;
+    mm[i] = m_;
+    vv[i] = v_;
+    p -= step_size * m_ / (sqrtf(v_) / bc2_sqrt + eps);
+    master[i] = p;
+    if ((void *)params != (void *)master) params[i] = fx(p);
+}
+
+// AdamW exactly as torch.optim.AdamW: decoupled decay p *= 1 − lr·wd (2-D tensors only),
+// then p −= lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
+static void model_update(Model *m, const AdamW *opt) {
+    if (!m->m_memory) {
+        m->m_memory = (float *)cuda_calloc_check(m->num_params_dev * sizeof(float), "AdamW m");
+        m->v_memory = (float *)cuda_calloc_check(m->num_params_dev * sizeof(float), "AdamW v");
+    }
+    m->adam_step++;
+    const float bc1 = 1.0f - powf(opt->beta1, (float)m->adam_step);
+    const float bc2_sqrt = sqrtf(1.0f - powf(opt->beta2, (float)m->adam_step));
+    const float step_size = opt->lr / bc1;
+    for (ptrdiff_t ti = 0; ti < arrlen(m->tensors); ti++) {
+        const ParamTensor *t = &m->tensors[ti];
+        if (t->frozen) continue;
+        const float decay = (t->rows > 1) ? 1.0f - opt->lr * opt->weight_decay : 1.0f;
+        const size_t o = t->dev_offset, n = t->rows * t->cols;
+        adamw_kernel<<<ceil_div(n, 256), 256>>>(m->params_dev + o, m->master_dev + o, m->grads_memory + o, m->m_memory + o,
+                                                m->v_memory + o, n, opt->beta1, opt->beta2, opt->eps, decay,
+                                                step_size, bc2_sqrt);
+        launchCheck();
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Data: llm.c token shards (doc/formats.md), validated when opened
+
+typedef struct {
+    char **files;        // stb_ds array of shard paths, sorted (glob order)
+    int vocab_size;
+    int B, T;
+    int shard_index;     // current shard
+    uint16_t *tokens;    // the current shard, whole
+    size_t ntok;
+    size_t pos;          // next token to read in the current shard
+    int *inputs, *targets; // (B,T)
+} DataLoader;
+
+// Reads and validates one shard. Every token must be < vocab_size.
+static uint16_t *shard_load(const char *path, size_t *ntok_out, int vocab_size) {
+    FILE *f = fopen_check(path, "rb");
+    int h[HEADER_INTS];
+    long long size = file_size(f);
+    if (size < (long long)sizeof h) die("'%s' is too small to be a token shard (%lld bytes, header is 1024)", path, size);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != SHARD_MAGIC) die("'%s' is not a token shard (magic %d, expected %d)", path, h[0], SHARD_MAGIC);
+    if (h[1] != SHARD_VERSION) die("'%s' has shard version %d, expected %d", path, h[1], SHARD_VERSION);
+    if (h[2] < 0) die("'%s' has a negative token count", path);
+    long long expect = (long long)sizeof h + 2LL * h[2];
+    if (size != expect) die("'%s' has %lld bytes but its header says %d tokens (%lld bytes): truncated or corrupt", path, size, h[2], expect);
+    size_t n = (size_t)h[2];
+    uint16_t *tok = (uint16_t *)malloc_check(n * sizeof(uint16_t), "shard tokens");
+    fread_check(tok, sizeof(uint16_t), n, f, path);
+    fclose(f);
+    for (size_t i = 0; i < n; i++)
+        if (tok[i] >= vocab_size) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, tok[i], i, vocab_size);
+    *ntok_out = n;
+    return tok;
+}
+
+static void dataloader_load_shard(DataLoader *d, int index) {
+    free(d->tokens);
+    d->shard_index = index;
+    d->tokens = shard_load(d->files[index], &d->ntok, d->vocab_size);
+    d->pos = 0;
+    if (d->ntok < (size_t)d->B * d->T + 1)
+        die("'%s' has %zu tokens, fewer than one batch needs (B*T+1 = %d)", d->files[index], d->ntok, d->B * d->T + 1);
+}
+
+static void dataloader_init(DataLoader *d, const char *pattern, int B, int T, int vocab_size) {
+    memset(d, 0, sizeof *d);
+    glob_t g;
+    int rc = glob(pattern, 0, NULL, &g);
+    if (rc != 0 || g.gl_pathc == 0) die("no files match '%s' (run the prepro step: make data)", pattern);
+    for (size_t i = 0; i < g.gl_pathc; i++) arrput(d->files, strdup(g.gl_pathv[i]));
+    globfree(&g);
+    d->B = B;
+    d->T = T;
+    d->vocab_size = vocab_size;
+    d->inputs = (int *)malloc_check((size_t)B * T * sizeof(int), "batch");
+    d->targets = (int *)malloc_check((size_t)B * T * sizeof(int), "batch");
+    // validate every shard up front so a bad file fails before training starts
+    for (int i = arrlen(d->files) - 1; i >= 0; i--) dataloader_load_shard(d, i);
+}
+
+static void dataloader_reset(DataLoader *d) {
+    if (d->shard_index != 0) dataloader_load_shard(d, 0);
+    d->pos = 0;
+}
+
+// Next (B,T) batch: B consecutive windows of T+1 tokens; moves to the next shard (and wraps
+// around) when the current one has too few tokens left.
+static void dataloader_next(DataLoader *d) {
+    size_t need = (size_t)d->B * d->T + 1;
+    if (d->pos + need > d->ntok) {
+        int next = (d->shard_index + 1) % (int)arrlen(d->files);
+        if (next != d->shard_index) dataloader_load_shard(d, next);
+        d->pos = 0;
+    }
+    const uint16_t *buf = d->tokens + d->pos;
+    for (size_t i = 0; i < (size_t)d->B * d->T; i++) {
+        d->inputs[i] = buf[i];
+        d->targets[i] = buf[i + 1];
+    }
+    d->pos += (size_t)d->B * d->T;
+}
+
+// puts the loader where a saved run left it
+static void dataloader_seek(DataLoader *d, int shard_index, long long pos) {
+    if (shard_index >= (int)arrlen(d->files)) die("--resume: the saved data position is shard %d, but only %d shard(s) match", shard_index, (int)arrlen(d->files));
+    if (shard_index != d->shard_index) dataloader_load_shard(d, shard_index);
+    if (pos < 0 || (size_t)pos > d->ntok) die("--resume: the saved data position %lld is past the end of '%s'", pos, d->files[shard_index]);
+    d->pos = (size_t)pos;
+}
+
+// how many whole batches the first shard holds (used to cap validation)
+static int dataloader_batches_in_shard(const DataLoader *d) { return (int)((d->ntok - 1) / ((size_t)d->B * d->T)); }
+
+static void dataloader_free(DataLoader *d) {
+    for (ptrdiff_t i = 0; i < arrlen(d->files); i++) free(d->files[i]);
+    arrfree(d->files);
+    free(d->tokens); free(d->inputs); free(d->targets);
+}
+
+// ----------------------------------------------------------------------------
+// Token table: token id -> bytes, to print samples (doc/formats.md)
+
+typedef struct { int len; char *bytes; } TokenBytes;
+typedef struct { TokenBytes *tokens; int eot; } Tokenizer; // tokens: stb_ds array
+
+static int tokenizer_load(Tokenizer *tk, const char *path) {
+    memset(tk, 0, sizeof *tk);
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    int h[HEADER_INTS];
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != TOKTAB_MAGIC || h[1] != TOKTAB_VERSION) die("'%s' is not a token table (magic %d version %d)", path, h[0], h[1]);
+    if (h[2] < 1 || h[2] > 65536) die("'%s': bad token count %d", path, h[2]);
+    tk->eot = h[3];
+    for (int i = 0; i < h[2]; i++) {
+        TokenBytes t;
+        unsigned char len[2];
+        fread_check(len, 1, 2, f, path);
+        t.len = len[0] | (len[1] << 8); // uint16 little-endian
+        t.bytes = (char *)malloc_check(t.len + 1, "token");
+        if (t.len) fread_check(t.bytes, 1, t.len, f, path);
+        t.bytes[t.len] = 0;
+        arrput(tk->tokens, t);
+    }
+    fclose(f);
+    return 1;
+}
+
+static void tokenizer_free(Tokenizer *tk) {
+    for (ptrdiff_t i = 0; i < arrlen(tk->tokens); i++) free(tk->tokens[i].bytes);
+    arrfree(tk->tokens);
+}
+
+// prints a token's bytes; tokens the table lacks print as <id>
+static void tokenizer_print(const Tokenizer *tk, int id) {
+    if (tk->tokens && id >= 0 && id < arrlen(tk->tokens)) fwrite(tk->tokens[id].bytes, 1, tk->tokens[id].len, stdout);
+    else printf("<%d>", id);
+}
+
+// ----------------------------------------------------------------------------
+// Sampling
+
+// ----------------------------------------------------------------------------
+// KV-cached decoding. The cache holds, per layer and token, exactly what the variant needs
+// to attend later (attn_kv_elements); its size in bytes is what --kv-report accounts for.
+// The cache is fp32 on the GPU, as the CPU program's (whatever floatX is), so the byte counts
+// --generate prints are the CPU program's; a bf16 cache would be --kv-report's bf16 figure.
+
+// values cached per token by a layer of this kind (ctxkv layer 0 keeps contexts in a ring instead)
+static size_t attn_kv_elements(const Config *c, int kind) {
+    switch (kind) {
+    case ATTN_CTX: return 0;
+    case ATTN_MLA: return (size_t)c->kv_rank + c->mla_rope_dim;   // ĉ and k_pe, shared by all heads
+    default: return 2 * (size_t)c->n_kv_head * head_dim(c);       // K and V of the G kv heads (G = H for mha)
+    }
+}
+
+// contexts a ctxkv decoder must keep: slots reach back (M−1)·I positions
+static int ctx_ring_len(const Config *c) { return (c->max_contexts - 1) * c->context_interval + 1; }
+
+// The KV accounting (doc/context_kv.md): values per token that grow with length. A ctxkv
+// layer 0 costs d_c per token (one context), but only while the ring is not full.
+static size_t kv_elements_per_token(const Config *c) {
+    size_t n = 0;
+    for (int l = 0; l < c->n_layer; l++)
+        n += layer_kind(c, l) == ATTN_CTX ? (size_t)c->context_dim : attn_kv_elements(c, layer_kind(c, l));
+    return n;
+}
+
+// Values the decoder holds after T tokens: the per-layer caches, the ring (capped at
+// (M−1)·I+1 contexts) and the running context (ctxkv and ctxpythia).
+static size_t kv_elements_at(const Config *c, size_t T) {
+    size_t n = 0;
+    for (int l = 0; l < c->n_layer; l++) n += T * attn_kv_elements(c, layer_kind(c, l));
+    if (c->layer0_type == LAYER0_CTXKV) {
+        size_t ring = (size_t)ctx_ring_len(c);
+        n += (T < ring ? T : ring) * c->context_dim;
+    }
+    if (has_context_block(c)) n += c->context_dim; // the running context c_{t-1}
+    return n;
+}
+
+struct KVCache {
+    int batch;          // sequences decoded together (B); all have the same length
+    int capacity;       // tokens each can hold
+    int len;            // tokens cached so far
+    size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
+    int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
+    float *mem;         // GPU (L − first_layer, B, capacity, per_token)
+    int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
+    float *ring;        // GPU (B, ring_len, d_c)
+    float *running;     // GPU (B, d_c) c_{len−1}, the input of the next ContextBlock step
+    size_t bytes;       // bytes of mem + ring + running
+    float *scratch;     // GPU per head: scores + 2 latent vectors (MLA) / keys and values (ctxkv)
+};
+
+// decode scratch per (sequence, head): scores, MLA's two latent vectors, ctxkv's slot keys/values
+static size_t kv_scratch_per_head(const Config *c, int capacity) {
+    return (size_t)capacity + 2 * (size_t)c->kv_rank + 2 * (size_t)c->max_contexts * head_dim(c);
+}
+
+static KVCache kvcache_new(const Config *c, int B, int capacity) {
+    if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
+    KVCache kv = {};
+    kv.batch = B;
+    kv.capacity = capacity;
+    kv.first_layer = c->layer0_type == LAYER0_CTXKV ? 1 : 0;
+    kv.per_token = attn_kv_elements(c, c->attn_type);
+    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * B * capacity * kv.per_token;
+    kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (capacity < ctx_ring_len(c) ? capacity : ctx_ring_len(c)) : 0;
+    size_t n_ctx = has_context_block(c) ? (size_t)B * ((size_t)kv.ring_len + 1) * c->context_dim : 0;
+    kv.mem = (float *)cuda_calloc_check((n_mem + n_ctx) * sizeof(float), "KV cache");
+    kv.ring = kv.mem + n_mem;
+    kv.running = kv.ring + (size_t)B * kv.ring_len * c->context_dim;
+    kv.bytes = (n_mem + n_ctx) * sizeof(float);
+    kv.scratch = (float *)cuda_malloc_check((size_t)B * c->n_head * kv_scratch_per_head(c, capacity) * sizeof(float), "decode scratch");
+    return kv;
+}
+
+static void kvcache_free(KVCache *kv) { cuda_free(kv->mem); cuda_free(kv->scratch); memset(kv, 0, sizeof *kv); }
+
+__host__ __device__ inline float *kv_slot(const KVCache *kv, int l, int b, int pos) {
+    return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
+}
+
+// Copies token `row` of a layer's projected activations into a cache slot.
+// mha/gqa/mqa slot: [K of G heads | V of G heads]; mla slot: [ĉ (kv_rank) | k_pe (dR)].
+__global__ void attn_cache_write_kernel(int attn_type, AttnActs at, int row, float *dst, int H, int D, int G, int R, int dR) {
+    switch (attn_type) {
+    case ATTN_MHA: {
+        const floatX *r = at.qkv + (size_t)row * 3 * H * D;
+        for (int e = threadIdx.x; e < 2 * H * D; e += blockDim.x) { // e = which*H*D + g*D + j
+            const int which = e / (H * D), g = (e % (H * D)) / D, j = e % D;
+            dst[e] = tof(r[g * 3 * D + (1 + which) * D + j]);
+        }
+        break;
+    }
+    case ATTN_GQA:
+    case ATTN_MQA:
+        for (int e = threadIdx.x; e < 2 * G * D; e += blockDim.x) dst[e] = tof(at.kv[(size_t)row * 2 * G * D + e]);
+        break;
+    case ATTN_MLA:
+        for (int e = threadIdx.x; e < R + dR; e += blockDim.x)
+            dst[e] = e < R ? tof(at.c_norm[(size_t)row * R + e]) : tof(at.kv_a[(size_t)row * (R + dR) + e]);
+        break;
+    }
+}
+static void attn_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+    attn_cache_write_kernel<<<1, 128>>>(c->attn_type, *at, row, dst, c->n_head, head_dim(c), c->n_kv_head, c->kv_rank,
+                                        c->mla_rope_dim);
+    launchCheck();
+}
+
+// Attention of each sequence's new token (row b of at, projected at position n-1) over its n
+// cached tokens; writes at->atty row b (H*D). MLA uses the absorbed form: W_UK is folded into the
+// query and W_UV applied after attending, so only the latent ĉ and k_pe are ever read.
+// ctxkv recomputes the slots' keys and values from the contexts in the ring.
+// One block per (head, sequence); its scratch holds the scores in fp32.
+__global__ void attn_decode_kernel(int kind, KVCache kv, LayerParams lp, HeadView q, floatX *atty, int l, int n, int H, int D,
+                                   int G, int R, int dR, int I, int M, int dc, float scale, size_t per_head) {
+    const int h = blockIdx.x, b = blockIdx.y;
+    float *scores = kv.scratch + ((size_t)b * H + h) * per_head;
+    floatX *o = atty + ((size_t)b * H + h) * D;
+    const floatX *qh = head_at(q, 1, b, 0, h);
+    if (kind == ATTN_CTX) { // slots k: the context of position n−1 − k·I, while it exists
+        float *keys = scores + kv.capacity + 2 * R, *vals = keys + (size_t)M * D;
+        const int slots = min(M, (n - 1) / I + 1);
+        for (int e = threadIdx.x; e < slots * D; e += blockDim.x) { // this head's rows of W_k and W_v
+            const int k = e / D, j = e % D;
+            const float *ctx = kv.ring + ((size_t)b * kv.ring_len + (n - 1 - k * I) % kv.ring_len) * dc;
+            const floatX *wk = lp.k_w + (size_t)(h * D + j) * dc, *wv = lp.v_w + (size_t)(h * D + j) * dc;
+            float sk = 0.0f, sv = 0.0f;
+            for (int i = 0; i < dc; i++) { sk += tof(wk[i]) * ctx[i]; sv += tof(wv[i]) * ctx[i]; }
+            keys[e] = sk + tof(lp.k_b[h * D + j]);
+            vals[e] = sv + tof(lp.v_b[h * D + j]);
+        }
+        __syncthreads();
+        float mx = -INFINITY;
+        for (int k = threadIdx.x; k < slots; k += blockDim.x) {
+            float d = 0.0f;
+            for (int j = 0; j < D; j++) d += tof(qh[j]) * keys[k * D + j];
+            scores[k] = scale * d;
+            mx = fmaxf(mx, scores[k]);
+        }
+        mx = block_reduce_max(mx);
+        float sum = 0.0f;
+        for (int k = threadIdx.x; k < slots; k += blockDim.x) { scores[k] = expf(scores[k] - mx); sum += scores[k]; }
+        const float inv = 1.0f / block_reduce_sum(sum);
+        for (int j = threadIdx.x; j < D; j += blockDim.x) {
+            float acc = 0.0f;
+            for (int k = 0; k < slots; k++) acc += scores[k] * inv * vals[k * D + j];
+            o[j] = fx(acc);
+        }
+    } else if (kind == ATTN_MLA) {
+        float *q_abs = scores + kv.capacity, *o_lat = q_abs + R;
+        for (int r = threadIdx.x; r < R; r += blockDim.x) { // q̃ = W_UK_hᵀ q_nope   (R)
+            float s = 0.0f;
+            for (int j = 0; j < D; j++) s += tof(qh[j]) * tof(lp.kv_b_w[((size_t)h * 2 * D + j) * R + r]);
+            q_abs[r] = s;
+        }
+        __syncthreads();
+        float mx = -INFINITY;
+        for (int s = threadIdx.x; s < n; s += blockDim.x) {
+            const float *slot = kv_slot(&kv, l, b, s);
+            float d1 = 0.0f, d2 = 0.0f;
+            for (int r = 0; r < R; r++) d1 += q_abs[r] * slot[r];
+            for (int i = 0; i < dR; i++) d2 += tof(qh[D + i]) * slot[R + i];
+            scores[s] = scale * (d1 + d2);
+            mx = fmaxf(mx, scores[s]);
+        }
+        mx = block_reduce_max(mx);
+        float sum = 0.0f;
+        for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
+        const float inv = 1.0f / block_reduce_sum(sum);
+        for (int r = threadIdx.x; r < R; r += blockDim.x) { // ō = Σ P ĉ   (R)
+            float acc = 0.0f;
+            for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[r];
+            o_lat[r] = acc;
+        }
+        __syncthreads();
+        for (int j = threadIdx.x; j < D; j += blockDim.x) { // W_UV_h ō
+            float acc = 0.0f;
+            for (int r = 0; r < R; r++) acc += tof(lp.kv_b_w[((size_t)h * 2 * D + D + j) * R + r]) * o_lat[r];
+            o[j] = fx(acc);
+        }
+    } else {
+        const int g = h / (H / G);
+        float mx = -INFINITY;
+        for (int s = threadIdx.x; s < n; s += blockDim.x) {
+            const float *kslot = kv_slot(&kv, l, b, s) + g * D;
+            float d = 0.0f;
+            for (int j = 0; j < D; j++) d += tof(qh[j]) * kslot[j];
+            scores[s] = scale * d;
+            mx = fmaxf(mx, scores[s]);
+        }
+        mx = block_reduce_max(mx);
+        float sum = 0.0f;
+        for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
+        const float inv = 1.0f / block_reduce_sum(sum);
+        for (int j = threadIdx.x; j < D; j += blockDim.x) {
+            float acc = 0.0f;
+            for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[(G + g) * D + j];
+            o[j] = fx(acc);
+        }
+    }
+}
+static void attn_decode(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const KVCache *kv, int l, int n) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
+    const float scale = 1.0f / sqrtf((float)Dq);
+    const size_t per_head = kv_scratch_per_head(c, kv->capacity);
+    HeadView q, k_unused, v_unused;
+    attn_views(c, kind, at, &q, &k_unused, &v_unused);
+    attn_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(kind, *kv, *lp, q, at->atty, l, n, H, D, G, c->kv_rank,
+                                                            c->mla_rope_dim, c->context_interval, c->max_contexts,
+                                                            c->context_dim, scale, per_head);
+    launchCheck();
+}
+
+static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, floatX *out, const floatX *x,
+                                   KVCache *kv, int l) {
+    const Config *c = &m->cfg;
+    const int pos = kv->len, kind = layer_kind(c, l);
+    const int B = kv->batch;
+    if (kind == ATTN_CTX) { // only the query is projected; the slots come from the ring
+        matmul_forward(at->q, x, lp->q_w, lp->q_b, B, c->n_embd, c->n_embd);
+    } else {
+        attn_project_forward(m, kind, lp, at, x, B, 1, pos);
+        for (int b = 0; b < B; b++) attn_cache_write(c, at, b, kv_slot(kv, l, b, pos));
+    }
+    attn_decode(m, kind, lp, at, kv, l, pos + 1);
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B, c->n_head * head_dim(c), c->n_embd);
+}
+
+__global__ void cast_to_float_kernel(float *dst, const floatX *src, size_t n) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = tof(src[i]);
+}
+
+// stores context c_pos of sequence b (ctx: floatX on the GPU) in the ring and as its running context
+static void kvcache_push_context(const Config *c, KVCache *kv, int b, int pos, const floatX *ctx) {
+    const int dc = c->context_dim;
+    if (kv->ring_len) {
+        cast_to_float_kernel<<<ceil_div(dc, 256), 256>>>(kv->ring + ((size_t)b * kv->ring_len + pos % kv->ring_len) * dc, ctx, dc);
+        launchCheck();
+    }
+    cast_to_float_kernel<<<ceil_div(dc, 256), 256>>>(kv->running + (size_t)b * dc, ctx, dc);
+    launchCheck();
+}
+
+// Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
+// contexts) into the cache. Returns the logits of the last prompt tokens on the host: row b
+// at b*Vp. (The CPU program returns a pointer into its logits, rows n*Vp apart; here only
+// the B rows that sampling needs are copied back.)
+static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n) {
+    const Config *c = &m->cfg;
+    const int B = kv->batch;
+    const size_t Vp = c->padded_vocab_size;
+    if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
+    model_forward(m, prompts, NULL, B, n);
+    for (int l = kv->first_layer; l < c->n_layer; l++)
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < n; t++) attn_cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
+    if (has_context_block(c))
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
+    kv->len = n;
+    if ((size_t)B * Vp > m->logits_host_cap) {
+        free(m->logits_host);
+        m->logits_host = (float *)malloc_check((size_t)B * Vp * sizeof(float), "logits");
+        m->logits_host_cap = (size_t)B * Vp;
+    }
+    for (int b = 0; b < B; b++) download_floats(m->logits_host + b * Vp, m->a.logits + ((size_t)b * n + n - 1) * Vp, Vp);
+    return m->logits_host;
+}
+
+// One token per sequence (tokens[B], host) at position kv->len through the model, reading the
+// cache. Returns the logits (B,Vp) on the host.
+static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
+    const Config *c = &m->cfg;
+    const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
+    if (kv->len >= kv->capacity) die("KV cache full (%d tokens)", kv->capacity);
+    check_batch(c, tokens, NULL, B, 1);
+    model_ensure_acts(m, B, 1);
+    cudaCheck(cudaMemcpy(m->inputs_dev, tokens, B * sizeof(int), cudaMemcpyHostToDevice));
+    if (has_context_block(c)) { // c_t = ContextBlock(c_{t−1}, e_t), c_{−1} = 0
+        blockacts_ensure(&m->cb, B, Ed, dc);
+        if (kv->len == 0) cudaCheck(cudaMemset(kv->running, 0, (size_t)B * dc * sizeof(float)));
+        floatX *prev = (floatX *)dev_temp(TMP_EMB, (size_t)B * (dc + Ed) * sizeof(floatX)), *emb = prev + (size_t)B * dc;
+        cast_to_floatX_kernel<<<ceil_div((size_t)B * dc, 256), 256>>>(prev, kv->running, (size_t)B * dc);
+        launchCheck();
+        embedding_forward(emb, m->inputs_dev, m->p.embed_in, B, Ed);
+        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
+        for (int b = 0; b < B; b++) kvcache_push_context(c, kv, b, kv->len, m->cb.out + (size_t)b * dc);
+    }
+    if (c->model_type == MODEL_CTXPYTHIA) {
+        cudaCheck(cudaMemcpy(m->a.resid, m->cb.out, (size_t)B * C * sizeof(floatX), cudaMemcpyDeviceToDevice)); // = running
+    } else {
+        embedding_forward(m->a.resid, m->inputs_dev, m->p.embed_in, B, C);
+    }
+    for (int l = 0; l < c->n_layer; l++)
+        layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
+    head_forward(m, B);
+    kv->len++;
+    return model_logits_host(m, 0, B);
+}
+
+// Picks a token from logits (V): argmax when temperature is 0, else a sample at that temperature.
+static int sample_token(const float *logits, int V, float temperature, uint64_t *rng) {
+    int best = 0;
+    for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
+    if (temperature <= 0.0f) return best;
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) sum += exp((logits[i] - logits[best]) / temperature);
+    double coin = random_f32(rng) * sum, cdf = 0.0;
+    for (int i = 0; i < V; i++) {
+        cdf += exp((logits[i] - logits[best]) / temperature);
+        if (coin < cdf) return i;
+    }
+    return V - 1;
+}
+
+typedef struct { double seconds; int n_new; size_t cache_bytes; } GenStats;
+
+// Generates n_new tokens after B prompts (B, n_prompt) with the KV cache; out (B, n_prompt
+// + n_new) receives prompts and new ids. Prints sequence 0's new tokens as they come when tk
+// is given. Returns the length of each sequence.
+static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int n_new, float temperature,
+                          uint64_t *rng, int *out, const Tokenizer *tk, GenStats *st) {
+    const int Vp = m->cfg.padded_vocab_size, len = n_prompt + n_new;
+    KVCache kv = kvcache_new(&m->cfg, B, len);
+    int *next = (int *)malloc_check(B * sizeof(int), "generate");
+    double t0 = now_seconds();
+    for (int b = 0; b < B; b++) memcpy(out + (size_t)b * len, prompts + (size_t)b * n_prompt, n_prompt * sizeof(int));
+    const float *logits = model_prefill(m, &kv, prompts, n_prompt);
+    const size_t row_stride = (size_t)Vp; // host logits: one row per sequence (prefill and decode)
+    for (int i = 0; i < n_new; i++) {
+        for (int b = 0; b < B; b++) {
+            next[b] = sample_token(logits + b * row_stride, m->cfg.vocab_size, temperature, rng);
+            out[(size_t)b * len + n_prompt + i] = next[b];
+        }
+        if (tk) { tokenizer_print(tk, next[0]); fflush(stdout); }
+        if (i + 1 < n_new) logits = model_decode_step(m, &kv, next);
+    }
+    cudaCheck(cudaDeviceSynchronize());
+    if (st) { st->seconds = now_seconds() - t0; st->n_new = n_new; st->cache_bytes = kv.bytes; }
+    kvcache_free(&kv);
+    free(next);
+    return len;
+}
+
+// ----------------------------------------------------------------------------
+// Command line
+
+typedef struct {
+    const char *model, *train, *val, *tokenizer, *out;
+    const char *attn, *init_from, *prompt_ids;       // attention variant flags (NULL = not given)
+    int n_kv_head, kv_rank, rope_dim, q_rank;        // 0 (q_rank -1) = not given
+    int generate, kv_report;
+    const char *resume;                        // DIR with a train_state.bin to continue from
+    int checkpoint_every, stop_at;
+    const char *eval_heldout, *eval_lambada;   // evaluation (doc/formats.md "Evaluation files")
+    int heldout_max_tokens, lambada_max, eval_gen, gen_prompt, gen_new;
+    // Context-KV
+    const char *layer0, *model_type, *context_block;
+    int context_dim, context_interval, max_contexts, phase;
+    int p1_iters, p1_rounds, oacd_slice;
+    float p1_noise, p1_lr, p1_clip, p1_tol, p1_stop, oacd_lambda;
+    int B, T, steps, warmup, val_every, val_batches, sample_every, sample_len, bench;
+    float lr, min_lr_frac, weight_decay, beta1, beta2, eps, grad_clip, init_std, temperature;
+    long long seed;
+} Args;
+
+static Args default_args(void) {
+    Args a = {};
+    a.model = NULL; // pythia-14m unless --model or --init-from says otherwise
+    a.q_rank = -1;
+    a.prompt_ids = "0";
+    a.gen_prompt = 128; a.gen_new = 256;
+    a.p1_iters = 60; a.p1_rounds = 4; a.oacd_slice = 5000;
+    a.p1_noise = 0.1f; a.p1_lr = 2e-3f; a.p1_clip = 2.0f; a.p1_tol = 0.03f; a.p1_stop = 0.9f; a.oacd_lambda = 0.1f;
+    a.train = "data/tinyshakespeare/tiny_shakespeare_train.bin";
+    a.val = "data/tinyshakespeare/tiny_shakespeare_val.bin";
+    a.tokenizer = "data/tokenizer.bin";
+    a.out = NULL;
+    a.B = 4; a.T = 256; a.steps = 200; a.warmup = 20;
+    a.val_every = 50; a.val_batches = 20; a.sample_every = 100; a.sample_len = 64; a.bench = 0;
+    a.lr = 1e-3f; a.min_lr_frac = 0.1f; a.weight_decay = 0.1f; a.beta1 = 0.9f; a.beta2 = 0.95f; a.eps = 1e-8f;
+    a.grad_clip = 1.0f; a.init_std = 0.02f; a.temperature = 1.0f;
+    a.seed = 1337;
+    return a;
+}
+
+static void usage(FILE *f) {
+    Args d = default_args();
+    fprintf(f,
+        "usage: ./train_ctxkv_cu [options]\n"
+        "Trains a Pythia (GPT-NeoX) model on token shards on an NVIDIA GPU (this build: " PRECISION_NAME ").\n\n"
+        "  -h, --help            this text\n"
+        "  --model NAME|FILE     preset for random init (pythia-14m, pythia-70m, pythia-160m, tiny)\n"
+        "                        or a checkpoint file                     [pythia-14m]\n"
+        "attention variant (stored in the checkpoint; with a checkpoint they must match it):\n"
+        "  --attn mha|gqa|mqa|mla                                         [mha]\n"
+        "  --n-kv-head INT       gqa: KV heads G, must divide the heads   [H/4; H/2 if H = 4 or 4 does not divide H]\n"
+        "  --kv-rank INT         mla: latent width d_c                    [4 * head dim]\n"
+        "  --rope-dim INT        mla: decoupled RoPE dims d_R (even)      [head dim]\n"
+        "  --q-rank INT          mla: query latent width, 0 = none        [0]\n"
+        "  --init-from FILE      start from an mha checkpoint, converted to the --attn variant\n"
+        "                        (gqa/mqa: K and V heads mean-pooled per group)\n"
+        "Context-KV (doc/context_kv.md):\n"
+        "  --layer0 ctxkv        layer 0 attends over ContextBlock contexts; others use --attn\n"
+        "  --model-type ctxpythia  every layer at the context width, fed by the contexts\n"
+        "  --context-dim INT     context width d_c                        [width / 2]\n"
+        "  --context-interval INT  I: slot k holds the context at t - k*I [32]\n"
+        "  --max-contexts INT    M: slots per query                       [32]\n"
+        "  --phase 1|2           1: train only the ContextBlock (OACD, parallel Jacobi iteration),\n"
+        "                        save DIR/context_block.bin; 2: block frozen, train the rest [2]\n"
+        "  --context-block FILE  phase 2: load the block (and the embeddings it was trained on)\n"
+        "  --p1-iters INT        phase 1: max Jacobi iterations per round [60]\n"
+        "  --p1-rounds INT       phase 1: rounds, each on the next batch  [4]\n"
+        "  --p1-noise FLOAT      phase 1: noise std on the shifted contexts [0.1]\n"
+        "  --p1-lr FLOAT         phase 1: Adam lr                          [0.002]\n"
+        "  --p1-clip FLOAT       phase 1: grad-norm clip                   [2]\n"
+        "  --p1-tol FLOAT        phase 1: converged if mean sq. change < tol [0.03]\n"
+        "  --p1-stop FLOAT       phase 1: stop a round at this converged fraction [0.9]\n"
+        "  --oacd-lambda FLOAT   OACD centroid weight                      [0.1]\n"
+        "  --oacd-slice INT      OACD slice of consecutive positions       [5000]\n"
+        "evaluation (after training; with --steps 0 on a checkpoint, evaluation only):\n"
+        "  --eval-heldout FILE   held-out loss, sliding window T, stride T/2 (data/eval/wikitext2_test.bin)\n"
+        "  --heldout-max-tokens INT  score at most this many tokens, 0 = all [0]\n"
+        "  --eval-lambada FILE   LAMBADA last-word accuracy and perplexity (data/eval/lambada_test.bin)\n"
+        "  --lambada-max INT     examples to score, 0 = all            [0]\n"
+        "  --eval-gen            generation tokens/s with the KV cache at batch 1 and 8\n"
+        "  --gen-prompt INT      prompt tokens for --eval-gen            [128]\n"
+        "  --gen-new INT         new tokens for --eval-gen               [256]\n"
+        "data and training:\n"
+        "  --train GLOB          training shards                          [%s]\n"
+        "  --val GLOB            validation shards ('' for none)          [%s]\n"
+        "  --tokenizer FILE      token table for printing samples         [%s]\n"
+        "  -b INT                batch size B                             [%d]\n"
+        "  -t INT                sequence length T                        [%d]\n"
+        "  --steps INT           optimizer steps                          [%d]\n"
+        "  --lr FLOAT            peak learning rate                       [%g]\n"
+        "  --warmup INT          linear warmup steps                      [%d]\n"
+        "  --min-lr-frac FLOAT   cosine decays to lr * this               [%g]\n"
+        "  --wd FLOAT            AdamW weight decay (2-D tensors only)    [%g]\n"
+        "  --beta1 FLOAT         AdamW beta1                              [%g]\n"
+        "  --beta2 FLOAT         AdamW beta2                              [%g]\n"
+        "  --eps FLOAT           AdamW epsilon                            [%g]\n"
+        "  --clip FLOAT          global grad-norm clip, 0 = off           [%g]\n"
+        "  --init-std FLOAT      std of the random init                   [%g]\n"
+        "  --seed INT            seed for init and sampling               [%lld]\n"
+        "  --val-every INT       val loss every N steps, 0 = only at end  [%d]\n"
+        "  --val-batches INT     batches per val estimate                 [%d]\n"
+        "  --sample-every INT    print a sample every N steps, 0 = never  [%d]\n"
+        "  --sample-len INT      tokens per sample                        [%d]\n"
+        "  --temperature FLOAT   sampling temperature                     [%g]\n"
+        "  --out DIR             write DIR/log.jsonl, DIR/model.bin, DIR/metrics.json, DIR/train_state.bin\n"
+        "  --checkpoint-every INT  save DIR/train_state.bin every N steps (atomic), 0 = only at the end [0]\n"
+        "  --stop-at INT         save the training state after step N and exit (an interruption, for tests)\n"
+        "  --resume DIR          continue exactly from DIR/train_state.bin (weights, AdamW state, step,\n"
+        "                        data position, RNG); give the same flags as the original run\n"
+        "  --bench INT           time N training steps on random tokens, print JSON, exit\n"
+        "  --generate INT        generate N tokens with the KV cache, print them and tokens/s, exit\n"
+        "  --prompt-ids LIST     comma-separated prompt token ids for --generate [0]\n"
+        "  --kv-report           print the KV-cache accounting as JSON, exit\n\n"
+        "GPU 0 (CUDA_VISIBLE_DEVICES picks it). Example: ./train_ctxkv_cu --model pythia-14m --steps 300 --out out/run1\n",
+        d.train, d.val, d.tokenizer, d.B, d.T, d.steps, d.lr, d.warmup, d.min_lr_frac, d.weight_decay,
+        d.beta1, d.beta2, d.eps, d.grad_clip, d.init_std, d.seed, d.val_every, d.val_batches, d.sample_every,
+        d.sample_len, d.temperature);
+}
+
+static long long parse_int(const char *flag, const char *s, long long lo, long long hi) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end) die("%s expects an integer, got '%s'", flag, s);
+    if (v < lo || v > hi) die("%s must be in %lld..%lld, got %lld", flag, lo, hi, v);
+    return v;
+}
+
+static float parse_float(const char *flag, const char *s, float lo, float hi) {
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || end == s || *end || !isfinite(v)) die("%s expects a number, got '%s'", flag, s);
+    if (v < lo || v > hi) die("%s must be in [%g, %g], got %g", flag, lo, hi, v);
+    return v;
+}
+
+static Args parse_args(int argc, char **argv) {
+    Args a = default_args();
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        if (!strcmp(f, "-h") || !strcmp(f, "--help")) { usage(stdout); exit(0); }
+        if (!strcmp(f, "--kv-report")) { a.kv_report = 1; continue; }
+        if (!strcmp(f, "--eval-gen")) { a.eval_gen = 1; continue; }
+        if (i + 1 >= argc) die("flag %s needs a value (see -h)", f);
+        const char *v = argv[++i];
+        if (!strcmp(f, "--model")) a.model = v;
+        else if (!strcmp(f, "--train")) a.train = v;
+        else if (!strcmp(f, "--val")) a.val = v;
+        else if (!strcmp(f, "--tokenizer")) a.tokenizer = v;
+        else if (!strcmp(f, "--out")) a.out = v;
+        else if (!strcmp(f, "--attn")) a.attn = v;
+        else if (!strcmp(f, "--init-from")) a.init_from = v;
+        else if (!strcmp(f, "--prompt-ids")) a.prompt_ids = v;
+        else if (!strcmp(f, "--n-kv-head")) a.n_kv_head = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "--kv-rank")) a.kv_rank = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "--rope-dim")) a.rope_dim = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "--q-rank")) a.q_rank = (int)parse_int(f, v, 0, 1 << 16);
+        else if (!strcmp(f, "--generate")) a.generate = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--layer0")) a.layer0 = v;
+        else if (!strcmp(f, "--eval-heldout")) a.eval_heldout = v;
+        else if (!strcmp(f, "--resume")) a.resume = v;
+        else if (!strcmp(f, "--checkpoint-every")) a.checkpoint_every = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--stop-at")) a.stop_at = (int)parse_int(f, v, 1, 1 << 30);
+        else if (!strcmp(f, "--eval-lambada")) a.eval_lambada = v;
+        else if (!strcmp(f, "--heldout-max-tokens")) a.heldout_max_tokens = (int)parse_int(f, v, 0, INT32_MAX);
+        else if (!strcmp(f, "--lambada-max")) a.lambada_max = (int)parse_int(f, v, 0, INT32_MAX);
+        else if (!strcmp(f, "--gen-prompt")) a.gen_prompt = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--gen-new")) a.gen_new = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--model-type")) a.model_type = v;
+        else if (!strcmp(f, "--context-block")) a.context_block = v;
+        else if (!strcmp(f, "--context-dim")) a.context_dim = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "--context-interval")) a.context_interval = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--max-contexts")) a.max_contexts = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--phase")) a.phase = (int)parse_int(f, v, 1, 2);
+        else if (!strcmp(f, "--p1-iters")) a.p1_iters = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--p1-rounds")) a.p1_rounds = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--oacd-slice")) a.oacd_slice = (int)parse_int(f, v, 2, 1 << 30);
+        else if (!strcmp(f, "--p1-noise")) a.p1_noise = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--p1-lr")) a.p1_lr = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--p1-clip")) a.p1_clip = parse_float(f, v, 0.0f, 1e9f);
+        else if (!strcmp(f, "--p1-tol")) a.p1_tol = parse_float(f, v, 0.0f, 1e9f);
+        else if (!strcmp(f, "--p1-stop")) a.p1_stop = parse_float(f, v, 0.0f, 1.0f);
+        else if (!strcmp(f, "--oacd-lambda")) a.oacd_lambda = parse_float(f, v, 0.0f, 1e6f);
+        else if (!strcmp(f, "-b")) a.B = (int)parse_int(f, v, 1, 1 << 16);
+        else if (!strcmp(f, "-t")) a.T = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--steps")) a.steps = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--warmup")) a.warmup = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--val-every")) a.val_every = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--val-batches")) a.val_batches = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--sample-every")) a.sample_every = (int)parse_int(f, v, 0, 1 << 30);
+        else if (!strcmp(f, "--sample-len")) a.sample_len = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--bench")) a.bench = (int)parse_int(f, v, 1, 1 << 20);
+        else if (!strcmp(f, "--seed")) a.seed = parse_int(f, v, 0, INT64_MAX);
+        else if (!strcmp(f, "--lr")) a.lr = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--min-lr-frac")) a.min_lr_frac = parse_float(f, v, 0.0f, 1.0f);
+        else if (!strcmp(f, "--wd")) a.weight_decay = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--beta1")) a.beta1 = parse_float(f, v, 0.0f, 0.999999f);
+        else if (!strcmp(f, "--beta2")) a.beta2 = parse_float(f, v, 0.0f, 0.999999f);
+        else if (!strcmp(f, "--eps")) a.eps = parse_float(f, v, 1e-30f, 1.0f);
+        else if (!strcmp(f, "--clip")) a.grad_clip = parse_float(f, v, 0.0f, 1e9f);
+        else if (!strcmp(f, "--init-std")) a.init_std = parse_float(f, v, 0.0f, 10.0f);
+        else if (!strcmp(f, "--temperature")) a.temperature = parse_float(f, v, 1e-3f, 100.0f);
+        else die("unknown flag %s (see -h)", f);
+    }
+    if (a.model && a.init_from) die("--model and --init-from conflict: --init-from FILE already names the starting checkpoint");
+    if (a.resume && (a.model || a.init_from || a.context_block))
+        die("--resume conflicts with --model / --init-from / --context-block: the run's state already holds the model");
+    if (a.resume && a.phase == 1) die("--resume conflicts with --phase 1 (phase 1 is short and not resumable)");
+    if ((a.checkpoint_every || a.stop_at) && !a.out) die("--checkpoint-every / --stop-at need --out DIR (where the checkpoint goes)");
+    if (a.stop_at && a.stop_at >= a.steps) die("--stop-at %d must be before --steps %d", a.stop_at, a.steps);
+    return a;
+}
+
+static int attn_type_from_name(const char *name) {
+    for (int t = 0; t < (int)(sizeof ATTN_NAMES / sizeof ATTN_NAMES[0]); t++)
+        if (!strcmp(name, ATTN_NAMES[t])) return t;
+    die("--attn must be one of mha, gqa, mqa, mla; got '%s'", name);
+}
+
+// Sets the attention variant of c from --attn and its flags (a preset, or a checkpoint being
+// converted by --init-from). Flags that belong to another variant are an error.
+static void apply_variant_flags(Config *c, const Args *a) {
+    if (!a->attn) {
+        if (a->n_kv_head || a->kv_rank || a->rope_dim || a->q_rank >= 0)
+            die("--n-kv-head / --kv-rank / --rope-dim / --q-rank need --attn (gqa for the first, mla for the others)");
+        return;
+    }
+    const int H = c->n_head, D = head_dim(c), t = attn_type_from_name(a->attn);
+    if (a->n_kv_head && t != ATTN_GQA && t != ATTN_MQA) die("--n-kv-head conflicts with --attn %s (it is a gqa flag)", a->attn);
+    if ((a->kv_rank || a->rope_dim || a->q_rank >= 0) && t != ATTN_MLA)
+        die("--kv-rank / --rope-dim / --q-rank conflict with --attn %s (they are mla flags)", a->attn);
+    if (t == ATTN_MQA && a->n_kv_head && a->n_kv_head != 1) die("--attn mqa means one KV head; --n-kv-head %d conflicts", a->n_kv_head);
+    c->attn_type = t;
+    c->n_kv_head = H;
+    c->kv_rank = c->q_rank = c->mla_rope_dim = 0;
+    c->rms_eps = 0.0f;
+    // default G: H/4 (H/2 when H = 4, as the published table scales it), else H/2, else 1
+    if (t == ATTN_GQA) c->n_kv_head = a->n_kv_head ? a->n_kv_head : (H == 4 ? 2 : (H % 4 == 0 ? H / 4 : (H % 2 == 0 ? H / 2 : 1)));
+    if (t == ATTN_MQA) c->n_kv_head = 1;
+    if (t == ATTN_MLA) {
+        c->kv_rank = a->kv_rank ? a->kv_rank : 4 * D;
+        c->mla_rope_dim = a->rope_dim ? a->rope_dim : D;
+        c->q_rank = a->q_rank > 0 ? a->q_rank : 0;
+        c->rms_eps = 1e-6f; // DeepSeek's RMSNorm epsilon
+    }
+    const char *problem = config_problem(c);
+    if (problem) {
+        if (t == ATTN_GQA && c->n_head % c->n_kv_head) die("--n-kv-head %d does not divide the %d heads", c->n_kv_head, H);
+        if (t == ATTN_MLA && (c->mla_rope_dim % 2 || c->mla_rope_dim > D))
+            die("--rope-dim %d must be even and at most the head dim %d", c->mla_rope_dim, D);
+        die("--attn %s: %s", a->attn, problem);
+    }
+}
+
+// Sets the Context-KV options of c from --layer0 / --model-type and their flags. Flags given
+// without either are an error.
+static void apply_context_flags(Config *c, const Args *a) {
+    int ctxkv = 0, ctxpythia = 0;
+    if (a->layer0) {
+        if (!strcmp(a->layer0, "ctxkv")) ctxkv = 1;
+        else if (strcmp(a->layer0, "same")) die("--layer0 must be ctxkv or same; got '%s'", a->layer0);
+    }
+    if (a->model_type) {
+        if (!strcmp(a->model_type, "ctxpythia")) ctxpythia = 1;
+        else if (strcmp(a->model_type, "pythia")) die("--model-type must be pythia or ctxpythia; got '%s'", a->model_type);
+    }
+    if (ctxkv && ctxpythia) die("--layer0 ctxkv and --model-type ctxpythia conflict: ctxpythia feeds every layer from the contexts");
+    if (!ctxkv && !ctxpythia) {
+        if (a->context_dim || a->context_interval || a->max_contexts)
+            die("--context-dim / --context-interval / --max-contexts need --layer0 ctxkv or --model-type ctxpythia");
+        return;
+    }
+    if (ctxpythia && (a->context_interval || a->max_contexts))
+        die("--context-interval / --max-contexts belong to --layer0 ctxkv, not --model-type ctxpythia");
+    const int dc = a->context_dim ? a->context_dim : c->n_embd / 2;
+    c->context_dim = dc;
+    if (ctxkv) {
+        c->layer0_type = LAYER0_CTXKV;
+        c->context_interval = a->context_interval ? a->context_interval : 32;
+        c->max_contexts = a->max_contexts ? a->max_contexts : 32;
+    } else { // the layers move to the context width, keeping the heads and the rotary fraction
+        const int old_D = head_dim(c);
+        c->model_type = MODEL_CTXPYTHIA;
+        c->embed_dim = c->n_embd;
+        if (dc % c->n_head) die("--context-dim %d is not divisible by the %d heads", dc, c->n_head);
+        c->n_inner = c->n_inner / c->n_embd * dc;
+        c->n_embd = dc;
+        c->rotary_dims = (c->rotary_dims * (dc / c->n_head) / old_D) & ~1;
+        if (c->attn_type == ATTN_MLA) {
+            c->kv_rank = a->kv_rank ? a->kv_rank : 4 * head_dim(c);
+            c->mla_rope_dim = a->rope_dim ? a->rope_dim : head_dim(c);
+        }
+    }
+    const char *problem = config_problem(c);
+    if (problem) die("context flags: %s", problem);
+}
+
+// A checkpoint's variant is fixed: flags that say otherwise are an error, not a silent override.
+static void check_variant_flags_match(const Config *c, const Args *a, const char *path) {
+    if (a->attn && attn_type_from_name(a->attn) != c->attn_type)
+        die("'%s' is a %s checkpoint, but --attn %s was given (to convert an mha checkpoint use --init-from)", path,
+            ATTN_NAMES[c->attn_type], a->attn);
+#define SAME(flag, given, field, label) \
+    if (given && (given) != (field)) die("'%s' has %s %d, but %s %d was given", path, label, field, flag, given)
+    SAME("--n-kv-head", a->n_kv_head, c->n_kv_head, "n_kv_head");
+    SAME("--kv-rank", a->kv_rank, c->kv_rank, "kv_rank");
+    SAME("--rope-dim", a->rope_dim, c->mla_rope_dim, "mla_rope_dim");
+    if (a->q_rank >= 0 && a->q_rank != c->q_rank) die("'%s' has q_rank %d, but --q-rank %d was given", path, c->q_rank, a->q_rank);
+    if (a->layer0 && (!strcmp(a->layer0, "ctxkv")) != (c->layer0_type == LAYER0_CTXKV))
+        die("'%s' has layer 0 %s, but --layer0 %s was given", path, c->layer0_type ? "ctxkv" : "same", a->layer0);
+    if (a->model_type && (!strcmp(a->model_type, "ctxpythia")) != (c->model_type == MODEL_CTXPYTHIA))
+        die("'%s' is a %s model, but --model-type %s was given", path, c->model_type ? "ctxpythia" : "pythia", a->model_type);
+    SAME("--context-dim", a->context_dim, c->context_dim, "context_dim");
+    SAME("--context-interval", a->context_interval, c->context_interval, "context_interval");
+    SAME("--max-contexts", a->max_contexts, c->max_contexts, "max_contexts");
+#undef SAME
+}
+
+// The model config the flags ask for, without building the model (--kv-report needs no weights).
+static Config config_from_args(const Args *a) {
+    if (a->resume) {
+        char path[4200];
+        TrainState st;
+        resume_path(path, sizeof path, a->resume);
+        Config c = train_state_load(path, NULL, &st);
+        check_variant_flags_match(&c, a, path);
+        return c;
+    }
+    const char *name = a->init_from ? a->init_from : (a->model ? a->model : "pythia-14m");
+    const Preset *p = a->init_from ? NULL : find_preset(name);
+    Config c;
+    if (p) {
+        c = config_from_preset(p);
+        apply_variant_flags(&c, a);
+        apply_context_flags(&c, a);
+    } else {
+        if (access(name, F_OK) != 0)
+            die("%s '%s' is neither a preset (pythia-14m, pythia-70m, pythia-160m, tiny) nor an existing checkpoint file",
+                a->init_from ? "--init-from" : "--model", name);
+        c = checkpoint_open(name, NULL);
+        if (a->init_from) {
+            if (has_context_block(&c)) die("--init-from starts from a plain Pythia checkpoint; '%s' already has a context block", name);
+            apply_variant_flags(&c, a);
+            apply_context_flags(&c, a);
+        } else {
+            check_variant_flags_match(&c, a, name);
+        }
+    }
+    return c;
+}
+
+// Host views of one layer's tensors inside params_memory (the CPU program's m->p.layer[l]
+// pointers are host pointers; here m->p points into the GPU block).
+static float *host_tensor(const Model *m, int l, const char *leaf) {
+    char name[48];
+    snprintf(name, sizeof name, "layer%d.%s", l, leaf);
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++)
+        if (!strcmp(m->tensors[i].name, name)) return m->params_memory + m->tensors[i].offset;
+    die("internal: no tensor %s", name);
+}
+typedef struct { float *q_w, *q_b, *kv_w, *kv_b, *qkv_w, *qkv_b; } HostLayer;
+static HostLayer host_layer(const Model *m, int l) {
+    HostLayer h = {};
+    if (m->p.layer[l].q_w) { h.q_w = host_tensor(m, l, "q_w"); h.q_b = host_tensor(m, l, "q_b"); }
+    if (m->p.layer[l].kv_w) { h.kv_w = host_tensor(m, l, "kv_w"); h.kv_b = host_tensor(m, l, "kv_b"); }
+    if (m->p.layer[l].qkv_w) { h.qkv_w = host_tensor(m, l, "qkv_w"); h.qkv_b = host_tensor(m, l, "qkv_b"); }
+    return h;
+}
+
+// --init-from: every tensor the two models share (same name and shape) is copied; an mha
+// checkpoint becomes gqa/mqa by mean-pooling the K and V heads of each group (Ainslie et al.).
+static void model_init_from(Model *m, const Config *c, const char *path, float init_std, uint64_t seed) {
+    Model src;
+    model_load(&src, path);
+    model_init_random(m, c, init_std, seed);
+    int *copied = (int *)calloc_check(arrlen(m->tensors) * sizeof(int), "init-from");
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++)
+        for (ptrdiff_t j = 0; j < arrlen(src.tensors); j++) {
+            const ParamTensor *t = &m->tensors[i], *u = &src.tensors[j];
+            if (!strcmp(t->name, u->name) && t->rows == u->rows && t->cols == u->cols) {
+                memcpy(m->params_memory + t->offset, src.params_memory + u->offset, t->rows * t->cols * sizeof(float));
+                copied[i] = 1;
+            }
+        }
+    // Every tensor must come from the checkpoint, except those the conversion makes below
+    // (gqa/mqa q and kv from an mha qkv) and those that start fresh by design (the context
+    // block, ctxkv's k and v). Anything else would silently stay random.
+    int converting_heads = src.cfg.attn_type == ATTN_MHA && (c->attn_type == ATTN_GQA || c->attn_type == ATTN_MQA);
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
+        const char *name = m->tensors[i].name, *leaf = strrchr(name, '.') ? strrchr(name, '.') + 1 : name;
+        int fresh_by_design = !strncmp(name, "ctx_", 4) ||
+                              (c->layer0_type == LAYER0_CTXKV && !strncmp(name, "layer0.", 7) &&
+                               (!strcmp(leaf, "k_w") || !strcmp(leaf, "k_b") || !strcmp(leaf, "v_w") || !strcmp(leaf, "v_b") ||
+                                (src.cfg.attn_type == ATTN_MHA && (!strcmp(leaf, "q_w") || !strcmp(leaf, "q_b")))));
+        int made_by_conversion = converting_heads && (!strcmp(leaf, "q_w") || !strcmp(leaf, "q_b") ||
+                                                      !strcmp(leaf, "kv_w") || !strcmp(leaf, "kv_b"));
+        if (!copied[i] && !fresh_by_design && !made_by_conversion)
+            die("--init-from: '%s' has no tensor %s of shape [%zu, %zu]; the only conversions are mha -> gqa/mqa and "
+                "adding a ctxkv layer 0", path, name, m->tensors[i].rows, m->tensors[i].cols);
+    }
+    free(copied);
+    const int C = c->n_embd, H = c->n_head, D = head_dim(c);
+    if (c->model_type == MODEL_CTXPYTHIA) die("--init-from cannot start a ctxpythia model: its layers have another width");
+    if (c->layer0_type == LAYER0_CTXKV && src.cfg.attn_type == ATTN_MHA) {
+        // W_q and its bias start from layer 0's query rows (dense is copied by name); W_k, W_v fresh
+        for (int h = 0; h < H; h++) {
+            memcpy(host_tensor(m, 0, "q_w") + (size_t)h * D * C, host_tensor(&src, 0, "qkv_w") + (size_t)h * 3 * D * C, (size_t)D * C * sizeof(float));
+            memcpy(host_tensor(m, 0, "q_b") + h * D, host_tensor(&src, 0, "qkv_b") + h * 3 * D, D * sizeof(float));
+        }
+    }
+    int target = c->attn_type, source = src.cfg.attn_type;
+    if (source != target) {
+        if (source != ATTN_MHA || (target != ATTN_GQA && target != ATTN_MQA))
+            die("--init-from converts mha checkpoints to gqa or mqa; '%s' is %s and --attn is %s", path,
+                ATTN_NAMES[source], ATTN_NAMES[target]);
+        const int G = c->n_kv_head, group = H / G;
+        for (int l = c->layer0_type == LAYER0_CTXKV ? 1 : 0; l < c->n_layer; l++) {
+            HostLayer sp_ = host_layer(&src, l), tp_ = host_layer(m, l); // host views into params_memory
+            const HostLayer *sp = &sp_, *tp = &tp_;
+            for (int h = 0; h < H; h++) { // q rows: s = 0 of each head's [q | k | v]
+                memcpy(tp->q_w + (size_t)h * D * C, sp->qkv_w + (size_t)h * 3 * D * C, (size_t)D * C * sizeof(float));
+                memcpy(tp->q_b + h * D, sp->qkv_b + h * 3 * D, D * sizeof(float));
+            }
+            memset(tp->kv_w, 0, (size_t)2 * G * D * C * sizeof(float));
+            memset(tp->kv_b, 0, (size_t)2 * G * D * sizeof(float));
+            for (int h = 0; h < H; h++) {
+                const int g = h / group;
+                for (int s = 1; s <= 2; s++) { // 1 = k -> rows g*D, 2 = v -> rows (G+g)*D
+                    const int dst = (s == 1 ? g : G + g) * D;
+                    for (int j = 0; j < D; j++) {
+                        for (int i = 0; i < C; i++) tp->kv_w[(size_t)(dst + j) * C + i] += 1.0f / group * sp->qkv_w[(size_t)(h * 3 * D + s * D + j) * C + i];
+                        tp->kv_b[dst + j] += sp->qkv_b[h * 3 * D + s * D + j] / group;
+                    }
+                }
+            }
+        }
+    }
+    model_free(&src);
+    model_to_device(m); // the host copy was edited after model_init_random uploaded it
+}
+
+static Model model_from_args(const Args *a, const Config *c) {
+    Model m;
+    if (a->resume) {
+        char path[4200];
+        TrainState st;
+        resume_path(path, sizeof path, a->resume);
+        train_state_load(path, &m, &st);
+    } else if (a->init_from) model_init_from(&m, c, a->init_from, a->init_std, (uint64_t)a->seed);
+    else if (find_preset(a->model ? a->model : "pythia-14m")) model_init_random(&m, c, a->init_std, (uint64_t)a->seed);
+    else model_load(&m, a->model);
+    return m;
+}
+
+static void print_kv_report(const Config *c, const char *name) {
+    const size_t L = c->n_layer, per_token = kv_elements_per_token(c);
+    const size_t std_layer = attn_kv_elements(c, c->attn_type); // a layer that is not ctxkv
+    printf("{\"model\": \"%s\", \"attn\": \"%s\", \"layer0\": \"%s\", \"model_type\": \"%s\", \"n_layer\": %zu, "
+           "\"n_kv_head\": %d, \"kv_rank\": %d, \"rope_dim\": %d, \"context_dim\": %d, \"context_interval\": %d, "
+           "\"max_contexts\": %d, \"params\": %zu, \"kv_elements_per_token\": %zu, "
+           "\"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, \"kv_bytes_per_token_fp32\": %zu, "
+           "\"kv_cache_bytes_at\": {\"1024\": %zu, \"4096\": %zu, \"16384\": %zu}}\n",
+           name, ATTN_NAMES[c->attn_type], c->layer0_type ? "ctxkv" : "same", c->model_type ? "ctxpythia" : "pythia", L,
+           c->n_kv_head, c->kv_rank, c->mla_rope_dim, c->context_dim, c->context_interval, c->max_contexts,
+           layout_params(c, NULL, NULL, NULL), per_token, 2 * std_layer, 2 * per_token, 4 * per_token,
+           2 * kv_elements_at(c, 1024), 2 * kv_elements_at(c, 4096), 2 * kv_elements_at(c, 16384));
+}
+
+// parses "1,2,3" into an stb_ds array of ids
+static int *parse_ids(const char *flag, const char *list) {
+    int *ids = NULL;
+    const char *p = list;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > 65535) die("%s expects comma-separated token ids, got '%s'", flag, list);
+        arrput(ids, (int)v);
+        p = end;
+        if (*p == ',') p++;
+        else if (*p) die("%s expects comma-separated token ids, got '%s'", flag, list);
+    }
+    if (arrlen(ids) == 0) die("%s is empty", flag);
+    return ids;
+}
+
+static int run_generate(Model *m, const Args *a, const Tokenizer *tk) {
+    int *prompt = parse_ids("--prompt-ids", a->prompt_ids);
+    int n_prompt = (int)arrlen(prompt);
+    check_batch(&m->cfg, prompt, NULL, 1, n_prompt);
+    int *out = (int *)malloc_check((size_t)(n_prompt + a->generate) * sizeof(int), "generate");
+    uint64_t rng = (uint64_t)a->seed ^ 0x9E3779B97F4A7C15ull;
+    GenStats st;
+    printf("--- %d tokens after a %d-token prompt ---\n", a->generate, n_prompt);
+    model_generate(m, 1, prompt, n_prompt, a->generate, a->temperature, &rng, out, tk->tokens ? tk : NULL, &st);
+    if (!tk->tokens) for (int i = n_prompt; i < n_prompt + a->generate; i++) printf("%d ", out[i]);
+    printf("\n---\n");
+    const int T = n_prompt + a->generate;
+    printf("{\"generated_tokens\": %d, \"seconds\": %.4f, \"tokens_per_s\": %.1f, \"kv_cache_capacity_tokens\": %d, "
+           "\"kv_cache_bytes\": %zu, \"kv_bytes_per_token_fp32\": %zu}\n",
+           a->generate, st.seconds, a->generate / st.seconds, T, st.cache_bytes, kv_elements_per_token(&m->cfg) * sizeof(float));
+    free(out);
+    arrfree(prompt);
+    return 0;
+}
+// ----------------------------------------------------------------------------
+// Context-KV: the context-block file (doc/formats.md) and phase 1
+
+#define CTXBLOCK_MAGIC 20261126
+#define CTXBLOCK_VERSION 1
+static const char *BLOCK_TENSORS[] = {"ctx_ln_e_w", "ctx_ln_e_b", "ctx_w", "ctx_b", "ctx_ln_c_w", "ctx_ln_c_b", "embed_in"};
+#define N_BLOCK_TENSORS 7
+
+static const ParamTensor *find_tensor(const Model *m, const char *name) {
+    for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++)
+        if (!strcmp(m->tensors[i].name, name)) return &m->tensors[i];
+    return NULL;
+}
+
+static void context_block_save(const Model *m, const char *path) {
+    const Config *c = &m->cfg;
+    int h[HEADER_INTS] = {0};
+    h[0] = CTXBLOCK_MAGIC; h[1] = CTXBLOCK_VERSION; h[2] = c->embed_dim; h[3] = c->context_dim;
+    h[4] = c->padded_vocab_size; h[5] = c->vocab_size;
+    model_to_host(m);
+    AtomicFile af = atomic_open(path);
+    fwrite_check(h, sizeof(int), HEADER_INTS, af.f, af.tmp);
+    for (int i = 0; i < N_BLOCK_TENSORS; i++) {
+        const ParamTensor *t = find_tensor(m, BLOCK_TENSORS[i]);
+        fwrite_check(m->params_memory + t->offset, sizeof(float), t->rows * t->cols, af.f, af.tmp);
+    }
+    atomic_commit(&af);
+}
+
+// Loads a phase-1 block (and the embeddings it was trained on) into a model whose widths match.
+static void context_block_load(Model *m, const char *path) {
+    const Config *c = &m->cfg;
+    if (!has_context_block(c)) die("--context-block needs a model with a context block (--layer0 ctxkv or --model-type ctxpythia)");
+    FILE *f = fopen_check(path, "rb");
+    int h[HEADER_INTS];
+    long long size = file_size(f);
+    if (size < (long long)sizeof h) die("'%s' is too small to be a context block", path);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != CTXBLOCK_MAGIC || h[1] != CTXBLOCK_VERSION) die("'%s' is not a context block file (magic %d, version %d)", path, h[0], h[1]);
+    if (h[2] != c->embed_dim || h[3] != c->context_dim || h[4] != c->padded_vocab_size || h[5] != c->vocab_size)
+        die("'%s' is a context block for embed width %d, context width %d, vocab %d, but the model has embed width %d, "
+            "context width %d, vocab %d", path, h[2], h[3], h[5], c->embed_dim, c->context_dim, c->vocab_size);
+    long long expect = sizeof h;
+    for (int i = 0; i < N_BLOCK_TENSORS; i++) {
+        const ParamTensor *t = find_tensor(m, BLOCK_TENSORS[i]);
+        expect += 4LL * t->rows * t->cols;
+    }
+    if (size != expect) die("'%s' has %lld bytes, its header implies %lld: truncated or corrupt", path, size, expect);
+    for (int i = 0; i < N_BLOCK_TENSORS; i++) {
+        const ParamTensor *t = find_tensor(m, BLOCK_TENSORS[i]);
+        fread_check(m->params_memory + t->offset, sizeof(float), t->rows * t->cols, f, path);
+    }
+    fclose(f);
+    model_to_device(m);
+}
+
+// The parallel fixed-point (Jacobi) iteration of the recurrence over every position at once:
+//   S = shift(P) (+ noise), O = ContextBlock(S, E), P <- O.
+// Position t is exact after t+1 iterations without noise, so T iterations give the exact
+// recurrence (the harness checks this). E (B,T,Ed) embeddings, P (B,T,d_c) in/out.
+// S, P on the GPU. The noise is drawn on the host, in the CPU program's order (b, t, j), so
+// both programs add the same numbers for a given seed.
+__global__ void jacobi_shift_kernel(floatX *S, const floatX *P, const float *noise, int T, int dc, size_t n) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    const size_t row = idx / dc; // b*T + t
+    const int t = (int)(row % T), j = (int)(idx % dc);
+    float v = t == 0 ? 0.0f : tof(P[(row - 1) * dc + j]); // each sequence starts from c_{-1} = 0
+    if (noise) v += noise[idx];
+    S[idx] = fx(v);
+}
+static void jacobi_shift(floatX *S, const floatX *P, int B, int T, int dc, float noise, uint64_t *rng) {
+    const size_t n = (size_t)B * T * dc;
+    float *dnoise = NULL;
+    if (noise > 0.0f) {
+        float *h = (float *)malloc_check(n * sizeof(float), "phase 1 noise");
+        for (size_t i = 0; i < n; i++) h[i] = noise * random_normal(rng);
+        dnoise = (float *)dev_temp(TMP_UPLOAD, n * sizeof(float));
+        cudaCheck(cudaMemcpy(dnoise, h, n * sizeof(float), cudaMemcpyHostToDevice));
+        free(h);
+    }
+    jacobi_shift_kernel<<<ceil_div(n, 256), 256>>>(S, P, dnoise, T, dc, n);
+    launchCheck();
+}
+
+// per row: 1 if the mean squared change O − P is below tol
+__global__ void converged_rows_kernel(int *flags, const floatX *O, const floatX *P, int N, int dc, float tol) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    float d2 = 0.0f;
+    for (int j = 0; j < dc; j++) { float d = tof(O[(size_t)n * dc + j]) - tof(P[(size_t)n * dc + j]); d2 += d * d; }
+    flags[n] = d2 / dc < tol;
+}
+
+typedef struct { float loss, converged; int iters; } Phase1Stats;
+
+// Phase 1 on one batch: Jacobi iterations, each one OACD loss and one Adam step on the block
+// (everything else frozen), until the converged fraction reaches p1_stop or p1_iters run out.
+static Phase1Stats phase1_round(Model *m, const Args *a, const int *tokens, int B, int T, uint64_t *rng, int round) {
+    const Config *c = &m->cfg;
+    const int dc = c->context_dim, Ed = c->embed_dim, N = B * T;
+    blockacts_ensure(&m->cb, N, Ed, dc);
+    floatX *E = (floatX *)cuda_malloc_check((size_t)N * (Ed + 3 * dc) * sizeof(floatX), "phase 1");
+    floatX *P = E + (size_t)N * Ed, *S = P + (size_t)N * dc, *dO = S + (size_t)N * dc;
+    int *flags = (int *)dev_temp(TMP_FLAGS, (size_t)N * sizeof(int)), *flags_host = (int *)malloc_check((size_t)N * sizeof(int), "phase 1");
+    embedding_forward(E, upload_ids(TMP_IDS, tokens, N), m->p.embed_in, N, Ed);
+    float *P0 = (float *)malloc_check((size_t)N * dc * sizeof(float), "phase 1");
+    for (size_t i = 0; i < (size_t)N * dc; i++) P0[i] = 0.01f * random_normal(rng);
+    upload_floats(P, P0, (size_t)N * dc);
+    free(P0);
+    if (!m->grads_memory) {
+        m->grads_memory = (floatX *)cuda_calloc_check(m->num_params_dev * sizeof(floatX), "gradients");
+        layout_params(c, m->grads_memory, &m->g, NULL);
+    }
+    AdamW opt = {a->p1_lr, a->beta1, a->beta2, a->eps, 0.0f}; // Adam: no weight decay
+    Phase1Stats st = {};
+    for (int it = 0; it < a->p1_iters; it++) {
+        jacobi_shift(S, P, B, T, dc, a->p1_noise, rng);
+        contextblock_forward(&m->cb, &m->p, S, E, N, Ed, dc, c->ln_eps);
+        const floatX *O = m->cb.out;
+        st.loss = oacd_forward(O, N, dc, a->oacd_slice, a->oacd_lambda);
+        model_zero_grad(m);
+        oacd_backward(dO, O, N, dc, a->oacd_slice, a->oacd_lambda);
+        contextblock_backward(&m->cb, &m->p, &m->g, dO, E, N, Ed, dc);
+        float norm = model_clip_grad_norm(m, a->p1_clip);
+        if (!isfinite(st.loss) || !isfinite(norm)) die("phase 1 round %d iteration %d: loss %g / grad norm %g is not finite", round, it, st.loss, norm);
+        model_update(m, &opt);
+        converged_rows_kernel<<<ceil_div(N, 256), 256>>>(flags, O, P, N, dc, a->p1_tol);
+        launchCheck();
+        cudaCheck(cudaMemcpy(flags_host, flags, (size_t)N * sizeof(int), cudaMemcpyDeviceToHost));
+        int conv = 0;
+        for (int n = 0; n < N; n++) conv += flags_host[n];
+        st.converged = (float)conv / N;
+        st.iters = it + 1;
+        cudaCheck(cudaMemcpy(P, O, (size_t)N * dc * sizeof(floatX), cudaMemcpyDeviceToDevice)); // detached: the next iterate
+        printf("phase 1 round %d iter %d | oacd loss %.5f | converged %.3f | norm %.3f\n", round, it + 1, st.loss, st.converged, norm);
+        fflush(stdout);
+        if (st.converged >= a->p1_stop) break;
+    }
+    cuda_free(E); free(flags_host);
+    return st;
+}
+
+// lr at step (0-based): linear warmup to lr, then cosine down to lr*min_lr_frac at the last step
+static float lr_at(const Args *a, int step) {
+    if (step < a->warmup) return a->lr * (float)(step + 1) / (float)a->warmup;
+    if (a->steps <= a->warmup + 1) return a->lr;
+    float progress = (float)(step - a->warmup) / (float)(a->steps - a->warmup - 1);
+    float min_lr = a->lr * a->min_lr_frac;
+    return min_lr + 0.5f * (a->lr - min_lr) * (1.0f + cosf(3.14159265f * progress));
+}
+
+static float evaluate(Model *m, DataLoader *val, int max_batches) {
+    dataloader_reset(val);
+    int n = dataloader_batches_in_shard(val);
+    if (n > max_batches) n = max_batches;
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        dataloader_next(val);
+        sum += model_forward(m, val->inputs, val->targets, val->B, val->T);
+    }
+    return (float)(sum / n);
+}
+
+// ----------------------------------------------------------------------------
+// Evaluation suite (doc/evaluation.md)
+
+// Held-out loss by a sliding window of T tokens with stride T/2: each window scores only the
+// targets no earlier window scored, so every token is predicted once, with at least T/2
+// tokens of context after the first window. Returns the mean loss; *scored = tokens counted.
+static float eval_heldout(Model *m, const char *path, int T, int max_tokens, long long *scored) {
+    size_t ntok;
+    uint16_t *tok = shard_load(path, &ntok, m->cfg.vocab_size);
+    if (ntok < 2) die("'%s' has fewer than 2 tokens", path);
+    int *x = (int *)malloc_check(T * sizeof(int), "heldout"), *y = (int *)malloc_check(T * sizeof(int), "heldout");
+    double total = 0.0;
+    long long count = 0;
+    size_t done = 0; // targets tok[1..done] are scored
+    const int stride = T / 2 > 0 ? T / 2 : 1;
+    for (size_t s = 0; done < ntok - 1; s += stride) {
+        int len = (int)(ntok - 1 - s < (size_t)T ? ntok - 1 - s : (size_t)T);
+        for (int i = 0; i < len; i++) {
+            x[i] = tok[s + i];
+            y[i] = s + i + 1 > done ? tok[s + i + 1] : IGNORE_INDEX; // target index s+i+1
+        }
+        model_forward(m, x, y, 1, len);
+        for (int i = 0; i < len; i++)
+            if (y[i] != IGNORE_INDEX) { total += m->losses_host[i]; count++; }
+        done = s + len;
+        if (max_tokens > 0 && count >= max_tokens) break;
+    }
+    free(x); free(y); free(tok);
+    *scored = count;
+    return (float)(total / count);
+}
+
+typedef struct { int n_ctx, n_tgt; size_t offset; } LambadaExample;
+
+// LAMBADA: an example is correct when every token of the final word is the argmax given all
+// preceding text; perplexity = exp(−mean over examples of Σ log p(final-word tokens)).
+static void eval_lambada(Model *m, const char *path, int max_examples, float *acc, float *ppl, int *n_scored) {
+    FILE *f = fopen_check(path, "rb");
+    long long size = file_size(f);
+    int h[HEADER_INTS];
+    if (size < (long long)sizeof h) die("'%s' is too small to be a LAMBADA file", path);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != 20261128 || h[1] != 1) die("'%s' is not a LAMBADA eval file (magic %d, version %d)", path, h[0], h[1]);
+    if (h[2] < 1 || h[3] < 0) die("'%s': bad example/token counts", path);
+    if (size != (long long)sizeof h + 8LL * h[2] + 2LL * h[3]) die("'%s' is truncated or corrupt (size %lld)", path, size);
+    LambadaExample *ex = NULL; // stb_ds array
+    size_t off = 0;
+    for (int i = 0; i < h[2]; i++) {
+        int pair[2];
+        fread_check(pair, sizeof(int), 2, f, path);
+        if (pair[0] < 1 || pair[1] < 1 || off + pair[0] + pair[1] > (size_t)h[3]) die("'%s': example %d has bad lengths", path, i);
+        LambadaExample e = {pair[0], pair[1], off};
+        arrput(ex, e);
+        off += pair[0] + pair[1];
+    }
+    if (off != (size_t)h[3]) die("'%s': example lengths do not add up to the token count", path);
+    uint16_t *tok = (uint16_t *)malloc_check(off * sizeof(uint16_t), "lambada");
+    fread_check(tok, sizeof(uint16_t), off, f, path);
+    fclose(f);
+    const int V = m->cfg.vocab_size; // (the CPU program also reads Vp: its logits rows are Vp apart)
+    int n = (int)arrlen(ex), correct = 0, used = 0;
+    if (max_examples > 0 && max_examples < n) n = max_examples;
+    double sum_logp = 0.0;
+    int *x = NULL;
+    for (int i = 0; i < n; i++) {
+        int L = ex[i].n_ctx + ex[i].n_tgt - 1; // the input is everything but the last target token
+        if (L > m->cfg.max_seq_len) continue;  // longer than the model sees: not scored
+        arrsetlen(x, L);
+        for (int j = 0; j < L; j++) x[j] = tok[ex[i].offset + j];
+        m->head_from = ex[i].n_ctx - 1;
+        model_forward(m, x, NULL, 1, L);
+        int all_argmax = 1;
+        for (int j = 0; j < ex[i].n_tgt; j++) {
+            const float *z = model_logits_host(m, ex[i].n_ctx - 1 + j, 1);
+            int target = tok[ex[i].offset + ex[i].n_ctx + j], best = 0;
+            for (int v = 1; v < V; v++) if (z[v] > z[best]) best = v;
+            all_argmax &= best == target;
+            double mx = z[best], se = 0.0;
+            for (int v = 0; v < V; v++) se += exp((double)z[v] - mx);
+            sum_logp += z[target] - mx - log(se);
+        }
+        correct += all_argmax;
+        used++;
+    }
+    m->head_from = 0;
+    arrfree(x); arrfree(ex); free(tok);
+    *acc = used ? (float)correct / used : 0.0f;
+    *ppl = used ? (float)exp(-sum_logp / used) : 0.0f;
+    *n_scored = used;
+}
+
+// Generation throughput with the KV cache: B prompts of n_prompt tokens (from `tokens`),
+// n_new new tokens each; tokens/s counts new tokens over the whole call (prefill included).
+static float eval_generation(Model *m, int B, const uint16_t *tokens, size_t ntok, int n_prompt, int n_new, size_t *cache_bytes) {
+    int *prompts = (int *)malloc_check((size_t)B * n_prompt * sizeof(int), "eval gen");
+    for (size_t i = 0; i < (size_t)B * n_prompt; i++) prompts[i] = tokens[i % ntok];
+    int *out = (int *)malloc_check((size_t)B * (n_prompt + n_new) * sizeof(int), "eval gen");
+    uint64_t rng = 42;
+    GenStats st;
+    model_generate(m, B, prompts, n_prompt, n_new, 1.0f, &rng, out, NULL, &st);
+    free(prompts); free(out);
+    *cache_bytes = st.cache_bytes;
+    return (float)((double)B * n_new / st.seconds);
+}
+
+static void mkdir_p(const char *dir) {
+    char buf[4096];
+    if ((size_t)snprintf(buf, sizeof buf, "%s", dir) >= sizeof buf) die("--out path too long");
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') { *p = 0; mkdir(buf, 0755); *p = '/'; }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("--out: cannot create directory '%s' (%s)", dir, strerror(errno));
+    char probe[4200];
+    snprintf(probe, sizeof probe, "%s/.write_test", dir);
+    FILE *f = fopen(probe, "wb");
+    if (!f) die("--out: directory '%s' is not writable (%s)", dir, strerror(errno));
+    fclose(f);
+    remove(probe);
+}
+
+static void format_eta(char *buf, size_t n, double seconds) {
+    int s = (int)(seconds + 0.5);
+    if (s >= 3600) snprintf(buf, n, "%dh%02dm", s / 3600, (s / 60) % 60);
+    else snprintf(buf, n, "%dm%02ds", s / 60, s % 60);
+}
+
+static int run_bench(Model *m, const Args *a) {
+    uint64_t rng = (uint64_t)a->seed + 1;
+    int BT = a->B * a->T;
+    int *x = (int *)malloc_check(BT * sizeof(int), "bench"), *y = (int *)malloc_check(BT * sizeof(int), "bench");
+    for (int i = 0; i < BT; i++) { x[i] = random_u32(&rng) % m->cfg.vocab_size; y[i] = random_u32(&rng) % m->cfg.vocab_size; }
+    AdamW opt = {a->lr, a->beta1, a->beta2, a->eps, a->weight_decay};
+    double t_total = 0.0;
+    for (int s = 0; s <= a->bench; s++) { // step 0 is warmup (first-touch allocation)
+        double t0 = now_seconds();
+        model_forward(m, x, y, a->B, a->T);
+        model_zero_grad(m);
+        model_backward(m);
+        model_clip_grad_norm(m, a->grad_clip);
+        model_update(m, &opt);
+        cudaCheck(cudaDeviceSynchronize());
+        double dt = now_seconds() - t0;
+        if (s > 0) t_total += dt;
+        fprintf(stderr, "bench step %d: %.1f ms\n", s, dt * 1e3);
+    }
+    double ms = t_total / a->bench * 1e3;
+    printf("{\"bench_steps\": %d, \"ms_per_step\": %.3f, \"tokens_per_s\": %.1f}\n", a->bench, ms, BT / (ms / 1e3));
+    free(x); free(y);
+    return 0;
+}
+
+#ifndef TESTING
+int main(int argc, char **argv) {
+    Args a = parse_args(argc, argv);
+    Config cfg = config_from_args(&a);
+    if (a.kv_report) {
+        print_kv_report(&cfg, a.init_from ? a.init_from : (a.model ? a.model : "pythia-14m"));
+        return 0;
+    }
+    Model model = model_from_args(&a, &cfg);
+    if (!a.generate && a.T > model.cfg.max_seq_len) die("-t %d exceeds the model's max_seq_len %d", a.T, model.cfg.max_seq_len);
+    config_print(&model.cfg);
+    printf("parameters: %zu | B %d | T %d | %s | %s\n", model.num_params, a.B, a.T, device_prop.name, PRECISION_NAME);
+    if (a.context_block) context_block_load(&model, a.context_block);
+    if (a.phase && !has_context_block(&model.cfg)) die("--phase needs a model with a context block (--layer0 ctxkv or --model-type ctxpythia)");
+    if (a.bench) return run_bench(&model, &a);
+    // the memory a training step needs, before any of it is touched
+    if (a.steps > 0) {
+        // (layout_acts counts bytes here; parameters: floatX copy and gradients, fp32 master, m and v)
+        double need = (double)layout_acts(&model.cfg, a.B, a.T, NULL, &model.a, NULL) +
+                      (double)layout_acts(&model.cfg, a.B, a.T, NULL, NULL, &model.ga) +
+                      (2.0 * sizeof(floatX) + 12.0) * model.num_params_dev;
+        size_t free_b = 0, total_b = 0;
+        cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+        double have = (double)total_b;
+        if (have > 0 && need > 0.9 * have)
+            die("-b %d -t %d need about %.1f GiB (activations, gradients, AdamW state), more than this machine's %.1f GiB of GPU memory; lower -b or -t",
+                a.B, a.T, need / (1 << 30), have / (1 << 30));
+    }
+    Tokenizer tk;
+    if (!tokenizer_load(&tk, a.tokenizer)) printf("(no token table at '%s': samples print token ids)\n", a.tokenizer);
+    if (a.generate) return run_generate(&model, &a, &tk);
+
+    DataLoader train, val;
+    int have_train = a.steps > 0 || a.phase == 1; // --steps 0: evaluation only
+    if (have_train) dataloader_init(&train, a.train, a.B, a.T, model.cfg.vocab_size);
+    int have_val = a.val && a.val[0];
+    if (have_val) dataloader_init(&val, a.val, a.B, a.T, model.cfg.vocab_size);
+    if (have_train) printf("train: %d shard(s) matching '%s' | val: %s\n", (int)arrlen(train.files), a.train, have_val ? a.val : "none");
+
+    FILE *log = NULL;
+    char path[4200];
+    if (a.out) {
+        mkdir_p(a.out);
+        snprintf(path, sizeof path, "%s/log.jsonl", a.out);
+        log = fopen_check(path, a.resume ? "a" : "w"); // a resumed run continues its log
+    }
+    TrainState rs = {};
+    if (a.resume) {
+        char sp[4200];
+        resume_path(sp, sizeof sp, a.resume);
+        train_state_load(sp, NULL, &rs);
+        if (rs.B != a.B || rs.T != a.T) die("--resume: the run used -b %d -t %d, but -b %d -t %d were given", rs.B, rs.T, a.B, a.T);
+        if (rs.step > a.steps) die("--resume: the run already did %d steps, more than --steps %d", rs.step, a.steps);
+        if (have_train) dataloader_seek(&train, rs.shard_index, rs.pos);
+        printf("resuming %s at step %d\n", sp, rs.step);
+    }
+    if (a.phase == 1) { // train the ContextBlock alone, save it, stop
+        model_set_phase(&model, 1);
+        uint64_t rng = (uint64_t)a.seed * 2654435761u + 1;
+        double t0 = now_seconds();
+        Phase1Stats st = {};
+        for (int r = 0; r < a.p1_rounds; r++) {
+            dataloader_next(&train);
+            st = phase1_round(&model, &a, train.inputs, a.B, a.T, &rng, r + 1);
+            printf("phase 1 round %d/%d: %d iterations, converged %.3f, oacd loss %.5f\n", r + 1, a.p1_rounds, st.iters, st.converged, st.loss);
+            if (log) { fprintf(log, "{\"type\": \"phase1\", \"round\": %d, \"iters\": %d, \"converged\": %.4f, \"oacd_loss\": %.6f}\n", r + 1, st.iters, st.converged, st.loss); fflush(log); }
+        }
+        printf("phase 1 done in %.1f s: converged fraction %.3f\n", now_seconds() - t0, st.converged);
+        if (a.out) {
+            snprintf(path, sizeof path, "%s/context_block.bin", a.out);
+            context_block_save(&model, path);
+            printf("wrote %s\n", path);
+            snprintf(path, sizeof path, "%s/model.bin", a.out);
+            model_save(&model, path);
+            snprintf(path, sizeof path, "%s/metrics.json", a.out);
+            AtomicFile af = atomic_open(path);
+            fprintf(af.f, "{\"phase\": 1, \"converged\": %.4f, \"oacd_loss\": %.6f, \"iters\": %d, \"rounds\": %d}\n", st.converged, st.loss, st.iters, a.p1_rounds);
+            atomic_commit(&af);
+            fclose(log);
+        }
+        return 0;
+    }
+    AdamW opt = {a.lr, a.beta1, a.beta2, a.eps, a.weight_decay};
+    uint64_t sample_rng = a.resume ? rs.rng : (uint64_t)a.seed ^ 0x9E3779B97F4A7C15ull;
+    int *sample_buf = (int *)malloc_check((a.sample_len + 1) * sizeof(int), "sample");
+    const int BT = a.B * a.T;
+    double train_time = 0.0;
+    float train_loss = -1.0f, val_loss = -1.0f;
+    long long tokens_seen = a.resume ? rs.tokens_seen : 0;
+    int last_saved = a.resume ? rs.step : -1; // step of the last good training state on disk
+    char state_path[4200] = "";
+    if (a.out) snprintf(state_path, sizeof state_path, "%s/train_state.bin", a.out);
+    for (int step = a.resume ? rs.step : 0; step <= a.steps; step++) {
+        int last = step == a.steps;
+        if (have_val && (last || (a.val_every > 0 && step % a.val_every == 0))) {
+            val_loss = evaluate(&model, &val, a.val_batches);
+            printf("step %d/%d | val loss %.4f\n", step, a.steps, val_loss);
+            if (log) { fprintf(log, "{\"type\": \"val\", \"step\": %d, \"val_loss\": %.6f, \"tokens_seen\": %lld}\n", step, val_loss, tokens_seen); fflush(log); }
+        }
+        if ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || (last && a.sample_every > 0)) {
+            int prompt = tk.tokens ? tk.eot : 0;
+            printf("--- sample at step %d ---\n", step);
+            model_generate(&model, 1, &prompt, 1, a.sample_len, a.temperature, &sample_rng, sample_buf, tk.tokens ? &tk : NULL, NULL);
+            if (!tk.tokens) for (int i = 1; i <= a.sample_len; i++) printf("%d ", sample_buf[i]);
+            printf("\n---\n");
+        }
+        if (last) break;
+        double t0 = now_seconds();
+        dataloader_next(&train);
+        float loss = model_forward(&model, train.inputs, train.targets, a.B, a.T);
+        model_zero_grad(&model);
+        model_backward(&model);
+        float norm = model_clip_grad_norm(&model, a.grad_clip);
+        if (!isfinite(loss) || !isfinite(norm)) {
+            if (last_saved >= 0) die("step %d: loss %g / grad norm %g is not finite; stopping. The last good training state "
+                                     "(step %d) is in %s", step + 1, loss, norm, last_saved, a.resume && !a.out ? a.resume : state_path);
+            die("step %d: loss %g / grad norm %g is not finite; stopping (no checkpoint was saved yet)", step + 1, loss, norm);
+        }
+        opt.lr = lr_at(&a, step);
+        model_update(&model, &opt);
+        cudaCheck(cudaDeviceSynchronize());
+        double dt = now_seconds() - t0;
+        train_time += dt;
+        tokens_seen += BT;
+        train_loss = loss;
+        double tok_s = tokens_seen / train_time;
+        char eta[32];
+        format_eta(eta, sizeof eta, train_time / (step + 1) * (a.steps - step - 1));
+        printf("step %d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s | ETA %s\n", step + 1, a.steps,
+               loss, norm, opt.lr, dt * 1e3, BT / dt, eta);
+        fflush(stdout);
+        if (a.out && (step + 1 == a.steps || step + 1 == a.stop_at || (a.checkpoint_every && (step + 1) % a.checkpoint_every == 0))) {
+            TrainState st = {step + 1, train.shard_index, (long long)train.pos, sample_rng, a.B, a.T, tokens_seen};
+            train_state_save(&model, state_path, &st);
+            last_saved = step + 1;
+        }
+        if (log) {
+            fprintf(log, "{\"type\": \"train\", \"step\": %d, \"loss\": %.9g, \"grad_norm\": %.6f, \"lr\": %.6e, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"tokens_seen\": %lld}\n",
+                    step + 1, loss, norm, opt.lr, dt * 1e3, tok_s, tokens_seen);
+            fflush(log);
+        }
+        if (step + 1 == a.stop_at) {
+            printf("stopped after step %d (--stop-at); continue with --resume %s\n", step + 1, a.out);
+            if (log) fclose(log);
+            return 0;
+        }
+    }
+    if (a.out && a.steps > 0) {
+        snprintf(path, sizeof path, "%s/model.bin", a.out);
+        model_save(&model, path);
+        printf("wrote %s\n", path);
+    }
+    // the evaluation suite; null in metrics.json for what was not asked for
+    char heldout[64] = "null", lam_acc[64] = "null", lam_ppl[64] = "null", gen1[64] = "null", gen8[64] = "null";
+    char val_s[64] = "null", heldout_n[64] = "null", lam_n[64] = "null", cache_meas[64] = "null";
+    char train_s[64] = "null";
+    if (have_val) snprintf(val_s, sizeof val_s, "%.6f", val_loss);
+    if (a.steps > 0) snprintf(train_s, sizeof train_s, "%.6f", train_loss);
+    if (a.eval_heldout) {
+        long long scored;
+        double t0 = now_seconds();
+        float l = eval_heldout(&model, a.eval_heldout, a.T, a.heldout_max_tokens, &scored);
+        printf("held-out loss %.4f over %lld tokens of %s (window %d, stride %d) [%.1f s]\n", l, scored, a.eval_heldout, a.T, a.T / 2, now_seconds() - t0);
+        snprintf(heldout, sizeof heldout, "%.6f", l);
+        snprintf(heldout_n, sizeof heldout_n, "%lld", scored);
+    }
+    if (a.eval_lambada) {
+        float acc, ppl;
+        int n;
+        double t0 = now_seconds();
+        eval_lambada(&model, a.eval_lambada, a.lambada_max, &acc, &ppl, &n);
+        printf("LAMBADA: accuracy %.4f, perplexity %.2f over %d examples [%.1f s]\n", acc, ppl, n, now_seconds() - t0);
+        snprintf(lam_acc, sizeof lam_acc, "%.6f", acc);
+        snprintf(lam_ppl, sizeof lam_ppl, "%.4f", ppl);
+        snprintf(lam_n, sizeof lam_n, "%d", n);
+    }
+    if (a.eval_gen) {
+        // prompts from the validation (or training) tokens, so the model sees real text
+        const DataLoader *src = have_val ? &val : have_train ? &train : NULL;
+        uint16_t fallback = 0;
+        const uint16_t *ptok = src ? src->tokens : &fallback;
+        size_t pn = src ? src->ntok : 1;
+        size_t bytes1, bytes8;
+        float t1 = eval_generation(&model, 1, ptok, pn, a.gen_prompt, a.gen_new, &bytes1);
+        float t8 = eval_generation(&model, 8, ptok, pn, a.gen_prompt, a.gen_new, &bytes8);
+        printf("generation: %.1f tok/s at batch 1, %.1f tok/s at batch 8 (%d new after %d) | KV cache %zu bytes at batch 1\n",
+               t1, t8, a.gen_new, a.gen_prompt, bytes1);
+        snprintf(gen1, sizeof gen1, "%.2f", t1);
+        snprintf(gen8, sizeof gen8, "%.2f", t8);
+        snprintf(cache_meas, sizeof cache_meas, "%zu", bytes1);
+    }
+    if (a.out) {
+        const Config *c = &model.cfg;
+        snprintf(path, sizeof path, "%s/metrics.json", a.out);
+        AtomicFile af = atomic_open(path);
+        fprintf(af.f,
+                "{\"train_loss\": %s, \"val_loss\": %s, \"heldout_loss_wikitext2\": %s, \"heldout_tokens\": %s, "
+                "\"lambada_acc\": %s, \"lambada_ppl\": %s, \"lambada_examples\": %s, \"generation_toks_per_s\": %s, "
+                "\"generation_toks_per_s_b8\": %s, \"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, "
+                "\"kv_cache_bytes_measured_fp32\": %s, \"kv_cache_bytes_analytic_fp32\": %zu, \"params\": %zu, "
+                "\"tokens_seen\": %lld, \"tokens_per_s\": %.1f, \"steps\": %d}\n",
+                train_s, val_s, heldout, heldout_n, lam_acc, lam_ppl, lam_n, gen1, gen8,
+                2 * attn_kv_elements(c, c->attn_type), 2 * kv_elements_per_token(c), cache_meas,
+                4 * kv_elements_at(c, (size_t)a.gen_prompt + a.gen_new), model.num_params, tokens_seen,
+                train_time > 0 ? tokens_seen / train_time : 0.0, a.steps);
+        atomic_commit(&af);
+        printf("wrote %s\n", path);
+        fclose(log);
+    }
+    free(sample_buf);
+    tokenizer_free(&tk);
+    if (have_train) dataloader_free(&train);
+    if (have_val) dataloader_free(&val);
+    model_free(&model);
+    return 0;
+}
+#endif

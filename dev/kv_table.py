@@ -1,9 +1,23 @@
 """Train the attention variants at one budget and tabulate quality, speed and KV-cache size.
 
-    python dev/kv_table.py --scale cpu    # pythia-14m shape, T=256, Gutenberg: ~1 h on 2 cores
-    python dev/kv_table.py --quick        # smoke test (Tiny Shakespeare, 20 steps): ~2 min
-    python dev/kv_table.py --scale gpu    # ./train_ctxkv_cu, pythia-160m shape, T=1024
+    python dev/kv_table.py --scale cpu    # the table on 2 CPU cores, ~50 min (see Scales)
+    python dev/kv_table.py --quick        # smoke test, ~1 min
+    python dev/kv_table.py --scale gpu    # ./train_ctxkv_cu, pythia-160m shape
     python dev/kv_table.py --table-only   # rebuild the table and PNG from OUT/<variant>.json
+    python dev/kv_table.py --dry-run      # print the time estimate and the commands only
+Options: --out DIR (default results), --variants mha,gqa,..., --steps N, --binary PATH,
+--threads N. Use a Python with matplotlib (e.g. /work/devvenv/bin/python) to get the PNG.
+
+Scales (every variant gets the same B x T x steps tokens, cosine lr, warmup steps/10, seed 1337):
+  cpu    pythia-14m shape (6 layers, width 128, 4 heads), B 4, T 256, 600 steps = 614,400 tokens
+         of Gutenberg, lr 2e-3; held-out capped at 65,536 WikiText-2 tokens; all 5,153 LAMBADA
+         examples. On 2 quiet cores ~7 min a variant (ctxpythia ~4.5), ~50 min in all with the
+         data prep, within a 90-minute budget. Other load on the cores slows OpenMP several-fold.
+  gpu    ./train_ctxkv_cu, pythia-160m shape, B 16, T 1024, 2000 steps = 32.8 M tokens, lr 6e-4,
+         all of WikiText-2 and LAMBADA. Documented, not run on the machine this was written on.
+  quick  pythia-14m shape on Tiny Shakespeare (tokenized in seconds, where Gutenberg takes a
+         minute), B 2, T 64, 16 steps, held-out 512 tokens, LAMBADA 32 examples, 1 thread:
+         ~1 min; for tests (dev/test_kv_table.py), its numbers mean nothing.
 
 Variants (same token budget, lr schedule and seed; sizes follow the model shape, H heads of D):
   mha         multi-head attention (the Pythia baseline)
@@ -33,6 +47,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -50,9 +65,9 @@ SCALES = {
     "gpu": dict(binary="./train_ctxkv_cu", model="pythia-160m", B=16, T=1024, steps=2000, lr=6e-4,
                 vals=10, val_batches=20, heldout=0, lambada=0, gen=(128, 256), data="gutenberg",
                 p1=["-b", "8", "--p1-rounds", "6"], bench=3),
-    "quick": dict(binary="./train_ctxkv", model="pythia-14m", B=4, T=64, steps=20, lr=2e-3,
-                  vals=2, val_batches=4, heldout=1024, lambada=50, gen=(16, 32), data="tinyshakespeare",
-                  p1=["-b", "4", "--p1-rounds", "1", "--p1-iters", "5"], bench=1),
+    "quick": dict(binary="./train_ctxkv", model="pythia-14m", B=2, T=64, steps=16, lr=2e-3,
+                  vals=2, val_batches=2, heldout=512, lambada=32, gen=(16, 32), data="tinyshakespeare",
+                  p1=["-b", "2", "--p1-rounds", "1", "--p1-iters", "5"], bench=1),
 }
 DATA = {
     "gutenberg": ("data/gutenberg/train_*.bin", "data/gutenberg/val_*.bin"),
@@ -169,23 +184,28 @@ def stream(cmd, env, prefix, steps):
 
 def estimate(cfg, names, steps, with_eval, env):
     """Seconds per variant from a short --bench of each, plus the evaluation's forward passes."""
-    est = {}
+    est, bench = {}, {}
     B, T = cfg["B"], cfg["T"]
     for name in names:
         out = run_quiet([cfg["binary"], "--model", cfg["model"]] + variant_flags(name, cfg["model"]) +
                         ["-b", str(B), "-t", str(T), "--bench", str(cfg["bench"])], env)
         ms = json.loads(out.strip().splitlines()[-1])["ms_per_step"] / 1e3
-        fwd = ms * 0.5 / B  # one T-token forward at batch 1 (measured ~0.4 of ms/B on 2 cores)
+        bench[name] = ms
+        # ratios measured with pythia-14m on 2 cores: a T-token forward at batch 1 takes ~0.5 of
+        # ms/B; a LAMBADA example (~81 tokens, the head only on its last word) ~0.2 of 81 tokens'
+        # share of a step; decoding runs at ~800 tokens/s at batch 1 and at batch 8
+        fwd, per_token = ms * 0.5 / B, ms / (B * T)
         s = steps * ms + (cfg["vals"] + 1) * cfg["val_batches"] * fwd * B + 3
-        s += cfg["gen"][1] * 9 / 800  # decode: ~800 tok/s at batch 1 and 8 on 2 cores, pythia-14m
+        s += cfg["gen"][1] * 9 / 800
         if with_eval:
-            s += (cfg["heldout"] or 290_000) / (T // 2) * fwd      # windows of T, stride T/2
-            s += (cfg["lambada"] or 5153) * fwd * max(1.0, 81 / T)  # ~81 tokens an example
+            s += (cfg["heldout"] or 290_000) / (T // 2) * fwd  # windows of T, stride T/2
+            s += (cfg["lambada"] or 5153) * 81 * per_token * 0.2
         if is_ctx(name):  # phase 1: up to rounds x iters Jacobi iterations, ~0.1 step each
             p1 = dict(zip(cfg["p1"][::2], cfg["p1"][1::2]))
             s += int(p1.get("--p1-rounds", 4)) * int(p1.get("--p1-iters", 60)) * 0.1 * ms \
                 * int(p1.get("-b", B)) / B
         est[name] = s
+    print("ms/step: " + ", ".join(f"{n} {1e3 * ms:.0f}" for n, ms in bench.items()), flush=True)
     return est
 
 
@@ -197,18 +217,41 @@ def num(x, f):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, f)
 
 
-def write_table(out, names, header_lines, title):
-    rows, runs, notes = [], [], []
-    base = None
+def header(st, heldout_tokens, lambada_examples):
+    """The table's header lines, from the settings a run stored in each OUT/<variant>.json."""
+    L, H, C = SHAPES[st["model"]]
+    B, T, steps = st["B"], st["T"], st["steps"]
+    ev = f"{heldout_tokens:,} tokens scored" if heldout_tokens is not None else "not run"
+    ex = f"{lambada_examples:,} examples" if lambada_examples is not None else "not run"
+    return [
+        f"# KV-cache table: attention variants at one budget ({st['scale']} scale)", "",
+        f"- {st['model']} shape ({L} layers, width {C}, {H} heads), B {B} x T {T}, {steps} steps = "
+        f"{B * T * steps:,} tokens per variant of {st['data']}, lr {st['lr']:g} (warmup {st['warmup']}, "
+        f"cosine to 0.1x), seed 1337, {st['threads']} threads, `{st['binary']}`",
+        f"- val loss: {st['val_batches']} batches of {st['data']} val; held-out (WikiText-2 test): {ev} "
+        f"(cap {st['heldout_cap'] or 'none'}; window {T}, stride {T // 2}; WikiText-103's test articles "
+        f"are WikiText-2's, so one number); LAMBADA: {ex} (cap {st['lambada_cap'] or 'none'}); "
+        f"generation: {st['gen_new']} new tokens after {st['gen_prompt']}, batch 1 and 8, KV cache, fp32",
+        "- KV bytes: the bf16 cache per token (per layer; and all layers, ctx variants' contexts "
+        "included), from the trainer's --kv-report accounting; reduction = mha's all-layer bytes / "
+        "the variant's"]
+
+
+def write_table(out, names):
+    """Write OUT/kv_table.md and OUT/kv_losses.png from OUT/<variant>.json of names."""
+    res = []
     for name in names:
         path = os.path.join(out, f"{name}.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            r = json.load(f)
-        if base is None:
-            base = r.get("kv_mha_bytes_per_token_bf16")
-        kv = r.get("kv_bytes_per_token_bf16")
+        if os.path.isfile(path):
+            with open(path) as f:
+                res.append(json.load(f))
+    if not res:
+        sys.exit(f"error: no <variant>.json in {out}")
+    first = lambda key: next((r[key] for r in res if r.get(key) is not None), None)
+    st = res[0]["settings"]
+    rows, runs, notes = [], [], []
+    for r in res:
+        name, base, kv = r["variant"], r.get("kv_mha_bytes_per_token_bf16"), r.get("kv_bytes_per_token_bf16")
         red = "n/a" if not (kv and base) else f"{base / kv:.2f}x ({100 * (kv / base - 1):+.1f}%)"
         if r.get("failed"):
             rows.append([name, "failed"] + ["n/a"] * (len(COLUMNS) - 2))
@@ -221,11 +264,12 @@ def write_table(out, names, header_lines, title):
         runs.append((name, os.path.join(r["run_dir"], "log.jsonl")))
         note = f"- {name}: `{' '.join(r['flags']) or '(defaults)'}`; run {fmt_time(r['wall_s'])}"
         if r.get("phase1_wall_s") is not None:
-            p1 = r.get("phase1", {})
+            p1 = r.get("phase1") or {}
             note += (f", of which phase 1 {fmt_time(r['phase1_wall_s'])} "
                      f"(converged {p1.get('converged', 'n/a')}, OACD loss {p1.get('oacd_loss', 'n/a')})")
         notes.append(note)
-    lines = header_lines + ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = header(st, first("heldout_tokens"), first("lambada_examples"))
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Flags (on top of the shared ones above) and wall time, phase 1 included; phase 1 "
               "trains the ContextBlock alone and is not in the step budget:"] + notes
@@ -238,7 +282,8 @@ def write_table(out, names, header_lines, title):
     from plot_losses import plot
     runs = [(n, p) for n, p in runs if os.path.isfile(p)]
     if runs:
-        plot(runs, os.path.join(out, "kv_losses.png"), title=title)
+        plot(runs, os.path.join(out, "kv_losses.png"),
+             title=f"{st['model']} shape, B {st['B']} x T {st['T']}, {st['steps']} steps of {st['data']}")
 
 
 def main():
@@ -249,9 +294,10 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list (default {','.join(VARIANTS)})")
     ap.add_argument("--steps", type=int, help="optimizer steps per variant (default: the scale's)")
     ap.add_argument("--binary", help="trainer binary (default ./train_ctxkv, ./train_ctxkv_cu for gpu)")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)),
-                    help="OMP_NUM_THREADS for the runs (default: $OMP_NUM_THREADS or 2)")
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: 1 with "
+                    "--quick, which keeps it fast on a busy machine; else $OMP_NUM_THREADS or 2)")
     ap.add_argument("--no-estimate", action="store_true", help="skip the --bench time estimate")
+    ap.add_argument("--dry-run", action="store_true", help="print the estimate and the commands, run nothing")
     ap.add_argument("--table-only", action="store_true", help="rebuild table and PNG from OUT/<variant>.json")
     args = ap.parse_args()
     scale = "quick" if args.quick else args.scale
@@ -266,37 +312,13 @@ def main():
     if steps < 1:
         ap.error("--steps must be >= 1")
     out = os.path.abspath(args.out)
+    if args.threads is None:
+        args.threads = 1 if args.quick else int(os.environ.get("OMP_NUM_THREADS") or 2)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    L, H, C = SHAPES[cfg["model"]]
-    B, T = cfg["B"], cfg["T"]
-    header = lambda ev, ex: [
-        f"# KV-cache table: attention variants at one budget ({scale} scale)", "",
-        f"- {cfg['model']} shape ({L} layers, width {C}, {H} heads), B {B} x T {T}, {steps} steps = "
-        f"{B * T * steps:,} tokens per variant of {cfg['data']}, lr {cfg['lr']:g} (warmup {max(1, steps // 10)}, "
-        f"cosine to 0.1x), seed 1337, {args.threads} threads, `{cfg['binary']}`",
-        f"- val loss: {cfg['val_batches']} batches of {cfg['data']} val; held-out: WikiText-2 test, " +
-        (f"{ev} tokens scored " if ev is not None else "not run ") +
-        f"(cap {cfg['heldout'] or 'none'}; window {T}, stride {T // 2}; WikiText-103's test articles are "
-        f"WikiText-2's, so one number); LAMBADA: " + (f"{ex} examples " if ex is not None else "not run ") +
-        f"(cap {cfg['lambada'] or 'none, all 5,153'}); generation: {cfg['gen'][1]} new tokens after "
-        f"{cfg['gen'][0]}, batch 1 and 8, KV cache, fp32",
-        "- KV bytes: the bf16 cache per token (per layer; and all layers, ctx variants' contexts "
-        "included), from the trainer's --kv-report accounting; reduction = mha's all-layer bytes / the variant's"]
-
-    title = f"{cfg['model']} shape, B {B} x T {T}, {steps} steps of {cfg['data']}"
-
-    def first(key):
-        for n in names:
-            p = os.path.join(out, f"{n}.json")
-            if os.path.isfile(p):
-                with open(p) as f:
-                    v = json.load(f).get(key)
-                if v is not None:
-                    return v
-        return None
-
     if args.table_only:
-        write_table(out, names, header(first("heldout_tokens"), first("lambada_examples")), title)
+        names = names if args.variants != ",".join(VARIANTS) else \
+            [v for v in VARIANTS if os.path.isfile(os.path.join(out, f"{v}.json"))]
+        write_table(out, names)
         return
     if not os.access(os.path.join(REPO, cfg["binary"]), os.X_OK) and not os.access(cfg["binary"], os.X_OK):
         sys.exit(f"error: trainer {cfg['binary']} not found (make train_ctxkv; or --binary PATH)")
@@ -313,6 +335,16 @@ def main():
         est = estimate(cfg, names, steps, with_eval, env)
         print(f"estimate: {fmt_time(sum(est.values()))} for {len(names)} variants (" +
               ", ".join(f"{n} {fmt_time(s)}" for n, s in est.items()) + ")", flush=True)
+    if args.dry_run:
+        for name in names:
+            for cmd in train_cmd(cfg, name, os.path.join(out, "runs", name), steps, with_eval):
+                if cmd:
+                    print(shlex.join(cmd))
+        return
+    settings = {"scale": scale, "model": cfg["model"], "B": cfg["B"], "T": cfg["T"], "steps": steps,
+                "lr": cfg["lr"], "warmup": max(1, steps // 10), "data": cfg["data"], "threads": args.threads,
+                "binary": cfg["binary"], "val_batches": cfg["val_batches"], "heldout_cap": cfg["heldout"],
+                "lambada_cap": cfg["lambada"], "gen_prompt": cfg["gen"][0], "gen_new": cfg["gen"][1]}
     os.makedirs(out, exist_ok=True)
     failed, done_s, done_est = [], 0.0, 0.0
     for i, name in enumerate(names, 1):
@@ -323,7 +355,7 @@ def main():
         t0 = time.time()
         rc, tail, p1_s, p1 = 0, [], None, None
         if p1_cmd:
-            print(f"{prefix} phase 1: {' '.join(p1_cmd)}", flush=True)
+            print(f"{prefix} phase 1: {shlex.join(p1_cmd)}", flush=True)
             rc, tail = stream(p1_cmd, env, prefix, 0)
             p1_s = time.time() - t0
             p1_metrics = os.path.join(run_dir, "phase1", "metrics.json")
@@ -331,13 +363,13 @@ def main():
                 with open(p1_metrics) as f:
                     p1 = json.load(f)
         if rc == 0:
-            print(f"{prefix} {' '.join(cmd)}", flush=True)
+            print(f"{prefix} {shlex.join(cmd)}", flush=True)
             rc, tail = stream(cmd, env, prefix, steps)
         wall = time.time() - t0
         result = {"variant": name, "scale": scale, "flags": variant_flags(name, cfg["model"]),
                   "command": cmd, "wall_s": round(wall, 1), "run_dir": run_dir,
                   "phase1_wall_s": None if p1_s is None else round(p1_s, 1), "phase1": p1,
-                  "kv_mha_bytes_per_token_bf16": base_kv}
+                  "kv_mha_bytes_per_token_bf16": base_kv, "settings": settings}
         metrics = os.path.join(run_dir, "metrics.json")
         if rc != 0 or not os.path.isfile(metrics):
             print(f"{prefix} FAILED (exit {rc}); last lines:\n  " + "\n  ".join(tail), flush=True)
@@ -357,7 +389,7 @@ def main():
                    f"about {fmt_time(left)} left"
         print(msg, flush=True)
     print()
-    write_table(out, names, header(first("heldout_tokens"), first("lambada_examples")), title)
+    write_table(out, names)
     print(f"total {fmt_time(time.time() - t_start)}")
     if failed:
         sys.exit(f"error: variant(s) failed: {', '.join(failed)}")

@@ -61,7 +61,7 @@ def plot(runs, png, title=""):
         if val:
             steps, losses = zip(*val)
             ax_v.plot(steps, losses, "o-", color=color, markersize=3, label=name)
-            vtops.append(losses[1] if len(losses) >= 3 else max(losses))
+            vtops.append(losses[1] if len(losses) >= 4 else max(losses))
             vbottoms.append(min(losses))
     # the first tenth of training (loss ~11 -> ~7) would squash the rest: leave it off-scale
     if tops:

@@ -16,15 +16,17 @@ the included code only) to track what is live, and fuzz_call releases it after d
 After an input that loaded cleanly nothing may be left: a block still tracked is a leak and
 aborts, with the input saved as a crash.
 
-Builds (Makefile): libFuzzer targets with clang -fsanitize=fuzzer,address,undefined
--DFUZZING -DTESTING; fuzz_replay.c includes all four targets with -DFUZZ_REPLAY and no
-libFuzzer, to replay the committed corpus and regressions under `make test`.
+Builds (Makefile): the targets with clang -fsanitize=fuzzer,address,undefined -DFUZZING
+(TESTING is defined below); fuzz_replay.c defines FUZZ_REPLAY and includes all four targets,
+without libFuzzer, to replay the committed corpus and regressions under `make test`.
 */
 #ifndef FUZZ_COMMON_H
 #define FUZZ_COMMON_H
 #ifndef FUZZING
-#error "build with -DFUZZING -DTESTING (see the Makefile's fuzz targets)"
+#error "build with -DFUZZING (see the Makefile's fuzz targets)"
 #endif
+#define _GNU_SOURCE // memfd_create
+#define TESTING     // as test_ctxkv.c defines it: no main() in train_ctxkv.c
 
 // every system header the included code uses, before the macros below rename its calls
 #include <assert.h>
@@ -48,36 +50,43 @@ libFuzzer, to replay the committed corpus and regressions under `make test`.
 // ----------------------------------------------------------------------------
 // live allocations and open files of the code under test
 
-#define FZ_SLOTS (1u << 18) // open addressing; the largest loader (a 65536-token table) keeps ~65k blocks
-static void *fz_slot[FZ_SLOTS];
+#define FZ_SLOTS (1u << 18) // hash slots; the largest loader (a 65536-token table) keeps ~65k blocks
+typedef struct { void *p; size_t idx; } FzSlot; // idx: where p is in fz_list
+static FzSlot fz_slot[FZ_SLOTS];                // open addressing, linear probing
+static void *fz_list[FZ_SLOTS / 2];             // the live blocks, dense, so releasing them is O(live)
 static size_t fz_live;
 static FILE *fz_files[16];
 
 static size_t fz_hash(const void *p) { return (size_t)(((uintptr_t)p >> 4) * 0x9E3779B97F4A7C15ull >> 46) & (FZ_SLOTS - 1); }
 
+static size_t fz_find(const void *p) { // slot of p, or of the empty slot where it would go
+    size_t i = fz_hash(p);
+    while (fz_slot[i].p && fz_slot[i].p != p) i = (i + 1) & (FZ_SLOTS - 1);
+    return i;
+}
+
 static void fz_track(void *p) {
     if (!p) return;
     if (fz_live + 1 >= FZ_SLOTS / 2) { fprintf(stderr, "fuzz harness: too many live blocks\n"); abort(); }
-    size_t i = fz_hash(p);
-    while (fz_slot[i]) i = (i + 1) & (FZ_SLOTS - 1);
-    fz_slot[i] = p;
-    fz_live++;
+    fz_slot[fz_find(p)] = (FzSlot){p, fz_live};
+    fz_list[fz_live++] = p;
 }
 
-// removes p if tracked (linear probing, backward-shift deletion); untracked pointers are ignored
+// removes p if tracked (backward-shift deletion); untracked pointers are ignored
 static void fz_untrack(void *p) {
     if (!p || !fz_live) return;
-    size_t i = fz_hash(p);
-    while (fz_slot[i] && fz_slot[i] != p) i = (i + 1) & (FZ_SLOTS - 1);
-    if (!fz_slot[i]) return;
-    fz_slot[i] = NULL;
-    fz_live--;
-    for (size_t j = (i + 1) & (FZ_SLOTS - 1); fz_slot[j]; j = (j + 1) & (FZ_SLOTS - 1)) {
-        size_t home = fz_hash(fz_slot[j]);
+    size_t i = fz_find(p);
+    if (!fz_slot[i].p) return;
+    void *last = fz_list[--fz_live]; // the last live block takes p's place in the list
+    fz_list[fz_slot[i].idx] = last;
+    if (last != p) fz_slot[fz_find(last)].idx = fz_slot[i].idx;
+    fz_slot[i].p = NULL;
+    for (size_t j = (i + 1) & (FZ_SLOTS - 1); fz_slot[j].p; j = (j + 1) & (FZ_SLOTS - 1)) {
+        size_t home = fz_hash(fz_slot[j].p);
         // move slot j back into the hole at i unless its home lies cyclically in (i, j]
         if ((j > i && (home <= i || home > j)) || (j < i && home <= i && home > j)) {
             fz_slot[i] = fz_slot[j];
-            fz_slot[j] = NULL;
+            fz_slot[j].p = NULL;
             i = j;
         }
     }
@@ -86,9 +95,10 @@ static void fz_untrack(void *p) {
 static void *fz_malloc(size_t n) { void *p = malloc(n); fz_track(p); return p; }
 static void *fz_calloc(size_t n, size_t m) { void *p = calloc(n, m); fz_track(p); return p; }
 static void *fz_realloc(void *p, size_t n) {
+    void *old = p;
+    fz_untrack(old);
     void *q = realloc(p, n);
-    if (q || !n) fz_untrack(p); // a failed realloc leaves p as it was
-    fz_track(q);
+    fz_track(q ? q : n ? old : NULL); // a failed realloc leaves the block as it was
     return q;
 }
 static char *fz_strdup(const char *s) { char *p = strdup(s); fz_track(p); return p; }
@@ -111,8 +121,11 @@ static int fz_fclose(FILE *f) {
 static void fz_release_all(void) {
     for (int i = 0; i < 16; i++)
         if (fz_files[i]) { fclose(fz_files[i]); fz_files[i] = NULL; }
-    for (size_t i = 0; fz_live && i < FZ_SLOTS; i++)
-        if (fz_slot[i]) { free(fz_slot[i]); fz_slot[i] = NULL; fz_live--; }
+    while (fz_live) {
+        void *p = fz_list[fz_live - 1];
+        fz_untrack(p);
+        free(p);
+    }
 }
 
 #undef strdup

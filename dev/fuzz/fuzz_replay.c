@@ -8,7 +8,8 @@ and runs each input in a child process, so a crash fails that input and not the 
 
 An input passes when its target returns: the file loaded, or a loader rejected it with
 die(). It fails on a crash, a sanitizer report (the Makefile builds this with ASan and UBSan
-when the compiler has them), a leak the harness sees, or 60 s without returning.
+when the compiler has them; with ASan an allocation over 4 GB is an error, as in the fuzz
+runs), a leak the harness sees, or 60 s without returning.
 Ends with "fuzz replay: N passed, N failed"; exits 1 if any failed.
 */
 #define FUZZ_REPLAY
@@ -24,7 +25,12 @@ static const struct { const char *name; FuzzEntry entry; } TARGETS[] = {
 };
 #define N_TARGETS ((int)(sizeof TARGETS / sizeof TARGETS[0]))
 
-static int replay_passed, replay_failed;
+static int replay_passed, replay_failed, replay_loaded;
+
+// with ASan, an allocation over 4 GB is an error here as in the fuzz runs (-rss_limit_mb=4096),
+// so an out-of-memory finding fails its replay too
+const char *__asan_default_options(void);
+const char *__asan_default_options(void) { return "max_allocation_size_mb=4096"; }
 
 // child exit codes: 0 loaded, 3 rejected cleanly; anything else is a failure
 static void replay_file(int target, const char *path) {
@@ -61,6 +67,7 @@ static void replay_file(int target, const char *path) {
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
     if (code == 0 || code == 3) {
         replay_passed++;
+        replay_loaded += code == 0;
         return;
     }
     replay_failed++;
@@ -75,9 +82,9 @@ static void replay_dir(int target, const char *dir) {
     struct dirent **names;
     int n = scandir(dir, &names, NULL, by_name);
     if (n < 0) return; // no such directory: nothing to replay
-    int files = 0, before = replay_failed;
+    int files = 0, before = replay_failed, loaded = replay_loaded;
     for (int i = 0; i < n; i++) {
-        char path[4096];
+        char path[4400];
         snprintf(path, sizeof path, "%s/%s", dir, names[i]->d_name);
         struct stat st;
         if (names[i]->d_name[0] != '.' && stat(path, &st) == 0 && S_ISREG(st.st_mode)) {
@@ -87,7 +94,10 @@ static void replay_dir(int target, const char *dir) {
         free(names[i]);
     }
     free(names);
-    if (files) printf("%s replay %s: %d input(s) through fuzz_%s\n", replay_failed == before ? "PASS" : "FAIL", dir, files, TARGETS[target].name);
+    if (files)
+        printf("%s replay %s: %d input(s) through fuzz_%s (%d loaded, %d rejected cleanly)\n",
+               replay_failed == before ? "PASS" : "FAIL", dir, files, TARGETS[target].name, replay_loaded - loaded,
+               files - (replay_failed - before) - (replay_loaded - loaded));
 }
 
 int main(int argc, char **argv) {

@@ -1,0 +1,149 @@
+/*
+dev/cuda/common.h: helpers shared by the kernel files in dev/cuda (as llm.c's dev/cuda/common.h).
+
+Each file in dev/cuda holds one kernel of train_ctxkv.cu: a CPU reference (the loop nest of
+train_ctxkv.c), one or two kernel versions (version 1 is the one train_ctxkv.cu uses, written
+here over float instead of floatX), a validation of every version against the reference and a
+timing loop. Build and run one:
+
+    nvcc -O3 -std=c++17 dev/cuda/layernorm_forward.cu -o /tmp/layernorm_forward && /tmp/layernorm_forward [VERSION]
+
+or all of them with `make dev-cuda` (binaries in build/cuda-check/dev). Without a GPU they run
+on the CPU emulator (dev/cuda/emu): the validation means something there, the timings do not.
+*/
+#pragma once
+#include <cuda_runtime.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define cudaCheck(call) cuda_check_((call), #call, __FILE__, __LINE__)
+static inline void cuda_check_(cudaError_t e, const char *what, const char *file, int line) {
+    if (e != cudaSuccess) {
+        fprintf(stderr, "CUDA error '%s' at %s:%d in %s\n", cudaGetErrorString(e), file, line, what);
+        exit(EXIT_FAILURE);
+    }
+}
+
+static inline int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
+
+// xorshift* (as train_ctxkv.c): the same inputs on every machine
+static uint64_t dev_rng = 1337;
+static inline float rand_uniform(void) { // [-1, 1)
+    dev_rng ^= dev_rng >> 12;
+    dev_rng ^= dev_rng << 25;
+    dev_rng ^= dev_rng >> 27;
+    return (float)((uint32_t)((dev_rng * 0x2545F4914F6CDD1Dull) >> 32) >> 8) / 8388608.0f - 1.0f;
+}
+static inline float *make_random_float(size_t n, float scale) {
+    float *x = (float *)malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) x[i] = scale * rand_uniform();
+    return x;
+}
+static inline int *make_random_int(size_t n, int hi) {
+    int *x = (int *)malloc(n * sizeof(int));
+    for (size_t i = 0; i < n; i++) x[i] = (int)((rand_uniform() + 1.0f) * 0.5f * hi) % hi;
+    return x;
+}
+
+static inline float *to_device(const float *h, size_t n) {
+    float *d;
+    cudaCheck(cudaMalloc((void **)&d, n * sizeof(float)));
+    cudaCheck(cudaMemcpy(d, h, n * sizeof(float), cudaMemcpyHostToDevice));
+    return d;
+}
+static inline int *to_device_int(const int *h, size_t n) {
+    int *d;
+    cudaCheck(cudaMalloc((void **)&d, n * sizeof(int)));
+    cudaCheck(cudaMemcpy(d, h, n * sizeof(int), cudaMemcpyHostToDevice));
+    return d;
+}
+static inline float *device_zeros(size_t n) {
+    float *d;
+    cudaCheck(cudaMalloc((void **)&d, n * sizeof(float)));
+    cudaCheck(cudaMemset(d, 0, n * sizeof(float)));
+    return d;
+}
+
+// Compares a device result with the CPU reference: |gpu − cpu| <= tol·(1 + |cpu|) everywhere.
+// Prints the first mismatches; returns 1 if all match.
+static inline int validate_result(const float *d_result, const float *ref, const char *name, size_t n, float tol) {
+    float *h = (float *)malloc(n * sizeof(float));
+    cudaCheck(cudaMemcpy(h, d_result, n * sizeof(float), cudaMemcpyDeviceToHost));
+    int bad = 0;
+    float worst = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        float d = fabsf(h[i] - ref[i]);
+        if (!(d <= tol * (1.0f + fabsf(ref[i])))) {
+            if (bad < 5) printf("  %s[%zu]: gpu %.7f cpu %.7f\n", name, i, h[i], ref[i]);
+            bad++;
+        }
+        if (!(d <= worst)) worst = d;
+    }
+    printf("  %s: %s (max abs diff %.3e over %zu values, tol %.0e)\n", name, bad ? "MISMATCH" : "ok", worst, n, tol);
+    free(h);
+    return bad == 0;
+}
+
+// mean time in ms of `repeats` calls of f() (after one warm-up call), by CUDA events
+#ifdef CUDA_EMU
+#define BENCH_REPEATS 1 // the emulator: timings mean nothing, validation does
+#else
+#define BENCH_REPEATS 100
+#endif
+template <class F> static inline float benchmark_kernel(F f) {
+    cudaEvent_t start, stop;
+    cudaCheck(cudaEventCreate(&start));
+    cudaCheck(cudaEventCreate(&stop));
+    f();
+    cudaCheck(cudaEventRecord(start, 0));
+    for (int i = 0; i < BENCH_REPEATS; i++) f();
+    cudaCheck(cudaEventRecord(stop, 0));
+    cudaCheck(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    cudaCheck(cudaEventElapsedTime(&ms, start, stop));
+    cudaCheck(cudaEventDestroy(start));
+    cudaCheck(cudaEventDestroy(stop));
+    return ms / BENCH_REPEATS;
+}
+
+// problem sizes: the real ones on a GPU, small ones on the CPU emulator (same code paths)
+#ifdef CUDA_EMU
+#define SIZE(gpu, emu) (emu)
+#else
+#define SIZE(gpu, emu) (gpu)
+#endif
+
+// which versions to run: all, or the one named on the command line
+static inline int version_wanted(int argc, char **argv, int v) { return argc < 2 || atoi(argv[1]) == v; }
+
+// warp and block reductions (blockDim.x a multiple of 32), as train_ctxkv.cu
+__device__ inline float warp_reduce_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ inline float warp_reduce_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ float block_reduce_sum(float v) {
+    __shared__ float sh[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    v = warp_reduce_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    return warp_reduce_sum(lane < nw ? sh[lane] : 0.0f);
+}
+__device__ float block_reduce_max(float v) {
+    __shared__ float sh[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    v = warp_reduce_max(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    return warp_reduce_max(lane < nw ? sh[lane] : -INFINITY);
+}

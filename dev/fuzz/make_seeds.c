@@ -1,0 +1,141 @@
+/*
+dev/fuzz/make_seeds.c: writes the seed corpora dev/fuzz/corpus/<target>/ (`make fuzz-seeds`).
+Small valid files, each a few KB, so the fuzzers start from inputs that load and mutate
+into every branch of the loaders. Checkpoints are written by model_save from configs with
+the smallest shapes each variant allows (vocabulary 5, padded to 128), so their layout is
+the program's own. The committed seeds came from this program; rerun it after a format change.
+
+  make_seeds DIR [TOKENIZER.bin]   (the token table, if given, is cut to its first 300 tokens)
+*/
+#define TESTING
+#include "../../train_ctxkv.c"
+
+static char out_dir[1024];
+
+static FILE *seed_open(const char *target, const char *name, char *path, size_t n) {
+    char dir[1200];
+    snprintf(dir, sizeof dir, "%s/%s", out_dir, target);
+    mkdir_p(dir);
+    snprintf(path, n, "%s/%s", dir, name);
+    return fopen_check(path, "wb");
+}
+
+static void seed_shard(const char *name, const uint16_t *tok, int n) {
+    char path[1400];
+    FILE *f = seed_open("shard", name, path, sizeof path);
+    int h[HEADER_INTS] = {0};
+    h[0] = SHARD_MAGIC; h[1] = SHARD_VERSION; h[2] = n;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    fwrite_check(tok, sizeof(uint16_t), n, f, path);
+    fclose(f);
+}
+
+// the smallest shapes: vocab 5, width 4 (2 heads of 2, rotary 2), MLP 4, one layer, length 8
+static Config small_config(void) {
+    Config c = {0};
+    c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
+    c.n_layer = 1; c.n_head = 2; c.n_embd = 4; c.n_inner = 4; c.rotary_dims = 2;
+    c.rope_base = 10000.0f; c.max_seq_len = 8; c.ln_eps = 1e-5f;
+    c.attn_type = ATTN_MHA; c.n_kv_head = 2; c.embed_dim = 4;
+    return c;
+}
+
+static void seed_checkpoint(const char *name, Config c) {
+    const char *problem = config_problem(&c);
+    if (problem) die("seed %s: %s", name, problem);
+    Model m;
+    model_init_random(&m, &c, 0.5f, 7);
+    char path[1400];
+    fclose(seed_open("checkpoint", name, path, sizeof path));
+    model_save(&m, path);
+    model_free(&m);
+}
+
+static void put_token(FILE *f, const char *path, const void *bytes, int len) {
+    unsigned char l[2] = {(unsigned char)(len & 255), (unsigned char)(len >> 8)};
+    fwrite_check(l, 1, 2, f, path);
+    fwrite_check(bytes, 1, len, f, path);
+}
+
+static void seed_refstate(const char *name, int B, int T, int V, int P, int S) {
+    char path[1400];
+    FILE *f = seed_open("refstate", name, path, sizeof path);
+    int h[HEADER_INTS] = {0};
+    h[0] = 20261125; h[1] = 1; h[2] = B; h[3] = T; h[4] = V; h[5] = P; h[6] = S;
+    const float hp[6] = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f};
+    for (int i = 0; i < 6; i++) h[16 + i] = float_bits(hp[i]);
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < B * T; i++) { int id = k == 1 && i == B * T - 1 ? IGNORE_INDEX : (i + k) % V; fwrite_check(&id, sizeof id, 1, f, path); }
+    uint64_t rng = 3;
+    for (int i = 0; i < B * T * V + 1 + P + S; i++) { float x = random_normal(&rng); fwrite_check(&x, sizeof x, 1, f, path); }
+    fclose(f);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || argc > 3) { fprintf(stderr, "usage: make_seeds DIR [TOKENIZER.bin]\n"); return 2; }
+    snprintf(out_dir, sizeof out_dir, "%s", argv[1]);
+
+    // shards: a few documents (<|endoftext|> = 0 before each), the largest id, too few tokens
+    uint16_t tok[64];
+    for (int i = 0; i < 64; i++) tok[i] = i % 16 == 0 ? 0 : (uint16_t)(i * 997 % 50304);
+    tok[63] = 50303;
+    seed_shard("docs.bin", tok, 64);
+    seed_shard("short.bin", tok, 9); // exactly one batch of the target's B*T+1
+    seed_shard("empty.bin", tok, 0);
+
+    // checkpoints: one per attention variant and Context-KV layout
+    Config c = small_config();
+    seed_checkpoint("mha.bin", c);
+    c.attn_type = ATTN_GQA; c.n_head = 4; c.n_embd = 8; c.n_kv_head = 2; c.embed_dim = 8;
+    seed_checkpoint("gqa.bin", c);
+    c = small_config(); c.attn_type = ATTN_MQA; c.n_kv_head = 1;
+    seed_checkpoint("mqa.bin", c);
+    c = small_config(); c.attn_type = ATTN_MLA; c.n_kv_head = 2; c.kv_rank = 2; c.mla_rope_dim = 2; c.rms_eps = 1e-6f;
+    seed_checkpoint("mla.bin", c);
+    c.q_rank = 2;
+    seed_checkpoint("mla_qrank.bin", c);
+    c = small_config(); c.n_layer = 2; c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
+    seed_checkpoint("ctxkv.bin", c);
+    c = small_config(); c.model_type = MODEL_CTXPYTHIA; c.n_embd = 2; c.n_head = 1; c.n_kv_head = 1; c.context_dim = 2; c.embed_dim = 4;
+    seed_checkpoint("ctxpythia.bin", c);
+
+    // token tables: hand-made (an empty token, UTF-8, a 300-byte token), and a cut of the real one
+    char path[1400];
+    FILE *f = seed_open("toktab", "small.bin", path, sizeof path);
+    int h[HEADER_INTS] = {0};
+    h[0] = TOKTAB_MAGIC; h[1] = TOKTAB_VERSION; h[2] = 6; h[3] = 0;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    char spaces[300];
+    memset(spaces, ' ', sizeof spaces);
+    put_token(f, path, "<|endoftext|>", 13);
+    put_token(f, path, "", 0);
+    put_token(f, path, "a", 1);
+    put_token(f, path, " the", 4);
+    put_token(f, path, "\xc3\xa9\xe2\x82", 4); // é, then a partial sequence
+    put_token(f, path, spaces, 300);
+    fclose(f);
+    if (argc == 3) {
+        FILE *in = fopen_check(argv[2], "rb");
+        fread_check(h, sizeof(int), HEADER_INTS, in, argv[2]);
+        const int n = h[2] < 300 ? h[2] : 300;
+        h[2] = n;
+        f = seed_open("toktab", "neox_300.bin", path, sizeof path);
+        fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+        for (int i = 0; i < n; i++) {
+            unsigned char l[2], bytes[65536];
+            fread_check(l, 1, 2, in, argv[2]);
+            int len = l[0] | l[1] << 8;
+            fread_check(bytes, 1, len, in, argv[2]);
+            put_token(f, path, bytes, len);
+        }
+        fclose(f);
+        fclose(in);
+    }
+
+    // reference states: the smallest, and one with optimizer steps and an ignored target
+    seed_refstate("min.bin", 1, 1, 1, 1, 0);
+    seed_refstate("steps.bin", 2, 3, 5, 7, 3);
+    printf("wrote seeds under %s\n", out_dir);
+    return 0;
+}
