@@ -1952,6 +1952,7 @@ static int tokenizer_load(Tokenizer *tk, const char *path) {
     fread_check(h, sizeof(int), HEADER_INTS, f, path);
     if (h[0] != TOKTAB_MAGIC || h[1] != TOKTAB_VERSION) die("'%s' is not a token table (magic %d version %d)", path, h[0], h[1]);
     if (h[2] < 1 || h[2] > 65536) die("'%s': bad token count %d", path, h[2]);
+    if (h[3] < 0 || h[3] >= h[2]) die("'%s': end-of-text id %d is not among its %d tokens", path, h[3], h[2]);
     tk->eot = h[3];
     for (int i = 0; i < h[2]; i++) {
         TokenBytes t;
