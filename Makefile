@@ -217,14 +217,15 @@ test_ctxkv_cu: test_ctxkv_cu.cu train_ctxkv.cu build/test_ctxkv_cpu.o build/cu_f
 # CI has no GPU). About a minute on two cores.
 CUDA_CHECK = build/cuda-check
 cuda-check: | $(STB)
-	@if [ -z "$(NVCC_FOUND)" ]; then echo "SKIP cuda: $(NVCC) not found, train_ctxkv_cu and test_ctxkv_cu not compiled"; exit 0; fi; \
+	@mkdir -p $(CUDA_CHECK); rm -f $(CUDA_CHECK)/result.txt; \
+	if [ -z "$(NVCC_FOUND)" ]; then echo "SKIP cuda: $(NVCC) not found, train_ctxkv_cu and test_ctxkv_cu not compiled" | tee $(CUDA_CHECK)/result.txt; exit 0; fi; \
 	mkdir -p $(CUDA_CHECK) && \
 	$(CC) $(CPUREF_CFLAGS) -c -o $(CUDA_CHECK)/test_ctxkv_cpu.o test_ctxkv_cpu.c && \
 	{ $(NVCC) $(CU_FLAGS) $(NVCC_WERROR) -o $(CUDA_CHECK)/train_ctxkv_cu train_ctxkv.cu $(NVCC_LDLIBS) & p1=$$!; \
 	  $(NVCC) $(CU_FLAGS) $(NVCC_WERROR) -o $(CUDA_CHECK)/test_ctxkv_cu test_ctxkv_cu.cu $(CUDA_CHECK)/test_ctxkv_cpu.o $(NVCC_LDLIBS) & p2=$$!; \
 	  wait $$p1; r1=$$?; wait $$p2; r2=$$?; [ $$r1 = 0 ] && [ $$r2 = 0 ]; } && \
 	{ $(MAKE) --no-print-directory -s -j2 dev-cuda > $(CUDA_CHECK)/dev-cuda.log 2>&1 || { cat $(CUDA_CHECK)/dev-cuda.log; false; }; } && \
-	echo "PASS cuda: train_ctxkv_cu, test_ctxkv_cu and the $(words $(DEV_CUDA)) kernel files in dev/cuda compile for $(CU_ARCHS) ($(if $(CU_PREC),fp32,bf16), warnings as errors), not run" || \
+	echo "PASS cuda: train_ctxkv_cu, test_ctxkv_cu and the $(words $(DEV_CUDA)) kernel files in dev/cuda compile for $(CU_ARCHS) ($(if $(CU_PREC),fp32,bf16), warnings as errors), not run" | tee $(CUDA_CHECK)/result.txt || \
 	{ echo "FAIL cuda: the CUDA sources do not compile with warnings as errors"; exit 1; }
 
 # The CUDA program on the CPU, through the emulator in dev/cuda/emu: test_ctxkv_cu in both

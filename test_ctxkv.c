@@ -896,6 +896,15 @@ int main(int argc, char **argv) {
     check_bad_inputs(bin);
     check_resume(bin);
 
+    // the CUDA compile check `make test` ran first (make cuda-check): counted when nvcc exists
+    FILE *cf = fopen("build/cuda-check/result.txt", "r");
+    char cline[512] = "";
+    if (cf) { if (!fgets(cline, sizeof cline, cf)) cline[0] = 0; fclose(cf); }
+    cline[strcspn(cline, "\n")] = 0;
+    if (!strncmp(cline, "PASS ", 5)) check(1, "%s", cline + 5);
+    else if (!strncmp(cline, "SKIP ", 5)) printf("SKIP %s\n", cline + 5);
+    else printf("(no CUDA compile result: run `make test`, which runs `make cuda-check` first)\n");
+
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
     if (system(cmd) != 0) fprintf(stderr, "warning: could not remove %s\n", tmpdir);
