@@ -92,7 +92,7 @@ clean:
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_MAXLEN ?= 16384
-FUZZ_TARGETS = shard checkpoint toktab refstate
+FUZZ_TARGETS = shard checkpoint toktab refstate ctxblock trainstate lambada
 FUZZ_DIR = dev/fuzz
 FUZZ_BUILD = build/fuzz
 FUZZ_SRC = $(FUZZ_DIR)/fuzz_common.h train_ctxkv.c test_ctxkv.c

@@ -1364,7 +1364,11 @@ static Config train_state_load(const char *path, Model *m, TrainState *st) {
     if (size != 2LL * (long long)sizeof h + 3LL * 4 * (long long)n) die("'%s' has %lld bytes, not the %lld its header implies: truncated or corrupt", path, size, 2LL * (long long)sizeof h + 12LL * (long long)n);
     st->step = h[2]; st->shard_index = h[4]; st->pos = (long long)join64(h + 5); st->rng = join64(h + 7);
     st->B = h[9]; st->T = h[10]; st->tokens_seen = (long long)join64(h + 11);
-    if (st->step < 0 || h[3] < 0 || st->shard_index < 0 || st->pos < 0) die("'%s': bad step or data position", path);
+    // tokens_seen is step * B * T in every state the program writes; bound it so += cannot overflow
+    if (st->B < 1 || st->T < 1 || st->tokens_seen < 0 || st->tokens_seen > (long long)st->step * st->B * st->T)
+        die("'%s': bad batch shape or token count", path);
+    // AdamW's count (h[3]) is the step count: one update per step, so it can never pass the step
+    if (st->step < 0 || h[3] < 0 || h[3] > st->step || st->shard_index < 0 || st->pos < 0) die("'%s': bad step or data position", path);
     if (m) {
         model_alloc_params(m, &c);
         fread_check(m->params_memory, sizeof(float), n, f, path);
@@ -2941,6 +2945,9 @@ static void eval_lambada(Model *m, const char *path, int max_examples, float *ac
     fread_check(tok, sizeof(uint16_t), off, f, path);
     fclose(f);
     const int V = m->cfg.vocab_size, Vp = m->cfg.padded_vocab_size;
+    // every token, the last target token too: it is read as a logits column, never fed to the model
+    for (size_t i = 0; i < off; i++)
+        if (tok[i] >= V) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, tok[i], i, V);
     int n = (int)arrlen(ex), correct = 0, used = 0;
     if (max_examples > 0 && max_examples < n) n = max_examples;
     double sum_logp = 0.0;

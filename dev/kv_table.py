@@ -352,6 +352,9 @@ def main():
         run_dir = os.path.join(out, "runs", name)
         p1_cmd, cmd = train_cmd(cfg, name, run_dir, steps, with_eval)
         print(f"\n=== variant {i}/{len(names)} {name}: {' '.join(variant_flags(name, cfg['model'])) or 'mha'}", flush=True)
+        metrics = os.path.join(run_dir, "metrics.json")
+        if os.path.exists(metrics):
+            os.remove(metrics)  # a stale one must not pass for this run's
         t0 = time.time()
         rc, tail, p1_s, p1 = 0, [], None, None
         if p1_cmd:
@@ -370,7 +373,6 @@ def main():
                   "command": cmd, "wall_s": round(wall, 1), "run_dir": run_dir,
                   "phase1_wall_s": None if p1_s is None else round(p1_s, 1), "phase1": p1,
                   "kv_mha_bytes_per_token_bf16": base_kv, "settings": settings}
-        metrics = os.path.join(run_dir, "metrics.json")
         if rc != 0 or not os.path.isfile(metrics):
             print(f"{prefix} FAILED (exit {rc}); last lines:\n  " + "\n  ".join(tail), flush=True)
             failed.append(name)
@@ -378,6 +380,9 @@ def main():
         else:
             with open(metrics) as f:
                 result = {**json.load(f), **result}
+            for d in (run_dir, os.path.join(run_dir, "phase1")):  # AdamW state, 3x the model: not needed
+                if os.path.exists(os.path.join(d, "train_state.bin")):
+                    os.remove(os.path.join(d, "train_state.bin"))
         with open(os.path.join(out, f"{name}.json"), "w") as f:
             json.dump(result, f, indent=1)
         done_s += wall

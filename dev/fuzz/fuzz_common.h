@@ -1,7 +1,8 @@
 /*
 dev/fuzz/fuzz_common.h: what the fuzz targets share (doc/robustness.md).
 
-Each target (fuzz_shard.c, fuzz_checkpoint.c, fuzz_toktab.c, fuzz_refstate.c) defines
+Each target (fuzz_shard.c, fuzz_checkpoint.c, fuzz_toktab.c, fuzz_refstate.c, fuzz_ctxblock.c,
+fuzz_trainstate.c, fuzz_lambada.c) defines
   static void fuzz_<name>(const char *path)
 which hands the file at `path` to one of the program's loaders, uses what it loaded and frees
 it. The loaders take paths, so the libFuzzer entry point writes each input to a memfd and
@@ -17,7 +18,7 @@ After an input that loaded cleanly nothing may be left: a block still tracked is
 aborts, with the input saved as a crash.
 
 Builds (Makefile): the targets with clang -fsanitize=fuzzer,address,undefined -DFUZZING
-(TESTING is defined below); fuzz_replay.c defines FUZZ_REPLAY and includes all four targets,
+(TESTING is defined below); fuzz_replay.c defines FUZZ_REPLAY and includes all the targets,
 without libFuzzer, to replay the committed corpus and regressions under `make test`.
 */
 #ifndef FUZZ_COMMON_H

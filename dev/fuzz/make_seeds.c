@@ -51,6 +51,52 @@ static void seed_checkpoint(const char *name, Config c) {
     model_free(&m);
 }
 
+// context blocks: the block (and embed_in) of a model of config c, as --phase 1 writes it
+static void seed_ctxblock(const char *name, Config c) {
+    const char *problem = config_problem(&c);
+    if (problem) die("seed %s: %s", name, problem);
+    Model m;
+    model_init_random(&m, &c, 0.5f, 11);
+    char path[1400];
+    fclose(seed_open("ctxblock", name, path, sizeof path));
+    context_block_save(&m, path);
+    model_free(&m);
+}
+
+// training states: a model of config c after one step on a 4-token batch, so that the
+// AdamW moments are not all zero, saved as --out saves it
+static void seed_trainstate(const char *name, Config c) {
+    const char *problem = config_problem(&c);
+    if (problem) die("seed %s: %s", name, problem);
+    Model m;
+    model_init_random(&m, &c, 0.5f, 7);
+    int in[4], tg[4];
+    for (int t = 0; t < 4; t++) { in[t] = (t * 7 + 1) % c.vocab_size; tg[t] = (t * 7 + 8) % c.vocab_size; }
+    model_forward(&m, in, tg, 1, 4);
+    model_zero_grad(&m);
+    model_backward(&m);
+    AdamW opt = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f};
+    model_update(&m, &opt);
+    TrainState st = {1, 0, 4, 0x9E3779B97F4A7C15ull, 1, 4, 4};
+    char path[1400];
+    fclose(seed_open("trainstate", name, path, sizeof path));
+    train_state_save(&m, path, &st);
+    model_free(&m);
+}
+
+// LAMBADA files: examples as (n_ctx, n_tgt) pairs, tokens below vocab 5
+static void seed_lambada(const char *name, const int (*pairs)[2], int n) {
+    char path[1400];
+    FILE *f = seed_open("lambada", name, path, sizeof path);
+    int h[HEADER_INTS] = {0}, total = 0;
+    for (int i = 0; i < n; i++) total += pairs[i][0] + pairs[i][1];
+    h[0] = 20261128; h[1] = 1; h[2] = n; h[3] = total;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    fwrite_check(pairs, sizeof(int), 2 * (size_t)n, f, path);
+    for (int i = 0; i < total; i++) { uint16_t t = (uint16_t)((i * 3 + 1) % 5); fwrite_check(&t, sizeof t, 1, f, path); }
+    fclose(f);
+}
+
 static void put_token(FILE *f, const char *path, const void *bytes, int len) {
     unsigned char l[2] = {(unsigned char)(len & 255), (unsigned char)(len >> 8)};
     fwrite_check(l, 1, 2, f, path);
@@ -99,6 +145,21 @@ int main(int argc, char **argv) {
     seed_checkpoint("ctxkv.bin", c);
     c = small_config(); c.model_type = MODEL_CTXPYTHIA; c.n_embd = 2; c.n_head = 1; c.n_kv_head = 1; c.context_dim = 2; c.embed_dim = 4;
     seed_checkpoint("ctxpythia.bin", c);
+
+    // a context block for the layer-0 ctxkv model above (fuzz_ctxblock loads it into that model)
+    c = small_config(); c.n_layer = 2; c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
+    seed_ctxblock("ctxkv.bin", c);
+
+    // training states (parameters, m and v: three copies), at width 2 so they stay under 16 KB
+    c = small_config(); c.n_embd = 2; c.n_head = 1; c.n_kv_head = 1; c.embed_dim = 2;
+    seed_trainstate("mha.bin", c);
+    c.n_layer = 2; c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
+    seed_trainstate("ctxkv.bin", c);
+
+    // LAMBADA: short examples, one of 8 input tokens (the model's max_seq_len), one of 9 (skipped)
+    const int lam[][2] = {{3, 1}, {2, 2}, {7, 2}, {9, 1}, {1, 1}};
+    seed_lambada("small.bin", lam, 5);
+    seed_lambada("one.bin", lam + 4, 1);
 
     // token tables: hand-made (an empty token, UTF-8, a 300-byte token), and a cut of the real one
     char path[1400];

@@ -1,0 +1,26 @@
+// Fuzz target: LAMBADA eval files (eval_lambada, doc/formats.md "Evaluation files"), evaluated
+// as --eval-lambada evaluates them, on the smallest mha model of make_seeds.c (vocabulary 5,
+// max_seq_len 8: longer examples are skipped) with at most 8 examples scored (--lambada-max 8).
+// Build and run: make fuzz-lambada (dev/fuzz/fuzz_common.h).
+#include "fuzz_common.h"
+
+static void fuzz_lambada(const char *path) {
+    matmul_scratch = NULL; // a die() after the last input's matmuls: the harness freed it
+    matmul_scratch_cap = 0;
+    Config c = {0}; // make_seeds.c: small_config()
+    c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
+    c.n_layer = 1; c.n_head = 2; c.n_embd = 4; c.n_inner = 4; c.rotary_dims = 2;
+    c.rope_base = 10000.0f; c.max_seq_len = 8; c.ln_eps = 1e-5f;
+    c.attn_type = ATTN_MHA; c.n_kv_head = 2; c.embed_dim = 4;
+    Model m;
+    model_init_random(&m, &c, 0.5f, 7);
+    float acc, ppl;
+    int n;
+    eval_lambada(&m, path, 8, &acc, &ppl, &n);
+    if (n < 0 || n > 8 || !(acc >= 0.0f && acc <= 1.0f) || m.head_from != 0) abort();
+    model_free(&m);
+    free(matmul_scratch); // the matmul's scratch outlives a model: release it so the leak check holds
+    matmul_scratch = NULL;
+    matmul_scratch_cap = 0;
+}
+FUZZ_TARGET(fuzz_lambada)
