@@ -702,24 +702,8 @@ static void check_bad_inputs(const char *bin) {
     free(bytes);
     model_free(&m);
 
-    snprintf(cmd, sizeof cmd, "%s --model pythia-160m --attn gqa --n-kv-head 5 --kv-report", bin);
-    check_fails("gqa head count that does not divide", cmd, "does not divide");
-    snprintf(cmd, sizeof cmd, "%s --model pythia-160m --attn mla --rope-dim 7 --kv-report", bin);
-    check_fails("mla odd rope dim", cmd, "must be even");
-    snprintf(cmd, sizeof cmd, "%s --model pythia-160m --attn mla --rope-dim 128 --kv-report", bin);
-    check_fails("mla rope dim larger than the head", cmd, "at most the head dim");
     snprintf(cmd, sizeof cmd, "%s --model %s --attn gqa --kv-report", bin, ckpt);
     check_fails("mha checkpoint loaded with --attn gqa", cmd, "is a mha checkpoint, but --attn gqa");
-    snprintf(cmd, sizeof cmd, "%s --model pythia-160m --attn mha --n-kv-head 4 --kv-report", bin);
-    check_fails("--n-kv-head with --attn mha", cmd, "conflicts with --attn mha");
-    snprintf(cmd, sizeof cmd, "%s --model tiny --layer0 ctxkv --context-interval 0 --kv-report", bin);
-    check_fails("context interval < 1", cmd, "--context-interval must be in 1..");
-    snprintf(cmd, sizeof cmd, "%s --model tiny --layer0 ctxkv --max-contexts 0 --kv-report", bin);
-    check_fails("max contexts < 1", cmd, "--max-contexts must be in 1..");
-    snprintf(cmd, sizeof cmd, "%s --model tiny --layer0 ctxkv --context-interval 1048576 --max-contexts 1048576 --kv-report", bin);
-    check_fails("a context ring longer than an int", cmd, "must be below 2^30"); // was signed overflow (UB)
-    snprintf(cmd, sizeof cmd, "%s --model tiny --context-interval 4 --kv-report", bin);
-    check_fails("context flag without a context model", cmd, "need --layer0 ctxkv or --model-type ctxpythia");
     { // a context block of width 16 loaded into a model whose contexts are 8 wide
         char blk[512];
         snprintf(blk, sizeof blk, "%s/block16.bin", tmpdir);
@@ -735,24 +719,31 @@ static void check_bad_inputs(const char *bin) {
     }
     snprintf(cmd, sizeof cmd, "%s --model tiny --train %s --val '' -b 2 -t 16 --steps 1 --out /proc/nope/out", bin, good);
     check_fails("unwritable --out", cmd, "--out: cannot create directory");
-    snprintf(cmd, sizeof cmd, "%s --model pythia-14m -b 60000 -t 2048 --steps 1", bin);
-    check_fails("-b x -t too large for memory", cmd, "more than this machine's");
     snprintf(cmd, sizeof cmd, "%s --model tiny --resume %s", bin, tmpdir);
     check_fails("--resume with --model", cmd, "--resume conflicts with --model");
-    snprintf(cmd, sizeof cmd, "%s --model tiny --steps 5 --stop-at 3", bin);
-    check_fails("--stop-at without --out", cmd, "need --out DIR");
-    snprintf(cmd, sizeof cmd, "%s -b -3", bin);
-    check_fails("negative -b", cmd, "-b must be in 1..");
-    snprintf(cmd, sizeof cmd, "%s -t 99999999999999999999", bin);
-    check_fails("overflowing -t", cmd, "-t expects an integer");
-    snprintf(cmd, sizeof cmd, "%s --lr nan", bin);
-    check_fails("--lr nan", cmd, "--lr expects a number");
-    snprintf(cmd, sizeof cmd, "%s -b abc", bin);
-    check_fails("non-numeric -b", cmd, "-b expects an integer");
-    snprintf(cmd, sizeof cmd, "%s --model tiny -t 200 --bench 1", bin);
-    check_fails("-t past the model's max length", cmd, "max_seq_len");
-    snprintf(cmd, sizeof cmd, "%s --bogus 1", bin);
-    check_fails("unknown flag", cmd, "unknown flag --bogus");
+    // bad flags: only the binary is needed (label, arguments, expected message)
+    static const struct { const char *what, *args, *expect; } bad_flags[] = {
+        {"gqa head count that does not divide", "--model pythia-160m --attn gqa --n-kv-head 5 --kv-report", "does not divide"},
+        {"mla odd rope dim", "--model pythia-160m --attn mla --rope-dim 7 --kv-report", "must be even"},
+        {"mla rope dim larger than the head", "--model pythia-160m --attn mla --rope-dim 128 --kv-report", "at most the head dim"},
+        {"--n-kv-head with --attn mha", "--model pythia-160m --attn mha --n-kv-head 4 --kv-report", "conflicts with --attn mha"},
+        {"context interval < 1", "--model tiny --layer0 ctxkv --context-interval 0 --kv-report", "--context-interval must be in 1.."},
+        {"max contexts < 1", "--model tiny --layer0 ctxkv --max-contexts 0 --kv-report", "--max-contexts must be in 1.."},
+        {"a context ring longer than an int", "--model tiny --layer0 ctxkv --context-interval 1048576 --max-contexts 1048576 --kv-report", "must be below 2^30"}, // was signed overflow (UB)
+        {"context flag without a context model", "--model tiny --context-interval 4 --kv-report", "need --layer0 ctxkv or --model-type ctxpythia"},
+        {"-b x -t too large for memory", "--model pythia-14m -b 60000 -t 2048 --steps 1", "more than this machine's"},
+        {"--stop-at without --out", "--model tiny --steps 5 --stop-at 3", "need --out DIR"},
+        {"negative -b", "-b -3", "-b must be in 1.."},
+        {"overflowing -t", "-t 99999999999999999999", "-t expects an integer"},
+        {"--lr nan", "--lr nan", "--lr expects a number"},
+        {"non-numeric -b", "-b abc", "-b expects an integer"},
+        {"-t past the model's max length", "--model tiny -t 200 --bench 1", "max_seq_len"},
+        {"unknown flag", "--bogus 1", "unknown flag --bogus"},
+    };
+    for (size_t i = 0; i < sizeof bad_flags / sizeof bad_flags[0]; i++) {
+        snprintf(cmd, sizeof cmd, "%s %s", bin, bad_flags[i].args);
+        check_fails(bad_flags[i].what, cmd, bad_flags[i].expect);
+    }
     snprintf(cmd, sizeof cmd, "%s -h", bin);
     check(runs_ok(cmd), "-h prints usage and exits 0");
 }
