@@ -64,11 +64,14 @@ $(TESTDATA)/.stamp: $(VENV)/.stamp dev/make_test_data.py prepro/common.py prepro
 	$(VPY) prepro/import_hf.py dev/ref/hf_tiny $(TESTDATA)/imported.bin
 	touch $@
 
-# the Python prepro tests, then the C harness (whose last line is the overall "N passed, N failed")
+# the CUDA compile check, the Python prepro tests, the fuzz regressions, the quick KV table
+# (dev/kv_table.py --quick, ~1 min), then the C harness (whose last line is the overall
+# "N passed, N failed")
 test: train_ctxkv test_ctxkv testdata
 	$(MAKE) --no-print-directory cuda-check
 	$(VPY) prepro/test_prepro.py
 	$(MAKE) --no-print-directory fuzz-replay
+	$(VPY) dev/test_kv_table.py --binary ./train_ctxkv
 	OMP_NUM_THREADS=$(THREADS) ./test_ctxkv
 
 # the default run: pythia-14m shape on Tiny Shakespeare, a few minutes on two cores
