@@ -1,6 +1,6 @@
 """Train the attention variants at one budget and tabulate quality, speed and KV-cache size.
 
-    python dev/kv_table.py --scale cpu    # the table on 2 CPU cores, ~50 min (see Scales)
+    python dev/kv_table.py --scale cpu    # the table on 2 CPU cores, ~1 h (see Scales)
     python dev/kv_table.py --quick        # smoke test, ~1 min
     python dev/kv_table.py --scale gpu    # ./train_ctxkv_cu, pythia-160m shape
     python dev/kv_table.py --table-only   # rebuild the table and PNG from OUT/<variant>.json
@@ -11,8 +11,9 @@ Options: --out DIR (default results), --variants mha,gqa,..., --steps N, --binar
 Scales (every variant gets the same B x T x steps tokens, cosine lr, warmup steps/10, seed 1337):
   cpu    pythia-14m shape (6 layers, width 128, 4 heads), B 4, T 256, 600 steps = 614,400 tokens
          of Gutenberg, lr 2e-3; held-out capped at 65,536 WikiText-2 tokens; all 5,153 LAMBADA
-         examples. On 2 quiet cores ~7 min a variant (ctxpythia ~4.5), ~50 min in all with the
-         data prep, within a 90-minute budget. Other load on the cores slows OpenMP several-fold.
+         examples. On 2 quiet cores a variant takes 600 x ~0.55 s of steps plus ~3 min of val
+         and evaluation (ctxpythia ~5 min in all; phase 1 ~10 s): ~57 min with the data prep,
+         within a 90-minute budget. Other load on the cores slows OpenMP several-fold.
   gpu    ./train_ctxkv_cu, pythia-160m shape, B 16, T 1024, 2000 steps = 32.8 M tokens, lr 6e-4,
          all of WikiText-2 and LAMBADA. Documented, not run on the machine this was written on.
   quick  pythia-14m shape on Tiny Shakespeare (tokenized in seconds, where Gutenberg takes a
@@ -191,18 +192,18 @@ def estimate(cfg, names, steps, with_eval, env):
                         ["-b", str(B), "-t", str(T), "--bench", str(cfg["bench"])], env)
         ms = json.loads(out.strip().splitlines()[-1])["ms_per_step"] / 1e3
         bench[name] = ms
-        # ratios measured with pythia-14m on 2 cores: a T-token forward at batch 1 takes ~0.5 of
-        # ms/B; a LAMBADA example (~81 tokens, the head only on its last word) ~0.2 of 81 tokens'
-        # share of a step; decoding runs at ~800 tokens/s at batch 1 and at batch 8
-        fwd, per_token = ms * 0.5 / B, ms / (B * T)
-        s = steps * ms + (cfg["vals"] + 1) * cfg["val_batches"] * fwd * B + 3
+        # ratios measured with pythia-14m on 2 cores (B 4, T 256): a val batch takes ~0.6 of a
+        # step, a T-token forward at batch 1 ~0.55 of ms/B, a LAMBADA example (~81 tokens, the
+        # head only on its last word) ~0.2 of 81 tokens' share of a step; decoding ~800 tok/s
+        fwd, per_token = ms * 0.55 / B, ms / (B * T)
+        s = steps * ms + (cfg["vals"] + 1) * cfg["val_batches"] * 0.6 * ms + 5
         s += cfg["gen"][1] * 9 / 800
         if with_eval:
             s += (cfg["heldout"] or 290_000) / (T // 2) * fwd  # windows of T, stride T/2
             s += (cfg["lambada"] or 5153) * 81 * per_token * 0.2
-        if is_ctx(name):  # phase 1: up to rounds x iters Jacobi iterations, ~0.1 step each
+        if is_ctx(name):  # phase 1: up to rounds x iters Jacobi iterations, ~0.02 step each
             p1 = dict(zip(cfg["p1"][::2], cfg["p1"][1::2]))
-            s += int(p1.get("--p1-rounds", 4)) * int(p1.get("--p1-iters", 60)) * 0.1 * ms \
+            s += int(p1.get("--p1-rounds", 4)) * int(p1.get("--p1-iters", 60)) * 0.02 * ms \
                 * int(p1.get("-b", B)) / B
         est[name] = s
     print("ms/step: " + ", ".join(f"{n} {1e3 * ms:.0f}" for n, ms in bench.items()), flush=True)
