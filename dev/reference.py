@@ -1306,6 +1306,28 @@ def write_variants_json():
     return out
 
 
+def write_model_checkpoint(name, cfg, entries, label):
+    """Checks that a PyTorch model's tensors (entries: (name, param, padded_rows)) follow
+    prepro/ckpt.py's param_specs in names, order and padded shapes, writes REF_DIR/<name>_model.bin
+    through prepro/ckpt.py, reads its header back, and returns the path."""
+    ck = import_prepro("ckpt")
+    specs = ck.param_specs(cfg)
+    # run_adamw decays p.dim() == 2; here that is exactly "rows > 1 and cols > 1"
+    assert all((p.dim() == 2) == (p.dim() == 2 and min(p.shape) > 1) for _, p, _ in entries)
+    ours = [(ckpt_name(n), (prow,) + tuple(p.shape[1:]) if prow else tuple(p.shape)) for n, p, prow in entries]
+    assert ours == [(n, tuple(s)) for n, s in specs], f"{label} layout != prepro/ckpt.py param_specs"
+    REF_DIR.mkdir(parents=True, exist_ok=True)
+    ckpt_path = REF_DIR / f"{name}_model.bin"
+    tensors = {sn: flat_ckpt_order([(n, p, prow)], use_grad=False).astype(np.float32).reshape(s)
+               for (n, p, prow), (sn, s) in zip(entries, specs)}
+    ck.write_checkpoint(str(ckpt_path), cfg, tensors)
+    hd, _ = read_ckpt(ckpt_path)
+    for k in CKPT_FIELDS[2:]:
+        want = bits2f32(f32bits(cfg[k])) if k in CKPT_FLOAT_FIELDS else cfg[k]
+        assert hd[k] == want, (k, hd[k], want)
+    return ckpt_path
+
+
 def variant_reference(name, args):
     """Build, check and write dev/ref/<name>_model.bin and <name>_state.bin."""
     ck = import_prepro("ckpt")
@@ -1319,23 +1341,8 @@ def variant_reference(name, args):
     inputs, targets = make_batch(torch.Generator().manual_seed(VARIANT_BATCH_SEED), B, T, cfg["vocab_size"])
     assert len(set(inputs.flatten().tolist())) < inputs.numel(), "want a repeated input id"
 
-    # layout: own shapes == prepro/ckpt.py param_specs (names, order, padded shapes)
     entries = variant_ckpt_entries(model)
-    specs = ck.param_specs(cfg)
-    # run_adamw decays p.dim() == 2; here that is exactly "rows > 1 and cols > 1"
-    assert all((p.dim() == 2) == (p.dim() == 2 and min(p.shape) > 1) for _, p, _ in entries)
-    ours = [(ckpt_name(n), (prow,) + tuple(p.shape[1:]) if prow else tuple(p.shape)) for n, p, prow in entries]
-    assert ours == [(n, tuple(s)) for n, s in specs], "VariantModel layout != prepro/ckpt.py param_specs"
-
-    REF_DIR.mkdir(parents=True, exist_ok=True)
-    ckpt_path = REF_DIR / f"{name}_model.bin"
-    tensors = {sn: flat_ckpt_order([(n, p, prow)], use_grad=False).astype(np.float32).reshape(s)
-               for (n, p, prow), (sn, s) in zip(entries, specs)}
-    ck.write_checkpoint(str(ckpt_path), cfg, tensors)
-    hd, _ = read_ckpt(ckpt_path)
-    for k in CKPT_FIELDS[2:]:
-        want = bits2f32(f32bits(cfg[k])) if k in CKPT_FLOAT_FIELDS else cfg[k]
-        assert hd[k] == want, (k, hd[k], want)
+    ckpt_path = write_model_checkpoint(name, cfg, entries, "VariantModel")
 
     # checks of the attention code
     checks = {}
@@ -1790,20 +1797,7 @@ def ctx_reference(name, args):
     inputs, targets = make_batch(torch.Generator().manual_seed(VARIANT_BATCH_SEED), B, T, cfg["vocab_size"])
 
     entries = ctx_ckpt_entries(model)
-    specs = ck.param_specs(cfg)
-    assert all((p.dim() == 2) == (p.dim() == 2 and min(p.shape) > 1) for _, p, _ in entries)
-    ours = [(ckpt_name(n), (prow,) + tuple(p.shape[1:]) if prow else tuple(p.shape)) for n, p, prow in entries]
-    assert ours == [(n, tuple(s)) for n, s in specs], "CtxModel layout != prepro/ckpt.py param_specs"
-
-    REF_DIR.mkdir(parents=True, exist_ok=True)
-    ckpt_path = REF_DIR / f"{name}_model.bin"
-    tensors = {sn: flat_ckpt_order([(n, p, prow)], use_grad=False).astype(np.float32).reshape(s)
-               for (n, p, prow), (sn, s) in zip(entries, specs)}
-    ck.write_checkpoint(str(ckpt_path), cfg, tensors)
-    hd, _ = read_ckpt(ckpt_path)
-    for k in CKPT_FIELDS[2:]:
-        want = bits2f32(f32bits(cfg[k])) if k in CKPT_FLOAT_FIELDS else cfg[k]
-        assert hd[k] == want, (k, hd[k], want)
+    ckpt_path = write_model_checkpoint(name, cfg, entries, "CtxModel")
 
     checks = {}
     p64 = {k: v.detach().double() for k, v in model.params().items()}
