@@ -774,30 +774,19 @@ static void train_losses(const char *log, char *out, size_t n) {
     }
 }
 
-static void check_resume(const char *bin) {
-    printf("-- exact resume and the numerical guard\n");
-    char shard[512], cmd[4096], a_dir[512], b_dir[512], p1[600], p2[600];
-    snprintf(shard, sizeof shard, "%s/resume_data.bin", tmpdir);
-    uint16_t tok[4000];
-    uint64_t rng = 99;
-    for (int i = 0; i < 4000; i++) tok[i] = random_u32(&rng) % 96;
-    write_shard_file(shard, SHARD_MAGIC, 4000, tok, 4000);
-    snprintf(a_dir, sizeof a_dir, "%s/runA", tmpdir);
-    snprintf(b_dir, sizeof b_dir, "%s/runB", tmpdir);
-    char common[2048];
-    snprintf(common, sizeof common, "--train %s --val %s --val-every 5 --val-batches 2 -b 2 -t 16 --steps 20 --warmup 3 "
-             "--sample-every 7 --sample-len 4 --tokenizer ''", shard, shard);
+// Runs `common` for 20 steps straight into DIR/runA_tag, and 10 + --stop-at + --resume + 10 into
+// DIR/runB_tag; checks both give the same losses and final weights, bit for bit.
+static void check_exact_resume(const char *bin, const char *common, const char *tag) {
+    char cmd[4096], a_dir[512], b_dir[512], p1[600], p2[600];
+    snprintf(a_dir, sizeof a_dir, "%s/runA_%s", tmpdir, tag);
+    snprintf(b_dir, sizeof b_dir, "%s/runB_%s", tmpdir, tag);
     snprintf(cmd, sizeof cmd, "%s --model tiny %s --out %s", bin, common, a_dir);
     int ok = runs_ok(cmd);
     snprintf(cmd, sizeof cmd, "%s --model tiny %s --out %s --stop-at 10", bin, common, b_dir);
     ok &= runs_ok(cmd);
-    char c_dir[512]; // a copy of the state at step 10, for the guard below
-    snprintf(c_dir, sizeof c_dir, "%s/runC", tmpdir);
-    snprintf(cmd, sizeof cmd, "mkdir -p %s && cp %s/train_state.bin %s/", c_dir, b_dir, c_dir);
-    ok &= system(cmd) == 0;
     snprintf(cmd, sizeof cmd, "%s %s --out %s --resume %s", bin, common, b_dir, b_dir);
     ok &= runs_ok(cmd);
-    check(ok, "20 steps straight; 10 steps, stop, resume, 10 steps (all exit 0)");
+    check(ok, "%s: 20 steps straight; 10 steps, stop, resume, 10 steps (all exit 0)", tag);
     long long na, nb;
     snprintf(p1, sizeof p1, "%s/log.jsonl", a_dir);
     snprintf(p2, sizeof p2, "%s/log.jsonl", b_dir);
@@ -807,11 +796,94 @@ static void check_resume(const char *bin) {
     train_losses(lb ? lb : "", sb, sizeof sb);
     int n_losses = 0;
     for (char *p = sa; *p; p++) n_losses += *p == ';';
-    check(n_losses == 20 && !strcmp(sa, sb), "the %d step losses are bit-identical", n_losses);
+    check(n_losses == 20 && !strcmp(sa, sb), "%s: the %d step losses are bit-identical", tag, n_losses);
     free(la); free(lb);
     snprintf(p1, sizeof p1, "%s/model.bin", a_dir);
     snprintf(p2, sizeof p2, "%s/model.bin", b_dir);
-    check(files_equal(p1, p2) && file_exists(p1), "the final parameters are bit-identical (model.bin byte for byte)");
+    check(files_equal(p1, p2) && file_exists(p1), "%s: the final parameters are bit-identical (model.bin byte for byte)", tag);
+}
+
+// --shuffle: one epoch reads every block of every shard once; epochs and seeds differ;
+// without it the loader reads the shards in file order (the order before --shuffle existed)
+static void check_data_order(void) {
+    printf("-- data order (--shuffle)\n");
+    enum { B = 2, T = 4, BT = B * T, NS = 3 };
+    const int ntok[NS] = {5 * BT + 1, 3 * BT + 4, 7 * BT + 1}, total = 15; // whole blocks: 5, 3, 7
+    char pattern[600], path[600];
+    for (int s = 0, id = 0; s < NS; s++) { // every token of a block is its id, so a batch names its block
+        uint16_t tok[64];
+        for (int i = 0; i < ntok[s]; i++) tok[i] = (uint16_t)(id + i / BT);
+        id += ntok[s] / BT;
+        snprintf(path, sizeof path, "%s/order_%d.bin", tmpdir, s);
+        write_shard_file(path, SHARD_MAGIC, ntok[s], tok, ntok[s]);
+    }
+    snprintf(pattern, sizeof pattern, "%s/order_*.bin", tmpdir);
+    int seq[3 * 15], shuf[3][3 * 15];
+    DataLoader d;
+    dataloader_init(&d, pattern, B, T, 64);
+    for (int i = 0; i < 3 * total; i++) { dataloader_next(&d); seq[i] = d.inputs[0]; }
+    dataloader_free(&d);
+    int in_order = 1;
+    for (int i = 0; i < 3 * total; i++) in_order &= seq[i] == i % total;
+    check(in_order, "without --shuffle: blocks 0..14 in file order, three epochs");
+    const uint64_t seeds[3] = {1337, 1337, 7};
+    for (int r = 0; r < 3; r++) {
+        dataloader_init(&d, pattern, B, T, 64);
+        dataloader_shuffle(&d, seeds[r]);
+        for (int i = 0; i < 3 * total; i++) {
+            dataloader_next(&d);
+            int whole = 1; // a batch is one block: all B*T inputs carry its id
+            for (int j = 0; j < BT; j++) whole &= d.inputs[j] == d.inputs[0];
+            shuf[r][i] = whole ? d.inputs[0] : -1;
+        }
+        dataloader_free(&d);
+    }
+    int each_once = 1, epochs_differ = 0, seeds_differ = 0;
+    for (int e = 0; e < 3; e++) {
+        int seen[15] = {0};
+        for (int i = 0; i < total; i++) {
+            int b = shuf[0][e * total + i];
+            if (b < 0 || b >= total || seen[b]++) each_once = 0;
+        }
+    }
+    for (int i = 0; i < total; i++) epochs_differ |= shuf[0][i] != shuf[0][total + i];
+    for (int i = 0; i < 3 * total; i++) seeds_differ |= shuf[0][i] != shuf[2][i];
+    check(each_once, "--shuffle: each epoch reads each of the 15 blocks exactly once, whole");
+    check(!memcmp(shuf[0], shuf[1], sizeof shuf[0]) && epochs_differ && seeds_differ && memcmp(shuf[0], seq, sizeof seq),
+          "--shuffle: the same seed gives the same order; epochs, seeds and file order differ");
+}
+
+static void check_resume(const char *bin) {
+    printf("-- exact resume and the numerical guard\n");
+    char shard[512], cmd[4096];
+    snprintf(shard, sizeof shard, "%s/resume_data.bin", tmpdir);
+    uint16_t tok[4000];
+    uint64_t rng = 99;
+    for (int i = 0; i < 4000; i++) tok[i] = random_u32(&rng) % 96;
+    write_shard_file(shard, SHARD_MAGIC, 4000, tok, 4000);
+    char common[2048];
+    snprintf(common, sizeof common, "--train %s --val %s --val-every 5 --val-batches 2 -b 2 -t 16 --steps 20 --warmup 3 "
+             "--sample-every 7 --sample-len 4 --tokenizer ''", shard, shard);
+    check_exact_resume(bin, common, "in-order");
+    // --shuffle over two shards of 4 and 3 blocks: the 20 steps wrap an epoch, and step 10
+    // stops inside the second epoch, whose order must be rebuilt on resume
+    char shards[600], shard1[600];
+    snprintf(shard1, sizeof shard1, "%s/resume_two_0.bin", tmpdir);
+    write_shard_file(shard1, SHARD_MAGIC, 4 * 32 + 1, tok, 4 * 32 + 1);
+    snprintf(shard1, sizeof shard1, "%s/resume_two_1.bin", tmpdir);
+    write_shard_file(shard1, SHARD_MAGIC, 3 * 32 + 1, tok + 1000, 3 * 32 + 1);
+    snprintf(shards, sizeof shards, "%s/resume_two_*.bin", tmpdir);
+    char common_shuf[2048];
+    snprintf(common_shuf, sizeof common_shuf, "--train '%s' --val %s --val-every 5 --val-batches 2 -b 2 -t 16 --steps 20 "
+             "--warmup 3 --sample-every 0 --tokenizer '' --shuffle", shards, shard);
+    check_exact_resume(bin, common_shuf, "shuffled");
+    char b_dir[512], c_dir[512]; // a copy of the in-order state at step 10, for the guard below
+    snprintf(b_dir, sizeof b_dir, "%s/runB_shuffled", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s %s --out %s/resumed_without --resume %s", bin, common, tmpdir, b_dir);
+    check_fails("--resume of a --shuffle run without --shuffle", cmd, "the run was made with --shuffle");
+    snprintf(c_dir, sizeof c_dir, "%s/runC", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s --model tiny %s --out %s --stop-at 10", bin, common, c_dir);
+    check(runs_ok(cmd), "in-order: 10 steps, stop (a state for the guard)");
 
     // guard: a state with a NaN weight resumes into a non-finite loss; training stops naming
     // the step, and the state on disk is left as it was
@@ -885,6 +957,7 @@ int main(int argc, char **argv) {
 
     check_roundtrip(testdata);
     check_bad_inputs(bin);
+    check_data_order();
     check_resume(bin);
 
     // the CUDA compile check `make test` ran first (make cuda-check): counted when nvcc exists

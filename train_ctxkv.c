@@ -1319,8 +1319,10 @@ static void model_init_random(Model *m, const Config *c, float init_std, uint64_
 
 typedef struct {
     int step;                  // optimizer steps done
-    int shard_index;           // data loader position: the next batch starts here
-    long long pos;
+    int epoch;                 // data loader position: the next batch is in this epoch,
+    int shard_index;           // at this slot of its shard order,
+    long long pos;             // after this many tokens of that shard
+    int shuffle;               // --shuffle was given (the order depends on it)
     uint64_t rng;              // sampling RNG
     int B, T;
     long long tokens_seen;
@@ -1334,6 +1336,7 @@ static void train_state_save(const Model *m, const char *path, const TrainState 
     h[0] = TRAIN_STATE_MAGIC; h[1] = TRAIN_STATE_VERSION; h[2] = st->step; h[3] = m->adam_step;
     h[4] = st->shard_index; split64(h + 5, (uint64_t)st->pos); split64(h + 7, st->rng);
     h[9] = st->B; h[10] = st->T; split64(h + 11, (uint64_t)st->tokens_seen);
+    h[13] = st->epoch; h[14] = st->shuffle;
     config_to_header(&m->cfg, ch);
     AtomicFile af = atomic_open(path);
     fwrite_check(h, sizeof(int), HEADER_INTS, af.f, af.tmp);
@@ -1364,11 +1367,14 @@ static Config train_state_load(const char *path, Model *m, TrainState *st) {
     if (size != 2LL * (long long)sizeof h + 3LL * 4 * (long long)n) die("'%s' has %lld bytes, not the %lld its header implies: truncated or corrupt", path, size, 2LL * (long long)sizeof h + 12LL * (long long)n);
     st->step = h[2]; st->shard_index = h[4]; st->pos = (long long)join64(h + 5); st->rng = join64(h + 7);
     st->B = h[9]; st->T = h[10]; st->tokens_seen = (long long)join64(h + 11);
+    st->epoch = h[13]; st->shuffle = h[14];
     // tokens_seen is step * B * T in every state the program writes; bound it so += cannot overflow
     if (st->B < 1 || st->T < 1 || st->tokens_seen < 0 || st->tokens_seen > (long long)st->step * st->B * st->T)
         die("'%s': bad batch shape or token count", path);
     // AdamW's count (h[3]) is the step count: one update per step, so it can never pass the step
     if (st->step < 0 || h[3] < 0 || h[3] > st->step || st->shard_index < 0 || st->pos < 0) die("'%s': bad step or data position", path);
+    // every epoch takes at least one batch, so the epoch can't pass the step; shuffle is a flag
+    if (st->epoch < 0 || st->epoch > st->step || (st->shuffle != 0 && st->shuffle != 1)) die("'%s': bad data epoch or shuffle flag", path);
     if (m) {
         model_alloc_params(m, &c);
         fread_check(m->params_memory, sizeof(float), n, f, path);
@@ -1849,10 +1855,17 @@ typedef struct {
     char **files;        // stb_ds array of shard paths, sorted (glob order)
     int vocab_size;
     int B, T;
-    int shard_index;     // current shard
+    int shuffle;         // --shuffle: shards and blocks in a random order each epoch (else in file order)
+    uint64_t seed;       // the order's seed (--seed)
+    int epoch;           // passes over all the shards so far
+    int *shard_order;    // (n_files) the files in this epoch's order
+    int shard_index;     // slot in shard_order of the current shard
+    int loaded;          // index of the file in tokens (-1: none yet)
     uint16_t *tokens;    // the current shard, whole
     size_t ntok;
-    size_t pos;          // next token to read in the current shard
+    size_t n_blocks;     // whole B*T-token blocks in the current shard (each read with its next token)
+    int *block_order;    // (n_blocks) with --shuffle, this epoch's order of the blocks
+    size_t pos;          // tokens read from the current shard, a multiple of B*T: next block = pos / (B*T)
     int *inputs, *targets; // (B,T)
 } DataLoader;
 
@@ -1878,13 +1891,50 @@ static uint16_t *shard_load(const char *path, size_t *ntok_out, int vocab_size) 
     return tok;
 }
 
-static void dataloader_load_shard(DataLoader *d, int index) {
-    free(d->tokens);
-    d->shard_index = index;
-    d->tokens = shard_load(d->files[index], &d->ntok, d->vocab_size);
+// splitmix64's finaliser: a well-mixed 64-bit key from a seed and counters
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 30; x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27; x *= 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// p = a random permutation of 0..n-1 (Fisher-Yates), a function of key alone, so an order can be
+// rebuilt from (seed, epoch, file) on resume instead of being saved
+static void random_permutation(int *p, size_t n, uint64_t key) {
+    uint64_t rng = mix64(key) | 1; // xorshift needs a nonzero state
+    for (size_t i = 0; i < n; i++) p[i] = (int)i;
+    for (size_t i = n; i > 1; i--) {
+        size_t j = random_u32(&rng) % i;
+        int t = p[i - 1]; p[i - 1] = p[j]; p[j] = t;
+    }
+}
+
+// this epoch's shard order: file order, or with --shuffle a permutation of (seed, epoch)
+static void dataloader_order_shards(DataLoader *d) {
+    int n = (int)arrlen(d->files);
+    if (d->shuffle) random_permutation(d->shard_order, n, mix64(d->seed) + (uint64_t)d->epoch);
+    else for (int i = 0; i < n; i++) d->shard_order[i] = i;
+}
+
+// Makes slot `slot` of this epoch's order the current shard: reads its file (unless it is the one
+// already held) and, with --shuffle, draws the order of its blocks from (seed, epoch, file).
+static void dataloader_load_shard(DataLoader *d, int slot) {
+    int file = d->shard_order[slot];
+    if (file != d->loaded) {
+        free(d->tokens);
+        d->tokens = shard_load(d->files[file], &d->ntok, d->vocab_size);
+        d->loaded = file;
+        if (d->ntok < (size_t)d->B * d->T + 1)
+            die("'%s' has %zu tokens, fewer than one batch needs (B*T+1 = %d)", d->files[file], d->ntok, d->B * d->T + 1);
+    }
+    d->shard_index = slot;
     d->pos = 0;
-    if (d->ntok < (size_t)d->B * d->T + 1)
-        die("'%s' has %zu tokens, fewer than one batch needs (B*T+1 = %d)", d->files[index], d->ntok, d->B * d->T + 1);
+    d->n_blocks = (d->ntok - 1) / ((size_t)d->B * d->T);
+    if (d->shuffle) {
+        free(d->block_order);
+        d->block_order = malloc_check(d->n_blocks * sizeof(int), "block order");
+        random_permutation(d->block_order, d->n_blocks, mix64(mix64(d->seed) + (uint64_t)d->epoch) + (uint64_t)file);
+    }
 }
 
 static void dataloader_init(DataLoader *d, const char *pattern, int B, int T, int vocab_size) {
@@ -1897,39 +1947,61 @@ static void dataloader_init(DataLoader *d, const char *pattern, int B, int T, in
     d->B = B;
     d->T = T;
     d->vocab_size = vocab_size;
+    d->loaded = -1;
     d->inputs = malloc_check((size_t)B * T * sizeof(int), "batch");
     d->targets = malloc_check((size_t)B * T * sizeof(int), "batch");
+    d->shard_order = malloc_check(arrlen(d->files) * sizeof(int), "shard order");
+    dataloader_order_shards(d);
     // validate every shard up front so a bad file fails before training starts
-    for (int i = arrlen(d->files) - 1; i >= 0; i--) dataloader_load_shard(d, i);
+    for (int i = (int)arrlen(d->files) - 1; i >= 0; i--) dataloader_load_shard(d, i);
+}
+
+// --shuffle (training only): from here on, each epoch visits the shards in a random order and
+// the B*T-token blocks of each shard in a random order, as llm.c's loader does, so a short run
+// sees text from the whole corpus instead of its first few documents. Starts epoch 0.
+static void dataloader_shuffle(DataLoader *d, uint64_t seed) {
+    d->shuffle = 1;
+    d->seed = seed;
+    d->epoch = 0;
+    dataloader_order_shards(d);
+    dataloader_load_shard(d, 0);
 }
 
 static void dataloader_reset(DataLoader *d) {
-    if (d->shard_index != 0) dataloader_load_shard(d, 0);
-    d->pos = 0;
+    dataloader_load_shard(d, 0);
 }
 
-// Next (B,T) batch: B consecutive windows of T+1 tokens; moves to the next shard (and wraps
-// around) when the current one has too few tokens left.
+// Next (B,T) batch: the next block of B consecutive windows of T+1 tokens; moves to the next
+// shard when the current one has no whole block left, and to a new epoch after the last one.
 static void dataloader_next(DataLoader *d) {
-    size_t need = (size_t)d->B * d->T + 1;
-    if (d->pos + need > d->ntok) {
-        int next = (d->shard_index + 1) % (int)arrlen(d->files);
-        if (next != d->shard_index) dataloader_load_shard(d, next);
-        d->pos = 0;
+    size_t BT = (size_t)d->B * d->T;
+    if (d->pos / BT >= d->n_blocks) {
+        int next = d->shard_index + 1;
+        if (next == (int)arrlen(d->files)) {
+            next = 0;
+            d->epoch++;
+            dataloader_order_shards(d);
+        }
+        dataloader_load_shard(d, next);
     }
-    const uint16_t *buf = d->tokens + d->pos;
-    for (size_t i = 0; i < (size_t)d->B * d->T; i++) {
+    size_t k = d->pos / BT, block = d->shuffle ? (size_t)d->block_order[k] : k;
+    const uint16_t *buf = d->tokens + block * BT;
+    for (size_t i = 0; i < BT; i++) {
         d->inputs[i] = buf[i];
         d->targets[i] = buf[i + 1];
     }
-    d->pos += (size_t)d->B * d->T;
+    d->pos += BT;
 }
 
-// puts the loader where a saved run left it
-static void dataloader_seek(DataLoader *d, int shard_index, long long pos) {
+// puts the loader where a saved run left it: epoch, slot in that epoch's order, tokens read
+static void dataloader_seek(DataLoader *d, int epoch, int shard_index, long long pos) {
     if (shard_index >= (int)arrlen(d->files)) die("--resume: the saved data position is shard %d, but only %d shard(s) match", shard_index, (int)arrlen(d->files));
-    if (shard_index != d->shard_index) dataloader_load_shard(d, shard_index);
-    if (pos < 0 || (size_t)pos > d->ntok) die("--resume: the saved data position %lld is past the end of '%s'", pos, d->files[shard_index]);
+    d->epoch = epoch;
+    dataloader_order_shards(d);
+    dataloader_load_shard(d, shard_index);
+    size_t BT = (size_t)d->B * d->T;
+    if (pos < 0 || (size_t)pos % BT != 0 || (size_t)pos / BT > d->n_blocks)
+        die("--resume: the saved data position %lld does not fit '%s' (%zu blocks of B*T = %zu tokens)", pos, d->files[d->shard_order[shard_index]], d->n_blocks, BT);
     d->pos = (size_t)pos;
 }
 
@@ -1940,6 +2012,7 @@ static void dataloader_free(DataLoader *d) {
     for (ptrdiff_t i = 0; i < arrlen(d->files); i++) free(d->files[i]);
     arrfree(d->files);
     free(d->tokens); free(d->inputs); free(d->targets);
+    free(d->shard_order); free(d->block_order);
 }
 
 // ----------------------------------------------------------------------------
@@ -2269,6 +2342,7 @@ typedef struct {
     int generate, kv_report;
     const char *resume;                        // DIR with a train_state.bin to continue from
     int checkpoint_every, stop_at;
+    int shuffle;                               // --shuffle: random shard and block order (training data)
     const char *eval_heldout, *eval_lambada;   // evaluation (doc/formats.md "Evaluation files")
     int heldout_max_tokens, lambada_max, eval_gen, gen_prompt, gen_new;
     // Context-KV
@@ -2359,7 +2433,9 @@ static void usage(FILE *f) {
         "  --eps FLOAT           AdamW epsilon                            [%g]\n"
         "  --clip FLOAT          global grad-norm clip, 0 = off           [%g]\n"
         "  --init-std FLOAT      std of the random init                   [%g]\n"
-        "  --seed INT            seed for init and sampling               [%lld]\n"
+        "  --seed INT            seed for init, sampling and --shuffle    [%lld]\n"
+        "  --shuffle             read the training shards, and the B*T blocks in each, in a random\n"
+        "                        order each epoch (as llm.c); default: in file order\n"
         "  --val-every INT       val loss every N steps, 0 = only at end  [%d]\n"
         "  --val-batches INT     batches per val estimate                 [%d]\n"
         "  --sample-every INT    print a sample every N steps, 0 = never  [%d]\n"
@@ -2405,6 +2481,7 @@ static Args parse_args(int argc, char **argv) {
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) { usage(stdout); exit(0); }
         if (!strcmp(f, "--kv-report")) { a.kv_report = 1; continue; }
         if (!strcmp(f, "--eval-gen")) { a.eval_gen = 1; continue; }
+        if (!strcmp(f, "--shuffle")) { a.shuffle = 1; continue; }
         if (i + 1 >= argc) die("flag %s needs a value (see -h)", f);
         const char *v = argv[++i];
         if (!strcmp(f, "--model")) a.model = v;
@@ -3072,6 +3149,7 @@ int main(int argc, char **argv) {
     DataLoader train, val;
     int have_train = a.steps > 0 || a.phase == 1; // --steps 0: evaluation only
     if (have_train) dataloader_init(&train, a.train, a.B, a.T, model.cfg.vocab_size);
+    if (have_train && a.shuffle) dataloader_shuffle(&train, (uint64_t)a.seed);
     int have_val = a.val && a.val[0];
     if (have_val) dataloader_init(&val, a.val, a.B, a.T, model.cfg.vocab_size);
     if (have_train) printf("train: %d shard(s) matching '%s' | val: %s\n", (int)arrlen(train.files), a.train, have_val ? a.val : "none");
@@ -3090,7 +3168,8 @@ int main(int argc, char **argv) {
         train_state_load(sp, NULL, &rs);
         if (rs.B != a.B || rs.T != a.T) die("--resume: the run used -b %d -t %d, but -b %d -t %d were given", rs.B, rs.T, a.B, a.T);
         if (rs.step > a.steps) die("--resume: the run already did %d steps, more than --steps %d", rs.step, a.steps);
-        if (have_train) dataloader_seek(&train, rs.shard_index, rs.pos);
+        if (rs.shuffle != a.shuffle) die("--resume: the run was %s --shuffle; give the same flags as the original run", rs.shuffle ? "made with" : "made without");
+        if (have_train) dataloader_seek(&train, rs.epoch, rs.shard_index, rs.pos);
         printf("resuming %s at step %d\n", sp, rs.step);
     }
     if (a.phase == 1) { // train the ContextBlock alone, save it, stop
@@ -3168,7 +3247,7 @@ int main(int argc, char **argv) {
                loss, norm, opt.lr, dt * 1e3, BT / dt, eta);
         fflush(stdout);
         if (a.out && (step + 1 == a.steps || step + 1 == a.stop_at || (a.checkpoint_every && (step + 1) % a.checkpoint_every == 0))) {
-            TrainState st = {step + 1, train.shard_index, (long long)train.pos, sample_rng, a.B, a.T, tokens_seen};
+            TrainState st = {step + 1, train.epoch, train.shard_index, (long long)train.pos, a.shuffle, sample_rng, a.B, a.T, tokens_seen};
             train_state_save(&model, state_path, &st);
             last_saved = step + 1;
         }

@@ -5,10 +5,13 @@
     python dev/kv_table.py --scale gpu    # ./train_ctxkv_cu, pythia-160m shape
     python dev/kv_table.py --table-only   # rebuild the table and PNG from OUT/<variant>.json
     python dev/kv_table.py --dry-run      # print the time estimate and the commands only
+    python dev/kv_table.py --table-only --compare doc/results/cpu   # your run vs the README's
 Options: --out DIR (default results), --variants mha,gqa,..., --steps N, --binary PATH,
 --threads N. Use a Python with matplotlib (e.g. /work/devvenv/bin/python) to get the PNG.
 
-Scales (every variant gets the same B x T x steps tokens, cosine lr, warmup steps/10, seed 1337):
+Scales (every variant gets the same B x T x steps tokens, cosine lr, warmup steps/10, seed 1337,
+and --shuffle: batches are blocks drawn across all the shards, in the same order for every variant,
+where reading in file order would show a short run only the first few books):
   cpu    pythia-14m shape (6 layers, width 128, 4 heads), B 4, T 256, 600 steps = 614,400 tokens
          of Gutenberg, lr 2e-3; held-out capped at 65,536 WikiText-2 tokens; all 5,153 LAMBADA
          examples. On 2 quiet cores a variant takes 600 x ~0.55 s of steps plus ~3 min of val
@@ -153,13 +156,13 @@ def train_cmd(cfg, name, run_dir, steps, with_eval):
         "-b", str(B), "-t", str(T), "--steps", str(steps), "--lr", str(cfg["lr"]),
         "--warmup", str(max(1, steps // 10)), "--val-every", str(max(1, steps // cfg["vals"])),
         "--val-batches", str(cfg["val_batches"]), "--sample-every", "0", "--seed", "1337",
-        "--train", train, "--val", val, "--out", run_dir, "--eval-gen",
+        "--shuffle", "--train", train, "--val", val, "--out", run_dir, "--eval-gen",
         "--gen-prompt", str(cfg["gen"][0]), "--gen-new", str(cfg["gen"][1])]
     if with_eval:
         cmd += ["--eval-heldout", HELDOUT, "--heldout-max-tokens", str(cfg["heldout"]),
                 "--eval-lambada", LAMBADA, "--lambada-max", str(cfg["lambada"])]
     p1 = [cfg["binary"], "--model", cfg["model"]] + flags + cfg["p1"] + [
-        "-t", str(T), "--seed", "1337", "--train", train, "--val", val,
+        "-t", str(T), "--seed", "1337", "--shuffle", "--train", train, "--val", val,
         "--phase", "1", "--out", os.path.join(run_dir, "phase1")]
     if is_ctx(name):
         cmd += ["--context-block", os.path.join(run_dir, "phase1", "context_block.bin")]
@@ -227,7 +230,7 @@ def header(st, heldout_tokens, lambada_examples):
     return [
         f"# KV-cache table: attention variants at one budget ({st['scale']} scale)", "",
         f"- {st['model']} shape ({L} layers, width {C}, {H} heads), B {B} x T {T}, {steps} steps = "
-        f"{B * T * steps:,} tokens per variant of {st['data']}, lr {st['lr']:g} (warmup {st['warmup']}, "
+        f"{B * T * steps:,} tokens per variant of {st['data']} (--shuffle), lr {st['lr']:g} (warmup {st['warmup']}, "
         f"cosine to 0.1x), seed 1337, {st['threads']} threads, `{st['binary']}`",
         f"- val loss: {st['val_batches']} batches of {st['data']} val; held-out (WikiText-2 test): {ev} "
         f"(cap {st['heldout_cap'] or 'none'}; window {T}, stride {T // 2}; WikiText-103's test articles "
@@ -287,6 +290,45 @@ def write_table(out, names):
              title=f"{st['model']} shape, B {st['B']} x T {st['T']}, {st['steps']} steps of {st['data']}")
 
 
+# --compare: how far a rerun may land from the published numbers. The same binary, thread count
+# and CPU give bit-identical losses; another CPU or compiler changes the summation order, which
+# drifts over 600 steps by a few thousandths. A sign error or a wrong schedule moves them by tenths.
+COMPARE_EXACT = ["params", "tokens_seen", "kv_bytes_per_token_per_layer_bf16", "kv_bytes_per_token_bf16"]
+COMPARE_ABS = {"val_loss": 0.05, "heldout_loss_wikitext2": 0.05, "lambada_acc": 0.01}
+COMPARE_REL = {"lambada_ppl": 0.10}
+COMPARE_SPEED = ["generation_toks_per_s", "generation_toks_per_s_b8"]  # machine-dependent: shown, not checked
+
+
+def compare(out, ref, names):
+    """Compare OUT/<variant>.json with REF/<variant>.json; print a line per number; return mismatches."""
+    bad, seen = 0, 0
+    for name in names:
+        paths = [os.path.join(d, f"{name}.json") for d in (out, ref)]
+        if not all(os.path.isfile(p) for p in paths):
+            continue
+        seen += 1
+        new, old = (json.load(open(p)) for p in paths)
+        for key in COMPARE_EXACT + list(COMPARE_ABS) + list(COMPARE_REL) + COMPARE_SPEED:
+            a, b = new.get(key), old.get(key)
+            if key in COMPARE_SPEED:
+                ok, why = True, f"ratio {a / b:.2f} (speed: not checked)" if a and b else "n/a"
+            elif a is None or b is None:
+                ok, why = a is None and b is None, "missing"
+            elif key in COMPARE_EXACT:
+                ok, why = a == b, "must be equal"
+            elif key in COMPARE_ABS:
+                ok, why = abs(a - b) <= COMPARE_ABS[key], f"|diff| {abs(a - b):.4f} (tol {COMPARE_ABS[key]})"
+            else:
+                d = abs(a - b) / max(abs(b), 1e-12)
+                ok, why = d <= COMPARE_REL[key], f"rel diff {d:.3f} (tol {COMPARE_REL[key]})"
+            bad += not ok
+            print(f"{'ok  ' if ok else 'DIFF'} {name:10s} {key:34s} {a!s:>12} vs {b!s:>12}  {why}")
+    if seen == 0:
+        sys.exit(f"error: no variant has a .json in both {out} and {ref}")
+    print(f"compare: {seen} variant(s) against {ref}: {bad} number(s) outside tolerance")
+    return bad
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
@@ -300,6 +342,8 @@ def main():
     ap.add_argument("--no-estimate", action="store_true", help="skip the --bench time estimate")
     ap.add_argument("--dry-run", action="store_true", help="print the estimate and the commands, run nothing")
     ap.add_argument("--table-only", action="store_true", help="rebuild table and PNG from OUT/<variant>.json")
+    ap.add_argument("--compare", metavar="REF_DIR", help="after the table, compare OUT/<variant>.json with "
+                    "REF_DIR's (e.g. doc/results/cpu, the README's run); exit 1 on a number out of tolerance")
     args = ap.parse_args()
     scale = "quick" if args.quick else args.scale
     cfg = dict(SCALES[scale])
@@ -313,6 +357,8 @@ def main():
     if steps < 1:
         ap.error("--steps must be >= 1")
     out = os.path.abspath(args.out)
+    if args.compare and not os.path.isdir(args.compare):
+        ap.error(f"--compare {args.compare}: no such folder")
     if args.threads is None:
         args.threads = 1 if args.quick else int(os.environ.get("OMP_NUM_THREADS") or 2)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -320,6 +366,8 @@ def main():
         names = names if args.variants != ",".join(VARIANTS) else \
             [v for v in VARIANTS if os.path.isfile(os.path.join(out, f"{v}.json"))]
         write_table(out, names)
+        if args.compare and compare(out, args.compare, names):
+            sys.exit(1)
         return
     if not os.access(os.path.join(REPO, cfg["binary"]), os.X_OK) and not os.access(cfg["binary"], os.X_OK):
         sys.exit(f"error: trainer {cfg['binary']} not found (make train_ctxkv; or --binary PATH)")
@@ -399,6 +447,8 @@ def main():
     print(f"total {fmt_time(time.time() - t_start)}")
     if failed:
         sys.exit(f"error: variant(s) failed: {', '.join(failed)}")
+    if args.compare and compare(out, args.compare, names):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ static void fuzz_trainstate(const char *path) {
         pwrite(shard_fd, tok, sizeof tok, sizeof h) != (ssize_t)sizeof tok) { perror("shard"); abort(); }
     DataLoader d;
     dataloader_init(&d, shard_path, 1, T, V);
-    dataloader_seek(&d, st.shard_index, st.pos);
+    if (st.shuffle) dataloader_shuffle(&d, (uint64_t)a.seed);
+    dataloader_seek(&d, st.epoch, st.shard_index, st.pos);
     // one step of main's loop
     dataloader_next(&d);
     float loss = model_forward(&m, d.inputs, d.targets, 1, T);
@@ -48,7 +49,7 @@ static void fuzz_trainstate(const char *path) {
     model_update(&m, &opt);
     long long tokens_seen = st.tokens_seen;
     tokens_seen += T;
-    TrainState next = {st.step + 1, d.shard_index, (long long)d.pos, st.rng, st.B, st.T, tokens_seen};
+    TrainState next = {st.step + 1, d.epoch, d.shard_index, (long long)d.pos, st.shuffle, st.rng, st.B, st.T, tokens_seen};
     int out[3], prompt = 0;
     model_generate(&m, 1, &prompt, 1, 2, a.temperature, &next.rng, out, NULL, NULL);
     if (out[1] < 0 || out[1] >= V || out[2] < 0 || out[2] >= V) abort();
