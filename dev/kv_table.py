@@ -1,6 +1,6 @@
 """Train the attention variants at one budget and tabulate quality, speed and KV-cache size.
 
-    python dev/kv_table.py --scale cpu    # the table on 2 CPU cores, ~1 h (see Scales)
+    python dev/kv_table.py --scale cpu    # the table on 2 CPU cores, ~50 min (see Scales)
     python dev/kv_table.py --quick        # smoke test, ~1 min
     python dev/kv_table.py --scale gpu    # ./train_ctxkv_cu, pythia-160m shape
     python dev/kv_table.py --table-only   # rebuild the table and PNG from OUT/<variant>.json
@@ -14,9 +14,10 @@ and --shuffle: batches are blocks drawn across all the shards, in the same order
 where reading in file order would show a short run only the first few books):
   cpu    pythia-14m shape (6 layers, width 128, 4 heads), B 4, T 256, 600 steps = 614,400 tokens
          of Gutenberg, lr 2e-3; held-out capped at 65,536 WikiText-2 tokens; all 5,153 LAMBADA
-         examples. On 2 quiet cores a variant takes 600 x ~0.55 s of steps plus ~3 min of val
-         and evaluation (ctxpythia ~5 min in all; phase 1 ~10 s): ~57 min with the data prep,
-         within a 90-minute budget. Other load on the cores slows OpenMP several-fold.
+         examples. On 2 quiet cores a variant takes 600 x ~0.55 s of steps plus ~2 min of val
+         and evaluation (ctxpythia ~4 min in all; phase 1 ~5 s): 49 min from a fresh clone,
+         build and data prep included (2026-11-24; README), within a 90-minute budget. Other
+         load on the cores slows OpenMP several-fold.
   gpu    ./train_ctxkv_cu, pythia-160m shape, B 16, T 1024, 2000 steps = 32.8 M tokens, lr 6e-4,
          all of WikiText-2 and LAMBADA. Documented, not run on the machine this was written on.
   quick  pythia-14m shape on Tiny Shakespeare (tokenized in seconds, where Gutenberg takes a

@@ -6,8 +6,10 @@ Runs `dev/kv_table.py --quick` into a temporary folder (about 1 minute, one thre
 that kv_table.md has one row per variant with finite numbers, that its KV columns and params match
 `train_ctxkv --kv-report` for each variant's flags (written out here from the spec, not taken from
 kv_table.py), that every variant saw the same tokens, that --table-only rebuilds the same table,
-and that data/eval/*.bin follow doc/formats.md. Needs only the standard library (the prepro venv
-is enough; the PNG is checked only when matplotlib is there). Prints PASS/FAIL lines and
+that --compare passes against a copy of the run and fails on a moved number, and that
+data/eval/*.bin follow doc/formats.md; and that the README's table is the one the committed
+doc/results/cpu/*.json give. Needs only the standard library (the prepro venv is
+enough; the PNG is checked only when matplotlib is there). Prints PASS/FAIL lines and
 'N passed, N failed'; exits 1 on any failure.
 """
 import argparse
@@ -77,6 +79,59 @@ def check_eval_files():
     return True
 
 
+def check_compare(out):
+    """--compare: the run against a copy of itself passes; a copy with a moved loss and KV figure fails,
+    naming both numbers."""
+    ref = tempfile.mkdtemp(prefix="test_kv_compare_")
+    try:
+        for name in EXPECTED:
+            if os.path.isfile(os.path.join(out, f"{name}.json")):
+                shutil.copy(os.path.join(out, f"{name}.json"), ref)
+        cmd = [sys.executable, "dev/kv_table.py", "--quick", "--out", out, "--table-only", "--compare", ref]
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        check("--compare against an identical copy: exit 0, 0 numbers outside tolerance",
+              r.returncode == 0 and "0 number(s) outside tolerance" in r.stdout, r.stdout[-1500:] + r.stderr)
+        for name, key, delta in (("mha", "val_loss", 0.2), ("gqa", "kv_bytes_per_token_bf16", 2)):
+            path = os.path.join(ref, f"{name}.json")
+            with open(path) as f:
+                res = json.load(f)
+            res[key] += delta
+            with open(path, "w") as f:
+                json.dump(res, f)
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        diffs = [line.split()[1:3] for line in r.stdout.splitlines() if line.startswith("DIFF")]
+        check("--compare with mha val_loss +0.2 and gqa KV bytes +2: exit 1, exactly those two DIFF lines",
+              r.returncode == 1 and sorted(diffs) == [["gqa", "kv_bytes_per_token_bf16"], ["mha", "val_loss"]],
+              f"exit {r.returncode}, {diffs}")
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
+
+
+def check_published():
+    """The README's table is the one --table-only builds from the committed doc/results/cpu/*.json."""
+    pub = os.path.join(REPO, "doc", "results", "cpu")
+    tmp = tempfile.mkdtemp(prefix="test_kv_published_")
+    try:
+        for name in EXPECTED:
+            shutil.copy(os.path.join(pub, f"{name}.json"), tmp)
+        r = subprocess.run([sys.executable, "dev/kv_table.py", "--out", tmp, "--table-only"],
+                           cwd=REPO, capture_output=True, text=True)
+        with open(os.path.join(tmp, "kv_table.md")) as f:
+            rebuilt = f.read()
+        with open(os.path.join(pub, "kv_table.md")) as f:
+            committed = f.read()
+        check("doc/results/cpu/kv_table.md is what --table-only builds from its JSON files",
+              r.returncode == 0 and rebuilt == committed, r.stderr[-1000:])
+        with open(os.path.join(REPO, "README.md")) as f:
+            readme = f.read()
+        rows = [line for line in committed.splitlines() if line.startswith("|")]
+        missing = [row.split("|")[1].strip() for row in rows if row not in readme]
+        check(f"README.md carries the published table's {len(rows)} lines verbatim", len(rows) == 9 and not missing,
+              f"rows not in README: {missing}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", default="./train_ctxkv")
@@ -91,6 +146,7 @@ def main():
           (r.stdout[-3000:] + r.stderr[-3000:]).strip())
     check("kv_table.py --quick under 5 minutes", dt < 300, f"{dt:.0f} s")
     have_eval = check_eval_files()
+    check_published()
     md = os.path.join(out, "kv_table.md")
     table = parse_table(md) if os.path.isfile(md) else {}
     check("kv_table.md has a row per variant", sorted(table) == sorted(EXPECTED), sorted(table))
@@ -130,6 +186,7 @@ def main():
                             cwd=REPO, capture_output=True, text=True)
         with open(md) as f:
             check("--table-only rebuilds the same table", r2.returncode == 0 and f.read() == before, r2.stderr)
+        check_compare(out)
     try:
         import matplotlib  # noqa: F401
         check("kv_losses.png written", os.path.getsize(os.path.join(out, "kv_losses.png")) > 10_000)
