@@ -291,9 +291,12 @@ def write_table(out, names):
              title=f"{st['model']} shape, B {st['B']} x T {st['T']}, {st['steps']} steps of {st['data']}")
 
 
-# --compare: how far a rerun may land from the published numbers. The same binary, thread count
-# and CPU give bit-identical losses; another CPU or compiler changes the summation order, which
-# drifts over 600 steps by a few thousandths. A sign error or a wrong schedule moves them by tenths.
+# --compare: how far a rerun may land from the published numbers. On the machine that made them,
+# reruns with 1 or 2 threads gave the same losses to the last digit (OpenMP splits independent
+# rows, not sums); another CPU or compiler (FMA, vector width) changes roundings, which 600 steps
+# amplify by an amount not measured here. A broken run (a sign error, a wrong schedule, other
+# data) moves the losses by tenths; 0.05 is also about twice the spread between the full-width
+# variants, so a rerun that passes can still order them differently.
 COMPARE_EXACT = ["params", "tokens_seen", "kv_bytes_per_token_per_layer_bf16", "kv_bytes_per_token_bf16"]
 COMPARE_ABS = {"val_loss": 0.05, "heldout_loss_wikitext2": 0.05, "lambada_acc": 0.01}
 COMPARE_REL = {"lambada_ppl": 0.10}
