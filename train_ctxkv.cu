@@ -2464,15 +2464,25 @@ static void dataloader_init(DataLoader *d, const char *pattern, int B, int T, in
     for (int i = (int)arrlen(d->files) - 1; i >= 0; i--) dataloader_load_shard(d, i);
 }
 
+// puts the loader where a saved run left it: epoch, slot in that epoch's order, tokens read
+static void dataloader_seek(DataLoader *d, int epoch, int shard_index, long long pos) {
+    if (shard_index >= (int)arrlen(d->files)) die("--resume: the saved data position is shard %d, but only %d shard(s) match", shard_index, (int)arrlen(d->files));
+    d->epoch = epoch;
+    dataloader_order_shards(d);
+    dataloader_load_shard(d, shard_index);
+    size_t BT = (size_t)d->B * d->T;
+    if (pos < 0 || (size_t)pos % BT != 0 || (size_t)pos / BT > d->n_blocks)
+        die("--resume: the saved data position %lld does not fit '%s' (%zu blocks of B*T = %zu tokens)", pos, d->files[d->shard_order[shard_index]], d->n_blocks, BT);
+    d->pos = (size_t)pos;
+}
+
 // --shuffle (training only): from here on, each epoch visits the shards in a random order and
 // the B*T-token blocks of each shard in a random order, as llm.c's loader does, so a short run
-// sees text from the whole corpus instead of its first few documents. Starts epoch 0.
+// sees text from the whole corpus instead of its first few documents. Starts at epoch 0.
 static void dataloader_shuffle(DataLoader *d, uint64_t seed) {
     d->shuffle = 1;
     d->seed = seed;
-    d->epoch = 0;
-    dataloader_order_shards(d);
-    dataloader_load_shard(d, 0);
+    dataloader_seek(d, 0, 0, 0);
 }
 
 static void dataloader_reset(DataLoader *d) {
@@ -2501,20 +2511,8 @@ static void dataloader_next(DataLoader *d) {
     d->pos += BT;
 }
 
-// puts the loader where a saved run left it: epoch, slot in that epoch's order, tokens read
-static void dataloader_seek(DataLoader *d, int epoch, int shard_index, long long pos) {
-    if (shard_index >= (int)arrlen(d->files)) die("--resume: the saved data position is shard %d, but only %d shard(s) match", shard_index, (int)arrlen(d->files));
-    d->epoch = epoch;
-    dataloader_order_shards(d);
-    dataloader_load_shard(d, shard_index);
-    size_t BT = (size_t)d->B * d->T;
-    if (pos < 0 || (size_t)pos % BT != 0 || (size_t)pos / BT > d->n_blocks)
-        die("--resume: the saved data position %lld does not fit '%s' (%zu blocks of B*T = %zu tokens)", pos, d->files[d->shard_order[shard_index]], d->n_blocks, BT);
-    d->pos = (size_t)pos;
-}
-
 // how many whole batches the first shard holds (used to cap validation)
-static int dataloader_batches_in_shard(const DataLoader *d) { return (int)((d->ntok - 1) / ((size_t)d->B * d->T)); }
+static int dataloader_batches_in_shard(const DataLoader *d) { return (int)d->n_blocks; }
 
 static void dataloader_free(DataLoader *d) {
     for (ptrdiff_t i = 0; i < arrlen(d->files); i++) free(d->files[i]);
