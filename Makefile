@@ -37,11 +37,14 @@ $(STB):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libstb-dev; \
 	 else sudo apt-get update -qq && sudo apt-get install -y -qq libstb-dev; fi
 
-train_ctxkv: train_ctxkv.c | $(STB)
+# the host code both programs share (command line, config, checkpoints, data, evaluation, driver)
+CTXKV_H = $(wildcard ctxkv/*.h)
+
+train_ctxkv: train_ctxkv.c $(CTXKV_H) | $(STB)
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
 # the harness includes train_ctxkv.c; main()'s helpers are unused there
-test_ctxkv: test_ctxkv.c train_ctxkv.c | $(STB)
+test_ctxkv: test_ctxkv.c train_ctxkv.c $(CTXKV_H) | $(STB)
 	$(CC) $(CFLAGS) -Wno-unused-function -o $@ $< $(LDLIBS)
 
 # Python venv for prepro (tokenizers + numpy only)
@@ -98,7 +101,7 @@ FUZZ_MAXLEN ?= 16384
 FUZZ_TARGETS = shard checkpoint toktab refstate ctxblock trainstate lambada
 FUZZ_DIR = dev/fuzz
 FUZZ_BUILD = build/fuzz
-FUZZ_SRC = $(FUZZ_DIR)/fuzz_common.h train_ctxkv.c test_ctxkv.c
+FUZZ_SRC = $(FUZZ_DIR)/fuzz_common.h train_ctxkv.c test_ctxkv.c $(CTXKV_H)
 # -march=native when the compiler accepts it (the same probe as above, for these builds)
 NATIVE_FLAG = $(shell echo 'int main(){return 0;}' | $(1) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
 SAN_WARN = -std=gnu11 -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas
@@ -141,7 +144,7 @@ $(FUZZ_BUILD)/fuzz_replay: $(FUZZ_DIR)/fuzz_replay.c $(FUZZ_TARGETS:%=$(FUZZ_DIR
 fuzz-replay: $(FUZZ_BUILD)/fuzz_replay
 	$(FUZZ_BUILD)/fuzz_replay $(FUZZ_DIR)
 
-$(FUZZ_BUILD)/make_seeds: $(FUZZ_DIR)/make_seeds.c train_ctxkv.c | $(STB)
+$(FUZZ_BUILD)/make_seeds: $(FUZZ_DIR)/make_seeds.c train_ctxkv.c $(CTXKV_H) | $(STB)
 	@mkdir -p $(FUZZ_BUILD)
 	$(CC) $(SAN_WARN) -O1 -g -o $@ $< -lm
 
@@ -157,11 +160,11 @@ ASAN_BUILD = build/asan
 ASAN_CFLAGS = $(SAN_WARN) -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 UBSAN_ENV = UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 
-$(ASAN_BUILD)/train_ctxkv: train_ctxkv.c dev/asan_train_options.c | $(STB)
+$(ASAN_BUILD)/train_ctxkv: train_ctxkv.c dev/asan_train_options.c $(CTXKV_H) | $(STB)
 	@mkdir -p $(ASAN_BUILD)
 	$(CC) $(ASAN_CFLAGS) $(call NATIVE_FLAG,$(CC)) -o $@ train_ctxkv.c dev/asan_train_options.c -lm
 
-$(ASAN_BUILD)/test_ctxkv: test_ctxkv.c train_ctxkv.c | $(STB)
+$(ASAN_BUILD)/test_ctxkv: test_ctxkv.c train_ctxkv.c $(CTXKV_H) | $(STB)
 	@mkdir -p $(ASAN_BUILD)
 	$(CC) $(ASAN_CFLAGS) $(call NATIVE_FLAG,$(CC)) -o $@ $< -lm
 
@@ -205,14 +208,14 @@ build/cu_flags.txt: cuda-flags
 	@mkdir -p build
 	@echo '$(CU_FLAGS)' | cmp -s - $@ || echo '$(CU_FLAGS)' > $@
 
-train_ctxkv_cu: train_ctxkv.cu build/cu_flags.txt | $(STB)
+train_ctxkv_cu: train_ctxkv.cu $(CTXKV_H) build/cu_flags.txt | $(STB)
 	$(NVCC) $(CU_FLAGS) -o $@ $< $(NVCC_LDLIBS)
 
-build/test_ctxkv_cpu.o: test_ctxkv_cpu.c train_ctxkv.c | $(STB)
+build/test_ctxkv_cpu.o: test_ctxkv_cpu.c train_ctxkv.c $(CTXKV_H) | $(STB)
 	@mkdir -p build
 	$(CC) $(CPUREF_CFLAGS) -c -o $@ $<
 
-test_ctxkv_cu: test_ctxkv_cu.cu train_ctxkv.cu build/test_ctxkv_cpu.o build/cu_flags.txt | $(STB)
+test_ctxkv_cu: test_ctxkv_cu.cu train_ctxkv.cu $(CTXKV_H) build/test_ctxkv_cpu.o build/cu_flags.txt | $(STB)
 	$(NVCC) $(CU_FLAGS) -o $@ $< build/test_ctxkv_cpu.o $(NVCC_LDLIBS)
 
 # make test's CUDA check: both targets and the kernel files in dev/cuda compile, warnings as
@@ -238,17 +241,17 @@ cuda-check: | $(STB)
 # About 3 minutes on two cores.
 EMU = build/emu
 CUDA_HOME ?= /usr/local/cuda
-EMU_CXX = g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -w -I$(CUDA_HOME)/include -Idev/cuda/emu -I$(EMU)
+EMU_CXX = g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -w -I. -I$(CUDA_HOME)/include -Idev/cuda/emu -I$(EMU)
 $(EMU)/%.emu.cpp: %.cu dev/cuda/emu/emulate.py
 	@mkdir -p $(EMU)
 	$(PYTHON) dev/cuda/emu/emulate.py $< $@
-$(EMU)/train_ctxkv_cu_fp32: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h | $(STB)
+$(EMU)/train_ctxkv_cu_fp32: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) | $(STB)
 	$(EMU_CXX) -DENABLE_FP32 -o $@ $<
-$(EMU)/train_ctxkv_cu_bf16: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h | $(STB)
+$(EMU)/train_ctxkv_cu_bf16: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) | $(STB)
 	$(EMU_CXX) -o $@ $<
-$(EMU)/test_ctxkv_cu_fp32: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h build/test_ctxkv_cpu.o | $(STB)
+$(EMU)/test_ctxkv_cu_fp32: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) build/test_ctxkv_cpu.o | $(STB)
 	$(EMU_CXX) -DENABLE_FP32 -o $@ $< build/test_ctxkv_cpu.o -lm
-$(EMU)/test_ctxkv_cu_bf16: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h build/test_ctxkv_cpu.o | $(STB)
+$(EMU)/test_ctxkv_cu_bf16: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) build/test_ctxkv_cpu.o | $(STB)
 	$(EMU_CXX) -o $@ $< build/test_ctxkv_cpu.o -lm
 $(EMU)/dev/common.h: dev/cuda/common.h dev/cuda/emu/emulate.py
 	@mkdir -p $(EMU)/dev

@@ -177,7 +177,7 @@ static Config tiny_variant(const char *attn, int n_kv_head, int kv_rank, int rop
     a.n_kv_head = n_kv_head;
     a.kv_rank = kv_rank;
     a.rope_dim = rope_dim;
-    a.q_rank = q_rank;
+    if (q_rank >= 0) a.q_rank = q_rank, a.given[arg_index("--q-rank")] = 1; // -1: not given
     apply_variant_flags(&c, &a);
     return c;
 }
@@ -306,7 +306,7 @@ static void check_phase1_finite_differences(void) {
     for (int i = 0; i < N * Ed; i++) E[i] = random_normal(&rng);
     blockacts_ensure(&m.cb, N, Ed, dc);
     m.grads_memory = calloc_check(m.num_params * sizeof(float), "fd");
-    layout_params(&c, m.grads_memory, &m.g, NULL);
+    layout_params(&c, m.grads_memory, &m.g, NULL, NULL);
     phase1_objective(&m, S, E, N, slice);
     oacd_backward(dO, m.cb.out, N, dc, slice, 0.1f);
     contextblock_backward(&m.cb, &m.p, &m.g, dO, E, N, Ed, dc);
@@ -379,7 +379,7 @@ static void check_ctxblock_reference(const char *path) {
     float loss = oacd_forward(m.cb.out, (int)N, dc, slice, lambda);
     check(fabsf(loss - loss_ref) <= 1e-5f, "OACD loss %.7f vs ref %.7f (tol 1e-5)", loss, loss_ref);
     m.grads_memory = calloc_check(m.num_params * 4, "ref");
-    layout_params(&c, m.grads_memory, &m.g, NULL);
+    layout_params(&c, m.grads_memory, &m.g, NULL, NULL);
     oacd_backward(dO, m.cb.out, (int)N, dc, slice, lambda);
     contextblock_backward(&m.cb, &m.p, &m.g, dO, Emb, (int)N, E, dc);
     size_t off = 0;
@@ -459,8 +459,8 @@ static void check_cached_decoding(const char *label, Config c) {
     for (int b = 0; b < B; b++) memcpy(seq + b * n, prompts + b * n_prompt, n_prompt * sizeof(int));
     float *cached = malloc_check((size_t)B * n * Vp * sizeof(float), "decode test");
     KVCache kv = kvcache_new(&c, B, n);
-    const float *logits = model_prefill(&m, &kv, prompts, n_prompt);
-    size_t stride = (size_t)n_prompt * Vp;
+    size_t stride;
+    const float *logits = model_prefill(&m, &kv, prompts, n_prompt, &stride);
     for (int i = n_prompt; i < n; i++) {
         for (int b = 0; b < B; b++) seq[b * n + i] = next[b] = sample_token(logits + b * stride, V, 0.0f, &rng);
         logits = model_decode_step(&m, &kv, next); // logits at position i, (B,Vp)

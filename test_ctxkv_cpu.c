@@ -79,8 +79,8 @@ void cpu_run_decode(const char *model_path, const int *prompts, int B, int n_pro
     uint64_t rng = 5;
     for (int b = 0; b < B; b++) memcpy(seq + (size_t)b * n, prompts + (size_t)b * n_prompt, n_prompt * sizeof(int));
     KVCache kv = kvcache_new(&m.cfg, B, n);
-    const float *logits = model_prefill(&m, &kv, prompts, n_prompt);
-    size_t stride = (size_t)n_prompt * Vp;
+    size_t stride;
+    const float *logits = model_prefill(&m, &kv, prompts, n_prompt, &stride);
     for (int i = n_prompt; i < n; i++) {
         for (int b = 0; b < B; b++) seq[(size_t)b * n + i] = next[b] = sample_token(logits + b * stride, V, 0.0f, &rng);
         logits = model_decode_step(&m, &kv, next);

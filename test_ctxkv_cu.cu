@@ -234,7 +234,7 @@ static Config tiny_variant(const char *attn, int n_kv_head, int kv_rank, int rop
     a.n_kv_head = n_kv_head;
     a.kv_rank = kv_rank;
     a.rope_dim = rope_dim;
-    a.q_rank = q_rank;
+    if (q_rank >= 0) a.q_rank = q_rank, a.given[arg_index("--q-rank")] = 1; // -1: not given
     apply_variant_flags(&c, &a);
     return c;
 }
@@ -392,14 +392,16 @@ static void check_cached_decoding(const char *label, Config c) {
     size_t cpu_bytes = 0;
     cpu_run_decode(path, prompts, B, n_prompt, n_decode, seq, cpu, &cpu_bytes);
     KVCache kv = kvcache_new(&c, B, n);
-    const float *logits = model_prefill(&m, &kv, prompts, n_prompt);
+    size_t stride;
+    const float *logits = model_prefill(&m, &kv, prompts, n_prompt, &stride);
     int next[B], greedy_same = 1;
     for (int i = n_prompt; i < n; i++) {
         for (int b = 0; b < B; b++) {
-            greedy_same &= sample_token(logits + (size_t)b * Vp, V, 0.0f, &rng) == seq[b * n + i];
+            greedy_same &= sample_token(logits + (size_t)b * stride, V, 0.0f, &rng) == seq[b * n + i];
             next[b] = seq[b * n + i];
         }
         logits = model_decode_step(&m, &kv, next);
+        stride = Vp;
         for (int b = 0; b < B; b++) memcpy(gpu + ((size_t)b * n + i) * Vp, logits + (size_t)b * Vp, Vp * sizeof(float));
     }
     size_t per_token = kv_elements_per_token(&c), expect = (size_t)n * per_token;

@@ -1,0 +1,186 @@
+// ctxkv/eval.h: validation loss, the evaluation suite (held-out loss by sliding window, LAMBADA
+// accuracy and perplexity, generation throughput) and KV-cached generation with sampling.
+// Shared by both programs; doc/evaluation.md says what each number means.
+//
+// It reaches the model through this interface, which each program implements:
+//   model_forward(m, inputs, targets, B, T)  mean loss (-1 without targets); host ids
+//   model_losses(m)                          the last forward's per-position losses (B*T), host
+//   model_logits_host(m, row0, n)            rows row0.. of the last forward's logits (Vp each), host
+//   m->head_from                             forward computes logits only for rows >= head_from
+//   kvcache_new(cfg, B, capacity) / kvcache_free(kv), KVCache.bytes
+//   model_prefill(m, kv, prompts, n, &row_stride)  the logits of each prompt's last token, host,
+//                                                  row b at b * row_stride
+//   model_decode_step(m, kv, tokens)         one token per sequence; the logits (B, Vp), host
+//   model_sync()                             waits for the device (timing)
+#ifndef CTXKV_EVAL_H
+#define CTXKV_EVAL_H
+#include "data.h"
+
+// mean loss over up to max_batches batches of the first validation shard
+static float evaluate(Model *m, DataLoader *val, int max_batches) {
+    dataloader_reset(val);
+    int n = dataloader_batches_in_shard(val);
+    if (n > max_batches) n = max_batches;
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        dataloader_next(val);
+        sum += model_forward(m, val->inputs, val->targets, val->B, val->T);
+    }
+    return (float)(sum / n);
+}
+
+// Held-out loss by a sliding window of T tokens with stride T/2: each window scores only the
+// targets no earlier window scored, so every token is predicted once, with at least T/2
+// tokens of context after the first window. Returns the mean loss; *scored = tokens counted.
+static float eval_heldout(Model *m, const char *path, int T, int max_tokens, long long *scored) {
+    size_t ntok;
+    uint16_t *tok = shard_load(path, &ntok, m->cfg.vocab_size);
+    if (ntok < 2) die("'%s' has fewer than 2 tokens", path);
+    int *x = (int *)malloc_check(T * sizeof(int), "heldout"), *y = (int *)malloc_check(T * sizeof(int), "heldout");
+    double total = 0.0;
+    long long count = 0;
+    size_t done = 0; // targets tok[1..done] are scored
+    const int stride = T / 2 > 0 ? T / 2 : 1;
+    for (size_t s = 0; done < ntok - 1; s += stride) {
+        int len = (int)(ntok - 1 - s < (size_t)T ? ntok - 1 - s : (size_t)T);
+        for (int i = 0; i < len; i++) {
+            x[i] = tok[s + i];
+            y[i] = s + i + 1 > done ? tok[s + i + 1] : IGNORE_INDEX; // target index s+i+1
+        }
+        model_forward(m, x, y, 1, len);
+        const float *losses = model_losses(m);
+        for (int i = 0; i < len; i++)
+            if (y[i] != IGNORE_INDEX) { total += losses[i]; count++; }
+        done = s + len;
+        if (max_tokens > 0 && count >= max_tokens) break;
+    }
+    free(x); free(y); free(tok);
+    *scored = count;
+    return (float)(total / count);
+}
+
+#define LAMBADA_MAGIC 20261128
+#define LAMBADA_VERSION 1
+typedef struct { int n_ctx, n_tgt; size_t offset; } LambadaExample;
+
+// LAMBADA: an example is correct when every token of the final word is the argmax given all
+// preceding text; perplexity = exp(−mean over examples of Σ log p(final-word tokens)).
+static void eval_lambada(Model *m, const char *path, int max_examples, float *acc, float *ppl, int *n_scored) {
+    FILE *f = fopen_check(path, "rb");
+    long long size = file_size(f);
+    int h[HEADER_INTS];
+    if (size < (long long)sizeof h) die("'%s' is too small to be a LAMBADA file", path);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != LAMBADA_MAGIC || h[1] != LAMBADA_VERSION) die("'%s' is not a LAMBADA eval file (magic %d, version %d)", path, h[0], h[1]);
+    if (h[2] < 1 || h[3] < 0) die("'%s': bad example/token counts", path);
+    if (size != (long long)sizeof h + 8LL * h[2] + 2LL * h[3]) die("'%s' is truncated or corrupt (size %lld)", path, size);
+    LambadaExample *ex = NULL; // stb_ds array
+    size_t off = 0;
+    for (int i = 0; i < h[2]; i++) {
+        int pair[2];
+        fread_check(pair, sizeof(int), 2, f, path);
+        if (pair[0] < 1 || pair[1] < 1 || off + pair[0] + pair[1] > (size_t)h[3]) die("'%s': example %d has bad lengths", path, i);
+        LambadaExample e = {pair[0], pair[1], off};
+        arrput(ex, e);
+        off += pair[0] + pair[1];
+    }
+    if (off != (size_t)h[3]) die("'%s': example lengths do not add up to the token count", path);
+    uint16_t *tok = (uint16_t *)malloc_check(off * sizeof(uint16_t), "lambada");
+    fread_check(tok, sizeof(uint16_t), off, f, path);
+    fclose(f);
+    const int V = m->cfg.vocab_size;
+    // every token, the last target token too: it is read as a logits column, never fed to the model
+    for (size_t i = 0; i < off; i++)
+        if (tok[i] >= V) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, tok[i], i, V);
+    int n = (int)arrlen(ex), correct = 0, used = 0;
+    if (max_examples > 0 && max_examples < n) n = max_examples;
+    double sum_logp = 0.0;
+    int *x = NULL;
+    for (int i = 0; i < n; i++) {
+        int L = ex[i].n_ctx + ex[i].n_tgt - 1; // the input is everything but the last target token
+        if (L > m->cfg.max_seq_len) continue;  // longer than the model sees: not scored
+        arrsetlen(x, L);
+        for (int j = 0; j < L; j++) x[j] = tok[ex[i].offset + j];
+        m->head_from = ex[i].n_ctx - 1;
+        model_forward(m, x, NULL, 1, L);
+        int all_argmax = 1;
+        for (int j = 0; j < ex[i].n_tgt; j++) {
+            const float *z = model_logits_host(m, ex[i].n_ctx - 1 + j, 1);
+            int target = tok[ex[i].offset + ex[i].n_ctx + j], best = 0;
+            for (int v = 1; v < V; v++) if (z[v] > z[best]) best = v;
+            all_argmax &= best == target;
+            double mx = z[best], se = 0.0;
+            for (int v = 0; v < V; v++) se += exp((double)z[v] - mx);
+            sum_logp += z[target] - mx - log(se);
+        }
+        correct += all_argmax;
+        used++;
+    }
+    m->head_from = 0;
+    arrfree(x); arrfree(ex); free(tok);
+    *acc = used ? (float)correct / used : 0.0f;
+    *ppl = used ? (float)exp(-sum_logp / used) : 0.0f;
+    *n_scored = used;
+}
+
+// ----------------------------------------------------------------------------
+// Generation
+
+// Picks a token from logits (V): argmax when temperature is 0, else a sample at that temperature.
+static int sample_token(const float *logits, int V, float temperature, uint64_t *rng) {
+    int best = 0;
+    for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
+    if (temperature <= 0.0f) return best;
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) sum += exp((logits[i] - logits[best]) / temperature);
+    double coin = random_f32(rng) * sum, cdf = 0.0;
+    for (int i = 0; i < V; i++) {
+        cdf += exp((logits[i] - logits[best]) / temperature);
+        if (coin < cdf) return i;
+    }
+    return V - 1;
+}
+
+typedef struct { double seconds; int n_new; size_t cache_bytes; } GenStats;
+
+// Generates n_new tokens after B prompts (B, n_prompt) with the KV cache; out (B, n_prompt
+// + n_new) receives prompts and new ids. Prints sequence 0's new tokens as they come when tk
+// is given. Returns the length of each sequence.
+static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int n_new, float temperature,
+                          uint64_t *rng, int *out, const Tokenizer *tk, GenStats *st) {
+    const int Vp = m->cfg.padded_vocab_size, len = n_prompt + n_new;
+    KVCache kv = kvcache_new(&m->cfg, B, len);
+    int *next = (int *)malloc_check(B * sizeof(int), "generate");
+    double t0 = now_seconds();
+    for (int b = 0; b < B; b++) memcpy(out + (size_t)b * len, prompts + (size_t)b * n_prompt, n_prompt * sizeof(int));
+    size_t row_stride;
+    const float *logits = model_prefill(m, &kv, prompts, n_prompt, &row_stride);
+    for (int i = 0; i < n_new; i++) {
+        for (int b = 0; b < B; b++) {
+            next[b] = sample_token(logits + b * row_stride, m->cfg.vocab_size, temperature, rng);
+            out[(size_t)b * len + n_prompt + i] = next[b];
+        }
+        if (tk) { tokenizer_print(tk, next[0]); fflush(stdout); }
+        if (i + 1 < n_new) { logits = model_decode_step(m, &kv, next); row_stride = Vp; }
+    }
+    model_sync();
+    if (st) { st->seconds = now_seconds() - t0; st->n_new = n_new; st->cache_bytes = kv.bytes; }
+    kvcache_free(&kv);
+    free(next);
+    return len;
+}
+
+// Generation throughput with the KV cache: B prompts of n_prompt tokens (from `tokens`),
+// n_new new tokens each; tokens/s counts new tokens over the whole call (prefill included).
+static float eval_generation(Model *m, int B, const uint16_t *tokens, size_t ntok, int n_prompt, int n_new, size_t *cache_bytes) {
+    int *prompts = (int *)malloc_check((size_t)B * n_prompt * sizeof(int), "eval gen");
+    for (size_t i = 0; i < (size_t)B * n_prompt; i++) prompts[i] = tokens[i % ntok];
+    int *out = (int *)malloc_check((size_t)B * (n_prompt + n_new) * sizeof(int), "eval gen");
+    uint64_t rng = 42;
+    GenStats st;
+    model_generate(m, B, prompts, n_prompt, n_new, 1.0f, &rng, out, NULL, &st);
+    free(prompts); free(out);
+    *cache_bytes = st.cache_bytes;
+    return (float)((double)B * n_new / st.seconds);
+}
+#endif
