@@ -1,7 +1,40 @@
 /*
-train_ctxkv.c: the CPU reference of ctxkv, fp32: Pythia (GPT-NeoX) and its KV-cache-efficient
-attention variants, forward and backward, equal to Hugging Face (test_ctxkv.c checks it).
-TOC_PLACEHOLDER
+train_ctxkv.c: the CPU reference of ctxkv, in fp32. Pythia (GPT-NeoX) and its KV-cache-efficient
+attention variants -- MHA, GQA/MQA, MLA and Context-KV -- forward and backward, AdamW and
+KV-cached decoding. It equals Hugging Face's GPTNeoXForCausalLM to ~1e-6 (test_ctxkv.c checks).
+
+The model (doc/model.md):
+  h0      = embed_in[ids]                                  no positional embedding
+  x_{l+1} = x_l + Attn(LN_1(x_l)) + MLP(LN_2(x_l))         parallel residual, both LNs read x_l
+  Attn    = q, k, v per variant, rotate-half RoPE on the first rotary_dims of each head,
+            causal softmax, dense
+  MLP     = dense_4h_to_h(GELU_erf(dense_h_to_4h(x)))
+  logits  = embed_out · LN_f(x_L)                          untied, no bias
+
+This file holds the model only, in this order:
+  Layers              embedding, layernorm, matmul, rope, gelu, residual, cross-entropy
+  The model           Model, KVCache, allocation, gradients, AdamW
+  The attention core  causal softmax attention (training, prefill) and over the cache (decoding)
+  Attention variants  one stretch each, then the table ATTN_VARIANTS that the model calls:
+    MHA               mha_views, mha_project_forward/backward, mha_cache_write, mha_decode
+    GQA / MQA         gqa_*  (doc/attention.md)
+    MLA               rmsnorm, mla_gather_keys, mla_* with the absorbed decode (doc/attention.md;
+                      dev/reference.py's MLAttention side by side)
+    Context-KV        ctx_attention (slots), ctx_*, the ContextBlock, compute_contexts, OACD,
+                      phase 1 (jacobi_shift, phase1_round)  (doc/context_kv.md)
+  The whole model     attention block, layer, head, model_forward, model_backward
+  KV-cached decoding  kvcache_new, model_prefill, model_decode_step
+Everything around it is shared with the CUDA mirror train_ctxkv.cu, in ctxkv/ (each header
+opens with what it defines): utils.h, config.h (config, presets, KV accounting), layout.h
+(parameter and activation layout: the checkpoint order), args.h (the flag table), data.h
+(shards, loader, token table), checkpoint.h (checkpoints, training state, init), eval.h
+(evaluation, generation) and train.h (the training driver and main). simd.h holds the CPU's
+performance-only code (vector exp, the GEMM micro-kernel).
+
+Shapes in comments: B batch, T time, C = n_embd, H heads, D head dim, G key/value heads, R rotary
+dims, F = n_inner (MLP width), V vocab, Vp padded vocab, L layers, d_c context width.
+
+Build: make train_ctxkv.  Usage: ./train_ctxkv -h
 */
 #ifdef _OPENMP
 #include <omp.h>
@@ -9,14 +42,16 @@ TOC_PLACEHOLDER
 #define STB_DS_IMPLEMENTATION
 #include "ctxkv/utils.h"
 #include "ctxkv/config.h"
-typedef float floatX;              // parameters and activations are fp32 here (the CUDA program: bf16)
-#define PARAM_ALIGN_BYTES 4        // the parameter block has no padding: it is the checkpoint's order
+typedef float floatX;       // parameters and activations are fp32 here (the CUDA program: bf16)
+#define PARAM_ALIGN_BYTES 4 // no padding between parameter tensors: the block is the checkpoint's order
 #include "ctxkv/layout.h"
 #include "ctxkv/args.h"
 #include "ctxkv/simd.h"
 
+
 // ----------------------------------------------------------------------------
-// Layers: forward/backward pairs
+// Layers: forward/backward pairs. Backward functions ACCUMULATE (+=) into their gradients, so a
+// tensor read twice (x_l feeds both LayerNorms) needs no special case.
 
 // embedding: out[b,t,:] = table[ids[b,t], :]                          table (Vp,C), out (B,T,C)
 static void embedding_forward(float *out, const int *ids, const float *table, int BT, int C) {
@@ -27,8 +62,6 @@ static void embedding_forward(float *out, const int *ids, const float *table, in
 static void embedding_backward(float *dtable, const float *dout, const int *ids, int BT, int C) {
     for (int i = 0; i < BT; i++) axpy(dtable + (size_t)ids[i] * C, 1.0f, dout + (size_t)i * C, C);
 }
-
-// LayerNorm over the last dim (biased variance, as nn.LayerNorm).  inp/out (N,C), mean/rstd (N)
 
 static void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
                               const float *b, int N, int C, float eps) {
@@ -83,7 +116,6 @@ static void layernorm_backward(float *dinp, float *dw, float *db, const float *d
         db[i] += sb;
     }
 }
-
 
 // Linear layer, PyTorch layout: out (N,OC) = inp (N,C) · wᵀ + bias (OC, or NULL for none).
 // The GEMM wants Bm rows contiguous along the output, so w is transposed into a scratch
@@ -182,159 +214,6 @@ static void rope_backward(float *dx, int B, int T, int pos0, int row_stride, int
     rope_rotate(dx, B, T, pos0, row_stride, n_heads, head_stride, rp, -1.0f);
 }
 
-// RMSNorm (MLA's latent norms): y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps). Weight only.
-// inp rows are in_stride apart (MLA normalises the first kv_rank columns of a wider row).
-static void rmsnorm_forward(float *out, float *rstd, const float *inp, int in_stride, const float *w, int N, int C,
-                            float eps) {
-#pragma omp parallel for schedule(static) if ((size_t)N * C >= PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * in_stride;
-        float ss = 0.0f;
-        for (int i = 0; i < C; i++) ss += x[i] * x[i];
-        float r = 1.0f / sqrtf(ss / C + eps);
-        for (int i = 0; i < C; i++) out[(size_t)n * C + i] = x[i] * r * w[i];
-        rstd[n] = r;
-    }
-}
-
-// dx += r·g − x·r³·mean(g⊙x), g = dy⊙w;  dw += Σ dy⊙x·r
-static void rmsnorm_backward(float *dinp, int in_stride, float *dw, const float *dout, const float *inp,
-                             const float *w, const float *rstd, int N, int C) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * in_stride, *dy = dout + (size_t)n * C;
-        float *dx = dinp + (size_t)n * in_stride;
-        float r = rstd[n], gx = 0.0f;
-        for (int i = 0; i < C; i++) gx += dy[i] * w[i] * x[i];
-        gx /= C;
-        for (int i = 0; i < C; i++) dx[i] += r * dy[i] * w[i] - x[i] * r * r * r * gx;
-    }
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < C; i++) {
-        float s = 0.0f;
-        for (int n = 0; n < N; n++) s += dout[(size_t)n * C + i] * inp[(size_t)n * in_stride + i] * rstd[n];
-        dw[i] += s;
-    }
-}
-
-// A view of per-head vectors inside a (B,T,row) buffer: head h of token (b,t) starts at
-// base + (b*T + t)*row_stride + h*head_stride. Lets one attention core read the fused QKV
-// of MHA and the separate Q / KV projections of the other variants.
-typedef struct { float *base; int row_stride, head_stride; } HeadView;
-
-static inline float *head_at(HeadView v, int T, int b, int t, int h) {
-    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
-}
-
-// Causal softmax attention. H query heads share G key/value heads: query head h reads
-// KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
-static void attention_forward(float *out, float *att, HeadView q, HeadView k, HeadView v, int B, int T, int H,
-                              int G, int Dqk, int Dv, float scale) {
-    const int group = H / G;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++) {
-            const int g = h / group;
-            for (int t = 0; t < T; t++) {
-                const float *qt = head_at(q, T, b, t, h);
-                float *p = att + (((size_t)b * H + h) * T + t) * T;
-                for (int s = 0; s <= t; s++) p[s] = scale * dot(qt, head_at(k, T, b, s, g), Dqk);
-                float inv = 1.0f / exp_shift_sum(p, t + 1, max_of(p, t + 1));
-                for (int s = 0; s <= t; s++) p[s] *= inv;
-                for (int s = t + 1; s < T; s++) p[s] = 0.0f;
-                float *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
-                memset(o, 0, Dv * sizeof(float));
-                for (int s = 0; s <= t; s++) axpy(o, p[s], head_at(v, T, b, s, g), Dv);
-            }
-        }
-}
-
-// dV_g += Σ_h Pᵀ·dO,  dP = dO·Vᵀ,  dS = P⊙(dP − rowsum(dP⊙P)),  dQ += scale·dS·K,  dK_g += scale·dSᵀ·Q.
-// Parallel over (b, g) so the heads that share a KV head accumulate into it from one thread.
-static void attention_backward(HeadView dq, HeadView dk, HeadView dv, float *datt, const float *dout,
-                               const float *att, HeadView q, HeadView k, HeadView v, int B, int T, int H, int G,
-                               int Dqk, int Dv, float scale) {
-    const int group = H / G;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int g = 0; g < G; g++)
-            for (int h = g * group; h < (g + 1) * group; h++)
-                for (int t = 0; t < T; t++) {
-                    const float *p = att + (((size_t)b * H + h) * T + t) * T;
-                    float *dp = datt + (((size_t)b * H + h) * T + t) * T;
-                    const float *dot_ = dout + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
-                    float rowsum = 0.0f;
-                    for (int s = 0; s <= t; s++) {
-                        dp[s] = dot(dot_, head_at(v, T, b, s, g), Dv);
-                        axpy(head_at(dv, T, b, s, g), p[s], dot_, Dv);
-                        rowsum += dp[s] * p[s];
-                    }
-                    const float *qt = head_at(q, T, b, t, h);
-                    float *dqt = head_at(dq, T, b, t, h);
-                    for (int s = 0; s <= t; s++) {
-                        float ds = p[s] * (dp[s] - rowsum) * scale;
-                        axpy(dqt, ds, head_at(k, T, b, s, g), Dqk);
-                        axpy(head_at(dk, T, b, s, g), ds, qt, Dqk);
-                    }
-                }
-}
-
-// Context-KV attention (layer 0, doc/context_kv.md). Query t attends over M slots: slot k
-// holds the key/value of the context at s = t − k·I when s >= 0; empty slots are masked out.
-// No positional encoding: the slot order and the recurrence carry position.
-// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D), att (B,H,T,M).
-static void ctx_attention_forward(float *out, float *att, const float *q, const float *kc, const float *vc, int B,
-                                  int T, int H, int D, int interval, int M) {
-    const int C = H * D;
-    const float scale = 1.0f / sqrtf((float)D);
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                const float *qt = q + ((size_t)b * T + t) * C + h * D;
-                float *p = att + (((size_t)b * H + h) * T + t) * M;
-                int n = 0; // filled slots: s = t, t−I, … while s >= 0
-                for (int k = 0; k < M && t - k * interval >= 0; k++, n++)
-                    p[k] = scale * dot(qt, kc + ((size_t)b * T + t - k * interval) * C + h * D, D);
-                float inv = 1.0f / exp_shift_sum(p, n, max_of(p, n));
-                for (int k = 0; k < M; k++) p[k] = k < n ? p[k] * inv : 0.0f;
-                float *o = out + ((size_t)b * T + t) * C + h * D;
-                memset(o, 0, D * sizeof(float));
-                for (int k = 0; k < n; k++) axpy(o, p[k], vc + ((size_t)b * T + t - k * interval) * C + h * D, D);
-            }
-}
-
-// dV_s += P·dO, dP = dO·V_s, dS = P⊙(dP − Σ P⊙dP), dq += scale·Σ dS·K_s, dK_s += scale·dS·q.
-// Parallel over (b, h): the slots of different t share source positions, so t stays serial.
-static void ctx_attention_backward(float *dq, float *dkc, float *dvc, float *datt, const float *dout, const float *att,
-                                   const float *q, const float *kc, const float *vc, int B, int T, int H, int D,
-                                   int interval, int M) {
-    const int C = H * D;
-    const float scale = 1.0f / sqrtf((float)D);
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                const float *p = att + (((size_t)b * H + h) * T + t) * M;
-                float *dp = datt + (((size_t)b * H + h) * T + t) * M;
-                const float *dot_ = dout + ((size_t)b * T + t) * C + h * D, *qt = q + ((size_t)b * T + t) * C + h * D;
-                float *dqt = dq + ((size_t)b * T + t) * C + h * D;
-                float rowsum = 0.0f;
-                int n = 0;
-                for (int k = 0; k < M && t - k * interval >= 0; k++, n++) {
-                    size_t src = ((size_t)b * T + t - k * interval) * C + h * D;
-                    dp[k] = dot(dot_, vc + src, D);
-                    axpy(dvc + src, p[k], dot_, D);
-                    rowsum += dp[k] * p[k];
-                }
-                for (int k = 0; k < n; k++) {
-                    size_t src = ((size_t)b * T + t - k * interval) * C + h * D;
-                    float ds = p[k] * (dp[k] - rowsum) * scale;
-                    axpy(dqt, ds, kc + src, D);
-                    axpy(dkc + src, ds, qt, D);
-                }
-            }
-}
 
 // exact GELU, 0.5·x·(1 + erf(x/√2)), as HF's "gelu" (not the tanh form)
 static void gelu_forward(float *out, const float *inp, size_t N) {
@@ -405,11 +284,9 @@ static void crossentropy_backward(float *logits_to_dlogits, const float *lse, co
 }
 
 // ----------------------------------------------------------------------------
-// ContextBlock (doc/context_kv.md): one ContextLayer on N rows at once,
-//   O = LN_c(S + GELU(W_c [S ; LN_e(E)] + b_c))
-// S (N,d_c) plays c_{t-1}, E (N,E) the token embeddings. Phase 1 runs it on every position
-// in parallel (S = shifted previous iterate); the exact recurrence runs it on the B rows of
-// one time step after another (S = the previous step's output).
+// The model: parameters, activations and optimizer state, and the KV cache decoding keeps
+
+// ContextBlock scratch (Context-KV, below): one ContextLayer on N rows
 
 typedef struct {
     int cap;                          // rows allocated
@@ -420,96 +297,6 @@ typedef struct {
     float *out;                       // (N,d_c)
     float *dr, *dpre, *dz, *du, *dE;  // backward scratch
 } BlockActs;
-
-static void blockacts_ensure(BlockActs *cb, int N, int E, int dc) {
-    if (N <= cb->cap) return;
-    free(cb->u); // one allocation, u is its start
-    size_t per_row = (size_t)E * 4 + (size_t)(dc + E) * 2 + (size_t)dc * 6 + 4;
-    float *p = malloc_check((size_t)N * per_row * sizeof(float), "context block");
-#define TAKE(ptr, n) do { cb->ptr = p; p += (size_t)N * (n); } while (0)
-    TAKE(u, E); TAKE(u_mean, 1); TAKE(u_rstd, 1); TAKE(z, dc + E); TAKE(pre, dc); TAKE(g, dc);
-    TAKE(r, dc); TAKE(r_mean, 1); TAKE(r_rstd, 1); TAKE(out, dc);
-    TAKE(dr, dc); TAKE(dpre, dc); TAKE(dz, dc + E); TAKE(du, E); TAKE(dE, E);
-#undef TAKE
-    cb->cap = N;
-}
-
-static void contextblock_forward(BlockActs *cb, const Params *p, const float *S, const float *E, int N, int Ed, int dc,
-                                 float eps) {
-    layernorm_forward(cb->u, cb->u_mean, cb->u_rstd, E, p->ctx_ln_e_w, p->ctx_ln_e_b, N, Ed, eps);
-    for (int n = 0; n < N; n++) { // z = [S ; u]
-        memcpy(cb->z + (size_t)n * (dc + Ed), S + (size_t)n * dc, dc * sizeof(float));
-        memcpy(cb->z + (size_t)n * (dc + Ed) + dc, cb->u + (size_t)n * Ed, Ed * sizeof(float));
-    }
-    matmul_forward(cb->pre, cb->z, p->ctx_w, p->ctx_b, N, dc + Ed, dc);
-    gelu_forward(cb->g, cb->pre, (size_t)N * dc);
-    for (size_t i = 0; i < (size_t)N * dc; i++) cb->r[i] = S[i] + cb->g[i];
-    layernorm_forward(cb->out, cb->r_mean, cb->r_rstd, cb->r, p->ctx_ln_c_w, p->ctx_ln_c_b, N, dc, eps);
-}
-
-// Gradients of the block's parameters only (into g): S is a constant (detached iterate) and
-// E belongs to the frozen embeddings, so their gradients are not formed.
-static void contextblock_backward(BlockActs *cb, const Params *p, Params *g, const float *dout, const float *E, int N,
-                                  int Ed, int dc) {
-    memset(cb->dr, 0, (size_t)N * dc * sizeof(float));
-    layernorm_backward(cb->dr, g->ctx_ln_c_w, g->ctx_ln_c_b, dout, cb->r, p->ctx_ln_c_w, cb->r_mean, cb->r_rstd, N, dc);
-    memset(cb->dpre, 0, (size_t)N * dc * sizeof(float));
-    gelu_backward(cb->dpre, cb->pre, cb->dr, (size_t)N * dc); // dr reaches g through the residual
-    memset(cb->dz, 0, (size_t)N * (dc + Ed) * sizeof(float));
-    matmul_backward(cb->dz, g->ctx_w, g->ctx_b, cb->dpre, cb->z, p->ctx_w, N, dc + Ed, dc);
-    for (int n = 0; n < N; n++) memcpy(cb->du + (size_t)n * Ed, cb->dz + (size_t)n * (dc + Ed) + dc, Ed * sizeof(float));
-    memset(cb->dE, 0, (size_t)N * Ed * sizeof(float));
-    layernorm_backward(cb->dE, g->ctx_ln_e_w, g->ctx_ln_e_b, cb->du, E, p->ctx_ln_e_w, cb->u_mean, cb->u_rstd, N, Ed);
-}
-
-// OACD diversity loss on rows X (N,d), per slice of `slice` consecutive rows, averaged:
-//   L_slice = −||X − 1μᵀ||_F / n + λ·||μ||²,   μ = mean of the slice's n rows
-// The Frobenius norm is not squared: it rewards spread without letting one direction dominate.
-static float oacd_forward(const float *X, int N, int d, int slice, float lambda) {
-    double total = 0.0;
-    int n_slices = 0;
-    for (int s0 = 0; s0 < N; s0 += slice, n_slices++) {
-        int n = N - s0 < slice ? N - s0 : slice;
-        double mu_sq = 0.0, dev_sq = 0.0;
-        for (int j = 0; j < d; j++) {
-            double mu = 0.0;
-            for (int i = 0; i < n; i++) mu += X[(size_t)(s0 + i) * d + j];
-            mu /= n;
-            mu_sq += mu * mu;
-            for (int i = 0; i < n; i++) { double e = X[(size_t)(s0 + i) * d + j] - mu; dev_sq += e * e; }
-        }
-        total += -sqrt(dev_sq) / n + lambda * mu_sq;
-    }
-    return (float)(total / n_slices);
-}
-
-// dX_t = (−(X_t − μ)/||X − 1μᵀ||_F + 2λμ) / n per slice, / number of slices. (The centring
-// drops out of the first term because the deviations of a slice sum to zero.)
-static void oacd_backward(float *dX, const float *X, int N, int d, int slice, float lambda) {
-    int n_slices = (N + slice - 1) / slice;
-    float *mu = malloc_check(d * sizeof(float), "oacd");
-    for (int s0 = 0; s0 < N; s0 += slice) {
-        int n = N - s0 < slice ? N - s0 : slice;
-        double dev_sq = 0.0;
-        for (int j = 0; j < d; j++) {
-            double m_ = 0.0;
-            for (int i = 0; i < n; i++) m_ += X[(size_t)(s0 + i) * d + j];
-            mu[j] = (float)(m_ / n);
-            for (int i = 0; i < n; i++) { double e = X[(size_t)(s0 + i) * d + j] - mu[j]; dev_sq += e * e; }
-        }
-        float F = (float)sqrt(dev_sq), inv_F = F > 1e-12f ? 1.0f / F : 0.0f;
-        float scale = 1.0f / ((float)n * n_slices);
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < d; j++) {
-                size_t idx = (size_t)(s0 + i) * d + j;
-                dX[idx] = scale * (-(X[idx] - mu[j]) * inv_F + 2.0f * lambda * mu[j]);
-            }
-    }
-    free(mu);
-}
-
-// ----------------------------------------------------------------------------
-// The model
 
 typedef struct {
     Config cfg;
@@ -532,8 +319,26 @@ typedef struct {
     int head_from;              // B = 1 inference: logits only for rows >= head_from (0 = all)
 } Model;
 
-// Which tensors train. Phase 1 trains only the ContextBlock (OACD); phase 2 (and every model
-// without a block) trains the rest with the block frozen; ctxpythia also freezes embed_in,
+// The decoder's cache (KV-cached decoding, below). Per layer and token it holds exactly what the
+// layer's variant needs to attend later (its cache_write; sizes: attn_kv_elements).
+typedef struct {
+    int batch;          // sequences decoded together (B); all have the same length
+    int capacity;       // tokens each can hold
+    int len;            // tokens cached so far
+    size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
+    int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
+    float *mem;         // (L − first_layer, B, capacity, per_token)
+    int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
+    float *ring;        // (B, ring_len, d_c)
+    float *running;     // (B, d_c) c_{len−1}, the input of the next ContextBlock step
+    size_t bytes;       // bytes of mem + ring + running
+    float *scratch;     // per (sequence, head): scores, MLA's latents, ctxkv's slot keys/values
+} KVCache;
+
+
+static float *kv_slot(const KVCache *kv, int l, int b, int pos) {
+    return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
+}
 
 static void model_alloc_params(Model *m, const Config *c) {
     memset(m, 0, sizeof *m);
@@ -549,9 +354,6 @@ static void model_alloc_params(Model *m, const Config *c) {
     m->mean_loss = -1.0f;
     tensors_set_phase(m->tensors, c, 2);
 }
-
-// Random init as HF GPTNeoX (_init_weights): N(0, init_std) for matrices and embeddings,
-// LayerNorm 1/0, biases 0; the two residual-output matrices (dense, proj) are scaled by
 
 // The host copy of the parameters (ctxkv/checkpoint.h) is params_memory itself here.
 static void model_to_device(Model *m) { (void)m; }
@@ -605,334 +407,15 @@ static void model_ensure_acts(Model *m, int B, int T) {
     }
 }
 
-
-// ----------------------------------------------------------------------------
-// Attention blocks. What differs between the variants is only how q, k and v are made
-// from LN_1(x) (attn_project_*), where they sit (attn_views), and what the KV cache holds
-// (attn_kv_elements, attn_cache_write, attn_decode). The causal softmax core and the
-// output projection are shared. doc/attention.md has the equations.
-
-// Head views of q, k, v inside an AttnActs (activations or their gradients: same layout).
-static void attn_views(const Config *c, int kind, const AttnActs *at, HeadView *q, HeadView *k, HeadView *v) {
-    const int C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
-    switch (kind) {
-    case ATTN_CTX: // heads of D; kc/vc rows are source positions (the slots index them)
-        *q = (HeadView){at->q, C, D};
-        *k = (HeadView){at->kc, C, D};
-        *v = (HeadView){at->vc, C, D};
-        break;
-    case ATTN_MHA: // fused, interleaved per head: [q | k | v] of head h at h*3D
-        *q = (HeadView){at->qkv, 3 * C, 3 * D};
-        *k = (HeadView){at->qkv + D, 3 * C, 3 * D};
-        *v = (HeadView){at->qkv + 2 * D, 3 * C, 3 * D};
-        break;
-    case ATTN_GQA:
-    case ATTN_MQA: // q (H heads), then kv = [K of G heads | V of G heads]
-        *q = (HeadView){at->q, H * D, D};
-        *k = (HeadView){at->kv, 2 * G * D, D};
-        *v = (HeadView){at->kv + G * D, 2 * G * D, D};
-        break;
-    case ATTN_MLA: // q and k per head [nope (D) | rope (dR)]; v is the second half of kvb's head
-        *q = (HeadView){at->q, H * Dq, Dq};
-        *k = (HeadView){at->k, H * Dq, Dq};
-        *v = (HeadView){at->kvb + D, H * 2 * D, 2 * D};
-        break;
-    }
-}
-
-// key/value heads the core sees: MLA materialises one key per query head for training
-static int attn_core_kv_heads(const Config *c, int kind) {
-    return (kind == ATTN_MLA || kind == ATTN_CTX) ? c->n_head : c->n_kv_head;
-}
-
-// MLA: k[bt][h] = [k_nope_h (from kvb) | k_pe (shared by all heads)]
-static void mla_gather_keys(float *k, const float *kvb, const float *kpe, int kpe_stride, int BT, int H, int D, int dR) {
-    const int Dq = D + dR;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < BT; n++)
-        for (int h = 0; h < H; h++) {
-            float *dst = k + ((size_t)n * H + h) * Dq;
-            memcpy(dst, kvb + ((size_t)n * H + h) * 2 * D, D * sizeof(float));
-            memcpy(dst + D, kpe + (size_t)n * kpe_stride, dR * sizeof(float));
-        }
-}
-
-// its backward: dk_nope to its head in dkvb, dk_pe summed over the heads that share it
-static void mla_gather_keys_backward(float *dkvb, float *dkpe, int kpe_stride, const float *dk, int BT, int H, int D, int dR) {
-    const int Dq = D + dR;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < BT; n++)
-        for (int h = 0; h < H; h++) {
-            const float *src = dk + ((size_t)n * H + h) * Dq;
-            axpy(dkvb + ((size_t)n * H + h) * 2 * D, 1.0f, src, D);
-            axpy(dkpe + (size_t)n * kpe_stride, 1.0f, src + D, dR);
-        }
-}
-
-// q, k, v from x = LN_1(x_l) (B,T,C), positions pos0.., RoPE applied
-static void attn_project_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const float *x, int B,
-                                 int T, int pos0) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
-    switch (kind) {
-    case ATTN_CTX: // q from the token; keys and values of every context (constants)
-        matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, C);
-        matmul_forward(at->kc, m->a.contexts, lp->k_w, lp->k_b, BT, c->context_dim, C);
-        matmul_forward(at->vc, m->a.contexts, lp->v_w, lp->v_b, BT, c->context_dim, C);
-        break;
-    case ATTN_MHA:
-        matmul_forward(at->qkv, x, lp->qkv_w, lp->qkv_b, BT, C, 3 * C);
-        rope_forward(at->qkv, B, T, pos0, 3 * C, H, 3 * D, &m->rope);     // q
-        rope_forward(at->qkv + D, B, T, pos0, 3 * C, H, 3 * D, &m->rope); // k
-        break;
-    case ATTN_GQA:
-    case ATTN_MQA:
-        matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, H * D);
-        matmul_forward(at->kv, x, lp->kv_w, lp->kv_b, BT, C, 2 * G * D);
-        rope_forward(at->q, B, T, pos0, H * D, H, D, &m->rope);
-        rope_forward(at->kv, B, T, pos0, 2 * G * D, G, D, &m->rope); // the G key heads, before sharing
-        break;
-    case ATTN_MLA: {
-        const int dR = c->mla_rope_dim, Dq = D + dR, KVA = c->kv_rank + dR;
-        if (c->q_rank > 0) { // query compression: q = W_UQ · RMSNorm(W_DQ x)
-            matmul_forward(at->q_lat, x, lp->q_a_w, NULL, BT, C, c->q_rank);
-            rmsnorm_forward(at->q_lat_norm, at->q_lat_rstd, at->q_lat, c->q_rank, lp->q_a_norm_w, BT, c->q_rank, c->rms_eps);
-            matmul_forward(at->q, at->q_lat_norm, lp->q_b_w, NULL, BT, c->q_rank, H * Dq);
-        } else {
-            matmul_forward(at->q, x, lp->q_w, NULL, BT, C, H * Dq);
-        }
-        rope_forward(at->q + D, B, T, pos0, H * Dq, H, Dq, &m->mla_rope);               // q_pe
-        matmul_forward(at->kv_a, x, lp->kv_a_w, NULL, BT, C, KVA);                       // [c | k_R]
-        rope_forward(at->kv_a + c->kv_rank, B, T, pos0, KVA, 1, 0, &m->mla_rope);        // k_pe
-        rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, c->kv_rank, c->rms_eps);
-        matmul_forward(at->kvb, at->c_norm, lp->kv_b_w, NULL, BT, c->kv_rank, H * 2 * D); // [k_nope | v]
-        mla_gather_keys(at->k, at->kvb, at->kv_a + c->kv_rank, KVA, BT, H, D, dR);
-        break;
-    }
-    }
-}
-
-// backward of attn_project_forward: dat holds dq, dk, dv (from the core); accumulates into
-// dx (B,T,C) and the layer's parameter grads lg
-static void attn_project_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
-                                  AttnActs *dat, float *dx, const float *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
-    switch (kind) {
-    case ATTN_CTX: // the contexts are constants: no gradient flows into them
-        matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, C);
-        matmul_backward(NULL, lg->k_w, lg->k_b, dat->kc, m->a.contexts, lp->k_w, BT, c->context_dim, C);
-        matmul_backward(NULL, lg->v_w, lg->v_b, dat->vc, m->a.contexts, lp->v_w, BT, c->context_dim, C);
-        break;
-    case ATTN_MHA:
-        rope_backward(dat->qkv, B, T, 0, 3 * C, H, 3 * D, &m->rope);
-        rope_backward(dat->qkv + D, B, T, 0, 3 * C, H, 3 * D, &m->rope);
-        matmul_backward(dx, lg->qkv_w, lg->qkv_b, dat->qkv, x, lp->qkv_w, BT, C, 3 * C);
-        break;
-    case ATTN_GQA:
-    case ATTN_MQA:
-        rope_backward(dat->q, B, T, 0, H * D, H, D, &m->rope);
-        rope_backward(dat->kv, B, T, 0, 2 * G * D, G, D, &m->rope);
-        matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, H * D);
-        matmul_backward(dx, lg->kv_w, lg->kv_b, dat->kv, x, lp->kv_w, BT, C, 2 * G * D);
-        break;
-    case ATTN_MLA: {
-        const int dR = c->mla_rope_dim, Dq = D + dR, KVA = c->kv_rank + dR;
-        mla_gather_keys_backward(dat->kvb, dat->kv_a + c->kv_rank, KVA, dat->k, BT, H, D, dR);
-        rope_backward(dat->kv_a + c->kv_rank, B, T, 0, KVA, 1, 0, &m->mla_rope);
-        rope_backward(dat->q + D, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
-        matmul_backward(dat->c_norm, lg->kv_b_w, NULL, dat->kvb, at->c_norm, lp->kv_b_w, BT, c->kv_rank, H * 2 * D);
-        rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, c->kv_rank);
-        matmul_backward(dx, lg->kv_a_w, NULL, dat->kv_a, x, lp->kv_a_w, BT, C, KVA);
-        if (c->q_rank > 0) {
-            matmul_backward(dat->q_lat_norm, lg->q_b_w, NULL, dat->q, at->q_lat_norm, lp->q_b_w, BT, c->q_rank, H * Dq);
-            rmsnorm_backward(dat->q_lat, c->q_rank, lg->q_a_norm_w, dat->q_lat_norm, at->q_lat, lp->q_a_norm_w, at->q_lat_rstd, BT, c->q_rank);
-            matmul_backward(dx, lg->q_a_w, NULL, dat->q_lat, x, lp->q_a_w, BT, C, c->q_rank);
-        } else {
-            matmul_backward(dx, lg->q_w, NULL, dat->q, x, lp->q_w, BT, C, H * Dq);
-        }
-        break;
-    }
-    }
-}
-
-// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l). A ctxkv layer attends over its
-// context slots; every other kind uses the causal core.
-static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, float *out,
-                                    const float *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
-    attn_project_forward(m, kind, lp, at, x, B, T, 0);
-    if (kind == ATTN_CTX) {
-        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
-    } else {
-        HeadView q, k, v;
-        attn_views(c, kind, at, &q, &k, &v);
-        attention_forward(at->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c, kind), Dq, D, 1.0f / sqrtf((float)Dq));
-    }
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
-}
-
-static void attention_block_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
-                                     AttnActs *dat, float *dx, const float *dout, const float *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
-    matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
-    if (kind == ATTN_CTX) {
-        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H,
-                               D, c->context_interval, c->max_contexts);
-    } else {
-        HeadView q, k, v, dq, dk, dv;
-        attn_views(c, kind, at, &q, &k, &v);
-        attn_views(c, kind, dat, &dq, &dk, &dv);
-        attention_backward(dq, dk, dv, dat->att, dat->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c, kind), Dq,
-                           D, 1.0f / sqrtf((float)Dq));
-    }
-    attn_project_backward(m, kind, lp, lg, at, dat, dx, x, B, T);
-}
-
-// ----------------------------------------------------------------------------
-// Forward and backward of the whole model
-
-
-typedef struct KVCache KVCache;
-static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, float *out, const float *x,
-                                   KVCache *kv, int l);
-
-// One Pythia layer: x_out = x + Attn(LN_1(x)) + MLP(LN_2(x)), the parallel residual.
-// With a KV cache (decoding, B = T = 1) the attention reads the cached tokens instead.
-static void layer_forward(Model *m, int l, float *x_out, const float *x, int B, int T, KVCache *kv) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, F = c->n_inner;
-    const LayerParams *lp = &m->p.layer[l];
-    LayerActs *la = &m->a.layer[l];
-    layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
-    layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
-    if (kv) attention_block_decode(m, lp, &la->at, m->a.attn_out, la->ln1, kv, l);
-    else attention_block_forward(m, layer_kind(c, l), lp, &la->at, m->a.attn_out, la->ln1, B, T);
-    matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
-    gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
-    matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
-    residual3_forward(x_out, x, m->a.attn_out, m->a.mlp_out, (size_t)BT * C);
-}
-
-// ga->dresid holds d loss / d x_out on entry and d loss / d x on return: the parallel
-// residual passes it unchanged to x, to the attention output and to the MLP output.
-static void layer_backward(Model *m, int l, const float *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, F = c->n_inner;
-    const LayerParams *lp = &m->p.layer[l];
-    LayerParams *lg = &m->g.layer[l];
-    LayerActs *la = &m->a.layer[l];
-    GradActs *ga = &m->ga;
-    // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
-    memset(ga->dln1, 0, (size_t)(ga->dlnf - ga->dln1) * sizeof(float));
-    const int kind = layer_kind(c, l);
-    layout_attn_acts(c, kind, B, T, ga->dat_base, 0, &ga->dat, 1);
-    // MLP branch
-    matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
-    gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
-    matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
-    // attention branch
-    attention_block_backward(m, kind, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
-    // both LayerNorms read x: their input grads add into the residual gradient
-    layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
-    layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
-}
-
-// The exact recurrence c_t = ContextBlock(c_{t-1}, e_t), c_{-1} = 0 at each sequence start,
-// from the current embed_in: one time step after another, the B sequences of a step at once.
-// Writes m->a.contexts (B,T,d_c). No gradient is ever formed through it (constants).
-static void compute_contexts(Model *m, const int *inputs, int B, int T) {
-    const Config *c = &m->cfg;
-    const int dc = c->context_dim, Ed = c->embed_dim;
-    blockacts_ensure(&m->cb, B, Ed, dc);
-    float *prev = malloc_check((size_t)B * dc * sizeof(float), "contexts"), *emb = malloc_check((size_t)B * Ed * sizeof(float), "contexts");
-    for (int t = 0; t < T; t++) {
-        for (int b = 0; b < B; b++) {
-            const float *cp = t > 0 ? m->a.contexts + ((size_t)b * T + t - 1) * dc : NULL;
-            if (cp) memcpy(prev + (size_t)b * dc, cp, dc * sizeof(float));
-            else memset(prev + (size_t)b * dc, 0, dc * sizeof(float));
-            memcpy(emb + (size_t)b * Ed, m->p.embed_in + (size_t)inputs[b * T + t] * Ed, Ed * sizeof(float));
-        }
-        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
-        for (int b = 0; b < B; b++) memcpy(m->a.contexts + ((size_t)b * T + t) * dc, m->cb.out + (size_t)b * dc, dc * sizeof(float));
-    }
-    free(prev);
-    free(emb);
-}
-
-// final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
-static void head_forward(Model *m, int BT) {
-    const Config *c = &m->cfg;
-    Acts *a = &m->a;
-    const float *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
-    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
-    // vocabulary head is most of the cost
-    int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
-    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
-                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
-}
-
-// Forward pass. inputs/targets (B,T); targets may be NULL (inference). Returns the mean loss
-// (or -1 without targets). Logits are left in m->a.logits (B,T,Vp).
-static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
-    const Config *c = &m->cfg;
-    const int C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size, BT = B * T;
-    check_batch(c, inputs, targets, B, T);
-    model_ensure_acts(m, B, T);
-    m->B = B;
-    m->T = T;
-    memcpy(m->inputs, inputs, BT * sizeof(int));
-    if (targets) memcpy(m->targets, targets, BT * sizeof(int));
-    Acts *a = &m->a;
-    if (has_context_block(c)) compute_contexts(m, inputs, B, T);
-    if (c->model_type == MODEL_CTXPYTHIA) memcpy(a->resid, a->contexts, (size_t)BT * C * sizeof(float)); // x_0 = contexts
-    else embedding_forward(a->resid, inputs, m->p.embed_in, BT, C);
-    for (int l = 0; l < c->n_layer; l++)
-        layer_forward(m, l, a->resid + (size_t)(l + 1) * BT * C, a->resid + (size_t)l * BT * C, B, T, NULL);
-    head_forward(m, BT);
-    m->mean_loss = -1.0f;
-    if (targets) m->mean_loss = crossentropy_forward(a->losses, a->lse, a->logits, targets, BT, V, Vp, &m->n_valid);
-    return m->mean_loss;
+// gradients of the parameters, laid out as the parameters: allocated on first use
+static void model_ensure_grads(Model *m) {
+    if (m->grads_memory) return;
+    m->grads_memory = (float *)calloc_check(m->num_params * sizeof(float), "gradients");
+    layout_params(&m->cfg, m->grads_memory, &m->g, NULL, NULL);
 }
 
 static void model_zero_grad(Model *m) {
     if (m->grads_memory) memset(m->grads_memory, 0, m->num_params * sizeof(float));
-}
-
-// Backward of the last forward (which must have had targets). Accumulates into m->g.
-// Overwrites the logits with dlogits.
-static void model_backward(Model *m) {
-    const Config *c = &m->cfg;
-    if (m->mean_loss < 0.0f) die("model_backward called without a forward pass with targets");
-    const int B = m->B, T = m->T, BT = B * T, C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size;
-    if (!m->grads_memory) {
-        m->grads_memory = calloc_check(m->num_params * sizeof(float), "gradients");
-        layout_params(c, m->grads_memory, &m->g, NULL, NULL);
-    }
-    size_t need = layout_acts(c, B, T, NULL, NULL, &m->ga);
-    if (need > m->gacts_cap) {
-        free(m->gacts_memory);
-        m->gacts_memory = malloc_check(need * sizeof(float), "activation gradients");
-        m->gacts_cap = need;
-    }
-    layout_acts(c, B, T, m->gacts_memory, NULL, &m->ga);
-    Acts *a = &m->a;
-    GradActs *ga = &m->ga;
-    if (m->n_valid == 0) return; // every target ignored: the loss is a constant
-
-    float *dlogits = a->logits;
-    crossentropy_backward(dlogits, a->lse, m->targets, BT, V, Vp, m->n_valid);
-    memset(ga->dlnf, 0, (size_t)BT * C * sizeof(float));
-    matmul_backward(ga->dlnf, m->g.embed_out, NULL, dlogits, a->lnf, m->p.embed_out, BT, C, Vp);
-    memset(ga->dresid, 0, (size_t)BT * C * sizeof(float));
-    float *xL = a->resid + (size_t)c->n_layer * BT * C;
-    layernorm_backward(ga->dresid, m->g.lnf_w, m->g.lnf_b, ga->dlnf, xL, m->p.lnf_w, a->lnf_mean, a->lnf_rstd, BT, C);
-    for (int l = c->n_layer - 1; l >= 0; l--) layer_backward(m, l, a->resid + (size_t)l * BT * C, B, T);
-    // ctxpythia's input is the contexts, constants: embed_in gets no gradient (it stays frozen)
-    if (c->model_type != MODEL_CTXPYTHIA) embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
 }
 
 // Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_: scale all grads by
@@ -983,26 +466,802 @@ static void model_update(Model *m, const AdamW *opt) {
     }
 }
 
+// ----------------------------------------------------------------------------
+// The attention core: causal softmax attention over the sequence (training, prefill) and over
+// the cache (decoding). H query heads share G key/value heads: query head h reads KV head
+// h / (H/G) (G = H for MHA).
+
+// A view of per-head vectors inside a (B,T,row) buffer: head h of token (b,t) starts at
+// base + (b*T + t)*row_stride + h*head_stride. Lets one attention core read the fused QKV
+// of MHA and the separate Q / KV projections of the other variants.
+typedef struct { float *base; int row_stride, head_stride; } HeadView;
+
+static inline float *head_at(HeadView v, int T, int b, int t, int h) {
+    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
+}
+
+// Causal softmax attention. H query heads share G key/value heads: query head h reads
+// KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
+static void attention_forward(float *out, float *att, HeadView q, HeadView k, HeadView v, int B, int T, int H,
+                              int G, int Dqk, int Dv, float scale) {
+    const int group = H / G;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            const int g = h / group;
+            for (int t = 0; t < T; t++) {
+                const float *qt = head_at(q, T, b, t, h);
+                float *p = att + (((size_t)b * H + h) * T + t) * T;
+                for (int s = 0; s <= t; s++) p[s] = scale * dot(qt, head_at(k, T, b, s, g), Dqk);
+                float inv = 1.0f / exp_shift_sum(p, t + 1, max_of(p, t + 1));
+                for (int s = 0; s <= t; s++) p[s] *= inv;
+                for (int s = t + 1; s < T; s++) p[s] = 0.0f;
+                float *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+                memset(o, 0, Dv * sizeof(float));
+                for (int s = 0; s <= t; s++) axpy(o, p[s], head_at(v, T, b, s, g), Dv);
+            }
+        }
+}
+
+// dV_g += Σ_h Pᵀ·dO,  dP = dO·Vᵀ,  dS = P⊙(dP − rowsum(dP⊙P)),  dQ += scale·dS·K,  dK_g += scale·dSᵀ·Q.
+// Parallel over (b, g) so the heads that share a KV head accumulate into it from one thread.
+static void attention_backward(HeadView dq, HeadView dk, HeadView dv, float *datt, const float *dout,
+                               const float *att, HeadView q, HeadView k, HeadView v, int B, int T, int H, int G,
+                               int Dqk, int Dv, float scale) {
+    const int group = H / G;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < G; g++)
+            for (int h = g * group; h < (g + 1) * group; h++)
+                for (int t = 0; t < T; t++) {
+                    const float *p = att + (((size_t)b * H + h) * T + t) * T;
+                    float *dp = datt + (((size_t)b * H + h) * T + t) * T;
+                    const float *dot_ = dout + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+                    float rowsum = 0.0f;
+                    for (int s = 0; s <= t; s++) {
+                        dp[s] = dot(dot_, head_at(v, T, b, s, g), Dv);
+                        axpy(head_at(dv, T, b, s, g), p[s], dot_, Dv);
+                        rowsum += dp[s] * p[s];
+                    }
+                    const float *qt = head_at(q, T, b, t, h);
+                    float *dqt = head_at(dq, T, b, t, h);
+                    for (int s = 0; s <= t; s++) {
+                        float ds = p[s] * (dp[s] - rowsum) * scale;
+                        axpy(dqt, ds, head_at(k, T, b, s, g), Dqk);
+                        axpy(head_at(dk, T, b, s, g), ds, qt, Dqk);
+                    }
+                }
+}
+
+// where the causal core finds one layer's q, k and v, how many key/value heads there are, and
+// the q·k width (D, or D + d_R for MLA)
+typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
+
+// Each sequence's new token (query heads q, one row per sequence) attends over its kv->len + 1
+// cached tokens in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D).
+static void cached_attention(const Model *m, HeadView q, float *out, const KVCache *kv, int l, int G) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), n = kv->len + 1;
+    const float scale = 1.0f / sqrtf((float)D);
+    const size_t per_head = kv_scratch_per_head(c, kv->capacity);
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * kv->per_token >= PAR_MIN)
+    for (int b = 0; b < kv->batch; b++)
+        for (int h = 0; h < H; h++) {
+            const int g = h / (H / G);
+            float *scores = kv->scratch + ((size_t)b * H + h) * per_head, *o = out + ((size_t)b * H + h) * D;
+            const float *qh = head_at(q, 1, b, 0, h);
+            for (int s = 0; s < n; s++) scores[s] = scale * dot(qh, kv_slot(kv, l, b, s) + g * D, D);
+            float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
+            memset(o, 0, D * sizeof(float));
+            for (int s = 0; s < n; s++) axpy(o, scores[s] * inv, kv_slot(kv, l, b, s) + (G + g) * D, D);
+        }
+}
+
 
 // ----------------------------------------------------------------------------
-// KV-cached decoding. The cache holds, per layer and token, exactly what the variant needs
-// to attend later (attn_kv_elements); its size in bytes is what --kv-report accounts for.
+// Attention variants (doc/attention.md). Each variant is one stretch of code below and one row
+// of ATTN_VARIANTS after them:
+//   views              where the causal core finds q, k and v in the variant's activations
+//   project_forward    q, k, v from x = LN_1(x_l) (B,T,C) at positions pos0.., RoPE applied
+//   project_backward   its backward: dat holds dq, dk, dv from the core; accumulates into dx
+//                      (B,T,C) and the layer's parameter gradients lg
+//   cache_write        what the KV cache keeps of one token (attn_kv_elements in ctxkv/config.h)
+//   decode             each sequence's new token (x: B rows) into the cache, then attending over
+//                      its n = kv->len + 1 cached tokens; writes at->atty (B, H*D)
+// The output projection, the residual layer around it and the rest of the model are shared.
 
-struct KVCache {
-    int batch;          // sequences decoded together (B); all have the same length
-    int capacity;       // tokens each can hold
-    int len;            // tokens cached so far
-    size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
-    int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
-    float *mem;         // (L − first_layer, B, capacity, per_token)
-    int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
-    float *ring;        // (B, ring_len, d_c)
-    float *running;     // (B, d_c) c_{len−1}, the input of the next ContextBlock step
-    size_t bytes;       // bytes of mem + ring + running
-    float *scratch;     // per head: scores + 2 latent vectors (MLA) / keys and values (ctxkv)
+// ---- MHA: Pythia's own attention. Fused QKV, interleaved per head: [q | k | v] of head h at h*3D.
+
+static CoreViews mha_views(const Config *c, const AttnActs *at) {
+    const int C = c->n_embd, H = c->n_head, D = head_dim(c);
+    CoreViews v = {{at->qkv, 3 * C, 3 * D}, {at->qkv + D, 3 * C, 3 * D}, {at->qkv + 2 * D, 3 * C, 3 * D}, H, D};
+    return v;
+}
+
+static void mha_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, int B, int T, int pos0) {
+    const int C = m->cfg.n_embd, H = m->cfg.n_head, D = head_dim(&m->cfg);
+    matmul_forward(at->qkv, x, lp->qkv_w, lp->qkv_b, B * T, C, 3 * C);
+    rope_forward(at->qkv, B, T, pos0, 3 * C, H, 3 * D, &m->rope);     // q
+    rope_forward(at->qkv + D, B, T, pos0, 3 * C, H, 3 * D, &m->rope); // k
+}
+
+static void mha_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                                 float *dx, const float *x, int B, int T) {
+    const int C = m->cfg.n_embd, H = m->cfg.n_head, D = head_dim(&m->cfg);
+    (void)at;
+    rope_backward(dat->qkv, B, T, 0, 3 * C, H, 3 * D, &m->rope);
+    rope_backward(dat->qkv + D, B, T, 0, 3 * C, H, 3 * D, &m->rope);
+    matmul_backward(dx, lg->qkv_w, lg->qkv_b, dat->qkv, x, lp->qkv_w, B * T, C, 3 * C);
+}
+
+// slot: [K of the H heads | V of the H heads] (the GQA layout with G = H)
+static void mha_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+    const int H = c->n_head, D = head_dim(c);
+    const float *r = at->qkv + (size_t)row * 3 * H * D;
+    for (int g = 0; g < H; g++) {
+        memcpy(dst + g * D, r + g * 3 * D + D, D * sizeof(float));
+        memcpy(dst + (H + g) * D, r + g * 3 * D + 2 * D, D * sizeof(float));
+    }
+}
+
+static void mha_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
+    mha_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
+    for (int b = 0; b < kv->batch; b++) mha_cache_write(&m->cfg, at, b, kv_slot(kv, l, b, kv->len));
+    const CoreViews v = mha_views(&m->cfg, at);
+    cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
+}
+
+// ---- GQA / MQA (Ainslie et al. 2023; Shazeer 2019): G key/value heads, each shared by a group
+// of H/G query heads (MQA: G = 1). q (H heads), then kv = [K of G heads | V of G heads].
+
+static CoreViews gqa_views(const Config *c, const AttnActs *at) {
+    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head;
+    CoreViews v = {{at->q, H * D, D}, {at->kv, 2 * G * D, D}, {at->kv + G * D, 2 * G * D, D}, G, D};
+    return v;
+}
+
+static void gqa_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, int B, int T, int pos0) {
+    const int C = m->cfg.n_embd, H = m->cfg.n_head, D = head_dim(&m->cfg), G = m->cfg.n_kv_head;
+    matmul_forward(at->q, x, lp->q_w, lp->q_b, B * T, C, H * D);
+    matmul_forward(at->kv, x, lp->kv_w, lp->kv_b, B * T, C, 2 * G * D);
+    rope_forward(at->q, B, T, pos0, H * D, H, D, &m->rope);
+    rope_forward(at->kv, B, T, pos0, 2 * G * D, G, D, &m->rope); // the G key heads, before sharing
+}
+
+static void gqa_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                                 float *dx, const float *x, int B, int T) {
+    const int C = m->cfg.n_embd, H = m->cfg.n_head, D = head_dim(&m->cfg), G = m->cfg.n_kv_head;
+    (void)at;
+    rope_backward(dat->q, B, T, 0, H * D, H, D, &m->rope);
+    rope_backward(dat->kv, B, T, 0, 2 * G * D, G, D, &m->rope);
+    matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, B * T, C, H * D);
+    matmul_backward(dx, lg->kv_w, lg->kv_b, dat->kv, x, lp->kv_w, B * T, C, 2 * G * D);
+}
+
+// slot: [K of the G heads | V of the G heads], as projected
+static void gqa_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+    const size_t n = 2 * (size_t)c->n_kv_head * head_dim(c);
+    memcpy(dst, at->kv + (size_t)row * n, n * sizeof(float));
+}
+
+static void gqa_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
+    gqa_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
+    for (int b = 0; b < kv->batch; b++) gqa_cache_write(&m->cfg, at, b, kv_slot(kv, l, b, kv->len));
+    const CoreViews v = gqa_views(&m->cfg, at);
+    cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
+}
+
+// ---- MLA (DeepSeek-V2, doc/attention.md): keys and values come from one latent per token,
+//   ĉ = RMSNorm(W_DKV x) (kv_rank), [k_nope_h | v_h] = W_UK/UV_h ĉ,
+// plus a decoupled RoPE key k_pe = RoPE(W_KR x) (d_R) shared by all heads; the query of head h is
+// [q_nope_h | q_pe_h] (D + d_R), optionally from its own latent (q_rank). The cache keeps only ĉ
+// and k_pe; decoding absorbs W_UK into the query and W_UV after the attention.
+
+// RMSNorm (MLA's latent norms): y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps). Weight only.
+// inp rows are in_stride apart (MLA normalises the first kv_rank columns of a wider row).
+static void rmsnorm_forward(float *out, float *rstd, const float *inp, int in_stride, const float *w, int N, int C,
+                            float eps) {
+#pragma omp parallel for schedule(static) if ((size_t)N * C >= PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * in_stride;
+        float ss = 0.0f;
+        for (int i = 0; i < C; i++) ss += x[i] * x[i];
+        float r = 1.0f / sqrtf(ss / C + eps);
+        for (int i = 0; i < C; i++) out[(size_t)n * C + i] = x[i] * r * w[i];
+        rstd[n] = r;
+    }
+}
+
+// dx += r·g − x·r³·mean(g⊙x), g = dy⊙w;  dw += Σ dy⊙x·r
+static void rmsnorm_backward(float *dinp, int in_stride, float *dw, const float *dout, const float *inp,
+                             const float *w, const float *rstd, int N, int C) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * in_stride, *dy = dout + (size_t)n * C;
+        float *dx = dinp + (size_t)n * in_stride;
+        float r = rstd[n], gx = 0.0f;
+        for (int i = 0; i < C; i++) gx += dy[i] * w[i] * x[i];
+        gx /= C;
+        for (int i = 0; i < C; i++) dx[i] += r * dy[i] * w[i] - x[i] * r * r * r * gx;
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < C; i++) {
+        float s = 0.0f;
+        for (int n = 0; n < N; n++) s += dout[(size_t)n * C + i] * inp[(size_t)n * in_stride + i] * rstd[n];
+        dw[i] += s;
+    }
+}
+
+// MLA: k[bt][h] = [k_nope_h (from kvb) | k_pe (shared by all heads)]
+static void mla_gather_keys(float *k, const float *kvb, const float *kpe, int kpe_stride, int BT, int H, int D, int dR) {
+    const int Dq = D + dR;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < BT; n++)
+        for (int h = 0; h < H; h++) {
+            float *dst = k + ((size_t)n * H + h) * Dq;
+            memcpy(dst, kvb + ((size_t)n * H + h) * 2 * D, D * sizeof(float));
+            memcpy(dst + D, kpe + (size_t)n * kpe_stride, dR * sizeof(float));
+        }
+}
+
+// its backward: dk_nope to its head in dkvb, dk_pe summed over the heads that share it
+static void mla_gather_keys_backward(float *dkvb, float *dkpe, int kpe_stride, const float *dk, int BT, int H, int D, int dR) {
+    const int Dq = D + dR;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < BT; n++)
+        for (int h = 0; h < H; h++) {
+            const float *src = dk + ((size_t)n * H + h) * Dq;
+            axpy(dkvb + ((size_t)n * H + h) * 2 * D, 1.0f, src, D);
+            axpy(dkpe + (size_t)n * kpe_stride, 1.0f, src + D, dR);
+        }
+}
+
+// q and k per head [nope (D) | rope (dR)]; v is the second half of kvb's head. The core sees H
+// key heads: training materialises one key per query head (mla_gather_keys).
+static CoreViews mla_views(const Config *c, const AttnActs *at) {
+    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, ATTN_MLA);
+    CoreViews v = {{at->q, H * Dq, Dq}, {at->k, H * Dq, Dq}, {at->kvb + D, H * 2 * D, 2 * D}, H, Dq};
+    return v;
+}
+
+static void mla_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, int B, int T, int pos0) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim;
+    const int Dq = D + dR, KVA = R + dR;
+    if (c->q_rank > 0) { // query compression: q = W_UQ · RMSNorm(W_DQ x)
+        matmul_forward(at->q_lat, x, lp->q_a_w, NULL, BT, C, c->q_rank);
+        rmsnorm_forward(at->q_lat_norm, at->q_lat_rstd, at->q_lat, c->q_rank, lp->q_a_norm_w, BT, c->q_rank, c->rms_eps);
+        matmul_forward(at->q, at->q_lat_norm, lp->q_b_w, NULL, BT, c->q_rank, H * Dq);
+    } else {
+        matmul_forward(at->q, x, lp->q_w, NULL, BT, C, H * Dq);
+    }
+    rope_forward(at->q + D, B, T, pos0, H * Dq, H, Dq, &m->mla_rope);       // q_pe
+    matmul_forward(at->kv_a, x, lp->kv_a_w, NULL, BT, C, KVA);               // [c | k_R]
+    rope_forward(at->kv_a + R, B, T, pos0, KVA, 1, 0, &m->mla_rope);         // k_pe
+    rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, R, c->rms_eps);
+    matmul_forward(at->kvb, at->c_norm, lp->kv_b_w, NULL, BT, R, H * 2 * D); // [k_nope | v]
+    mla_gather_keys(at->k, at->kvb, at->kv_a + R, KVA, BT, H, D, dR);
+}
+
+static void mla_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                                 float *dx, const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim;
+    const int Dq = D + dR, KVA = R + dR;
+    mla_gather_keys_backward(dat->kvb, dat->kv_a + R, KVA, dat->k, BT, H, D, dR);
+    rope_backward(dat->kv_a + R, B, T, 0, KVA, 1, 0, &m->mla_rope);
+    rope_backward(dat->q + D, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
+    matmul_backward(dat->c_norm, lg->kv_b_w, NULL, dat->kvb, at->c_norm, lp->kv_b_w, BT, R, H * 2 * D);
+    rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, R);
+    matmul_backward(dx, lg->kv_a_w, NULL, dat->kv_a, x, lp->kv_a_w, BT, C, KVA);
+    if (c->q_rank > 0) {
+        matmul_backward(dat->q_lat_norm, lg->q_b_w, NULL, dat->q, at->q_lat_norm, lp->q_b_w, BT, c->q_rank, H * Dq);
+        rmsnorm_backward(dat->q_lat, c->q_rank, lg->q_a_norm_w, dat->q_lat_norm, at->q_lat, lp->q_a_norm_w, at->q_lat_rstd, BT, c->q_rank);
+        matmul_backward(dx, lg->q_a_w, NULL, dat->q_lat, x, lp->q_a_w, BT, C, c->q_rank);
+    } else {
+        matmul_backward(dx, lg->q_w, NULL, dat->q, x, lp->q_w, BT, C, H * Dq);
+    }
+}
+
+// slot: [ĉ (kv_rank) | k_pe (dR)]
+static void mla_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+    const int R = c->kv_rank, dR = c->mla_rope_dim;
+    memcpy(dst, at->c_norm + (size_t)row * R, R * sizeof(float));
+    memcpy(dst + R, at->kv_a + (size_t)row * (R + dR) + R, dR * sizeof(float));
+}
+
+// The absorbed form: score_s = q_nope·W_UK ĉ_s + q_pe·k_pe_s = (W_UKᵀ q_nope)·ĉ_s + q_pe·k_pe_s,
+// and o = W_UV Σ_s P_s ĉ_s, so only the cached latents and rope keys are ever read.
+static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim, n = kv->len + 1;
+    const float scale = 1.0f / sqrtf((float)(D + dR));
+    const size_t per_head = kv_scratch_per_head(c, kv->capacity);
+    mla_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
+    for (int b = 0; b < kv->batch; b++) mla_cache_write(c, at, b, kv_slot(kv, l, b, kv->len));
+    const HeadView q = mla_views(c, at).q;
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * (R + dR) >= PAR_MIN)
+    for (int b = 0; b < kv->batch; b++)
+        for (int h = 0; h < H; h++) {
+            float *scores = kv->scratch + ((size_t)b * H + h) * per_head, *q_abs = scores + kv->capacity, *o_lat = q_abs + R;
+            const float *qh = head_at(q, 1, b, 0, h);
+            memset(q_abs, 0, R * sizeof(float)); // q̃ = W_UK_hᵀ q_nope   (R)
+            for (int j = 0; j < D; j++) axpy(q_abs, qh[j], lp->kv_b_w + ((size_t)h * 2 * D + j) * R, R);
+            for (int s = 0; s < n; s++) {
+                const float *slot = kv_slot(kv, l, b, s);
+                scores[s] = scale * (dot(q_abs, slot, R) + dot(qh + D, slot + R, dR));
+            }
+            float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
+            memset(o_lat, 0, R * sizeof(float)); // ō = Σ P ĉ   (R)
+            for (int s = 0; s < n; s++) axpy(o_lat, scores[s] * inv, kv_slot(kv, l, b, s), R);
+            float *o = at->atty + ((size_t)b * H + h) * D;
+            for (int j = 0; j < D; j++) o[j] = dot(lp->kv_b_w + ((size_t)h * 2 * D + D + j) * R, o_lat, R); // W_UV_h ō
+        }
+}
+
+// ---- Context-KV (doc/context_kv.md): layer 0 attends over contexts instead of tokens. A
+// ContextBlock runs the recurrence c_t = LN_c(c_{t-1} + GELU(W_c [c_{t-1}; LN_e(e_t)] + b_c)) over the
+// token embeddings; query t attends over M slots, slot k holding the key/value of the context at
+// t − k·I. The block is trained first and alone (phase 1: OACD, by parallel Jacobi iteration) and
+// then frozen, so its contexts are constants for the rest of the model (phase 2).
+
+// Context-KV attention (layer 0, doc/context_kv.md). Query t attends over M slots: slot k
+// holds the key/value of the context at s = t − k·I when s >= 0; empty slots are masked out.
+// No positional encoding: the slot order and the recurrence carry position.
+// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D), att (B,H,T,M).
+static void ctx_attention_forward(float *out, float *att, const float *q, const float *kc, const float *vc, int B,
+                                  int T, int H, int D, int interval, int M) {
+    const int C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qt = q + ((size_t)b * T + t) * C + h * D;
+                float *p = att + (((size_t)b * H + h) * T + t) * M;
+                int n = 0; // filled slots: s = t, t−I, … while s >= 0
+                for (int k = 0; k < M && t - k * interval >= 0; k++, n++)
+                    p[k] = scale * dot(qt, kc + ((size_t)b * T + t - k * interval) * C + h * D, D);
+                float inv = 1.0f / exp_shift_sum(p, n, max_of(p, n));
+                for (int k = 0; k < M; k++) p[k] = k < n ? p[k] * inv : 0.0f;
+                float *o = out + ((size_t)b * T + t) * C + h * D;
+                memset(o, 0, D * sizeof(float));
+                for (int k = 0; k < n; k++) axpy(o, p[k], vc + ((size_t)b * T + t - k * interval) * C + h * D, D);
+            }
+}
+
+// dV_s += P·dO, dP = dO·V_s, dS = P⊙(dP − Σ P⊙dP), dq += scale·Σ dS·K_s, dK_s += scale·dS·q.
+// Parallel over (b, h): the slots of different t share source positions, so t stays serial.
+static void ctx_attention_backward(float *dq, float *dkc, float *dvc, float *datt, const float *dout, const float *att,
+                                   const float *q, const float *kc, const float *vc, int B, int T, int H, int D,
+                                   int interval, int M) {
+    const int C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *p = att + (((size_t)b * H + h) * T + t) * M;
+                float *dp = datt + (((size_t)b * H + h) * T + t) * M;
+                const float *dot_ = dout + ((size_t)b * T + t) * C + h * D, *qt = q + ((size_t)b * T + t) * C + h * D;
+                float *dqt = dq + ((size_t)b * T + t) * C + h * D;
+                float rowsum = 0.0f;
+                int n = 0;
+                for (int k = 0; k < M && t - k * interval >= 0; k++, n++) {
+                    size_t src = ((size_t)b * T + t - k * interval) * C + h * D;
+                    dp[k] = dot(dot_, vc + src, D);
+                    axpy(dvc + src, p[k], dot_, D);
+                    rowsum += dp[k] * p[k];
+                }
+                for (int k = 0; k < n; k++) {
+                    size_t src = ((size_t)b * T + t - k * interval) * C + h * D;
+                    float ds = p[k] * (dp[k] - rowsum) * scale;
+                    axpy(dqt, ds, kc + src, D);
+                    axpy(dkc + src, ds, qt, D);
+                }
+            }
+}
+
+// q from the token; keys and values of every context (constants: no gradient flows into them)
+static void ctx_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, int B, int T, int pos0) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd;
+    (void)pos0; // no positional encoding: the slot order and the recurrence carry position
+    matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, C);
+    matmul_forward(at->kc, m->a.contexts, lp->k_w, lp->k_b, BT, c->context_dim, C);
+    matmul_forward(at->vc, m->a.contexts, lp->v_w, lp->v_b, BT, c->context_dim, C);
+}
+
+static void ctx_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                                 float *dx, const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd;
+    (void)at;
+    matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, C);
+    matmul_backward(NULL, lg->k_w, lg->k_b, dat->kc, m->a.contexts, lp->k_w, BT, c->context_dim, C);
+    matmul_backward(NULL, lg->v_w, lg->v_b, dat->vc, m->a.contexts, lp->v_w, BT, c->context_dim, C);
+}
+
+// Slot k of the new token at n−1 is the context of position n−1 − k·I, while it exists; its key
+// and value are recomputed from the ring (kvcache_push_context keeps the contexts there).
+static void ctx_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), C = c->n_embd, I = c->context_interval, dc = c->context_dim, n = kv->len + 1;
+    const float scale = 1.0f / sqrtf((float)D);
+    const size_t per_head = kv_scratch_per_head(c, kv->capacity);
+    (void)l;
+    matmul_forward(at->q, x, lp->q_w, lp->q_b, kv->batch, C, C); // only the query: the slots come from the ring
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * dc >= PAR_MIN)
+    for (int b = 0; b < kv->batch; b++)
+        for (int h = 0; h < H; h++) {
+            float *scores = kv->scratch + ((size_t)b * H + h) * per_head;
+            float *keys = scores + kv->capacity + 2 * c->kv_rank, *vals = keys + (size_t)c->max_contexts * D;
+            const float *qh = at->q + (size_t)b * C + h * D;
+            int slots = 0;
+            for (int k = 0; k < c->max_contexts && n - 1 - k * I >= 0; k++, slots++) {
+                const float *ctx = kv->ring + ((size_t)b * kv->ring_len + (n - 1 - k * I) % kv->ring_len) * dc;
+                for (int j = 0; j < D; j++) { // this head's rows of W_k and W_v
+                    keys[k * D + j] = dot(lp->k_w + (size_t)(h * D + j) * dc, ctx, dc) + lp->k_b[h * D + j];
+                    vals[k * D + j] = dot(lp->v_w + (size_t)(h * D + j) * dc, ctx, dc) + lp->v_b[h * D + j];
+                }
+                scores[k] = scale * dot(qh, keys + k * D, D);
+            }
+            float inv = 1.0f / exp_shift_sum(scores, slots, max_of(scores, slots));
+            float *o = at->atty + ((size_t)b * H + h) * D;
+            memset(o, 0, D * sizeof(float));
+            for (int k = 0; k < slots; k++) axpy(o, scores[k] * inv, vals + k * D, D);
+        }
+}
+
+static void blockacts_ensure(BlockActs *cb, int N, int E, int dc) {
+    if (N <= cb->cap) return;
+    free(cb->u); // one allocation, u is its start
+    size_t per_row = (size_t)E * 4 + (size_t)(dc + E) * 2 + (size_t)dc * 6 + 4;
+    float *p = malloc_check((size_t)N * per_row * sizeof(float), "context block");
+#define TAKE(ptr, n) do { cb->ptr = p; p += (size_t)N * (n); } while (0)
+    TAKE(u, E); TAKE(u_mean, 1); TAKE(u_rstd, 1); TAKE(z, dc + E); TAKE(pre, dc); TAKE(g, dc);
+    TAKE(r, dc); TAKE(r_mean, 1); TAKE(r_rstd, 1); TAKE(out, dc);
+    TAKE(dr, dc); TAKE(dpre, dc); TAKE(dz, dc + E); TAKE(du, E); TAKE(dE, E);
+#undef TAKE
+    cb->cap = N;
+}
+
+static void contextblock_forward(BlockActs *cb, const Params *p, const float *S, const float *E, int N, int Ed, int dc,
+                                 float eps) {
+    layernorm_forward(cb->u, cb->u_mean, cb->u_rstd, E, p->ctx_ln_e_w, p->ctx_ln_e_b, N, Ed, eps);
+    for (int n = 0; n < N; n++) { // z = [S ; u]
+        memcpy(cb->z + (size_t)n * (dc + Ed), S + (size_t)n * dc, dc * sizeof(float));
+        memcpy(cb->z + (size_t)n * (dc + Ed) + dc, cb->u + (size_t)n * Ed, Ed * sizeof(float));
+    }
+    matmul_forward(cb->pre, cb->z, p->ctx_w, p->ctx_b, N, dc + Ed, dc);
+    gelu_forward(cb->g, cb->pre, (size_t)N * dc);
+    for (size_t i = 0; i < (size_t)N * dc; i++) cb->r[i] = S[i] + cb->g[i];
+    layernorm_forward(cb->out, cb->r_mean, cb->r_rstd, cb->r, p->ctx_ln_c_w, p->ctx_ln_c_b, N, dc, eps);
+}
+
+// Gradients of the block's parameters only (into g): S is a constant (detached iterate) and
+// E belongs to the frozen embeddings, so their gradients are not formed.
+static void contextblock_backward(BlockActs *cb, const Params *p, Params *g, const float *dout, const float *E, int N,
+                                  int Ed, int dc) {
+    memset(cb->dr, 0, (size_t)N * dc * sizeof(float));
+    layernorm_backward(cb->dr, g->ctx_ln_c_w, g->ctx_ln_c_b, dout, cb->r, p->ctx_ln_c_w, cb->r_mean, cb->r_rstd, N, dc);
+    memset(cb->dpre, 0, (size_t)N * dc * sizeof(float));
+    gelu_backward(cb->dpre, cb->pre, cb->dr, (size_t)N * dc); // dr reaches g through the residual
+    memset(cb->dz, 0, (size_t)N * (dc + Ed) * sizeof(float));
+    matmul_backward(cb->dz, g->ctx_w, g->ctx_b, cb->dpre, cb->z, p->ctx_w, N, dc + Ed, dc);
+    for (int n = 0; n < N; n++) memcpy(cb->du + (size_t)n * Ed, cb->dz + (size_t)n * (dc + Ed) + dc, Ed * sizeof(float));
+    memset(cb->dE, 0, (size_t)N * Ed * sizeof(float));
+    layernorm_backward(cb->dE, g->ctx_ln_e_w, g->ctx_ln_e_b, cb->du, E, p->ctx_ln_e_w, cb->u_mean, cb->u_rstd, N, Ed);
+}
+
+// The exact recurrence c_t = ContextBlock(c_{t-1}, e_t), c_{-1} = 0 at each sequence start,
+// from the current embed_in: one time step after another, the B sequences of a step at once.
+// Writes m->a.contexts (B,T,d_c). No gradient is ever formed through it (constants).
+static void compute_contexts(Model *m, const int *inputs, int B, int T) {
+    const Config *c = &m->cfg;
+    const int dc = c->context_dim, Ed = c->embed_dim;
+    blockacts_ensure(&m->cb, B, Ed, dc);
+    float *prev = malloc_check((size_t)B * dc * sizeof(float), "contexts"), *emb = malloc_check((size_t)B * Ed * sizeof(float), "contexts");
+    for (int t = 0; t < T; t++) {
+        for (int b = 0; b < B; b++) {
+            const float *cp = t > 0 ? m->a.contexts + ((size_t)b * T + t - 1) * dc : NULL;
+            if (cp) memcpy(prev + (size_t)b * dc, cp, dc * sizeof(float));
+            else memset(prev + (size_t)b * dc, 0, dc * sizeof(float));
+            memcpy(emb + (size_t)b * Ed, m->p.embed_in + (size_t)inputs[b * T + t] * Ed, Ed * sizeof(float));
+        }
+        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
+        for (int b = 0; b < B; b++) memcpy(m->a.contexts + ((size_t)b * T + t) * dc, m->cb.out + (size_t)b * dc, dc * sizeof(float));
+    }
+    free(prev);
+    free(emb);
+}
+
+// stores context c_pos of sequence b in the ring and as its running context
+static void kvcache_push_context(const Config *c, KVCache *kv, int b, int pos, const float *ctx) {
+    const int dc = c->context_dim;
+    if (kv->ring_len) memcpy(kv->ring + ((size_t)b * kv->ring_len + pos % kv->ring_len) * dc, ctx, dc * sizeof(float));
+    memcpy(kv->running + (size_t)b * dc, ctx, dc * sizeof(float));
+}
+
+// OACD diversity loss on rows X (N,d), per slice of `slice` consecutive rows, averaged:
+//   L_slice = −||X − 1μᵀ||_F / n + λ·||μ||²,   μ = mean of the slice's n rows
+// The Frobenius norm is not squared: it rewards spread without letting one direction dominate.
+static float oacd_forward(const float *X, int N, int d, int slice, float lambda) {
+    double total = 0.0;
+    int n_slices = 0;
+    for (int s0 = 0; s0 < N; s0 += slice, n_slices++) {
+        int n = N - s0 < slice ? N - s0 : slice;
+        double mu_sq = 0.0, dev_sq = 0.0;
+        for (int j = 0; j < d; j++) {
+            double mu = 0.0;
+            for (int i = 0; i < n; i++) mu += X[(size_t)(s0 + i) * d + j];
+            mu /= n;
+            mu_sq += mu * mu;
+            for (int i = 0; i < n; i++) { double e = X[(size_t)(s0 + i) * d + j] - mu; dev_sq += e * e; }
+        }
+        total += -sqrt(dev_sq) / n + lambda * mu_sq;
+    }
+    return (float)(total / n_slices);
+}
+
+// dX_t = (−(X_t − μ)/||X − 1μᵀ||_F + 2λμ) / n per slice, / number of slices. (The centring
+// drops out of the first term because the deviations of a slice sum to zero.)
+static void oacd_backward(float *dX, const float *X, int N, int d, int slice, float lambda) {
+    int n_slices = (N + slice - 1) / slice;
+    float *mu = malloc_check(d * sizeof(float), "oacd");
+    for (int s0 = 0; s0 < N; s0 += slice) {
+        int n = N - s0 < slice ? N - s0 : slice;
+        double dev_sq = 0.0;
+        for (int j = 0; j < d; j++) {
+            double m_ = 0.0;
+            for (int i = 0; i < n; i++) m_ += X[(size_t)(s0 + i) * d + j];
+            mu[j] = (float)(m_ / n);
+            for (int i = 0; i < n; i++) { double e = X[(size_t)(s0 + i) * d + j] - mu[j]; dev_sq += e * e; }
+        }
+        float F = (float)sqrt(dev_sq), inv_F = F > 1e-12f ? 1.0f / F : 0.0f;
+        float scale = 1.0f / ((float)n * n_slices);
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < d; j++) {
+                size_t idx = (size_t)(s0 + i) * d + j;
+                dX[idx] = scale * (-(X[idx] - mu[j]) * inv_F + 2.0f * lambda * mu[j]);
+            }
+    }
+    free(mu);
+}
+
+// The parallel fixed-point (Jacobi) iteration of the recurrence over every position at once:
+//   S = shift(P) (+ noise), O = ContextBlock(S, E), P <- O.
+// Position t is exact after t+1 iterations without noise, so T iterations give the exact
+// recurrence (the harness checks this). E (B,T,Ed) embeddings, P (B,T,d_c) in/out.
+static void jacobi_shift(float *S, const float *P, int B, int T, int dc, float noise, uint64_t *rng) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            float *dst = S + ((size_t)b * T + t) * dc;
+            if (t == 0) memset(dst, 0, dc * sizeof(float)); // each sequence starts from c_{-1} = 0
+            else memcpy(dst, P + ((size_t)b * T + t - 1) * dc, dc * sizeof(float));
+            if (noise > 0.0f)
+                for (int j = 0; j < dc; j++) dst[j] += noise * random_normal(rng);
+        }
+}
+
+typedef struct { float loss, converged; int iters; } Phase1Stats;
+
+// Phase 1 on one batch: Jacobi iterations, each one OACD loss and one Adam step on the block
+// (everything else frozen), until the converged fraction reaches p1_stop or p1_iters run out.
+static Phase1Stats phase1_round(Model *m, const Args *a, const int *tokens, int B, int T, uint64_t *rng, int round) {
+    const Config *c = &m->cfg;
+    const int dc = c->context_dim, Ed = c->embed_dim, N = B * T;
+    blockacts_ensure(&m->cb, N, Ed, dc);
+    float *E = malloc_check((size_t)N * Ed * sizeof(float), "phase 1"), *P = malloc_check((size_t)N * dc * sizeof(float), "phase 1");
+    float *S = malloc_check((size_t)N * dc * sizeof(float), "phase 1"), *dO = malloc_check((size_t)N * dc * sizeof(float), "phase 1");
+    embedding_forward(E, tokens, m->p.embed_in, N, Ed);
+    for (size_t i = 0; i < (size_t)N * dc; i++) P[i] = 0.01f * random_normal(rng);
+    model_ensure_grads(m);
+    AdamW opt = {a->p1_lr, a->beta1, a->beta2, a->eps, 0.0f}; // Adam: no weight decay
+    Phase1Stats st = {0};
+    for (int it = 0; it < a->p1_iters; it++) {
+        jacobi_shift(S, P, B, T, dc, a->p1_noise, rng);
+        contextblock_forward(&m->cb, &m->p, S, E, N, Ed, dc, c->ln_eps);
+        const float *O = m->cb.out;
+        st.loss = oacd_forward(O, N, dc, a->oacd_slice, a->oacd_lambda);
+        model_zero_grad(m);
+        oacd_backward(dO, O, N, dc, a->oacd_slice, a->oacd_lambda);
+        contextblock_backward(&m->cb, &m->p, &m->g, dO, E, N, Ed, dc);
+        float norm = model_clip_grad_norm(m, a->p1_clip);
+        if (!isfinite(st.loss) || !isfinite(norm)) die("phase 1 round %d iteration %d: loss %g / grad norm %g is not finite", round, it, st.loss, norm);
+        model_update(m, &opt);
+        int conv = 0;
+        for (int n = 0; n < N; n++) {
+            float d2 = 0.0f;
+            for (int j = 0; j < dc; j++) { float d = O[(size_t)n * dc + j] - P[(size_t)n * dc + j]; d2 += d * d; }
+            conv += d2 / dc < a->p1_tol;
+        }
+        st.converged = (float)conv / N;
+        st.iters = it + 1;
+        memcpy(P, O, (size_t)N * dc * sizeof(float)); // detached: the next iterate
+        printf("phase 1 round %d iter %d | oacd loss %.5f | converged %.3f | norm %.3f\n", round, it + 1, st.loss, st.converged, norm);
+        fflush(stdout);
+        if (st.converged >= a->p1_stop) break;
+    }
+    free(E); free(P); free(S); free(dO);
+    return st;
+}
+
+// ---- The variants, indexed by layer kind (attn_type, or ATTN_CTX for a ctxkv layer 0)
+
+typedef struct {
+    CoreViews (*views)(const Config *c, const AttnActs *at); // NULL: Context-KV attends over its slots
+    void (*project_forward)(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, int B, int T, int pos0);
+    void (*project_backward)(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                             float *dx, const float *x, int B, int T);
+    void (*cache_write)(const Config *c, const AttnActs *at, int row, float *dst); // NULL: contexts go to the ring
+    void (*decode)(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l);
+} AttnVariant;
+
+static const AttnVariant ATTN_VARIANTS[] = {
+    {mha_views, mha_project_forward, mha_project_backward, mha_cache_write, mha_decode}, // ATTN_MHA
+    {gqa_views, gqa_project_forward, gqa_project_backward, gqa_cache_write, gqa_decode}, // ATTN_GQA
+    {gqa_views, gqa_project_forward, gqa_project_backward, gqa_cache_write, gqa_decode}, // ATTN_MQA: G = 1
+    {mla_views, mla_project_forward, mla_project_backward, mla_cache_write, mla_decode}, // ATTN_MLA
+    {NULL, ctx_project_forward, ctx_project_backward, NULL, ctx_decode},                 // ATTN_CTX
 };
 
-// decode scratch per (sequence, head): scores, MLA's two latent vectors, ctxkv's slot keys/values
+
+// ----------------------------------------------------------------------------
+// The whole model: attention block, the Pythia layer, the head, forward and backward
+
+// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l): the causal core, or for Context-KV's
+// layer 0 the core over its context slots
+static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, float *out,
+                                    const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const AttnVariant *v = &ATTN_VARIANTS[kind];
+    const int H = c->n_head, D = head_dim(c);
+    v->project_forward(m, lp, at, x, B, T, 0);
+    if (v->views) {
+        const CoreViews cv = v->views(c, at);
+        attention_forward(at->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D, 1.0f / sqrtf((float)cv.dqk));
+    } else {
+        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
+    }
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
+}
+
+static void attention_block_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
+                                     AttnActs *dat, float *dx, const float *dout, const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const AttnVariant *v = &ATTN_VARIANTS[kind];
+    const int H = c->n_head, D = head_dim(c);
+    matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
+    if (v->views) {
+        const CoreViews cv = v->views(c, at), dv = v->views(c, dat); // the gradients have the same layout
+        attention_backward(dv.q, dv.k, dv.v, dat->att, dat->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D,
+                           1.0f / sqrtf((float)cv.dqk));
+    } else {
+        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H, D,
+                               c->context_interval, c->max_contexts);
+    }
+    v->project_backward(m, lp, lg, at, dat, dx, x, B, T);
+}
+
+// decoding: each sequence's new token through layer l's attention, reading (and extending) the cache
+static void attention_block_decode(const Model *m, int l, const LayerParams *lp, AttnActs *at, float *out, const float *x,
+                                   KVCache *kv) {
+    const Config *c = &m->cfg;
+    ATTN_VARIANTS[layer_kind(c, l)].decode(m, lp, at, x, kv, l);
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, kv->batch, c->n_head * head_dim(c), c->n_embd);
+}
+
+// One Pythia layer: x_out = x + Attn(LN_1(x)) + MLP(LN_2(x)), the parallel residual.
+// With a KV cache (decoding: T = 1) the attention reads the cached tokens instead.
+static void layer_forward(Model *m, int l, float *x_out, const float *x, int B, int T, KVCache *kv) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, F = c->n_inner;
+    const LayerParams *lp = &m->p.layer[l];
+    LayerActs *la = &m->a.layer[l];
+    layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
+    layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
+    if (kv) attention_block_decode(m, l, lp, &la->at, m->a.attn_out, la->ln1, kv);
+    else attention_block_forward(m, layer_kind(c, l), lp, &la->at, m->a.attn_out, la->ln1, B, T);
+    matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
+    gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
+    matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
+    residual3_forward(x_out, x, m->a.attn_out, m->a.mlp_out, (size_t)BT * C);
+}
+
+// ga->dresid holds d loss / d x_out on entry and d loss / d x on return: the parallel
+// residual passes it unchanged to x, to the attention output and to the MLP output.
+static void layer_backward(Model *m, int l, const float *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, F = c->n_inner;
+    const LayerParams *lp = &m->p.layer[l];
+    LayerParams *lg = &m->g.layer[l];
+    LayerActs *la = &m->a.layer[l];
+    GradActs *ga = &m->ga;
+    // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
+    memset(ga->dln1, 0, (size_t)(ga->dlnf - ga->dln1) * sizeof(float));
+    const int kind = layer_kind(c, l);
+    layout_attn_acts(c, kind, B, T, ga->dat_base, 0, &ga->dat, 1);
+    // MLP branch
+    matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
+    gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
+    matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
+    // attention branch
+    attention_block_backward(m, kind, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
+    // both LayerNorms read x: their input grads add into the residual gradient
+    layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
+    layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
+}
+
+// final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
+static void head_forward(Model *m, int BT) {
+    const Config *c = &m->cfg;
+    Acts *a = &m->a;
+    const float *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
+    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
+    // vocabulary head is most of the cost
+    int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
+    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
+                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
+}
+
+// Forward pass. inputs/targets (B,T); targets may be NULL (inference). Returns the mean loss
+// (or -1 without targets). Logits are left in m->a.logits (B,T,Vp).
+static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+    const Config *c = &m->cfg;
+    const int C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size, BT = B * T;
+    check_batch(c, inputs, targets, B, T);
+    model_ensure_acts(m, B, T);
+    m->B = B;
+    m->T = T;
+    memcpy(m->inputs, inputs, BT * sizeof(int));
+    if (targets) memcpy(m->targets, targets, BT * sizeof(int));
+    Acts *a = &m->a;
+    if (has_context_block(c)) compute_contexts(m, inputs, B, T);
+    if (c->model_type == MODEL_CTXPYTHIA) memcpy(a->resid, a->contexts, (size_t)BT * C * sizeof(float)); // x_0 = contexts
+    else embedding_forward(a->resid, inputs, m->p.embed_in, BT, C);
+    for (int l = 0; l < c->n_layer; l++)
+        layer_forward(m, l, a->resid + (size_t)(l + 1) * BT * C, a->resid + (size_t)l * BT * C, B, T, NULL);
+    head_forward(m, BT);
+    m->mean_loss = -1.0f;
+    if (targets) m->mean_loss = crossentropy_forward(a->losses, a->lse, a->logits, targets, BT, V, Vp, &m->n_valid);
+    return m->mean_loss;
+}
+
+// Backward of the last forward (which must have had targets). Accumulates into m->g.
+// Overwrites the logits with dlogits.
+static void model_backward(Model *m) {
+    const Config *c = &m->cfg;
+    if (m->mean_loss < 0.0f) die("model_backward called without a forward pass with targets");
+    const int B = m->B, T = m->T, BT = B * T, C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size;
+    model_ensure_grads(m);
+    size_t need = layout_acts(c, B, T, NULL, NULL, &m->ga);
+    if (need > m->gacts_cap) {
+        free(m->gacts_memory);
+        m->gacts_memory = (char *)malloc_check(need, "activation gradients");
+        m->gacts_cap = need;
+    }
+    layout_acts(c, B, T, m->gacts_memory, NULL, &m->ga);
+    Acts *a = &m->a;
+    GradActs *ga = &m->ga;
+    if (m->n_valid == 0) return; // every target ignored: the loss is a constant
+
+    float *dlogits = a->logits;
+    crossentropy_backward(dlogits, a->lse, m->targets, BT, V, Vp, m->n_valid);
+    memset(ga->dlnf, 0, (size_t)BT * C * sizeof(float));
+    matmul_backward(ga->dlnf, m->g.embed_out, NULL, dlogits, a->lnf, m->p.embed_out, BT, C, Vp);
+    memset(ga->dresid, 0, (size_t)BT * C * sizeof(float));
+    float *xL = a->resid + (size_t)c->n_layer * BT * C;
+    layernorm_backward(ga->dresid, m->g.lnf_w, m->g.lnf_b, ga->dlnf, xL, m->p.lnf_w, a->lnf_mean, a->lnf_rstd, BT, C);
+    for (int l = c->n_layer - 1; l >= 0; l--) layer_backward(m, l, a->resid + (size_t)l * BT * C, B, T);
+    // ctxpythia's input is the contexts, constants: embed_in gets no gradient (it stays frozen)
+    if (c->model_type != MODEL_CTXPYTHIA) embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
+}
+
+// ----------------------------------------------------------------------------
+// KV-cached decoding: prefill the prompts in one forward pass, then one token per sequence at a
+// time through every layer's variant decode
 
 static KVCache kvcache_new(const Config *c, int B, int capacity) {
     if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
@@ -1024,113 +1283,6 @@ static KVCache kvcache_new(const Config *c, int B, int capacity) {
 
 static void kvcache_free(KVCache *kv) { free(kv->mem); free(kv->scratch); memset(kv, 0, sizeof *kv); }
 
-static float *kv_slot(const KVCache *kv, int l, int b, int pos) {
-    return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
-}
-
-// Copies token `row` of a layer's projected activations into a cache slot.
-// mha/gqa/mqa slot: [K of G heads | V of G heads]; mla slot: [ĉ (kv_rank) | k_pe (dR)].
-static void attn_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
-    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head;
-    switch (c->attn_type) {
-    case ATTN_MHA: {
-        const float *r = at->qkv + (size_t)row * 3 * H * D;
-        for (int g = 0; g < H; g++) {
-            memcpy(dst + g * D, r + g * 3 * D + D, D * sizeof(float));
-            memcpy(dst + (H + g) * D, r + g * 3 * D + 2 * D, D * sizeof(float));
-        }
-        break;
-    }
-    case ATTN_GQA:
-    case ATTN_MQA:
-        memcpy(dst, at->kv + (size_t)row * 2 * G * D, 2 * G * D * sizeof(float));
-        break;
-    case ATTN_MLA: {
-        const int KVA = c->kv_rank + c->mla_rope_dim;
-        memcpy(dst, at->c_norm + (size_t)row * c->kv_rank, c->kv_rank * sizeof(float));
-        memcpy(dst + c->kv_rank, at->kv_a + (size_t)row * KVA + c->kv_rank, c->mla_rope_dim * sizeof(float));
-        break;
-    }
-    }
-}
-
-// Attention of each sequence's new token (row b of at, projected at position n-1) over its n
-// cached tokens; writes at->atty row b (H*D). MLA uses the absorbed form: W_UK is folded into the
-// query and W_UV applied after attending, so only the latent ĉ and k_pe are ever read.
-// ctxkv recomputes the slots' keys and values from the contexts in the ring.
-static void attn_decode(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const KVCache *kv, int l, int n) {
-    const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
-    const float scale = 1.0f / sqrtf((float)Dq);
-    const size_t per_head = kv_scratch_per_head(c, kv->capacity);
-    HeadView q, k_unused, v_unused;
-    attn_views(c, kind, at, &q, &k_unused, &v_unused);
-#pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * (kv->per_token + c->context_dim) >= PAR_MIN)
-    for (int b = 0; b < kv->batch; b++)
-    for (int h = 0; h < H; h++) {
-        float *scores = kv->scratch + ((size_t)b * H + h) * per_head;
-        float *o = at->atty + ((size_t)b * H + h) * D;
-        const float *qh = head_at(q, 1, b, 0, h);
-        if (kind == ATTN_CTX) { // slots k: the context of position n−1 − k·I, while it exists
-            const int I = c->context_interval, dc = c->context_dim;
-            float *keys = scores + kv->capacity + 2 * c->kv_rank, *vals = keys + (size_t)c->max_contexts * D;
-            int slots = 0;
-            for (int k = 0; k < c->max_contexts && n - 1 - k * I >= 0; k++, slots++) {
-                const float *ctx = kv->ring + ((size_t)b * kv->ring_len + (n - 1 - k * I) % kv->ring_len) * dc;
-                for (int j = 0; j < D; j++) { // this head's rows of W_k and W_v
-                    keys[k * D + j] = dot(lp->k_w + (size_t)(h * D + j) * dc, ctx, dc) + lp->k_b[h * D + j];
-                    vals[k * D + j] = dot(lp->v_w + (size_t)(h * D + j) * dc, ctx, dc) + lp->v_b[h * D + j];
-                }
-                scores[k] = scale * dot(qh, keys + k * D, D);
-            }
-            float inv = 1.0f / exp_shift_sum(scores, slots, max_of(scores, slots));
-            memset(o, 0, D * sizeof(float));
-            for (int k = 0; k < slots; k++) axpy(o, scores[k] * inv, vals + k * D, D);
-        } else if (kind == ATTN_MLA) {
-            const int R = c->kv_rank, dR = c->mla_rope_dim;
-            float *q_abs = scores + kv->capacity, *o_lat = q_abs + R;
-            memset(q_abs, 0, R * sizeof(float)); // q̃ = W_UK_hᵀ q_nope   (R)
-            for (int j = 0; j < D; j++) axpy(q_abs, qh[j], lp->kv_b_w + ((size_t)h * 2 * D + j) * R, R);
-            for (int s = 0; s < n; s++) {
-                const float *slot = kv_slot(kv, l, b, s);
-                scores[s] = scale * (dot(q_abs, slot, R) + dot(qh + D, slot + R, dR));
-            }
-            float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
-            memset(o_lat, 0, R * sizeof(float)); // ō = Σ P ĉ   (R)
-            for (int s = 0; s < n; s++) axpy(o_lat, scores[s] * inv, kv_slot(kv, l, b, s), R);
-            for (int j = 0; j < D; j++) o[j] = dot(lp->kv_b_w + ((size_t)h * 2 * D + D + j) * R, o_lat, R); // W_UV_h ō
-        } else {
-            const int g = h / (H / G);
-            for (int s = 0; s < n; s++) scores[s] = scale * dot(qh, kv_slot(kv, l, b, s) + g * D, D);
-            float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
-            memset(o, 0, D * sizeof(float));
-            for (int s = 0; s < n; s++) axpy(o, scores[s] * inv, kv_slot(kv, l, b, s) + (G + g) * D, D);
-        }
-    }
-}
-
-static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, float *out, const float *x,
-                                   KVCache *kv, int l) {
-    const Config *c = &m->cfg;
-    const int pos = kv->len, kind = layer_kind(c, l);
-    const int B = kv->batch;
-    if (kind == ATTN_CTX) { // only the query is projected; the slots come from the ring
-        matmul_forward(at->q, x, lp->q_w, lp->q_b, B, c->n_embd, c->n_embd);
-    } else {
-        attn_project_forward(m, kind, lp, at, x, B, 1, pos);
-        for (int b = 0; b < B; b++) attn_cache_write(c, at, b, kv_slot(kv, l, b, pos));
-    }
-    attn_decode(m, kind, lp, at, kv, l, pos + 1);
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B, c->n_head * head_dim(c), c->n_embd);
-}
-
-// stores context c_pos of sequence b in the ring and as its running context
-static void kvcache_push_context(const Config *c, KVCache *kv, int b, int pos, const float *ctx) {
-    const int dc = c->context_dim;
-    if (kv->ring_len) memcpy(kv->ring + ((size_t)b * kv->ring_len + pos % kv->ring_len) * dc, ctx, dc * sizeof(float));
-    memcpy(kv->running + (size_t)b * dc, ctx, dc * sizeof(float));
-}
-
 // Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
 // contexts) into the cache. Returns the logits of the last prompt tokens: row b at
 // b * *row_stride (n*Vp: they are rows of the prefill's logits).
@@ -1141,7 +1293,7 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
     model_forward(m, prompts, NULL, B, n);
     for (int l = kv->first_layer; l < c->n_layer; l++)
         for (int b = 0; b < B; b++)
-            for (int t = 0; t < n; t++) attn_cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
+            for (int t = 0; t < n; t++) ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
     if (has_context_block(c))
         for (int b = 0; b < B; b++)
             for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
@@ -1176,73 +1328,6 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
     return m->a.logits;
 }
 
-// Picks a token from logits (V): argmax when temperature is 0, else a sample at that temperature.
-
-// ----------------------------------------------------------------------------
-// Context-KV phase 1 (doc/context_kv.md)
-
-// The parallel fixed-point (Jacobi) iteration of the recurrence over every position at once:
-//   S = shift(P) (+ noise), O = ContextBlock(S, E), P <- O.
-// Position t is exact after t+1 iterations without noise, so T iterations give the exact
-// recurrence (the harness checks this). E (B,T,Ed) embeddings, P (B,T,d_c) in/out.
-static void jacobi_shift(float *S, const float *P, int B, int T, int dc, float noise, uint64_t *rng) {
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            float *dst = S + ((size_t)b * T + t) * dc;
-            if (t == 0) memset(dst, 0, dc * sizeof(float)); // each sequence starts from c_{-1} = 0
-            else memcpy(dst, P + ((size_t)b * T + t - 1) * dc, dc * sizeof(float));
-            if (noise > 0.0f)
-                for (int j = 0; j < dc; j++) dst[j] += noise * random_normal(rng);
-        }
-}
-
-typedef struct { float loss, converged; int iters; } Phase1Stats;
-
-// Phase 1 on one batch: Jacobi iterations, each one OACD loss and one Adam step on the block
-// (everything else frozen), until the converged fraction reaches p1_stop or p1_iters run out.
-static Phase1Stats phase1_round(Model *m, const Args *a, const int *tokens, int B, int T, uint64_t *rng, int round) {
-    const Config *c = &m->cfg;
-    const int dc = c->context_dim, Ed = c->embed_dim, N = B * T;
-    blockacts_ensure(&m->cb, N, Ed, dc);
-    float *E = malloc_check((size_t)N * Ed * sizeof(float), "phase 1"), *P = malloc_check((size_t)N * dc * sizeof(float), "phase 1");
-    float *S = malloc_check((size_t)N * dc * sizeof(float), "phase 1"), *dO = malloc_check((size_t)N * dc * sizeof(float), "phase 1");
-    embedding_forward(E, tokens, m->p.embed_in, N, Ed);
-    for (size_t i = 0; i < (size_t)N * dc; i++) P[i] = 0.01f * random_normal(rng);
-    if (!m->grads_memory) {
-        m->grads_memory = calloc_check(m->num_params * sizeof(float), "gradients");
-        layout_params(c, m->grads_memory, &m->g, NULL, NULL);
-    }
-    AdamW opt = {a->p1_lr, a->beta1, a->beta2, a->eps, 0.0f}; // Adam: no weight decay
-    Phase1Stats st = {0};
-    for (int it = 0; it < a->p1_iters; it++) {
-        jacobi_shift(S, P, B, T, dc, a->p1_noise, rng);
-        contextblock_forward(&m->cb, &m->p, S, E, N, Ed, dc, c->ln_eps);
-        const float *O = m->cb.out;
-        st.loss = oacd_forward(O, N, dc, a->oacd_slice, a->oacd_lambda);
-        model_zero_grad(m);
-        oacd_backward(dO, O, N, dc, a->oacd_slice, a->oacd_lambda);
-        contextblock_backward(&m->cb, &m->p, &m->g, dO, E, N, Ed, dc);
-        float norm = model_clip_grad_norm(m, a->p1_clip);
-        if (!isfinite(st.loss) || !isfinite(norm)) die("phase 1 round %d iteration %d: loss %g / grad norm %g is not finite", round, it, st.loss, norm);
-        model_update(m, &opt);
-        int conv = 0;
-        for (int n = 0; n < N; n++) {
-            float d2 = 0.0f;
-            for (int j = 0; j < dc; j++) { float d = O[(size_t)n * dc + j] - P[(size_t)n * dc + j]; d2 += d * d; }
-            conv += d2 / dc < a->p1_tol;
-        }
-        st.converged = (float)conv / N;
-        st.iters = it + 1;
-        memcpy(P, O, (size_t)N * dc * sizeof(float)); // detached: the next iterate
-        printf("phase 1 round %d iter %d | oacd loss %.5f | converged %.3f | norm %.3f\n", round, it + 1, st.loss, st.converged, norm);
-        fflush(stdout);
-        if (st.converged >= a->p1_stop) break;
-    }
-    free(E); free(P); free(S); free(dO);
-    return st;
-}
-
-// lr at step (0-based): linear warmup to lr, then cosine down to lr*min_lr_frac at the last step
 
 // ----------------------------------------------------------------------------
 // What ctxkv/eval.h and ctxkv/train.h need from this program, then the shared driver and main
