@@ -1,9 +1,33 @@
 /*
-train_ctxkv.cu: the CUDA mirror of train_ctxkv.c. Same model, same sections in the same order,
-same function names: read the two side by side. Everything around the model (command line,
-config, checkpoints, data, evaluation, the training driver and main) is the shared code in
-ctxkv/, so the two programs take the same flags and read and write the same files.
-TOC_PLACEHOLDER
+train_ctxkv.cu: the CUDA mirror of train_ctxkv.c (cuBLASLt, bf16 + fp32 master weights). The same
+model in the same sections, in the same order, under the same function names: read the two side
+by side. Everything around the model (command line, config, checkpoints, data, evaluation, the
+training driver and main) is the shared code in ctxkv/, so both programs take the same flags,
+give the same errors, and read and write the same files.
+
+What differs is where the numbers live and who computes them:
+  - Parameters, activations, gradients and optimizer state are on the GPU. The parameters
+    the layers read (params_dev) and the activations are floatX: bf16 by default, float
+    with PRECISION=FP32 (make train_ctxkv_cu PRECISION=FP32), the build to compare with the
+    CPU: it differs from it only in summation order. AdamW updates fp32 master weights
+    (master_dev) and writes the bf16 copy; reductions, softmax and statistics run in fp32.
+  - params_memory is, as in the CPU program, the fp32 host copy in checkpoint order: the
+    shared host code (init, load, save, --init-from, the context-block file) works on it and
+    model_to_device / model_to_host move it. On the GPU each tensor starts on a 256-byte
+    boundary (ParamTensor.dev_offset), so cuBLASLt always gets well-aligned operands.
+  - Every matmul is cuBLASLt (fp32 accumulation, the bias epilogue in the forward); the
+    other layers are the kernels below, one simple kernel (or two) per CPU loop nest. The
+    kernels use no atomics: every reduction has a fixed order, so they repeat bit for bit.
+  - Backward functions ACCUMULATE (+=) as on the CPU. Attention backward is split in two
+    kernels (the query side per query row, the key/value side per key row) so that no two
+    threads add into one element.
+
+Sections (as train_ctxkv.c's): CUDA helpers (this file only), Layers, The model, The attention
+core, Attention variants (MHA, GQA/MQA, MLA, Context-KV, then ATTN_VARIANTS), The whole model,
+KV-cached decoding.
+
+Build: make train_ctxkv_cu [PRECISION=FP32] [GPU_COMPUTE_CAPABILITY=90].  Usage: ./train_ctxkv_cu -h
+Checks: test_ctxkv_cu.cu (on a GPU); make cuda-emu runs it on the CPU through dev/cuda/emu.
 */
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -16,6 +40,7 @@ TOC_PLACEHOLDER
 #endif
 #include "ctxkv/utils.h"
 #include "ctxkv/config.h"
+
 
 // ----------------------------------------------------------------------------
 // CUDA: precision, error checks, device memory, reductions. (The CPU program's v8 SIMD
@@ -216,8 +241,9 @@ template <class K> static void set_smem(K kernel, size_t bytes) {
 #include "ctxkv/args.h"
 
 // ----------------------------------------------------------------------------
-// Layers: forward/backward pairs. Each host function launches the kernel(s) that do what
-// the CPU function's loops do; shapes and argument order are the CPU program's.
+// Layers: forward/backward pairs. Each host function launches the kernel(s) that do what the CPU
+// function's loops do; shapes and argument order are the CPU program's. Backward functions
+// ACCUMULATE (+=), as on the CPU.
 
 // embedding: out[b,t,:] = table[ids[b,t], :]                 table (Vp,C), out (B,T,C), ids on the GPU
 __global__ void embedding_forward_kernel(floatX *out, const int *ids, const floatX *table, int C) {
@@ -460,288 +486,6 @@ static void rope_backward(floatX *dx, int B, int T, int pos0, int row_stride, in
     rope_rotate(dx, B, T, pos0, row_stride, n_heads, head_stride, rp, -1.0f);
 }
 
-// RMSNorm (MLA's latent norms): y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps). Weight only.
-// inp rows are in_stride apart (MLA normalises the first kv_rank columns of a wider row).
-__global__ void rmsnorm_forward_kernel(floatX *out, float *rstd, const floatX *inp, int in_stride, const floatX *w, int N,
-                                       int C, float eps) {
-    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (n >= N) return;
-    const floatX *x = inp + (size_t)n * in_stride;
-    float ss = 0.0f;
-    for (int i = lane; i < C; i += 32) ss += tof(x[i]) * tof(x[i]);
-    ss = warp_reduce_sum(ss);
-    const float r = 1.0f / sqrtf(ss / C + eps);
-    for (int i = lane; i < C; i += 32) out[(size_t)n * C + i] = fx(tof(x[i]) * r * tof(w[i]));
-    if (lane == 0) rstd[n] = r;
-}
-static void rmsnorm_forward(floatX *out, float *rstd, const floatX *inp, int in_stride, const floatX *w, int N, int C,
-                            float eps) {
-    rmsnorm_forward_kernel<<<ceil_div(N, 8), 256>>>(out, rstd, inp, in_stride, w, N, C, eps);
-    launchCheck();
-}
-
-// dx += r·g − x·r³·mean(g⊙x), g = dy⊙w;  dw += Σ dy⊙x·r
-__global__ void rmsnorm_backward_kernel(floatX *dinp, int in_stride, const floatX *dout, const floatX *inp,
-                                        const floatX *w, const float *rstd, int N, int C) {
-    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (n >= N) return;
-    const floatX *x = inp + (size_t)n * in_stride, *dy = dout + (size_t)n * C;
-    floatX *dx = dinp + (size_t)n * in_stride;
-    const float r = rstd[n];
-    float gx = 0.0f;
-    for (int i = lane; i < C; i += 32) gx += tof(dy[i]) * tof(w[i]) * tof(x[i]);
-    gx = warp_reduce_sum(gx) / C;
-    for (int i = lane; i < C; i += 32) dx[i] = fx(tof(dx[i]) + r * tof(dy[i]) * tof(w[i]) - tof(x[i]) * r * r * r * gx);
-}
-struct RmsNormDW { // dy⊙x·r
-    const floatX *dout, *inp; int in_stride; const float *rstd; int C;
-    __device__ float operator()(int n, int i) const {
-        return tof(dout[(size_t)n * C + i]) * tof(inp[(size_t)n * in_stride + i]) * rstd[n];
-    }
-};
-static void rmsnorm_backward(floatX *dinp, int in_stride, floatX *dw, const floatX *dout, const floatX *inp,
-                             const floatX *w, const float *rstd, int N, int C) {
-    rmsnorm_backward_kernel<<<ceil_div(N, 8), 256>>>(dinp, in_stride, dout, inp, w, rstd, N, C);
-    launchCheck();
-    column_sum_add(dw, N, C, RmsNormDW{dout, inp, in_stride, rstd, C});
-}
-
-// A view of per-head vectors inside a (B,T,row) buffer: head h of token (b,t) starts at
-// base + (b*T + t)*row_stride + h*head_stride. Lets one attention core read the fused QKV
-// of MHA and the separate Q / KV projections of the other variants.
-typedef struct { floatX *base; int row_stride, head_stride; } HeadView;
-
-__host__ __device__ inline floatX *head_at(HeadView v, int T, int b, int t, int h) {
-    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
-}
-
-#define ATT_THREADS 128
-
-// Causal softmax attention. H query heads share G key/value heads: query head h reads
-// KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
-// One block per query row (t, h, b): the row's scores sit in shared memory in fp32.
-__global__ void attention_forward_kernel(floatX *out, floatX *att, HeadView q, HeadView k, HeadView v, int T, int H,
-                                         int G, int Dqk, int Dv, float scale) {
-    extern __shared__ float sm[];
-    float *qs = sm, *p = sm + Dqk; // q (Dqk), scores (T)
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
-    const floatX *qt = head_at(q, T, b, t, h);
-    for (int j = threadIdx.x; j < Dqk; j += blockDim.x) qs[j] = tof(qt[j]);
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
-        const floatX *ks = head_at(k, T, b, s, g);
-        float d = 0.0f;
-        for (int j = 0; j < Dqk; j++) d += qs[j] * tof(ks[j]);
-        p[s] = scale * d;
-        mx = fmaxf(mx, p[s]);
-    }
-    mx = block_reduce_max(mx);
-    float sum = 0.0f;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
-        p[s] = expf(p[s] - mx);
-        sum += p[s];
-    }
-    const float inv = 1.0f / block_reduce_sum(sum);
-    floatX *arow = att + (((size_t)b * H + h) * T + t) * T;
-    for (int s = threadIdx.x; s < T; s += blockDim.x) {
-        float pn = s <= t ? p[s] * inv : 0.0f;
-        if (s <= t) p[s] = pn;
-        arow[s] = fx(pn);
-    }
-    __syncthreads();
-    floatX *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
-    for (int j = threadIdx.x; j < Dv; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s <= t; s++) acc += p[s] * tof(head_at(v, T, b, s, g)[j]);
-        o[j] = fx(acc);
-    }
-}
-static void attention_forward(floatX *out, floatX *att, HeadView q, HeadView k, HeadView v, int B, int T, int H,
-                              int G, int Dqk, int Dv, float scale) {
-    const size_t smem = (size_t)(Dqk + T) * sizeof(float);
-    set_smem(attention_forward_kernel, smem);
-    attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(out, att, q, k, v, T, H, G, Dqk, Dv, scale);
-    launchCheck();
-}
-
-// dV_g += Σ_h Pᵀ·dO,  dP = dO·Vᵀ,  dS = P⊙(dP − rowsum(dP⊙P)),  dQ += scale·dS·K,  dK_g += scale·dSᵀ·Q.
-// Two kernels so that each output row has one writer: the query side, one block per query
-// row (t, h, b), forms dS (kept in datt, with the scale) and dq; the key side, one block per
-// key row (s, g, b), sums dk and dv over the query rows t >= s of the heads that share g.
-__global__ void attention_backward_query_kernel(HeadView dq, floatX *datt, const floatX *dout, const floatX *att,
-                                                HeadView k, HeadView v, int T, int H, int G, int Dqk, int Dv, float scale) {
-    extern __shared__ float sm[];
-    float *dos = sm, *ds = sm + Dv; // dO row (Dv), dP then dS (T)
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
-    const floatX *dot_ = dout + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
-    for (int j = threadIdx.x; j < Dv; j += blockDim.x) dos[j] = tof(dot_[j]);
-    __syncthreads();
-    const floatX *p = att + (((size_t)b * H + h) * T + t) * T;
-    floatX *dsrow = datt + (((size_t)b * H + h) * T + t) * T;
-    float rowsum = 0.0f;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
-        const floatX *vs = head_at(v, T, b, s, g);
-        float d = 0.0f;
-        for (int j = 0; j < Dv; j++) d += dos[j] * tof(vs[j]);
-        ds[s] = d;
-        rowsum += d * tof(p[s]);
-    }
-    rowsum = block_reduce_sum(rowsum);
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
-        ds[s] = tof(p[s]) * (ds[s] - rowsum) * scale;
-        dsrow[s] = fx(ds[s]);
-    }
-    __syncthreads();
-    floatX *dqt = head_at(dq, T, b, t, h);
-    for (int j = threadIdx.x; j < Dqk; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s <= t; s++) acc += ds[s] * tof(head_at(k, T, b, s, g)[j]);
-        dqt[j] = fx(tof(dqt[j]) + acc);
-    }
-}
-__global__ void attention_backward_kv_kernel(HeadView dk, HeadView dv, const floatX *datt, const floatX *dout,
-                                             const floatX *att, HeadView q, int T, int H, int G, int Dqk, int Dv) {
-    const int s = blockIdx.x, g = blockIdx.y, b = blockIdx.z, group = H / G;
-    floatX *dks = head_at(dk, T, b, s, g), *dvs = head_at(dv, T, b, s, g);
-    for (int j = threadIdx.x; j < Dqk || j < Dv; j += blockDim.x) {
-        float ak = 0.0f, av = 0.0f;
-        for (int h = g * group; h < (g + 1) * group; h++)
-            for (int t = s; t < T; t++) {
-                const size_t r = (((size_t)b * H + h) * T + t) * T + s;
-                if (j < Dqk) ak += tof(datt[r]) * tof(head_at(q, T, b, t, h)[j]);
-                if (j < Dv) av += tof(att[r]) * tof(dout[((size_t)b * T + t) * H * Dv + (size_t)h * Dv + j]);
-            }
-        if (j < Dqk) dks[j] = fx(tof(dks[j]) + ak);
-        if (j < Dv) dvs[j] = fx(tof(dvs[j]) + av);
-    }
-}
-static void attention_backward(HeadView dq, HeadView dk, HeadView dv, floatX *datt, const floatX *dout,
-                               const floatX *att, HeadView q, HeadView k, HeadView v, int B, int T, int H, int G,
-                               int Dqk, int Dv, float scale) {
-    const size_t smem = (size_t)(Dv + T) * sizeof(float);
-    set_smem(attention_backward_query_kernel, smem);
-    attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dq, datt, dout, att, k, v, T, H, G, Dqk, Dv, scale);
-    launchCheck();
-    attention_backward_kv_kernel<<<dim3(T, G, B), ATT_THREADS>>>(dk, dv, datt, dout, att, q, T, H, G, Dqk, Dv);
-    launchCheck();
-}
-
-// Context-KV attention (layer 0, doc/context_kv.md). Query t attends over M slots: slot k
-// holds the key/value of the context at s = t − k·I when s >= 0; empty slots are masked out.
-// No positional encoding: the slot order and the recurrence carry position.
-// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D), att (B,H,T,M).
-// One block per query row (t, h, b).
-__global__ void ctx_attention_forward_kernel(floatX *out, floatX *att, const floatX *q, const floatX *kc, const floatX *vc,
-                                             int T, int H, int D, int interval, int M) {
-    extern __shared__ float sm[];
-    float *qs = sm, *p = sm + D; // q (D), slot scores (M)
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
-    const float scale = 1.0f / sqrtf((float)D);
-    const floatX *qt = q + ((size_t)b * T + t) * C + h * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) qs[j] = tof(qt[j]);
-    __syncthreads();
-    const int n = min(M, t / interval + 1); // filled slots: s = t, t−I, … while s >= 0
-    float mx = -INFINITY;
-    for (int k = threadIdx.x; k < n; k += blockDim.x) {
-        const floatX *ks = kc + ((size_t)b * T + t - k * interval) * C + h * D;
-        float d = 0.0f;
-        for (int j = 0; j < D; j++) d += qs[j] * tof(ks[j]);
-        p[k] = scale * d;
-        mx = fmaxf(mx, p[k]);
-    }
-    mx = block_reduce_max(mx);
-    float sum = 0.0f;
-    for (int k = threadIdx.x; k < n; k += blockDim.x) {
-        p[k] = expf(p[k] - mx);
-        sum += p[k];
-    }
-    const float inv = 1.0f / block_reduce_sum(sum);
-    floatX *arow = att + (((size_t)b * H + h) * T + t) * M;
-    for (int k = threadIdx.x; k < M; k += blockDim.x) {
-        float pn = k < n ? p[k] * inv : 0.0f;
-        if (k < n) p[k] = pn;
-        arow[k] = fx(pn);
-    }
-    __syncthreads();
-    floatX *o = out + ((size_t)b * T + t) * C + h * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int k = 0; k < n; k++) acc += p[k] * tof(vc[((size_t)b * T + t - k * interval) * C + h * D + j]);
-        o[j] = fx(acc);
-    }
-}
-static void ctx_attention_forward(floatX *out, floatX *att, const floatX *q, const floatX *kc, const floatX *vc, int B,
-                                  int T, int H, int D, int interval, int M) {
-    const size_t smem = (size_t)(D + M) * sizeof(float);
-    set_smem(ctx_attention_forward_kernel, smem);
-    ctx_attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(out, att, q, kc, vc, T, H, D, interval, M);
-    launchCheck();
-}
-
-// dV_s += P·dO, dP = dO·V_s, dS = P⊙(dP − Σ P⊙dP), dq += scale·Σ dS·K_s, dK_s += scale·dS·q.
-// As attention_backward: the query side per query row (t, h, b) forms dS (in datt) and dq;
-// the source side per source row (s, h, b) gathers the query rows t = s + k·I that read it.
-__global__ void ctx_attention_backward_query_kernel(floatX *dq, floatX *datt, const floatX *dout, const floatX *att,
-                                                    const floatX *kc, const floatX *vc, int T, int H, int D, int interval, int M) {
-    extern __shared__ float sm[];
-    float *dos = sm, *ds = sm + D; // dO row (D), dP then dS (M)
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
-    const float scale = 1.0f / sqrtf((float)D);
-    const floatX *dot_ = dout + ((size_t)b * T + t) * C + h * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) dos[j] = tof(dot_[j]);
-    __syncthreads();
-    const int n = min(M, t / interval + 1);
-    const floatX *p = att + (((size_t)b * H + h) * T + t) * M;
-    floatX *dsrow = datt + (((size_t)b * H + h) * T + t) * M;
-    float rowsum = 0.0f;
-    for (int k = threadIdx.x; k < n; k += blockDim.x) {
-        const floatX *vs = vc + ((size_t)b * T + t - k * interval) * C + h * D;
-        float d = 0.0f;
-        for (int j = 0; j < D; j++) d += dos[j] * tof(vs[j]);
-        ds[k] = d;
-        rowsum += d * tof(p[k]);
-    }
-    rowsum = block_reduce_sum(rowsum);
-    for (int k = threadIdx.x; k < n; k += blockDim.x) {
-        ds[k] = tof(p[k]) * (ds[k] - rowsum) * scale;
-        dsrow[k] = fx(ds[k]);
-    }
-    __syncthreads();
-    floatX *dqt = dq + ((size_t)b * T + t) * C + h * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int k = 0; k < n; k++) acc += ds[k] * tof(kc[((size_t)b * T + t - k * interval) * C + h * D + j]);
-        dqt[j] = fx(tof(dqt[j]) + acc);
-    }
-}
-__global__ void ctx_attention_backward_source_kernel(floatX *dkc, floatX *dvc, const floatX *datt, const floatX *dout,
-                                                     const floatX *att, const floatX *q, int T, int H, int D, int interval, int M) {
-    const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float ak = 0.0f, av = 0.0f;
-        for (int k = 0; k < M && s + k * interval < T; k++) { // query t = s + k·I reads s through slot k
-            const int t = s + k * interval;
-            const size_t r = (((size_t)b * H + h) * T + t) * M + k;
-            ak += tof(datt[r]) * tof(q[((size_t)b * T + t) * C + h * D + j]);
-            av += tof(att[r]) * tof(dout[((size_t)b * T + t) * C + h * D + j]);
-        }
-        const size_t o = ((size_t)b * T + s) * C + h * D + j;
-        dkc[o] = fx(tof(dkc[o]) + ak);
-        dvc[o] = fx(tof(dvc[o]) + av);
-    }
-}
-static void ctx_attention_backward(floatX *dq, floatX *dkc, floatX *dvc, floatX *datt, const floatX *dout, const floatX *att,
-                                   const floatX *q, const floatX *kc, const floatX *vc, int B, int T, int H, int D,
-                                   int interval, int M) {
-    const size_t smem = (size_t)(D + M) * sizeof(float);
-    set_smem(ctx_attention_backward_query_kernel, smem);
-    ctx_attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dq, datt, dout, att, kc, vc, T, H, D, interval, M);
-    launchCheck();
-    ctx_attention_backward_source_kernel<<<dim3(T, H, B), ATT_THREADS>>>(dkc, dvc, datt, dout, att, q, T, H, D, interval, M);
-    launchCheck();
-}
-
 // exact GELU, 0.5·x·(1 + erf(x/√2)), as HF's "gelu" (not the tanh form). Built without
 // --use_fast_math, so erff is the accurate one.
 #define GELU_SQRT1_2 0.70710678118654752440f
@@ -843,11 +587,9 @@ static void crossentropy_backward(floatX *logits_to_dlogits, const float *lse, c
 }
 
 // ----------------------------------------------------------------------------
-// ContextBlock (doc/context_kv.md): one ContextLayer on N rows at once,
-//   O = LN_c(S + GELU(W_c [S ; LN_e(E)] + b_c))
-// S (N,d_c) plays c_{t-1}, E (N,E) the token embeddings. Phase 1 runs it on every position
-// in parallel (S = shifted previous iterate); the exact recurrence runs it on the B rows of
-// one time step after another (S = the previous step's output).
+// The model: parameters, activations and optimizer state, and the KV cache decoding keeps
+
+// ContextBlock scratch (Context-KV, below): one ContextLayer on N rows
 
 typedef struct {
     int cap;                          // rows allocated
@@ -859,153 +601,6 @@ typedef struct {
     floatX *out;                              // (N,d_c)
     floatX *dr, *dpre, *dz, *du, *dE;         // backward scratch
 } BlockActs;
-
-static size_t blockacts_layout(BlockActs *cb, char *base, size_t N, size_t E, size_t dc) {
-    size_t off = 0;
-    BUF(cb->u, N * E); BUF(cb->u_mean, N); BUF(cb->u_rstd, N); BUF(cb->z, N * (dc + E)); BUF(cb->pre, N * dc);
-    BUF(cb->g, N * dc); BUF(cb->r, N * dc); BUF(cb->r_mean, N); BUF(cb->r_rstd, N); BUF(cb->out, N * dc);
-    BUF(cb->dr, N * dc); BUF(cb->dpre, N * dc); BUF(cb->dz, N * (dc + E)); BUF(cb->du, N * E); BUF(cb->dE, N * E);
-    return off;
-}
-
-static void blockacts_ensure(BlockActs *cb, int N, int E, int dc) {
-    if (N <= cb->cap) return;
-    cuda_free(cb->mem);
-    cb->mem = (char *)cuda_malloc_check(blockacts_layout(cb, NULL, N, E, dc), "context block");
-    blockacts_layout(cb, cb->mem, N, E, dc);
-    cb->cap = N;
-}
-
-// z[n] = [S[n] ; u[n]]
-__global__ void concat_rows_kernel(floatX *z, const floatX *S, const floatX *u, int N, int dc, int Ed) {
-    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * (dc + Ed)) return;
-    const size_t n = idx / (dc + Ed);
-    const int j = (int)(idx % (dc + Ed));
-    z[idx] = j < dc ? S[n * dc + j] : u[n * Ed + j - dc];
-}
-// dst[n] = src[n][col0 .. col0+width)   (src rows of src_width)
-__global__ void copy_cols_kernel(floatX *dst, const floatX *src, int N, int src_width, int col0, int width) {
-    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * width) return;
-    dst[idx] = src[(idx / width) * src_width + col0 + idx % width];
-}
-// out = a + b
-__global__ void add_kernel(floatX *out, const floatX *a, const floatX *b, size_t N) {
-    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < N) out[i] = fx(tof(a[i]) + tof(b[i]));
-}
-
-static void contextblock_forward(BlockActs *cb, const Params *p, const floatX *S, const floatX *E, int N, int Ed, int dc,
-                                 float eps) {
-    layernorm_forward(cb->u, cb->u_mean, cb->u_rstd, E, p->ctx_ln_e_w, p->ctx_ln_e_b, N, Ed, eps);
-    concat_rows_kernel<<<ceil_div((size_t)N * (dc + Ed), 256), 256>>>(cb->z, S, cb->u, N, dc, Ed); // z = [S ; u]
-    launchCheck();
-    matmul_forward(cb->pre, cb->z, p->ctx_w, p->ctx_b, N, dc + Ed, dc);
-    gelu_forward(cb->g, cb->pre, (size_t)N * dc);
-    add_kernel<<<ceil_div((size_t)N * dc, 256), 256>>>(cb->r, S, cb->g, (size_t)N * dc);
-    launchCheck();
-    layernorm_forward(cb->out, cb->r_mean, cb->r_rstd, cb->r, p->ctx_ln_c_w, p->ctx_ln_c_b, N, dc, eps);
-}
-
-// Gradients of the block's parameters only (into g): S is a constant (detached iterate) and
-// E belongs to the frozen embeddings, so their gradients are not formed.
-static void contextblock_backward(BlockActs *cb, const Params *p, Params *g, const floatX *dout, const floatX *E, int N,
-                                  int Ed, int dc) {
-    cudaCheck(cudaMemset(cb->dr, 0, (size_t)N * dc * sizeof(floatX)));
-    layernorm_backward(cb->dr, g->ctx_ln_c_w, g->ctx_ln_c_b, dout, cb->r, p->ctx_ln_c_w, cb->r_mean, cb->r_rstd, N, dc);
-    cudaCheck(cudaMemset(cb->dpre, 0, (size_t)N * dc * sizeof(floatX)));
-    gelu_backward(cb->dpre, cb->pre, cb->dr, (size_t)N * dc); // dr reaches g through the residual
-    cudaCheck(cudaMemset(cb->dz, 0, (size_t)N * (dc + Ed) * sizeof(floatX)));
-    matmul_backward(cb->dz, g->ctx_w, g->ctx_b, cb->dpre, cb->z, p->ctx_w, N, dc + Ed, dc);
-    copy_cols_kernel<<<ceil_div((size_t)N * Ed, 256), 256>>>(cb->du, cb->dz, N, dc + Ed, dc, Ed);
-    launchCheck();
-    cudaCheck(cudaMemset(cb->dE, 0, (size_t)N * Ed * sizeof(floatX)));
-    layernorm_backward(cb->dE, g->ctx_ln_e_w, g->ctx_ln_e_b, cb->du, E, p->ctx_ln_e_w, cb->u_mean, cb->u_rstd, N, Ed);
-}
-
-// Per slice of `slice` consecutive rows of X (N,d) and column j: the column mean μ_j and
-// Σ_i (X_ij − μ_j)², in double as the CPU program. One thread per (slice, column).
-__global__ void oacd_stats_kernel(double *mu, double *dev, const floatX *X, int N, int d, int slice) {
-    const int s = blockIdx.x, s0 = s * slice, n = min(slice, N - s0);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        double m_ = 0.0;
-        for (int i = 0; i < n; i++) m_ += tof(X[(size_t)(s0 + i) * d + j]);
-        m_ /= n;
-        double e2 = 0.0;
-        for (int i = 0; i < n; i++) { double e = tof(X[(size_t)(s0 + i) * d + j]) - m_; e2 += e * e; }
-        mu[(size_t)s * d + j] = m_;
-        dev[(size_t)s * d + j] = e2;
-    }
-}
-// the statistics of every slice, on the host: mu, dev (n_slices, d) doubles
-static void oacd_stats(double *mu, double *dev, const floatX *X, int N, int d, int slice) {
-    const int n_slices = (N + slice - 1) / slice;
-    double *dm = (double *)dev_temp(TMP_OACD, 2 * (size_t)n_slices * d * sizeof(double));
-    oacd_stats_kernel<<<n_slices, 256>>>(dm, dm + (size_t)n_slices * d, X, N, d, slice);
-    launchCheck();
-    cudaCheck(cudaMemcpy(mu, dm, (size_t)n_slices * d * sizeof(double), cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(dev, dm + (size_t)n_slices * d, (size_t)n_slices * d * sizeof(double), cudaMemcpyDeviceToHost));
-}
-
-// OACD diversity loss on rows X (N,d), per slice of `slice` consecutive rows, averaged:
-//   L_slice = −||X − 1μᵀ||_F / n + λ·||μ||²,   μ = mean of the slice's n rows
-// The Frobenius norm is not squared: it rewards spread without letting one direction dominate.
-static float oacd_forward(const floatX *X, int N, int d, int slice, float lambda) {
-    const int n_slices_all = (N + slice - 1) / slice;
-    double *mu = (double *)malloc_check(2 * (size_t)n_slices_all * d * sizeof(double), "oacd"), *dev = mu + (size_t)n_slices_all * d;
-    oacd_stats(mu, dev, X, N, d, slice);
-    double total = 0.0;
-    int n_slices = 0;
-    for (int s0 = 0; s0 < N; s0 += slice, n_slices++) {
-        int n = N - s0 < slice ? N - s0 : slice;
-        double mu_sq = 0.0, dev_sq = 0.0;
-        for (int j = 0; j < d; j++) {
-            double m_ = mu[(size_t)n_slices * d + j];
-            mu_sq += m_ * m_;
-            dev_sq += dev[(size_t)n_slices * d + j];
-        }
-        total += -sqrt(dev_sq) / n + lambda * mu_sq;
-    }
-    free(mu);
-    return (float)(total / n_slices);
-}
-
-// dX_t = (−(X_t − μ)/||X − 1μᵀ||_F + 2λμ) / n per slice, / number of slices. (The centring
-// drops out of the first term because the deviations of a slice sum to zero.)
-__global__ void oacd_backward_kernel(floatX *dX, const floatX *X, const float *mu, const float *inv_F, int N, int d,
-                                     int slice, int n_slices, float lambda) {
-    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * d) return;
-    const int row = (int)(idx / d), j = (int)(idx % d), s = row / slice, n = min(slice, N - s * slice);
-    const float scale = 1.0f / ((float)n * n_slices), m_ = mu[(size_t)s * d + j];
-    dX[idx] = fx(scale * (-(tof(X[idx]) - m_) * inv_F[s] + 2.0f * lambda * m_));
-}
-static void oacd_backward(floatX *dX, const floatX *X, int N, int d, int slice, float lambda) {
-    int n_slices = (N + slice - 1) / slice;
-    double *mu = (double *)malloc_check(2 * (size_t)n_slices * d * sizeof(double), "oacd"), *dev = mu + (size_t)n_slices * d;
-    oacd_stats(mu, dev, X, N, d, slice);
-    // per slice: μ as float and 1/||X − 1μᵀ||_F, to the GPU
-    float *host = (float *)malloc_check(((size_t)n_slices * d + n_slices) * sizeof(float), "oacd");
-    for (int s = 0; s < n_slices; s++) {
-        double dev_sq = 0.0;
-        for (int j = 0; j < d; j++) {
-            host[(size_t)s * d + j] = (float)mu[(size_t)s * d + j];
-            dev_sq += dev[(size_t)s * d + j];
-        }
-        float F = (float)sqrt(dev_sq);
-        host[(size_t)n_slices * d + s] = F > 1e-12f ? 1.0f / F : 0.0f;
-    }
-    float *dh = (float *)dev_temp(TMP_UPLOAD, ((size_t)n_slices * d + n_slices) * sizeof(float));
-    cudaCheck(cudaMemcpy(dh, host, ((size_t)n_slices * d + n_slices) * sizeof(float), cudaMemcpyHostToDevice));
-    oacd_backward_kernel<<<ceil_div((size_t)N * d, 256), 256>>>(dX, X, dh, dh + (size_t)n_slices * d, N, d, slice, n_slices, lambda);
-    launchCheck();
-    free(host);
-    free(mu);
-}
-
-// ----------------------------------------------------------------------------
-// The model
 
 typedef struct {
     Config cfg;
@@ -1033,6 +628,29 @@ typedef struct {
     float *losses_host;         // (B,T) a.losses of the last forward with targets, on the host
     float *logits_host; size_t logits_host_cap; // rows of a.logits fetched by model_logits_host
 } Model;
+
+// The decoder's cache (KV-cached decoding, below), on the GPU. Per layer and token it holds exactly
+// what the layer's variant needs to attend later (its cache_write; sizes: attn_kv_elements). It is
+// fp32 whatever floatX is, as the CPU program's, so the byte counts --generate prints are the
+// CPU program's; a bf16 cache would be --kv-report's bf16 figure.
+typedef struct {
+    int batch;          // sequences decoded together (B); all have the same length
+    int capacity;       // tokens each can hold
+    int len;            // tokens cached so far
+    size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
+    int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
+    float *mem;         // GPU (L − first_layer, B, capacity, per_token)
+    int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
+    float *ring;        // GPU (B, ring_len, d_c)
+    float *running;     // GPU (B, d_c) c_{len−1}, the input of the next ContextBlock step
+    size_t bytes;       // bytes of mem + ring + running
+    float *scratch;     // GPU per (sequence, head): scores, MLA's latents, ctxkv's slot keys/values
+} KVCache;
+
+__host__ __device__ inline float *kv_slot(const KVCache *kv, int l, int b, int pos) {
+    return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
+}
+
 
 static void model_alloc_params(Model *m, const Config *c) {
     cuda_init();
@@ -1166,367 +784,18 @@ static const float *model_logits_host(Model *m, size_t row0, size_t n) {
     return m->logits_host;
 }
 
-// ----------------------------------------------------------------------------
-// Attention blocks. What differs between the variants is only how q, k and v are made
-// from LN_1(x) (attn_project_*), where they sit (attn_views), and what the KV cache holds
-// (attn_kv_elements, attn_cache_write, attn_decode). The causal softmax core and the
-// output projection are shared. doc/attention.md has the equations.
-
-// Head views of q, k, v inside an AttnActs (activations or their gradients: same layout).
-static void attn_views(const Config *c, int kind, const AttnActs *at, HeadView *q, HeadView *k, HeadView *v) {
-    const int C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
-    switch (kind) {
-    case ATTN_CTX: // heads of D; kc/vc rows are source positions (the slots index them)
-        *q = HeadView{at->q, C, D};
-        *k = HeadView{at->kc, C, D};
-        *v = HeadView{at->vc, C, D};
-        break;
-    case ATTN_MHA: // fused, interleaved per head: [q | k | v] of head h at h*3D
-        *q = HeadView{at->qkv, 3 * C, 3 * D};
-        *k = HeadView{at->qkv + D, 3 * C, 3 * D};
-        *v = HeadView{at->qkv + 2 * D, 3 * C, 3 * D};
-        break;
-    case ATTN_GQA:
-    case ATTN_MQA: // q (H heads), then kv = [K of G heads | V of G heads]
-        *q = HeadView{at->q, H * D, D};
-        *k = HeadView{at->kv, 2 * G * D, D};
-        *v = HeadView{at->kv + G * D, 2 * G * D, D};
-        break;
-    case ATTN_MLA: // q and k per head [nope (D) | rope (dR)]; v is the second half of kvb's head
-        *q = HeadView{at->q, H * Dq, Dq};
-        *k = HeadView{at->k, H * Dq, Dq};
-        *v = HeadView{at->kvb + D, H * 2 * D, 2 * D};
-        break;
-    }
+// gradients of the parameters, laid out as the GPU parameter block: allocated on first use
+static void model_ensure_grads(Model *m) {
+    if (m->grads_memory) return;
+    m->grads_memory = (floatX *)cuda_calloc_check(m->num_params_dev * sizeof(floatX), "gradients");
+    layout_params(&m->cfg, m->grads_memory, &m->g, NULL, NULL);
 }
 
-// key/value heads the core sees: MLA materialises one key per query head for training
-static int attn_core_kv_heads(const Config *c, int kind) {
-    return (kind == ATTN_MLA || kind == ATTN_CTX) ? c->n_head : c->n_kv_head;
-}
-
-// MLA: k[bt][h] = [k_nope_h (from kvb) | k_pe (shared by all heads)]. One thread per entry.
-__global__ void mla_gather_keys_kernel(floatX *k, const floatX *kvb, const floatX *kpe, int kpe_stride, int BT, int H, int D, int dR) {
-    const int Dq = D + dR;
-    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)BT * H * Dq) return;
-    const int j = (int)(idx % Dq);
-    const size_t nh = idx / Dq, n = nh / H; // nh = n*H + h
-    k[idx] = j < D ? kvb[nh * 2 * D + j] : kpe[n * kpe_stride + j - D];
-}
-static void mla_gather_keys(floatX *k, const floatX *kvb, const floatX *kpe, int kpe_stride, int BT, int H, int D, int dR) {
-    mla_gather_keys_kernel<<<ceil_div((size_t)BT * H * (D + dR), 256), 256>>>(k, kvb, kpe, kpe_stride, BT, H, D, dR);
-    launchCheck();
-}
-
-// its backward: dk_nope to its head in dkvb, dk_pe summed over the heads that share it.
-// One thread per (token, column): the k_pe columns loop over the heads in order.
-__global__ void mla_gather_keys_backward_kernel(floatX *dkvb, floatX *dkpe, int kpe_stride, const floatX *dk, int BT, int H,
-                                                int D, int dR) {
-    const int Dq = D + dR;
-    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)BT * (H * D + dR)) return;
-    const size_t n = idx / (H * D + dR);
-    const int col = (int)(idx % (H * D + dR));
-    if (col < H * D) { // k_nope of head h, dim j
-        const int h = col / D, j = col % D;
-        floatX *dst = dkvb + (n * H + h) * 2 * D + j;
-        *dst = fx(tof(*dst) + tof(dk[(n * H + h) * Dq + j]));
-    } else { // k_pe dim j, shared
-        const int j = col - H * D;
-        float s = 0.0f;
-        for (int h = 0; h < H; h++) s += tof(dk[(n * H + h) * Dq + D + j]);
-        floatX *dst = dkpe + n * kpe_stride + j;
-        *dst = fx(tof(*dst) + s);
-    }
-}
-static void mla_gather_keys_backward(floatX *dkvb, floatX *dkpe, int kpe_stride, const floatX *dk, int BT, int H, int D, int dR) {
-    mla_gather_keys_backward_kernel<<<ceil_div((size_t)BT * (H * D + dR), 256), 256>>>(dkvb, dkpe, kpe_stride, dk, BT, H, D, dR);
-    launchCheck();
-}
-
-// q, k, v from x = LN_1(x_l) (B,T,C), positions pos0.., RoPE applied
-static void attn_project_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const floatX *x, int B,
-                                 int T, int pos0) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
-    switch (kind) {
-    case ATTN_CTX: // q from the token; keys and values of every context (constants)
-        matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, C);
-        matmul_forward(at->kc, m->a.contexts, lp->k_w, lp->k_b, BT, c->context_dim, C);
-        matmul_forward(at->vc, m->a.contexts, lp->v_w, lp->v_b, BT, c->context_dim, C);
-        break;
-    case ATTN_MHA:
-        matmul_forward(at->qkv, x, lp->qkv_w, lp->qkv_b, BT, C, 3 * C);
-        rope_forward(at->qkv, B, T, pos0, 3 * C, H, 3 * D, &m->rope);     // q
-        rope_forward(at->qkv + D, B, T, pos0, 3 * C, H, 3 * D, &m->rope); // k
-        break;
-    case ATTN_GQA:
-    case ATTN_MQA:
-        matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, H * D);
-        matmul_forward(at->kv, x, lp->kv_w, lp->kv_b, BT, C, 2 * G * D);
-        rope_forward(at->q, B, T, pos0, H * D, H, D, &m->rope);
-        rope_forward(at->kv, B, T, pos0, 2 * G * D, G, D, &m->rope); // the G key heads, before sharing
-        break;
-    case ATTN_MLA: {
-        const int dR = c->mla_rope_dim, Dq = D + dR, KVA = c->kv_rank + dR;
-        if (c->q_rank > 0) { // query compression: q = W_UQ · RMSNorm(W_DQ x)
-            matmul_forward(at->q_lat, x, lp->q_a_w, NULL, BT, C, c->q_rank);
-            rmsnorm_forward(at->q_lat_norm, at->q_lat_rstd, at->q_lat, c->q_rank, lp->q_a_norm_w, BT, c->q_rank, c->rms_eps);
-            matmul_forward(at->q, at->q_lat_norm, lp->q_b_w, NULL, BT, c->q_rank, H * Dq);
-        } else {
-            matmul_forward(at->q, x, lp->q_w, NULL, BT, C, H * Dq);
-        }
-        rope_forward(at->q + D, B, T, pos0, H * Dq, H, Dq, &m->mla_rope);               // q_pe
-        matmul_forward(at->kv_a, x, lp->kv_a_w, NULL, BT, C, KVA);                       // [c | k_R]
-        rope_forward(at->kv_a + c->kv_rank, B, T, pos0, KVA, 1, 0, &m->mla_rope);        // k_pe
-        rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, c->kv_rank, c->rms_eps);
-        matmul_forward(at->kvb, at->c_norm, lp->kv_b_w, NULL, BT, c->kv_rank, H * 2 * D); // [k_nope | v]
-        mla_gather_keys(at->k, at->kvb, at->kv_a + c->kv_rank, KVA, BT, H, D, dR);
-        break;
-    }
-    }
-}
-
-// backward of attn_project_forward: dat holds dq, dk, dv (from the core); accumulates into
-// dx (B,T,C) and the layer's parameter grads lg
-static void attn_project_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
-                                  AttnActs *dat, floatX *dx, const floatX *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), G = c->n_kv_head;
-    switch (kind) {
-    case ATTN_CTX: // the contexts are constants: no gradient flows into them
-        matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, C);
-        matmul_backward(NULL, lg->k_w, lg->k_b, dat->kc, m->a.contexts, lp->k_w, BT, c->context_dim, C);
-        matmul_backward(NULL, lg->v_w, lg->v_b, dat->vc, m->a.contexts, lp->v_w, BT, c->context_dim, C);
-        break;
-    case ATTN_MHA:
-        rope_backward(dat->qkv, B, T, 0, 3 * C, H, 3 * D, &m->rope);
-        rope_backward(dat->qkv + D, B, T, 0, 3 * C, H, 3 * D, &m->rope);
-        matmul_backward(dx, lg->qkv_w, lg->qkv_b, dat->qkv, x, lp->qkv_w, BT, C, 3 * C);
-        break;
-    case ATTN_GQA:
-    case ATTN_MQA:
-        rope_backward(dat->q, B, T, 0, H * D, H, D, &m->rope);
-        rope_backward(dat->kv, B, T, 0, 2 * G * D, G, D, &m->rope);
-        matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, H * D);
-        matmul_backward(dx, lg->kv_w, lg->kv_b, dat->kv, x, lp->kv_w, BT, C, 2 * G * D);
-        break;
-    case ATTN_MLA: {
-        const int dR = c->mla_rope_dim, Dq = D + dR, KVA = c->kv_rank + dR;
-        mla_gather_keys_backward(dat->kvb, dat->kv_a + c->kv_rank, KVA, dat->k, BT, H, D, dR);
-        rope_backward(dat->kv_a + c->kv_rank, B, T, 0, KVA, 1, 0, &m->mla_rope);
-        rope_backward(dat->q + D, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
-        matmul_backward(dat->c_norm, lg->kv_b_w, NULL, dat->kvb, at->c_norm, lp->kv_b_w, BT, c->kv_rank, H * 2 * D);
-        rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, c->kv_rank);
-        matmul_backward(dx, lg->kv_a_w, NULL, dat->kv_a, x, lp->kv_a_w, BT, C, KVA);
-        if (c->q_rank > 0) {
-            matmul_backward(dat->q_lat_norm, lg->q_b_w, NULL, dat->q, at->q_lat_norm, lp->q_b_w, BT, c->q_rank, H * Dq);
-            rmsnorm_backward(dat->q_lat, c->q_rank, lg->q_a_norm_w, dat->q_lat_norm, at->q_lat, lp->q_a_norm_w, at->q_lat_rstd, BT, c->q_rank);
-            matmul_backward(dx, lg->q_a_w, NULL, dat->q_lat, x, lp->q_a_w, BT, C, c->q_rank);
-        } else {
-            matmul_backward(dx, lg->q_w, NULL, dat->q, x, lp->q_w, BT, C, H * Dq);
-        }
-        break;
-    }
-    }
-}
-
-// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l). A ctxkv layer attends over its
-// context slots; every other kind uses the causal core.
-static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, floatX *out,
-                                    const floatX *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
-    attn_project_forward(m, kind, lp, at, x, B, T, 0);
-    if (kind == ATTN_CTX) {
-        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
-    } else {
-        HeadView q, k, v;
-        attn_views(c, kind, at, &q, &k, &v);
-        attention_forward(at->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c, kind), Dq, D, 1.0f / sqrtf((float)Dq));
-    }
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
-}
-
-static void attention_block_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
-                                     AttnActs *dat, floatX *dx, const floatX *dout, const floatX *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
-    matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
-    if (kind == ATTN_CTX) {
-        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H,
-                               D, c->context_interval, c->max_contexts);
-    } else {
-        HeadView q, k, v, dq, dk, dv;
-        attn_views(c, kind, at, &q, &k, &v);
-        attn_views(c, kind, dat, &dq, &dk, &dv);
-        attention_backward(dq, dk, dv, dat->att, dat->atty, at->att, q, k, v, B, T, H, attn_core_kv_heads(c, kind), Dq,
-                           D, 1.0f / sqrtf((float)Dq));
-    }
-    attn_project_backward(m, kind, lp, lg, at, dat, dx, x, B, T);
-}
-
-// ----------------------------------------------------------------------------
-// Forward and backward of the whole model
-
-typedef struct KVCache KVCache;
-static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, floatX *out, const floatX *x,
-                                   KVCache *kv, int l);
-
-// One Pythia layer: x_out = x + Attn(LN_1(x)) + MLP(LN_2(x)), the parallel residual.
-// With a KV cache (decoding, T = 1) the attention reads the cached tokens instead.
-static void layer_forward(Model *m, int l, floatX *x_out, const floatX *x, int B, int T, KVCache *kv) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, F = c->n_inner;
-    const LayerParams *lp = &m->p.layer[l];
-    LayerActs *la = &m->a.layer[l];
-    layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
-    layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
-    if (kv) attention_block_decode(m, lp, &la->at, m->a.attn_out, la->ln1, kv, l);
-    else attention_block_forward(m, layer_kind(c, l), lp, &la->at, m->a.attn_out, la->ln1, B, T);
-    matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
-    gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
-    matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
-    residual3_forward(x_out, x, m->a.attn_out, m->a.mlp_out, (size_t)BT * C);
-}
-
-// ga->dresid holds d loss / d x_out on entry and d loss / d x on return: the parallel
-// residual passes it unchanged to x, to the attention output and to the MLP output.
-static void layer_backward(Model *m, int l, const floatX *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, F = c->n_inner;
-    const LayerParams *lp = &m->p.layer[l];
-    LayerParams *lg = &m->g.layer[l];
-    LayerActs *la = &m->a.layer[l];
-    GradActs *ga = &m->ga;
-    // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
-    cudaCheck(cudaMemset(ga->dln1, 0, (size_t)((char *)ga->dlnf - (char *)ga->dln1)));
-    const int kind = layer_kind(c, l);
-    layout_attn_acts(c, kind, B, T, ga->dat_base, 0, &ga->dat, 1);
-    // MLP branch
-    matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
-    gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
-    matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
-    // attention branch
-    attention_block_backward(m, kind, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
-    // both LayerNorms read x: their input grads add into the residual gradient
-    layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
-    layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
-}
-
-// compute_contexts' per-step gather: prev[b] = contexts[b, t-1] (0 at t = 0), emb[b] = embed_in[ids[b, t]]
-__global__ void contexts_gather_kernel(floatX *prev, floatX *emb, const floatX *contexts, const floatX *embed_in,
-                                       const int *inputs, int B, int T, int t, int dc, int Ed) {
-    const int b = blockIdx.x;
-    for (int j = threadIdx.x; j < dc; j += blockDim.x)
-        prev[(size_t)b * dc + j] = t > 0 ? contexts[((size_t)b * T + t - 1) * dc + j] : fx(0.0f);
-    for (int j = threadIdx.x; j < Ed; j += blockDim.x)
-        emb[(size_t)b * Ed + j] = embed_in[(size_t)inputs[b * T + t] * Ed + j];
-}
-// and its scatter: contexts[b, t] = out[b]
-__global__ void contexts_scatter_kernel(floatX *contexts, const floatX *out, int T, int t, int dc) {
-    const int b = blockIdx.x;
-    for (int j = threadIdx.x; j < dc; j += blockDim.x) contexts[((size_t)b * T + t) * dc + j] = out[(size_t)b * dc + j];
-}
-
-// The exact recurrence c_t = ContextBlock(c_{t-1}, e_t), c_{-1} = 0 at each sequence start,
-// from the current embed_in: one time step after another, the B sequences of a step at once.
-// Writes m->a.contexts (B,T,d_c). No gradient is ever formed through it (constants).
-// inputs are on the GPU.
-static void compute_contexts(Model *m, const int *inputs, int B, int T) {
-    const Config *c = &m->cfg;
-    const int dc = c->context_dim, Ed = c->embed_dim;
-    blockacts_ensure(&m->cb, B, Ed, dc);
-    floatX *prev = (floatX *)dev_temp(TMP_EMB, (size_t)B * (dc + Ed) * sizeof(floatX)), *emb = prev + (size_t)B * dc;
-    for (int t = 0; t < T; t++) {
-        contexts_gather_kernel<<<B, 128>>>(prev, emb, m->a.contexts, m->p.embed_in, inputs, B, T, t, dc, Ed);
-        launchCheck();
-        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
-        contexts_scatter_kernel<<<B, 128>>>(m->a.contexts, m->cb.out, T, t, dc);
-        launchCheck();
-    }
-}
-
-// final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
-static void head_forward(Model *m, int BT) {
-    const Config *c = &m->cfg;
-    Acts *a = &m->a;
-    const floatX *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
-    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
-    // vocabulary head is most of the cost
-    int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
-    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
-                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
-}
-
-// Forward pass. inputs/targets (B,T) on the host; targets may be NULL (inference). Returns
-// the mean loss (or -1 without targets). Logits are left in m->a.logits (B,T,Vp) on the GPU
-// (model_logits_host fetches rows); the per-position losses in m->losses_host.
-static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
-    const Config *c = &m->cfg;
-    const int C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size, BT = B * T;
-    check_batch(c, inputs, targets, B, T);
-    model_ensure_acts(m, B, T);
-    m->B = B;
-    m->T = T;
-    memcpy(m->inputs, inputs, BT * sizeof(int));
-    cudaCheck(cudaMemcpy(m->inputs_dev, inputs, BT * sizeof(int), cudaMemcpyHostToDevice));
-    if (targets) {
-        memcpy(m->targets, targets, BT * sizeof(int));
-        cudaCheck(cudaMemcpy(m->targets_dev, targets, BT * sizeof(int), cudaMemcpyHostToDevice));
-    }
-    Acts *a = &m->a;
-    if (has_context_block(c)) compute_contexts(m, m->inputs_dev, B, T);
-    if (c->model_type == MODEL_CTXPYTHIA) cudaCheck(cudaMemcpy(a->resid, a->contexts, (size_t)BT * C * sizeof(floatX), cudaMemcpyDeviceToDevice)); // x_0 = contexts
-    else embedding_forward(a->resid, m->inputs_dev, m->p.embed_in, BT, C);
-    for (int l = 0; l < c->n_layer; l++)
-        layer_forward(m, l, a->resid + (size_t)(l + 1) * BT * C, a->resid + (size_t)l * BT * C, B, T, NULL);
-    head_forward(m, BT);
-    m->mean_loss = -1.0f;
-    if (targets)
-        m->mean_loss = crossentropy_forward(a->losses, a->lse, a->logits, m->targets_dev, BT, V, Vp, &m->n_valid, m->targets,
-                                            m->losses_host);
-    return m->mean_loss;
-}
 
 static void model_zero_grad(Model *m) {
     if (m->grads_memory) cudaCheck(cudaMemset(m->grads_memory, 0, m->num_params_dev * sizeof(floatX)));
 }
 
-// Backward of the last forward (which must have had targets). Accumulates into m->g.
-// Overwrites the logits with dlogits.
-static void model_backward(Model *m) {
-    const Config *c = &m->cfg;
-    if (m->mean_loss < 0.0f) die("model_backward called without a forward pass with targets");
-    const int B = m->B, T = m->T, BT = B * T, C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size;
-    if (!m->grads_memory) {
-        m->grads_memory = (floatX *)cuda_calloc_check(m->num_params_dev * sizeof(floatX), "gradients");
-        layout_params(c, m->grads_memory, &m->g, NULL, NULL);
-    }
-    size_t need = layout_acts(c, B, T, NULL, NULL, &m->ga);
-    if (need > m->gacts_cap) {
-        cuda_free(m->gacts_memory);
-        m->gacts_memory = (char *)cuda_malloc_check(need, "activation gradients");
-        m->gacts_cap = need;
-    }
-    layout_acts(c, B, T, m->gacts_memory, NULL, &m->ga);
-    Acts *a = &m->a;
-    GradActs *ga = &m->ga;
-    if (m->n_valid == 0) return; // every target ignored: the loss is a constant
-
-    floatX *dlogits = a->logits;
-    crossentropy_backward(dlogits, a->lse, m->targets_dev, BT, V, Vp, m->n_valid);
-    cudaCheck(cudaMemset(ga->dlnf, 0, (size_t)BT * C * sizeof(floatX)));
-    matmul_backward(ga->dlnf, m->g.embed_out, NULL, dlogits, a->lnf, m->p.embed_out, BT, C, Vp);
-    cudaCheck(cudaMemset(ga->dresid, 0, (size_t)BT * C * sizeof(floatX)));
-    floatX *xL = a->resid + (size_t)c->n_layer * BT * C;
-    layernorm_backward(ga->dresid, m->g.lnf_w, m->g.lnf_b, ga->dlnf, xL, m->p.lnf_w, a->lnf_mean, a->lnf_rstd, BT, C);
-    for (int l = c->n_layer - 1; l >= 0; l--) layer_backward(m, l, a->resid + (size_t)l * BT * C, B, T);
-    // ctxpythia's input is the contexts, constants: embed_in gets no gradient (it stays frozen)
-    if (c->model_type != MODEL_CTXPYTHIA) embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
-}
 
 // Σ g² over the whole gradient block: per-block partials in double, summed on the host in
 // block order (deterministic). The alignment padding between tensors holds zeros.
@@ -1616,201 +885,749 @@ static void model_update(Model *m, const AdamW *opt) {
 
 
 // ----------------------------------------------------------------------------
-// KV-cached decoding. The cache holds, per layer and token, exactly what the variant needs
-// to attend later (attn_kv_elements); its size in bytes is what --kv-report accounts for.
-// The cache is fp32 on the GPU, as the CPU program's (whatever floatX is), so the byte counts
-// --generate prints are the CPU program's; a bf16 cache would be --kv-report's bf16 figure.
+// The attention core: causal softmax attention over the sequence (training, prefill) and over
+// the cache (decoding). H query heads share G key/value heads: query head h reads KV head
+// h / (H/G) (G = H for MHA).
 
-// values cached per token by a layer of this kind (ctxkv layer 0 keeps contexts in a ring instead)
 
-struct KVCache {
-    int batch;          // sequences decoded together (B); all have the same length
-    int capacity;       // tokens each can hold
-    int len;            // tokens cached so far
-    size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
-    int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
-    float *mem;         // GPU (L − first_layer, B, capacity, per_token)
-    int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
-    float *ring;        // GPU (B, ring_len, d_c)
-    float *running;     // GPU (B, d_c) c_{len−1}, the input of the next ContextBlock step
-    size_t bytes;       // bytes of mem + ring + running
-    float *scratch;     // GPU per head: scores + 2 latent vectors (MLA) / keys and values (ctxkv)
-};
+// A view of per-head vectors inside a (B,T,row) buffer: head h of token (b,t) starts at
+// base + (b*T + t)*row_stride + h*head_stride. Lets one attention core read the fused QKV
+// of MHA and the separate Q / KV projections of the other variants.
+typedef struct { floatX *base; int row_stride, head_stride; } HeadView;
 
-// decode scratch per (sequence, head): scores, MLA's two latent vectors, ctxkv's slot keys/values
-static KVCache kvcache_new(const Config *c, int B, int capacity) {
-    if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
-    KVCache kv = {};
-    kv.batch = B;
-    kv.capacity = capacity;
-    kv.first_layer = c->layer0_type == LAYER0_CTXKV ? 1 : 0;
-    kv.per_token = attn_kv_elements(c, c->attn_type);
-    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * B * capacity * kv.per_token;
-    kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (capacity < ctx_ring_len(c) ? capacity : ctx_ring_len(c)) : 0;
-    size_t n_ctx = has_context_block(c) ? (size_t)B * ((size_t)kv.ring_len + 1) * c->context_dim : 0;
-    kv.mem = (float *)cuda_calloc_check((n_mem + n_ctx) * sizeof(float), "KV cache");
-    kv.ring = kv.mem + n_mem;
-    kv.running = kv.ring + (size_t)B * kv.ring_len * c->context_dim;
-    kv.bytes = (n_mem + n_ctx) * sizeof(float);
-    kv.scratch = (float *)cuda_malloc_check((size_t)B * c->n_head * kv_scratch_per_head(c, capacity) * sizeof(float), "decode scratch");
-    return kv;
+__host__ __device__ inline floatX *head_at(HeadView v, int T, int b, int t, int h) {
+    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
 }
 
-static void kvcache_free(KVCache *kv) { cuda_free(kv->mem); cuda_free(kv->scratch); memset(kv, 0, sizeof *kv); }
+#define ATT_THREADS 128
 
-__host__ __device__ inline float *kv_slot(const KVCache *kv, int l, int b, int pos) {
-    return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
-}
-
-// Copies token `row` of a layer's projected activations into a cache slot.
-// mha/gqa/mqa slot: [K of G heads | V of G heads]; mla slot: [ĉ (kv_rank) | k_pe (dR)].
-__global__ void attn_cache_write_kernel(int attn_type, AttnActs at, int row, float *dst, int H, int D, int G, int R, int dR) {
-    switch (attn_type) {
-    case ATTN_MHA: {
-        const floatX *r = at.qkv + (size_t)row * 3 * H * D;
-        for (int e = threadIdx.x; e < 2 * H * D; e += blockDim.x) { // e = which*H*D + g*D + j
-            const int which = e / (H * D), g = (e % (H * D)) / D, j = e % D;
-            dst[e] = tof(r[g * 3 * D + (1 + which) * D + j]);
-        }
-        break;
+// Causal softmax attention. H query heads share G key/value heads: query head h reads
+// KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
+// One block per query row (t, h, b): the row's scores sit in shared memory in fp32.
+__global__ void attention_forward_kernel(floatX *out, floatX *att, HeadView q, HeadView k, HeadView v, int T, int H,
+                                         int G, int Dqk, int Dv, float scale) {
+    extern __shared__ float sm[];
+    float *qs = sm, *p = sm + Dqk; // q (Dqk), scores (T)
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
+    const floatX *qt = head_at(q, T, b, t, h);
+    for (int j = threadIdx.x; j < Dqk; j += blockDim.x) qs[j] = tof(qt[j]);
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        const floatX *ks = head_at(k, T, b, s, g);
+        float d = 0.0f;
+        for (int j = 0; j < Dqk; j++) d += qs[j] * tof(ks[j]);
+        p[s] = scale * d;
+        mx = fmaxf(mx, p[s]);
     }
-    case ATTN_GQA:
-    case ATTN_MQA:
-        for (int e = threadIdx.x; e < 2 * G * D; e += blockDim.x) dst[e] = tof(at.kv[(size_t)row * 2 * G * D + e]);
-        break;
-    case ATTN_MLA:
-        for (int e = threadIdx.x; e < R + dR; e += blockDim.x)
-            dst[e] = e < R ? tof(at.c_norm[(size_t)row * R + e]) : tof(at.kv_a[(size_t)row * (R + dR) + e]);
-        break;
+    mx = block_reduce_max(mx);
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        p[s] = expf(p[s] - mx);
+        sum += p[s];
+    }
+    const float inv = 1.0f / block_reduce_sum(sum);
+    floatX *arow = att + (((size_t)b * H + h) * T + t) * T;
+    for (int s = threadIdx.x; s < T; s += blockDim.x) {
+        float pn = s <= t ? p[s] * inv : 0.0f;
+        if (s <= t) p[s] = pn;
+        arow[s] = fx(pn);
+    }
+    __syncthreads();
+    floatX *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+    for (int j = threadIdx.x; j < Dv; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s <= t; s++) acc += p[s] * tof(head_at(v, T, b, s, g)[j]);
+        o[j] = fx(acc);
     }
 }
-static void attn_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
-    attn_cache_write_kernel<<<1, 128>>>(c->attn_type, *at, row, dst, c->n_head, head_dim(c), c->n_kv_head, c->kv_rank,
-                                        c->mla_rope_dim);
+static void attention_forward(floatX *out, floatX *att, HeadView q, HeadView k, HeadView v, int B, int T, int H,
+                              int G, int Dqk, int Dv, float scale) {
+    const size_t smem = (size_t)(Dqk + T) * sizeof(float);
+    set_smem(attention_forward_kernel, smem);
+    attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(out, att, q, k, v, T, H, G, Dqk, Dv, scale);
     launchCheck();
 }
 
-// Attention of each sequence's new token (row b of at, projected at position n-1) over its n
-// cached tokens; writes at->atty row b (H*D). MLA uses the absorbed form: W_UK is folded into the
-// query and W_UV applied after attending, so only the latent ĉ and k_pe are ever read.
-// ctxkv recomputes the slots' keys and values from the contexts in the ring.
-// One block per (head, sequence); its scratch holds the scores in fp32.
-__global__ void attn_decode_kernel(int kind, KVCache kv, LayerParams lp, HeadView q, floatX *atty, int l, int n, int H, int D,
-                                   int G, int R, int dR, int I, int M, int dc, float scale, size_t per_head) {
-    const int h = blockIdx.x, b = blockIdx.y;
+// dV_g += Σ_h Pᵀ·dO,  dP = dO·Vᵀ,  dS = P⊙(dP − rowsum(dP⊙P)),  dQ += scale·dS·K,  dK_g += scale·dSᵀ·Q.
+// Two kernels so that each output row has one writer: the query side, one block per query
+// row (t, h, b), forms dS (kept in datt, with the scale) and dq; the key side, one block per
+// key row (s, g, b), sums dk and dv over the query rows t >= s of the heads that share g.
+__global__ void attention_backward_query_kernel(HeadView dq, floatX *datt, const floatX *dout, const floatX *att,
+                                                HeadView k, HeadView v, int T, int H, int G, int Dqk, int Dv, float scale) {
+    extern __shared__ float sm[];
+    float *dos = sm, *ds = sm + Dv; // dO row (Dv), dP then dS (T)
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
+    const floatX *dot_ = dout + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+    for (int j = threadIdx.x; j < Dv; j += blockDim.x) dos[j] = tof(dot_[j]);
+    __syncthreads();
+    const floatX *p = att + (((size_t)b * H + h) * T + t) * T;
+    floatX *dsrow = datt + (((size_t)b * H + h) * T + t) * T;
+    float rowsum = 0.0f;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        const floatX *vs = head_at(v, T, b, s, g);
+        float d = 0.0f;
+        for (int j = 0; j < Dv; j++) d += dos[j] * tof(vs[j]);
+        ds[s] = d;
+        rowsum += d * tof(p[s]);
+    }
+    rowsum = block_reduce_sum(rowsum);
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        ds[s] = tof(p[s]) * (ds[s] - rowsum) * scale;
+        dsrow[s] = fx(ds[s]);
+    }
+    __syncthreads();
+    floatX *dqt = head_at(dq, T, b, t, h);
+    for (int j = threadIdx.x; j < Dqk; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s <= t; s++) acc += ds[s] * tof(head_at(k, T, b, s, g)[j]);
+        dqt[j] = fx(tof(dqt[j]) + acc);
+    }
+}
+__global__ void attention_backward_kv_kernel(HeadView dk, HeadView dv, const floatX *datt, const floatX *dout,
+                                             const floatX *att, HeadView q, int T, int H, int G, int Dqk, int Dv) {
+    const int s = blockIdx.x, g = blockIdx.y, b = blockIdx.z, group = H / G;
+    floatX *dks = head_at(dk, T, b, s, g), *dvs = head_at(dv, T, b, s, g);
+    for (int j = threadIdx.x; j < Dqk || j < Dv; j += blockDim.x) {
+        float ak = 0.0f, av = 0.0f;
+        for (int h = g * group; h < (g + 1) * group; h++)
+            for (int t = s; t < T; t++) {
+                const size_t r = (((size_t)b * H + h) * T + t) * T + s;
+                if (j < Dqk) ak += tof(datt[r]) * tof(head_at(q, T, b, t, h)[j]);
+                if (j < Dv) av += tof(att[r]) * tof(dout[((size_t)b * T + t) * H * Dv + (size_t)h * Dv + j]);
+            }
+        if (j < Dqk) dks[j] = fx(tof(dks[j]) + ak);
+        if (j < Dv) dvs[j] = fx(tof(dvs[j]) + av);
+    }
+}
+static void attention_backward(HeadView dq, HeadView dk, HeadView dv, floatX *datt, const floatX *dout,
+                               const floatX *att, HeadView q, HeadView k, HeadView v, int B, int T, int H, int G,
+                               int Dqk, int Dv, float scale) {
+    const size_t smem = (size_t)(Dv + T) * sizeof(float);
+    set_smem(attention_backward_query_kernel, smem);
+    attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dq, datt, dout, att, k, v, T, H, G, Dqk, Dv, scale);
+    launchCheck();
+    attention_backward_kv_kernel<<<dim3(T, G, B), ATT_THREADS>>>(dk, dv, datt, dout, att, q, T, H, G, Dqk, Dv);
+    launchCheck();
+}
+
+// where the causal core finds one layer's q, k and v, how many key/value heads there are, and
+// the q·k width (D, or D + d_R for MLA)
+typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
+
+// Each sequence's new token (query heads q, one row per sequence) attends over its n cached
+// tokens in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D). One block per
+// (head, sequence); its scratch holds the scores in fp32.
+__global__ void cached_attention_kernel(KVCache kv, HeadView q, floatX *out, int l, int n, int H, int D, int G, float scale,
+                                        size_t per_head) {
+    const int h = blockIdx.x, b = blockIdx.y, g = h / (H / G);
     float *scores = kv.scratch + ((size_t)b * H + h) * per_head;
+    floatX *o = out + ((size_t)b * H + h) * D;
+    const floatX *qh = head_at(q, 1, b, 0, h);
+    float mx = -INFINITY;
+    for (int s = threadIdx.x; s < n; s += blockDim.x) {
+        const float *kslot = kv_slot(&kv, l, b, s) + g * D;
+        float d = 0.0f;
+        for (int j = 0; j < D; j++) d += tof(qh[j]) * kslot[j];
+        scores[s] = scale * d;
+        mx = fmaxf(mx, scores[s]);
+    }
+    mx = block_reduce_max(mx);
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
+    const float inv = 1.0f / block_reduce_sum(sum);
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[(G + g) * D + j];
+        o[j] = fx(acc);
+    }
+}
+static void cached_attention(const Model *m, HeadView q, floatX *out, const KVCache *kv, int l, int G) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c);
+    cached_attention_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, q, out, l, kv->len + 1, H, D, G, 1.0f / sqrtf((float)D),
+                                                                kv_scratch_per_head(c, kv->capacity));
+    launchCheck();
+}
+
+
+// ----------------------------------------------------------------------------
+// Attention variants (doc/attention.md), as in train_ctxkv.c: each variant is one stretch of
+// code and one row of ATTN_VARIANTS (views, project_forward/backward, cache_write, decode).
+
+// ---- MHA: Pythia's own attention. Fused QKV, interleaved per head: [q | k | v] of head h at h*3D.
+
+static CoreViews mha_views(const Config *c, const AttnActs *at) {
+    const int C = c->n_embd, H = c->n_head, D = head_dim(c);
+    CoreViews v = {{at->qkv, 3 * C, 3 * D}, {at->qkv + D, 3 * C, 3 * D}, {at->qkv + 2 * D, 3 * C, 3 * D}, H, D};
+    return v;
+}
+
+static void mha_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, int B, int T, int pos0) {
+    const int C = m->cfg.n_embd, H = m->cfg.n_head, D = head_dim(&m->cfg);
+    matmul_forward(at->qkv, x, lp->qkv_w, lp->qkv_b, B * T, C, 3 * C);
+    rope_forward(at->qkv, B, T, pos0, 3 * C, H, 3 * D, &m->rope);     // q
+    rope_forward(at->qkv + D, B, T, pos0, 3 * C, H, 3 * D, &m->rope); // k
+}
+
+static void mha_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                                 floatX *dx, const floatX *x, int B, int T) {
+    const int C = m->cfg.n_embd, H = m->cfg.n_head, D = head_dim(&m->cfg);
+    (void)at;
+    rope_backward(dat->qkv, B, T, 0, 3 * C, H, 3 * D, &m->rope);
+    rope_backward(dat->qkv + D, B, T, 0, 3 * C, H, 3 * D, &m->rope);
+    matmul_backward(dx, lg->qkv_w, lg->qkv_b, dat->qkv, x, lp->qkv_w, B * T, C, 3 * C);
+}
+
+// slot: [K of the H heads | V of the H heads] (the GQA layout with G = H). One block per token.
+__global__ void mha_cache_write_kernel(float *dst, const floatX *qkv, int row, int H, int D) {
+    const floatX *r = qkv + (size_t)row * 3 * H * D;
+    for (int e = threadIdx.x; e < 2 * H * D; e += blockDim.x) { // e = which*H*D + g*D + j
+        const int which = e / (H * D), g = (e % (H * D)) / D, j = e % D;
+        dst[e] = tof(r[g * 3 * D + (1 + which) * D + j]);
+    }
+}
+static void mha_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+    mha_cache_write_kernel<<<1, 128>>>(dst, at->qkv, row, c->n_head, head_dim(c));
+    launchCheck();
+}
+
+static void mha_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
+    mha_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
+    for (int b = 0; b < kv->batch; b++) mha_cache_write(&m->cfg, at, b, kv_slot(kv, l, b, kv->len));
+    const CoreViews v = mha_views(&m->cfg, at);
+    cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
+}
+
+// ---- GQA / MQA (Ainslie et al. 2023; Shazeer 2019): G key/value heads, each shared by a group
+// of H/G query heads (MQA: G = 1). q (H heads), then kv = [K of G heads | V of G heads].
+
+static CoreViews gqa_views(const Config *c, const AttnActs *at) {
+    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head;
+    CoreViews v = {{at->q, H * D, D}, {at->kv, 2 * G * D, D}, {at->kv + G * D, 2 * G * D, D}, G, D};
+    return v;
+}
+
+static void gqa_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, int B, int T, int pos0) {
+    const int C = m->cfg.n_embd, H = m->cfg.n_head, D = head_dim(&m->cfg), G = m->cfg.n_kv_head;
+    matmul_forward(at->q, x, lp->q_w, lp->q_b, B * T, C, H * D);
+    matmul_forward(at->kv, x, lp->kv_w, lp->kv_b, B * T, C, 2 * G * D);
+    rope_forward(at->q, B, T, pos0, H * D, H, D, &m->rope);
+    rope_forward(at->kv, B, T, pos0, 2 * G * D, G, D, &m->rope); // the G key heads, before sharing
+}
+
+static void gqa_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                                 floatX *dx, const floatX *x, int B, int T) {
+    const int C = m->cfg.n_embd, H = m->cfg.n_head, D = head_dim(&m->cfg), G = m->cfg.n_kv_head;
+    (void)at;
+    rope_backward(dat->q, B, T, 0, H * D, H, D, &m->rope);
+    rope_backward(dat->kv, B, T, 0, 2 * G * D, G, D, &m->rope);
+    matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, B * T, C, H * D);
+    matmul_backward(dx, lg->kv_w, lg->kv_b, dat->kv, x, lp->kv_w, B * T, C, 2 * G * D);
+}
+
+// slot: [K of the G heads | V of the G heads], as projected
+__global__ void gqa_cache_write_kernel(float *dst, const floatX *kv, int row, int n) {
+    for (int e = threadIdx.x; e < n; e += blockDim.x) dst[e] = tof(kv[(size_t)row * n + e]);
+}
+static void gqa_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+    gqa_cache_write_kernel<<<1, 128>>>(dst, at->kv, row, 2 * c->n_kv_head * head_dim(c));
+    launchCheck();
+}
+
+static void gqa_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
+    gqa_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
+    for (int b = 0; b < kv->batch; b++) gqa_cache_write(&m->cfg, at, b, kv_slot(kv, l, b, kv->len));
+    const CoreViews v = gqa_views(&m->cfg, at);
+    cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
+}
+
+// ---- MLA (DeepSeek-V2, doc/attention.md): keys and values come from one latent per token,
+//   ĉ = RMSNorm(W_DKV x) (kv_rank), [k_nope_h | v_h] = W_UK/UV_h ĉ,
+// plus a decoupled RoPE key k_pe = RoPE(W_KR x) (d_R) shared by all heads; the query of head h is
+// [q_nope_h | q_pe_h] (D + d_R), optionally from its own latent (q_rank). The cache keeps only ĉ
+// and k_pe; decoding absorbs W_UK into the query and W_UV after the attention.
+
+// RMSNorm (MLA's latent norms): y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps). Weight only.
+// inp rows are in_stride apart (MLA normalises the first kv_rank columns of a wider row).
+__global__ void rmsnorm_forward_kernel(floatX *out, float *rstd, const floatX *inp, int in_stride, const floatX *w, int N,
+                                       int C, float eps) {
+    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const floatX *x = inp + (size_t)n * in_stride;
+    float ss = 0.0f;
+    for (int i = lane; i < C; i += 32) ss += tof(x[i]) * tof(x[i]);
+    ss = warp_reduce_sum(ss);
+    const float r = 1.0f / sqrtf(ss / C + eps);
+    for (int i = lane; i < C; i += 32) out[(size_t)n * C + i] = fx(tof(x[i]) * r * tof(w[i]));
+    if (lane == 0) rstd[n] = r;
+}
+static void rmsnorm_forward(floatX *out, float *rstd, const floatX *inp, int in_stride, const floatX *w, int N, int C,
+                            float eps) {
+    rmsnorm_forward_kernel<<<ceil_div(N, 8), 256>>>(out, rstd, inp, in_stride, w, N, C, eps);
+    launchCheck();
+}
+
+// dx += r·g − x·r³·mean(g⊙x), g = dy⊙w;  dw += Σ dy⊙x·r
+__global__ void rmsnorm_backward_kernel(floatX *dinp, int in_stride, const floatX *dout, const floatX *inp,
+                                        const floatX *w, const float *rstd, int N, int C) {
+    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const floatX *x = inp + (size_t)n * in_stride, *dy = dout + (size_t)n * C;
+    floatX *dx = dinp + (size_t)n * in_stride;
+    const float r = rstd[n];
+    float gx = 0.0f;
+    for (int i = lane; i < C; i += 32) gx += tof(dy[i]) * tof(w[i]) * tof(x[i]);
+    gx = warp_reduce_sum(gx) / C;
+    for (int i = lane; i < C; i += 32) dx[i] = fx(tof(dx[i]) + r * tof(dy[i]) * tof(w[i]) - tof(x[i]) * r * r * r * gx);
+}
+struct RmsNormDW { // dy⊙x·r
+    const floatX *dout, *inp; int in_stride; const float *rstd; int C;
+    __device__ float operator()(int n, int i) const {
+        return tof(dout[(size_t)n * C + i]) * tof(inp[(size_t)n * in_stride + i]) * rstd[n];
+    }
+};
+static void rmsnorm_backward(floatX *dinp, int in_stride, floatX *dw, const floatX *dout, const floatX *inp,
+                             const floatX *w, const float *rstd, int N, int C) {
+    rmsnorm_backward_kernel<<<ceil_div(N, 8), 256>>>(dinp, in_stride, dout, inp, w, rstd, N, C);
+    launchCheck();
+    column_sum_add(dw, N, C, RmsNormDW{dout, inp, in_stride, rstd, C});
+}
+// MLA: k[bt][h] = [k_nope_h (from kvb) | k_pe (shared by all heads)]. One thread per entry.
+__global__ void mla_gather_keys_kernel(floatX *k, const floatX *kvb, const floatX *kpe, int kpe_stride, int BT, int H, int D, int dR) {
+    const int Dq = D + dR;
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * H * Dq) return;
+    const int j = (int)(idx % Dq);
+    const size_t nh = idx / Dq, n = nh / H; // nh = n*H + h
+    k[idx] = j < D ? kvb[nh * 2 * D + j] : kpe[n * kpe_stride + j - D];
+}
+static void mla_gather_keys(floatX *k, const floatX *kvb, const floatX *kpe, int kpe_stride, int BT, int H, int D, int dR) {
+    mla_gather_keys_kernel<<<ceil_div((size_t)BT * H * (D + dR), 256), 256>>>(k, kvb, kpe, kpe_stride, BT, H, D, dR);
+    launchCheck();
+}
+
+// its backward: dk_nope to its head in dkvb, dk_pe summed over the heads that share it.
+// One thread per (token, column): the k_pe columns loop over the heads in order.
+__global__ void mla_gather_keys_backward_kernel(floatX *dkvb, floatX *dkpe, int kpe_stride, const floatX *dk, int BT, int H,
+                                                int D, int dR) {
+    const int Dq = D + dR;
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * (H * D + dR)) return;
+    const size_t n = idx / (H * D + dR);
+    const int col = (int)(idx % (H * D + dR));
+    if (col < H * D) { // k_nope of head h, dim j
+        const int h = col / D, j = col % D;
+        floatX *dst = dkvb + (n * H + h) * 2 * D + j;
+        *dst = fx(tof(*dst) + tof(dk[(n * H + h) * Dq + j]));
+    } else { // k_pe dim j, shared
+        const int j = col - H * D;
+        float s = 0.0f;
+        for (int h = 0; h < H; h++) s += tof(dk[(n * H + h) * Dq + D + j]);
+        floatX *dst = dkpe + n * kpe_stride + j;
+        *dst = fx(tof(*dst) + s);
+    }
+}
+static void mla_gather_keys_backward(floatX *dkvb, floatX *dkpe, int kpe_stride, const floatX *dk, int BT, int H, int D, int dR) {
+    mla_gather_keys_backward_kernel<<<ceil_div((size_t)BT * (H * D + dR), 256), 256>>>(dkvb, dkpe, kpe_stride, dk, BT, H, D, dR);
+    launchCheck();
+}
+
+
+// q and k per head [nope (D) | rope (dR)]; v is the second half of kvb's head. The core sees H
+// key heads: training materialises one key per query head (mla_gather_keys).
+static CoreViews mla_views(const Config *c, const AttnActs *at) {
+    const int H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, ATTN_MLA);
+    CoreViews v = {{at->q, H * Dq, Dq}, {at->k, H * Dq, Dq}, {at->kvb + D, H * 2 * D, 2 * D}, H, Dq};
+    return v;
+}
+
+static void mla_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, int B, int T, int pos0) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim;
+    const int Dq = D + dR, KVA = R + dR;
+    if (c->q_rank > 0) { // query compression: q = W_UQ · RMSNorm(W_DQ x)
+        matmul_forward(at->q_lat, x, lp->q_a_w, NULL, BT, C, c->q_rank);
+        rmsnorm_forward(at->q_lat_norm, at->q_lat_rstd, at->q_lat, c->q_rank, lp->q_a_norm_w, BT, c->q_rank, c->rms_eps);
+        matmul_forward(at->q, at->q_lat_norm, lp->q_b_w, NULL, BT, c->q_rank, H * Dq);
+    } else {
+        matmul_forward(at->q, x, lp->q_w, NULL, BT, C, H * Dq);
+    }
+    rope_forward(at->q + D, B, T, pos0, H * Dq, H, Dq, &m->mla_rope);       // q_pe
+    matmul_forward(at->kv_a, x, lp->kv_a_w, NULL, BT, C, KVA);               // [c | k_R]
+    rope_forward(at->kv_a + R, B, T, pos0, KVA, 1, 0, &m->mla_rope);         // k_pe
+    rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, R, c->rms_eps);
+    matmul_forward(at->kvb, at->c_norm, lp->kv_b_w, NULL, BT, R, H * 2 * D); // [k_nope | v]
+    mla_gather_keys(at->k, at->kvb, at->kv_a + R, KVA, BT, H, D, dR);
+}
+
+static void mla_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                                 floatX *dx, const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim;
+    const int Dq = D + dR, KVA = R + dR;
+    mla_gather_keys_backward(dat->kvb, dat->kv_a + R, KVA, dat->k, BT, H, D, dR);
+    rope_backward(dat->kv_a + R, B, T, 0, KVA, 1, 0, &m->mla_rope);
+    rope_backward(dat->q + D, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
+    matmul_backward(dat->c_norm, lg->kv_b_w, NULL, dat->kvb, at->c_norm, lp->kv_b_w, BT, R, H * 2 * D);
+    rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, R);
+    matmul_backward(dx, lg->kv_a_w, NULL, dat->kv_a, x, lp->kv_a_w, BT, C, KVA);
+    if (c->q_rank > 0) {
+        matmul_backward(dat->q_lat_norm, lg->q_b_w, NULL, dat->q, at->q_lat_norm, lp->q_b_w, BT, c->q_rank, H * Dq);
+        rmsnorm_backward(dat->q_lat, c->q_rank, lg->q_a_norm_w, dat->q_lat_norm, at->q_lat, lp->q_a_norm_w, at->q_lat_rstd, BT, c->q_rank);
+        matmul_backward(dx, lg->q_a_w, NULL, dat->q_lat, x, lp->q_a_w, BT, C, c->q_rank);
+    } else {
+        matmul_backward(dx, lg->q_w, NULL, dat->q, x, lp->q_w, BT, C, H * Dq);
+    }
+}
+
+// slot: [ĉ (kv_rank) | k_pe (dR)]
+__global__ void mla_cache_write_kernel(float *dst, const floatX *c_norm, const floatX *kv_a, int row, int R, int dR) {
+    for (int e = threadIdx.x; e < R + dR; e += blockDim.x)
+        dst[e] = e < R ? tof(c_norm[(size_t)row * R + e]) : tof(kv_a[(size_t)row * (R + dR) + e]);
+}
+static void mla_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+    mla_cache_write_kernel<<<1, 128>>>(dst, at->c_norm, at->kv_a, row, c->kv_rank, c->mla_rope_dim);
+    launchCheck();
+}
+
+// The absorbed form: score_s = q_nope·W_UK ĉ_s + q_pe·k_pe_s = (W_UKᵀ q_nope)·ĉ_s + q_pe·k_pe_s,
+// and o = W_UV Σ_s P_s ĉ_s, so only the cached latents and rope keys are ever read.
+// One block per (head, sequence); its scratch holds the scores and the two latent vectors in fp32.
+__global__ void mla_decode_kernel(KVCache kv, LayerParams lp, HeadView q, floatX *atty, int l, int n, int H, int D, int R,
+                                  int dR, float scale, size_t per_head) {
+    const int h = blockIdx.x, b = blockIdx.y;
+    float *scores = kv.scratch + ((size_t)b * H + h) * per_head, *q_abs = scores + kv.capacity, *o_lat = q_abs + R;
     floatX *o = atty + ((size_t)b * H + h) * D;
     const floatX *qh = head_at(q, 1, b, 0, h);
-    if (kind == ATTN_CTX) { // slots k: the context of position n−1 − k·I, while it exists
-        float *keys = scores + kv.capacity + 2 * R, *vals = keys + (size_t)M * D;
-        const int slots = min(M, (n - 1) / I + 1);
-        for (int e = threadIdx.x; e < slots * D; e += blockDim.x) { // this head's rows of W_k and W_v
-            const int k = e / D, j = e % D;
-            const float *ctx = kv.ring + ((size_t)b * kv.ring_len + (n - 1 - k * I) % kv.ring_len) * dc;
-            const floatX *wk = lp.k_w + (size_t)(h * D + j) * dc, *wv = lp.v_w + (size_t)(h * D + j) * dc;
-            float sk = 0.0f, sv = 0.0f;
-            for (int i = 0; i < dc; i++) { sk += tof(wk[i]) * ctx[i]; sv += tof(wv[i]) * ctx[i]; }
-            keys[e] = sk + tof(lp.k_b[h * D + j]);
-            vals[e] = sv + tof(lp.v_b[h * D + j]);
-        }
-        __syncthreads();
-        float mx = -INFINITY;
-        for (int k = threadIdx.x; k < slots; k += blockDim.x) {
-            float d = 0.0f;
-            for (int j = 0; j < D; j++) d += tof(qh[j]) * keys[k * D + j];
-            scores[k] = scale * d;
-            mx = fmaxf(mx, scores[k]);
-        }
-        mx = block_reduce_max(mx);
-        float sum = 0.0f;
-        for (int k = threadIdx.x; k < slots; k += blockDim.x) { scores[k] = expf(scores[k] - mx); sum += scores[k]; }
-        const float inv = 1.0f / block_reduce_sum(sum);
-        for (int j = threadIdx.x; j < D; j += blockDim.x) {
-            float acc = 0.0f;
-            for (int k = 0; k < slots; k++) acc += scores[k] * inv * vals[k * D + j];
-            o[j] = fx(acc);
-        }
-    } else if (kind == ATTN_MLA) {
-        float *q_abs = scores + kv.capacity, *o_lat = q_abs + R;
-        for (int r = threadIdx.x; r < R; r += blockDim.x) { // q̃ = W_UK_hᵀ q_nope   (R)
-            float s = 0.0f;
-            for (int j = 0; j < D; j++) s += tof(qh[j]) * tof(lp.kv_b_w[((size_t)h * 2 * D + j) * R + r]);
-            q_abs[r] = s;
-        }
-        __syncthreads();
-        float mx = -INFINITY;
-        for (int s = threadIdx.x; s < n; s += blockDim.x) {
-            const float *slot = kv_slot(&kv, l, b, s);
-            float d1 = 0.0f, d2 = 0.0f;
-            for (int r = 0; r < R; r++) d1 += q_abs[r] * slot[r];
-            for (int i = 0; i < dR; i++) d2 += tof(qh[D + i]) * slot[R + i];
-            scores[s] = scale * (d1 + d2);
-            mx = fmaxf(mx, scores[s]);
-        }
-        mx = block_reduce_max(mx);
-        float sum = 0.0f;
-        for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
-        const float inv = 1.0f / block_reduce_sum(sum);
-        for (int r = threadIdx.x; r < R; r += blockDim.x) { // ō = Σ P ĉ   (R)
-            float acc = 0.0f;
-            for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[r];
-            o_lat[r] = acc;
-        }
-        __syncthreads();
-        for (int j = threadIdx.x; j < D; j += blockDim.x) { // W_UV_h ō
-            float acc = 0.0f;
-            for (int r = 0; r < R; r++) acc += tof(lp.kv_b_w[((size_t)h * 2 * D + D + j) * R + r]) * o_lat[r];
-            o[j] = fx(acc);
-        }
-    } else {
-        const int g = h / (H / G);
-        float mx = -INFINITY;
-        for (int s = threadIdx.x; s < n; s += blockDim.x) {
-            const float *kslot = kv_slot(&kv, l, b, s) + g * D;
-            float d = 0.0f;
-            for (int j = 0; j < D; j++) d += tof(qh[j]) * kslot[j];
-            scores[s] = scale * d;
-            mx = fmaxf(mx, scores[s]);
-        }
-        mx = block_reduce_max(mx);
-        float sum = 0.0f;
-        for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
-        const float inv = 1.0f / block_reduce_sum(sum);
-        for (int j = threadIdx.x; j < D; j += blockDim.x) {
-            float acc = 0.0f;
-            for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[(G + g) * D + j];
-            o[j] = fx(acc);
-        }
+    for (int r = threadIdx.x; r < R; r += blockDim.x) { // q̃ = W_UK_hᵀ q_nope   (R)
+        float s = 0.0f;
+        for (int j = 0; j < D; j++) s += tof(qh[j]) * tof(lp.kv_b_w[((size_t)h * 2 * D + j) * R + r]);
+        q_abs[r] = s;
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int s = threadIdx.x; s < n; s += blockDim.x) {
+        const float *slot = kv_slot(&kv, l, b, s);
+        float d1 = 0.0f, d2 = 0.0f;
+        for (int r = 0; r < R; r++) d1 += q_abs[r] * slot[r];
+        for (int i = 0; i < dR; i++) d2 += tof(qh[D + i]) * slot[R + i];
+        scores[s] = scale * (d1 + d2);
+        mx = fmaxf(mx, scores[s]);
+    }
+    mx = block_reduce_max(mx);
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
+    const float inv = 1.0f / block_reduce_sum(sum);
+    for (int r = threadIdx.x; r < R; r += blockDim.x) { // ō = Σ P ĉ   (R)
+        float acc = 0.0f;
+        for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[r];
+        o_lat[r] = acc;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < D; j += blockDim.x) { // W_UV_h ō
+        float acc = 0.0f;
+        for (int r = 0; r < R; r++) acc += tof(lp.kv_b_w[((size_t)h * 2 * D + D + j) * R + r]) * o_lat[r];
+        o[j] = fx(acc);
     }
 }
-static void attn_decode(const Model *m, int kind, const LayerParams *lp, AttnActs *at, const KVCache *kv, int l, int n) {
+static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), G = c->n_kv_head, Dq = qk_head_dim(c, kind);
-    const float scale = 1.0f / sqrtf((float)Dq);
-    const size_t per_head = kv_scratch_per_head(c, kv->capacity);
-    HeadView q, k_unused, v_unused;
-    attn_views(c, kind, at, &q, &k_unused, &v_unused);
-    attn_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(kind, *kv, *lp, q, at->atty, l, n, H, D, G, c->kv_rank,
-                                                            c->mla_rope_dim, c->context_interval, c->max_contexts,
-                                                            c->context_dim, scale, per_head);
+    const int H = c->n_head, D = head_dim(c);
+    mla_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
+    for (int b = 0; b < kv->batch; b++) mla_cache_write(c, at, b, kv_slot(kv, l, b, kv->len));
+    mla_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, *lp, mla_views(c, at).q, at->atty, l, kv->len + 1, H, D,
+                                                          c->kv_rank, c->mla_rope_dim, 1.0f / sqrtf((float)(D + c->mla_rope_dim)),
+                                                          kv_scratch_per_head(c, kv->capacity));
     launchCheck();
 }
 
-static void attention_block_decode(const Model *m, const LayerParams *lp, AttnActs *at, floatX *out, const floatX *x,
-                                   KVCache *kv, int l) {
-    const Config *c = &m->cfg;
-    const int pos = kv->len, kind = layer_kind(c, l);
-    const int B = kv->batch;
-    if (kind == ATTN_CTX) { // only the query is projected; the slots come from the ring
-        matmul_forward(at->q, x, lp->q_w, lp->q_b, B, c->n_embd, c->n_embd);
-    } else {
-        attn_project_forward(m, kind, lp, at, x, B, 1, pos);
-        for (int b = 0; b < B; b++) attn_cache_write(c, at, b, kv_slot(kv, l, b, pos));
+// ---- Context-KV (doc/context_kv.md): layer 0 attends over contexts instead of tokens. A
+// ContextBlock runs the recurrence c_t = LN_c(c_{t-1} + GELU(W_c [c_{t-1}; LN_e(e_t)] + b_c)) over the
+// token embeddings; query t attends over M slots, slot k holding the key/value of the context at
+// t − k·I. The block is trained first and alone (phase 1: OACD, by parallel Jacobi iteration) and
+// then frozen, so its contexts are constants for the rest of the model (phase 2).
+
+// Context-KV attention (layer 0, doc/context_kv.md). Query t attends over M slots: slot k
+// holds the key/value of the context at s = t − k·I when s >= 0; empty slots are masked out.
+// No positional encoding: the slot order and the recurrence carry position.
+// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D), att (B,H,T,M).
+// One block per query row (t, h, b).
+__global__ void ctx_attention_forward_kernel(floatX *out, floatX *att, const floatX *q, const floatX *kc, const floatX *vc,
+                                             int T, int H, int D, int interval, int M) {
+    extern __shared__ float sm[];
+    float *qs = sm, *p = sm + D; // q (D), slot scores (M)
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    const floatX *qt = q + ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) qs[j] = tof(qt[j]);
+    __syncthreads();
+    const int n = min(M, t / interval + 1); // filled slots: s = t, t−I, … while s >= 0
+    float mx = -INFINITY;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        const floatX *ks = kc + ((size_t)b * T + t - k * interval) * C + h * D;
+        float d = 0.0f;
+        for (int j = 0; j < D; j++) d += qs[j] * tof(ks[j]);
+        p[k] = scale * d;
+        mx = fmaxf(mx, p[k]);
     }
-    attn_decode(m, kind, lp, at, kv, l, pos + 1);
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B, c->n_head * head_dim(c), c->n_embd);
+    mx = block_reduce_max(mx);
+    float sum = 0.0f;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        p[k] = expf(p[k] - mx);
+        sum += p[k];
+    }
+    const float inv = 1.0f / block_reduce_sum(sum);
+    floatX *arow = att + (((size_t)b * H + h) * T + t) * M;
+    for (int k = threadIdx.x; k < M; k += blockDim.x) {
+        float pn = k < n ? p[k] * inv : 0.0f;
+        if (k < n) p[k] = pn;
+        arow[k] = fx(pn);
+    }
+    __syncthreads();
+    floatX *o = out + ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < n; k++) acc += p[k] * tof(vc[((size_t)b * T + t - k * interval) * C + h * D + j]);
+        o[j] = fx(acc);
+    }
+}
+static void ctx_attention_forward(floatX *out, floatX *att, const floatX *q, const floatX *kc, const floatX *vc, int B,
+                                  int T, int H, int D, int interval, int M) {
+    const size_t smem = (size_t)(D + M) * sizeof(float);
+    set_smem(ctx_attention_forward_kernel, smem);
+    ctx_attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(out, att, q, kc, vc, T, H, D, interval, M);
+    launchCheck();
 }
 
+// dV_s += P·dO, dP = dO·V_s, dS = P⊙(dP − Σ P⊙dP), dq += scale·Σ dS·K_s, dK_s += scale·dS·q.
+// As attention_backward: the query side per query row (t, h, b) forms dS (in datt) and dq;
+// the source side per source row (s, h, b) gathers the query rows t = s + k·I that read it.
+__global__ void ctx_attention_backward_query_kernel(floatX *dq, floatX *datt, const floatX *dout, const floatX *att,
+                                                    const floatX *kc, const floatX *vc, int T, int H, int D, int interval, int M) {
+    extern __shared__ float sm[];
+    float *dos = sm, *ds = sm + D; // dO row (D), dP then dS (M)
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    const floatX *dot_ = dout + ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) dos[j] = tof(dot_[j]);
+    __syncthreads();
+    const int n = min(M, t / interval + 1);
+    const floatX *p = att + (((size_t)b * H + h) * T + t) * M;
+    floatX *dsrow = datt + (((size_t)b * H + h) * T + t) * M;
+    float rowsum = 0.0f;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        const floatX *vs = vc + ((size_t)b * T + t - k * interval) * C + h * D;
+        float d = 0.0f;
+        for (int j = 0; j < D; j++) d += dos[j] * tof(vs[j]);
+        ds[k] = d;
+        rowsum += d * tof(p[k]);
+    }
+    rowsum = block_reduce_sum(rowsum);
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        ds[k] = tof(p[k]) * (ds[k] - rowsum) * scale;
+        dsrow[k] = fx(ds[k]);
+    }
+    __syncthreads();
+    floatX *dqt = dq + ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < n; k++) acc += ds[k] * tof(kc[((size_t)b * T + t - k * interval) * C + h * D + j]);
+        dqt[j] = fx(tof(dqt[j]) + acc);
+    }
+}
+__global__ void ctx_attention_backward_source_kernel(floatX *dkc, floatX *dvc, const floatX *datt, const floatX *dout,
+                                                     const floatX *att, const floatX *q, int T, int H, int D, int interval, int M) {
+    const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float ak = 0.0f, av = 0.0f;
+        for (int k = 0; k < M && s + k * interval < T; k++) { // query t = s + k·I reads s through slot k
+            const int t = s + k * interval;
+            const size_t r = (((size_t)b * H + h) * T + t) * M + k;
+            ak += tof(datt[r]) * tof(q[((size_t)b * T + t) * C + h * D + j]);
+            av += tof(att[r]) * tof(dout[((size_t)b * T + t) * C + h * D + j]);
+        }
+        const size_t o = ((size_t)b * T + s) * C + h * D + j;
+        dkc[o] = fx(tof(dkc[o]) + ak);
+        dvc[o] = fx(tof(dvc[o]) + av);
+    }
+}
+static void ctx_attention_backward(floatX *dq, floatX *dkc, floatX *dvc, floatX *datt, const floatX *dout, const floatX *att,
+                                   const floatX *q, const floatX *kc, const floatX *vc, int B, int T, int H, int D,
+                                   int interval, int M) {
+    const size_t smem = (size_t)(D + M) * sizeof(float);
+    set_smem(ctx_attention_backward_query_kernel, smem);
+    ctx_attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dq, datt, dout, att, kc, vc, T, H, D, interval, M);
+    launchCheck();
+    ctx_attention_backward_source_kernel<<<dim3(T, H, B), ATT_THREADS>>>(dkc, dvc, datt, dout, att, q, T, H, D, interval, M);
+    launchCheck();
+}
+// q from the token; keys and values of every context (constants: no gradient flows into them)
+static void ctx_project_forward(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, int B, int T, int pos0) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd;
+    (void)pos0; // no positional encoding: the slot order and the recurrence carry position
+    matmul_forward(at->q, x, lp->q_w, lp->q_b, BT, C, C);
+    matmul_forward(at->kc, m->a.contexts, lp->k_w, lp->k_b, BT, c->context_dim, C);
+    matmul_forward(at->vc, m->a.contexts, lp->v_w, lp->v_b, BT, c->context_dim, C);
+}
+
+static void ctx_project_backward(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                                 floatX *dx, const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd;
+    (void)at;
+    matmul_backward(dx, lg->q_w, lg->q_b, dat->q, x, lp->q_w, BT, C, C);
+    matmul_backward(NULL, lg->k_w, lg->k_b, dat->kc, m->a.contexts, lp->k_w, BT, c->context_dim, C);
+    matmul_backward(NULL, lg->v_w, lg->v_b, dat->vc, m->a.contexts, lp->v_w, BT, c->context_dim, C);
+}
+
+// Slot k of the new token at n−1 is the context of position n−1 − k·I, while it exists; its key
+// and value are recomputed from the ring (kvcache_push_context keeps the contexts there).
+// One block per (head, sequence); its scratch holds the slots' keys, values and scores in fp32.
+__global__ void ctx_decode_kernel(KVCache kv, LayerParams lp, const floatX *q, floatX *atty, int n, int H, int D, int R, int I,
+                                  int M, int dc, float scale, size_t per_head) {
+    const int h = blockIdx.x, b = blockIdx.y;
+    float *scores = kv.scratch + ((size_t)b * H + h) * per_head;
+    float *keys = scores + kv.capacity + 2 * R, *vals = keys + (size_t)M * D;
+    floatX *o = atty + ((size_t)b * H + h) * D;
+    const floatX *qh = q + (size_t)b * H * D + h * D;
+    const int slots = min(M, (n - 1) / I + 1);
+    for (int e = threadIdx.x; e < slots * D; e += blockDim.x) { // this head's rows of W_k and W_v
+        const int k = e / D, j = e % D;
+        const float *ctx = kv.ring + ((size_t)b * kv.ring_len + (n - 1 - k * I) % kv.ring_len) * dc;
+        const floatX *wk = lp.k_w + (size_t)(h * D + j) * dc, *wv = lp.v_w + (size_t)(h * D + j) * dc;
+        float sk = 0.0f, sv = 0.0f;
+        for (int i = 0; i < dc; i++) { sk += tof(wk[i]) * ctx[i]; sv += tof(wv[i]) * ctx[i]; }
+        keys[e] = sk + tof(lp.k_b[h * D + j]);
+        vals[e] = sv + tof(lp.v_b[h * D + j]);
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int k = threadIdx.x; k < slots; k += blockDim.x) {
+        float d = 0.0f;
+        for (int j = 0; j < D; j++) d += tof(qh[j]) * keys[k * D + j];
+        scores[k] = scale * d;
+        mx = fmaxf(mx, scores[k]);
+    }
+    mx = block_reduce_max(mx);
+    float sum = 0.0f;
+    for (int k = threadIdx.x; k < slots; k += blockDim.x) { scores[k] = expf(scores[k] - mx); sum += scores[k]; }
+    const float inv = 1.0f / block_reduce_sum(sum);
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < slots; k++) acc += scores[k] * inv * vals[k * D + j];
+        o[j] = fx(acc);
+    }
+}
+static void ctx_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
+    const Config *c = &m->cfg;
+    const int H = c->n_head, D = head_dim(c), C = c->n_embd;
+    (void)l;
+    matmul_forward(at->q, x, lp->q_w, lp->q_b, kv->batch, C, C); // only the query: the slots come from the ring
+    ctx_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, *lp, at->q, at->atty, kv->len + 1, H, D, c->kv_rank,
+                                                          c->context_interval, c->max_contexts, c->context_dim,
+                                                          1.0f / sqrtf((float)D), kv_scratch_per_head(c, kv->capacity));
+    launchCheck();
+}
+
+static size_t blockacts_layout(BlockActs *cb, char *base, size_t N, size_t E, size_t dc) {
+    size_t off = 0;
+    BUF(cb->u, N * E); BUF(cb->u_mean, N); BUF(cb->u_rstd, N); BUF(cb->z, N * (dc + E)); BUF(cb->pre, N * dc);
+    BUF(cb->g, N * dc); BUF(cb->r, N * dc); BUF(cb->r_mean, N); BUF(cb->r_rstd, N); BUF(cb->out, N * dc);
+    BUF(cb->dr, N * dc); BUF(cb->dpre, N * dc); BUF(cb->dz, N * (dc + E)); BUF(cb->du, N * E); BUF(cb->dE, N * E);
+    return off;
+}
+
+static void blockacts_ensure(BlockActs *cb, int N, int E, int dc) {
+    if (N <= cb->cap) return;
+    cuda_free(cb->mem);
+    cb->mem = (char *)cuda_malloc_check(blockacts_layout(cb, NULL, N, E, dc), "context block");
+    blockacts_layout(cb, cb->mem, N, E, dc);
+    cb->cap = N;
+}
+
+// z[n] = [S[n] ; u[n]]
+__global__ void concat_rows_kernel(floatX *z, const floatX *S, const floatX *u, int N, int dc, int Ed) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * (dc + Ed)) return;
+    const size_t n = idx / (dc + Ed);
+    const int j = (int)(idx % (dc + Ed));
+    z[idx] = j < dc ? S[n * dc + j] : u[n * Ed + j - dc];
+}
+// dst[n] = src[n][col0 .. col0+width)   (src rows of src_width)
+__global__ void copy_cols_kernel(floatX *dst, const floatX *src, int N, int src_width, int col0, int width) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * width) return;
+    dst[idx] = src[(idx / width) * src_width + col0 + idx % width];
+}
+// out = a + b
+__global__ void add_kernel(floatX *out, const floatX *a, const floatX *b, size_t N) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < N) out[i] = fx(tof(a[i]) + tof(b[i]));
+}
+
+static void contextblock_forward(BlockActs *cb, const Params *p, const floatX *S, const floatX *E, int N, int Ed, int dc,
+                                 float eps) {
+    layernorm_forward(cb->u, cb->u_mean, cb->u_rstd, E, p->ctx_ln_e_w, p->ctx_ln_e_b, N, Ed, eps);
+    concat_rows_kernel<<<ceil_div((size_t)N * (dc + Ed), 256), 256>>>(cb->z, S, cb->u, N, dc, Ed); // z = [S ; u]
+    launchCheck();
+    matmul_forward(cb->pre, cb->z, p->ctx_w, p->ctx_b, N, dc + Ed, dc);
+    gelu_forward(cb->g, cb->pre, (size_t)N * dc);
+    add_kernel<<<ceil_div((size_t)N * dc, 256), 256>>>(cb->r, S, cb->g, (size_t)N * dc);
+    launchCheck();
+    layernorm_forward(cb->out, cb->r_mean, cb->r_rstd, cb->r, p->ctx_ln_c_w, p->ctx_ln_c_b, N, dc, eps);
+}
+
+// Gradients of the block's parameters only (into g): S is a constant (detached iterate) and
+// E belongs to the frozen embeddings, so their gradients are not formed.
+static void contextblock_backward(BlockActs *cb, const Params *p, Params *g, const floatX *dout, const floatX *E, int N,
+                                  int Ed, int dc) {
+    cudaCheck(cudaMemset(cb->dr, 0, (size_t)N * dc * sizeof(floatX)));
+    layernorm_backward(cb->dr, g->ctx_ln_c_w, g->ctx_ln_c_b, dout, cb->r, p->ctx_ln_c_w, cb->r_mean, cb->r_rstd, N, dc);
+    cudaCheck(cudaMemset(cb->dpre, 0, (size_t)N * dc * sizeof(floatX)));
+    gelu_backward(cb->dpre, cb->pre, cb->dr, (size_t)N * dc); // dr reaches g through the residual
+    cudaCheck(cudaMemset(cb->dz, 0, (size_t)N * (dc + Ed) * sizeof(floatX)));
+    matmul_backward(cb->dz, g->ctx_w, g->ctx_b, cb->dpre, cb->z, p->ctx_w, N, dc + Ed, dc);
+    copy_cols_kernel<<<ceil_div((size_t)N * Ed, 256), 256>>>(cb->du, cb->dz, N, dc + Ed, dc, Ed);
+    launchCheck();
+    cudaCheck(cudaMemset(cb->dE, 0, (size_t)N * Ed * sizeof(floatX)));
+    layernorm_backward(cb->dE, g->ctx_ln_e_w, g->ctx_ln_e_b, cb->du, E, p->ctx_ln_e_w, cb->u_mean, cb->u_rstd, N, Ed);
+}
+
+
+// compute_contexts' per-step gather: prev[b] = contexts[b, t-1] (0 at t = 0), emb[b] = embed_in[ids[b, t]]
+__global__ void contexts_gather_kernel(floatX *prev, floatX *emb, const floatX *contexts, const floatX *embed_in,
+                                       const int *inputs, int B, int T, int t, int dc, int Ed) {
+    const int b = blockIdx.x;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x)
+        prev[(size_t)b * dc + j] = t > 0 ? contexts[((size_t)b * T + t - 1) * dc + j] : fx(0.0f);
+    for (int j = threadIdx.x; j < Ed; j += blockDim.x)
+        emb[(size_t)b * Ed + j] = embed_in[(size_t)inputs[b * T + t] * Ed + j];
+}
+// and its scatter: contexts[b, t] = out[b]
+__global__ void contexts_scatter_kernel(floatX *contexts, const floatX *out, int T, int t, int dc) {
+    const int b = blockIdx.x;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) contexts[((size_t)b * T + t) * dc + j] = out[(size_t)b * dc + j];
+}
+
+// The exact recurrence c_t = ContextBlock(c_{t-1}, e_t), c_{-1} = 0 at each sequence start,
+// from the current embed_in: one time step after another, the B sequences of a step at once.
+// Writes m->a.contexts (B,T,d_c). No gradient is ever formed through it (constants).
+// inputs are on the GPU.
+static void compute_contexts(Model *m, const int *inputs, int B, int T) {
+    const Config *c = &m->cfg;
+    const int dc = c->context_dim, Ed = c->embed_dim;
+    blockacts_ensure(&m->cb, B, Ed, dc);
+    floatX *prev = (floatX *)dev_temp(TMP_EMB, (size_t)B * (dc + Ed) * sizeof(floatX)), *emb = prev + (size_t)B * dc;
+    for (int t = 0; t < T; t++) {
+        contexts_gather_kernel<<<B, 128>>>(prev, emb, m->a.contexts, m->p.embed_in, inputs, B, T, t, dc, Ed);
+        launchCheck();
+        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
+        contexts_scatter_kernel<<<B, 128>>>(m->a.contexts, m->cb.out, T, t, dc);
+        launchCheck();
+    }
+}
 __global__ void cast_to_float_kernel(float *dst, const floatX *src, size_t n) {
     const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i < n) dst[i] = tof(src[i]);
@@ -1826,67 +1643,84 @@ static void kvcache_push_context(const Config *c, KVCache *kv, int b, int pos, c
     cast_to_float_kernel<<<ceil_div(dc, 256), 256>>>(kv->running + (size_t)b * dc, ctx, dc);
     launchCheck();
 }
-
-// Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
-// contexts) into the cache. Returns the logits of the last prompt tokens on the host: row b
-// at b * *row_stride (Vp: only the B rows that sampling needs are copied back).
-static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
-    const Config *c = &m->cfg;
-    const int B = kv->batch;
-    const size_t Vp = c->padded_vocab_size;
-    if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
-    model_forward(m, prompts, NULL, B, n);
-    for (int l = kv->first_layer; l < c->n_layer; l++)
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < n; t++) attn_cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
-    if (has_context_block(c))
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
-    kv->len = n;
-    if ((size_t)B * Vp > m->logits_host_cap) {
-        free(m->logits_host);
-        m->logits_host = (float *)malloc_check((size_t)B * Vp * sizeof(float), "logits");
-        m->logits_host_cap = (size_t)B * Vp;
+// Per slice of `slice` consecutive rows of X (N,d) and column j: the column mean μ_j and
+// Σ_i (X_ij − μ_j)², in double as the CPU program. One thread per (slice, column).
+__global__ void oacd_stats_kernel(double *mu, double *dev, const floatX *X, int N, int d, int slice) {
+    const int s = blockIdx.x, s0 = s * slice, n = min(slice, N - s0);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        double m_ = 0.0;
+        for (int i = 0; i < n; i++) m_ += tof(X[(size_t)(s0 + i) * d + j]);
+        m_ /= n;
+        double e2 = 0.0;
+        for (int i = 0; i < n; i++) { double e = tof(X[(size_t)(s0 + i) * d + j]) - m_; e2 += e * e; }
+        mu[(size_t)s * d + j] = m_;
+        dev[(size_t)s * d + j] = e2;
     }
-    for (int b = 0; b < B; b++) download_floats(m->logits_host + b * Vp, m->a.logits + ((size_t)b * n + n - 1) * Vp, Vp);
-    *row_stride = Vp;
-    return m->logits_host;
+}
+// the statistics of every slice, on the host: mu, dev (n_slices, d) doubles
+static void oacd_stats(double *mu, double *dev, const floatX *X, int N, int d, int slice) {
+    const int n_slices = (N + slice - 1) / slice;
+    double *dm = (double *)dev_temp(TMP_OACD, 2 * (size_t)n_slices * d * sizeof(double));
+    oacd_stats_kernel<<<n_slices, 256>>>(dm, dm + (size_t)n_slices * d, X, N, d, slice);
+    launchCheck();
+    cudaCheck(cudaMemcpy(mu, dm, (size_t)n_slices * d * sizeof(double), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(dev, dm + (size_t)n_slices * d, (size_t)n_slices * d * sizeof(double), cudaMemcpyDeviceToHost));
+}
+// OACD diversity loss on rows X (N,d), per slice of `slice` consecutive rows, averaged:
+//   L_slice = −||X − 1μᵀ||_F / n + λ·||μ||²,   μ = mean of the slice's n rows
+// The Frobenius norm is not squared: it rewards spread without letting one direction dominate.
+static float oacd_forward(const floatX *X, int N, int d, int slice, float lambda) {
+    const int n_slices_all = (N + slice - 1) / slice;
+    double *mu = (double *)malloc_check(2 * (size_t)n_slices_all * d * sizeof(double), "oacd"), *dev = mu + (size_t)n_slices_all * d;
+    oacd_stats(mu, dev, X, N, d, slice);
+    double total = 0.0;
+    int n_slices = 0;
+    for (int s0 = 0; s0 < N; s0 += slice, n_slices++) {
+        int n = N - s0 < slice ? N - s0 : slice;
+        double mu_sq = 0.0, dev_sq = 0.0;
+        for (int j = 0; j < d; j++) {
+            double m_ = mu[(size_t)n_slices * d + j];
+            mu_sq += m_ * m_;
+            dev_sq += dev[(size_t)n_slices * d + j];
+        }
+        total += -sqrt(dev_sq) / n + lambda * mu_sq;
+    }
+    free(mu);
+    return (float)(total / n_slices);
 }
 
-// One token per sequence (tokens[B], host) at position kv->len through the model, reading the
-// cache. Returns the logits (B,Vp) on the host.
-static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
-    const Config *c = &m->cfg;
-    const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
-    if (kv->len >= kv->capacity) die("KV cache full (%d tokens)", kv->capacity);
-    check_batch(c, tokens, NULL, B, 1);
-    model_ensure_acts(m, B, 1);
-    cudaCheck(cudaMemcpy(m->inputs_dev, tokens, B * sizeof(int), cudaMemcpyHostToDevice));
-    if (has_context_block(c)) { // c_t = ContextBlock(c_{t−1}, e_t), c_{−1} = 0
-        blockacts_ensure(&m->cb, B, Ed, dc);
-        if (kv->len == 0) cudaCheck(cudaMemset(kv->running, 0, (size_t)B * dc * sizeof(float)));
-        floatX *prev = (floatX *)dev_temp(TMP_EMB, (size_t)B * (dc + Ed) * sizeof(floatX)), *emb = prev + (size_t)B * dc;
-        cast_to_floatX_kernel<<<ceil_div((size_t)B * dc, 256), 256>>>(prev, kv->running, (size_t)B * dc);
-        launchCheck();
-        embedding_forward(emb, m->inputs_dev, m->p.embed_in, B, Ed);
-        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
-        for (int b = 0; b < B; b++) kvcache_push_context(c, kv, b, kv->len, m->cb.out + (size_t)b * dc);
-    }
-    if (c->model_type == MODEL_CTXPYTHIA) {
-        cudaCheck(cudaMemcpy(m->a.resid, m->cb.out, (size_t)B * C * sizeof(floatX), cudaMemcpyDeviceToDevice)); // = running
-    } else {
-        embedding_forward(m->a.resid, m->inputs_dev, m->p.embed_in, B, C);
-    }
-    for (int l = 0; l < c->n_layer; l++)
-        layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
-    head_forward(m, B);
-    kv->len++;
-    return model_logits_host(m, 0, B);
+// dX_t = (−(X_t − μ)/||X − 1μᵀ||_F + 2λμ) / n per slice, / number of slices. (The centring
+// drops out of the first term because the deviations of a slice sum to zero.)
+__global__ void oacd_backward_kernel(floatX *dX, const floatX *X, const float *mu, const float *inv_F, int N, int d,
+                                     int slice, int n_slices, float lambda) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * d) return;
+    const int row = (int)(idx / d), j = (int)(idx % d), s = row / slice, n = min(slice, N - s * slice);
+    const float scale = 1.0f / ((float)n * n_slices), m_ = mu[(size_t)s * d + j];
+    dX[idx] = fx(scale * (-(tof(X[idx]) - m_) * inv_F[s] + 2.0f * lambda * m_));
 }
-
-// ----------------------------------------------------------------------------
-// Context-KV phase 1 (doc/context_kv.md)
-
+static void oacd_backward(floatX *dX, const floatX *X, int N, int d, int slice, float lambda) {
+    int n_slices = (N + slice - 1) / slice;
+    double *mu = (double *)malloc_check(2 * (size_t)n_slices * d * sizeof(double), "oacd"), *dev = mu + (size_t)n_slices * d;
+    oacd_stats(mu, dev, X, N, d, slice);
+    // per slice: μ as float and 1/||X − 1μᵀ||_F, to the GPU
+    float *host = (float *)malloc_check(((size_t)n_slices * d + n_slices) * sizeof(float), "oacd");
+    for (int s = 0; s < n_slices; s++) {
+        double dev_sq = 0.0;
+        for (int j = 0; j < d; j++) {
+            host[(size_t)s * d + j] = (float)mu[(size_t)s * d + j];
+            dev_sq += dev[(size_t)s * d + j];
+        }
+        float F = (float)sqrt(dev_sq);
+        host[(size_t)n_slices * d + s] = F > 1e-12f ? 1.0f / F : 0.0f;
+    }
+    float *dh = (float *)dev_temp(TMP_UPLOAD, ((size_t)n_slices * d + n_slices) * sizeof(float));
+    cudaCheck(cudaMemcpy(dh, host, ((size_t)n_slices * d + n_slices) * sizeof(float), cudaMemcpyHostToDevice));
+    oacd_backward_kernel<<<ceil_div((size_t)N * d, 256), 256>>>(dX, X, dh, dh + (size_t)n_slices * d, N, d, slice, n_slices, lambda);
+    launchCheck();
+    free(host);
+    free(mu);
+}
 // The parallel fixed-point (Jacobi) iteration of the recurrence over every position at once:
 //   S = shift(P) (+ noise), O = ContextBlock(S, E), P <- O.
 // Position t is exact after t+1 iterations without noise, so T iterations give the exact
@@ -1941,10 +1775,7 @@ static Phase1Stats phase1_round(Model *m, const Args *a, const int *tokens, int 
     for (size_t i = 0; i < (size_t)N * dc; i++) P0[i] = 0.01f * random_normal(rng);
     upload_floats(P, P0, (size_t)N * dc);
     free(P0);
-    if (!m->grads_memory) {
-        m->grads_memory = (floatX *)cuda_calloc_check(m->num_params_dev * sizeof(floatX), "gradients");
-        layout_params(c, m->grads_memory, &m->g, NULL, NULL);
-    }
+    model_ensure_grads(m);
     AdamW opt = {a->p1_lr, a->beta1, a->beta2, a->eps, 0.0f}; // Adam: no weight decay
     Phase1Stats st = {};
     for (int it = 0; it < a->p1_iters; it++) {
@@ -1973,6 +1804,281 @@ static Phase1Stats phase1_round(Model *m, const Args *a, const int *tokens, int 
     cuda_free(E); free(flags_host);
     return st;
 }
+
+// ---- The variants, indexed by layer kind (attn_type, or ATTN_CTX for a ctxkv layer 0)
+
+typedef struct {
+    CoreViews (*views)(const Config *c, const AttnActs *at); // NULL: Context-KV attends over its slots
+    void (*project_forward)(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, int B, int T, int pos0);
+    void (*project_backward)(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
+                             floatX *dx, const floatX *x, int B, int T);
+    void (*cache_write)(const Config *c, const AttnActs *at, int row, float *dst); // NULL: contexts go to the ring
+    void (*decode)(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l);
+} AttnVariant;
+
+static const AttnVariant ATTN_VARIANTS[] = {
+    {mha_views, mha_project_forward, mha_project_backward, mha_cache_write, mha_decode}, // ATTN_MHA
+    {gqa_views, gqa_project_forward, gqa_project_backward, gqa_cache_write, gqa_decode}, // ATTN_GQA
+    {gqa_views, gqa_project_forward, gqa_project_backward, gqa_cache_write, gqa_decode}, // ATTN_MQA: G = 1
+    {mla_views, mla_project_forward, mla_project_backward, mla_cache_write, mla_decode}, // ATTN_MLA
+    {NULL, ctx_project_forward, ctx_project_backward, NULL, ctx_decode},                 // ATTN_CTX
+};
+
+
+// ----------------------------------------------------------------------------
+// The whole model: attention block, the Pythia layer, the head, forward and backward
+
+
+// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l): the causal core, or for Context-KV's
+// layer 0 the core over its context slots
+static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, floatX *out,
+                                    const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const AttnVariant *v = &ATTN_VARIANTS[kind];
+    const int H = c->n_head, D = head_dim(c);
+    v->project_forward(m, lp, at, x, B, T, 0);
+    if (v->views) {
+        const CoreViews cv = v->views(c, at);
+        attention_forward(at->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D, 1.0f / sqrtf((float)cv.dqk));
+    } else {
+        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
+    }
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
+}
+
+
+static void attention_block_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
+                                     AttnActs *dat, floatX *dx, const floatX *dout, const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const AttnVariant *v = &ATTN_VARIANTS[kind];
+    const int H = c->n_head, D = head_dim(c);
+    matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
+    if (v->views) {
+        const CoreViews cv = v->views(c, at), dv = v->views(c, dat); // the gradients have the same layout
+        attention_backward(dv.q, dv.k, dv.v, dat->att, dat->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D,
+                           1.0f / sqrtf((float)cv.dqk));
+    } else {
+        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H, D,
+                               c->context_interval, c->max_contexts);
+    }
+    v->project_backward(m, lp, lg, at, dat, dx, x, B, T);
+}
+
+
+// decoding: each sequence's new token through layer l's attention, reading (and extending) the cache
+static void attention_block_decode(const Model *m, int l, const LayerParams *lp, AttnActs *at, floatX *out, const floatX *x,
+                                   KVCache *kv) {
+    const Config *c = &m->cfg;
+    ATTN_VARIANTS[layer_kind(c, l)].decode(m, lp, at, x, kv, l);
+    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, kv->batch, c->n_head * head_dim(c), c->n_embd);
+}
+
+
+// One Pythia layer: x_out = x + Attn(LN_1(x)) + MLP(LN_2(x)), the parallel residual.
+// With a KV cache (decoding, T = 1) the attention reads the cached tokens instead.
+static void layer_forward(Model *m, int l, floatX *x_out, const floatX *x, int B, int T, KVCache *kv) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, F = c->n_inner;
+    const LayerParams *lp = &m->p.layer[l];
+    LayerActs *la = &m->a.layer[l];
+    layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
+    layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
+    if (kv) attention_block_decode(m, l, lp, &la->at, m->a.attn_out, la->ln1, kv);
+    else attention_block_forward(m, layer_kind(c, l), lp, &la->at, m->a.attn_out, la->ln1, B, T);
+    matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
+    gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
+    matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
+    residual3_forward(x_out, x, m->a.attn_out, m->a.mlp_out, (size_t)BT * C);
+}
+
+
+// ga->dresid holds d loss / d x_out on entry and d loss / d x on return: the parallel
+// residual passes it unchanged to x, to the attention output and to the MLP output.
+static void layer_backward(Model *m, int l, const floatX *x, int B, int T) {
+    const Config *c = &m->cfg;
+    const int BT = B * T, C = c->n_embd, F = c->n_inner;
+    const LayerParams *lp = &m->p.layer[l];
+    LayerParams *lg = &m->g.layer[l];
+    LayerActs *la = &m->a.layer[l];
+    GradActs *ga = &m->ga;
+    // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
+    cudaCheck(cudaMemset(ga->dln1, 0, (size_t)((char *)ga->dlnf - (char *)ga->dln1)));
+    const int kind = layer_kind(c, l);
+    layout_attn_acts(c, kind, B, T, ga->dat_base, 0, &ga->dat, 1);
+    // MLP branch
+    matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
+    gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
+    matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
+    // attention branch
+    attention_block_backward(m, kind, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
+    // both LayerNorms read x: their input grads add into the residual gradient
+    layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
+    layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
+}
+
+
+// final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
+static void head_forward(Model *m, int BT) {
+    const Config *c = &m->cfg;
+    Acts *a = &m->a;
+    const floatX *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
+    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
+    // vocabulary head is most of the cost
+    int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
+    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
+                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
+}
+
+
+// Forward pass. inputs/targets (B,T) on the host; targets may be NULL (inference). Returns
+// the mean loss (or -1 without targets). Logits are left in m->a.logits (B,T,Vp) on the GPU
+// (model_logits_host fetches rows); the per-position losses in m->losses_host.
+static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+    const Config *c = &m->cfg;
+    const int C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size, BT = B * T;
+    check_batch(c, inputs, targets, B, T);
+    model_ensure_acts(m, B, T);
+    m->B = B;
+    m->T = T;
+    memcpy(m->inputs, inputs, BT * sizeof(int));
+    cudaCheck(cudaMemcpy(m->inputs_dev, inputs, BT * sizeof(int), cudaMemcpyHostToDevice));
+    if (targets) {
+        memcpy(m->targets, targets, BT * sizeof(int));
+        cudaCheck(cudaMemcpy(m->targets_dev, targets, BT * sizeof(int), cudaMemcpyHostToDevice));
+    }
+    Acts *a = &m->a;
+    if (has_context_block(c)) compute_contexts(m, m->inputs_dev, B, T);
+    if (c->model_type == MODEL_CTXPYTHIA) cudaCheck(cudaMemcpy(a->resid, a->contexts, (size_t)BT * C * sizeof(floatX), cudaMemcpyDeviceToDevice)); // x_0 = contexts
+    else embedding_forward(a->resid, m->inputs_dev, m->p.embed_in, BT, C);
+    for (int l = 0; l < c->n_layer; l++)
+        layer_forward(m, l, a->resid + (size_t)(l + 1) * BT * C, a->resid + (size_t)l * BT * C, B, T, NULL);
+    head_forward(m, BT);
+    m->mean_loss = -1.0f;
+    if (targets)
+        m->mean_loss = crossentropy_forward(a->losses, a->lse, a->logits, m->targets_dev, BT, V, Vp, &m->n_valid, m->targets,
+                                            m->losses_host);
+    return m->mean_loss;
+}
+
+
+// Backward of the last forward (which must have had targets). Accumulates into m->g.
+// Overwrites the logits with dlogits.
+static void model_backward(Model *m) {
+    const Config *c = &m->cfg;
+    if (m->mean_loss < 0.0f) die("model_backward called without a forward pass with targets");
+    const int B = m->B, T = m->T, BT = B * T, C = c->n_embd, V = c->vocab_size, Vp = c->padded_vocab_size;
+    model_ensure_grads(m);
+    size_t need = layout_acts(c, B, T, NULL, NULL, &m->ga);
+    if (need > m->gacts_cap) {
+        cuda_free(m->gacts_memory);
+        m->gacts_memory = (char *)cuda_malloc_check(need, "activation gradients");
+        m->gacts_cap = need;
+    }
+    layout_acts(c, B, T, m->gacts_memory, NULL, &m->ga);
+    Acts *a = &m->a;
+    GradActs *ga = &m->ga;
+    if (m->n_valid == 0) return; // every target ignored: the loss is a constant
+
+    floatX *dlogits = a->logits;
+    crossentropy_backward(dlogits, a->lse, m->targets_dev, BT, V, Vp, m->n_valid);
+    cudaCheck(cudaMemset(ga->dlnf, 0, (size_t)BT * C * sizeof(floatX)));
+    matmul_backward(ga->dlnf, m->g.embed_out, NULL, dlogits, a->lnf, m->p.embed_out, BT, C, Vp);
+    cudaCheck(cudaMemset(ga->dresid, 0, (size_t)BT * C * sizeof(floatX)));
+    floatX *xL = a->resid + (size_t)c->n_layer * BT * C;
+    layernorm_backward(ga->dresid, m->g.lnf_w, m->g.lnf_b, ga->dlnf, xL, m->p.lnf_w, a->lnf_mean, a->lnf_rstd, BT, C);
+    for (int l = c->n_layer - 1; l >= 0; l--) layer_backward(m, l, a->resid + (size_t)l * BT * C, B, T);
+    // ctxpythia's input is the contexts, constants: embed_in gets no gradient (it stays frozen)
+    if (c->model_type != MODEL_CTXPYTHIA) embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
+}
+
+
+// ----------------------------------------------------------------------------
+// KV-cached decoding: prefill the prompts in one forward pass, then one token per sequence at a
+// time through every layer's variant decode
+
+
+// decode scratch per (sequence, head): scores, MLA's two latent vectors, ctxkv's slot keys/values
+static KVCache kvcache_new(const Config *c, int B, int capacity) {
+    if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
+    KVCache kv = {};
+    kv.batch = B;
+    kv.capacity = capacity;
+    kv.first_layer = c->layer0_type == LAYER0_CTXKV ? 1 : 0;
+    kv.per_token = attn_kv_elements(c, c->attn_type);
+    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * B * capacity * kv.per_token;
+    kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (capacity < ctx_ring_len(c) ? capacity : ctx_ring_len(c)) : 0;
+    size_t n_ctx = has_context_block(c) ? (size_t)B * ((size_t)kv.ring_len + 1) * c->context_dim : 0;
+    kv.mem = (float *)cuda_calloc_check((n_mem + n_ctx) * sizeof(float), "KV cache");
+    kv.ring = kv.mem + n_mem;
+    kv.running = kv.ring + (size_t)B * kv.ring_len * c->context_dim;
+    kv.bytes = (n_mem + n_ctx) * sizeof(float);
+    kv.scratch = (float *)cuda_malloc_check((size_t)B * c->n_head * kv_scratch_per_head(c, capacity) * sizeof(float), "decode scratch");
+    return kv;
+}
+
+
+static void kvcache_free(KVCache *kv) { cuda_free(kv->mem); cuda_free(kv->scratch); memset(kv, 0, sizeof *kv); }
+
+
+// Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
+// contexts) into the cache. Returns the logits of the last prompt tokens on the host: row b
+// at b * *row_stride (Vp: only the B rows that sampling needs are copied back).
+static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
+    const Config *c = &m->cfg;
+    const int B = kv->batch;
+    const size_t Vp = c->padded_vocab_size;
+    if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
+    model_forward(m, prompts, NULL, B, n);
+    for (int l = kv->first_layer; l < c->n_layer; l++)
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < n; t++) ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
+    if (has_context_block(c))
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
+    kv->len = n;
+    if ((size_t)B * Vp > m->logits_host_cap) {
+        free(m->logits_host);
+        m->logits_host = (float *)malloc_check((size_t)B * Vp * sizeof(float), "logits");
+        m->logits_host_cap = (size_t)B * Vp;
+    }
+    for (int b = 0; b < B; b++) download_floats(m->logits_host + b * Vp, m->a.logits + ((size_t)b * n + n - 1) * Vp, Vp);
+    *row_stride = Vp;
+    return m->logits_host;
+}
+
+
+// One token per sequence (tokens[B], host) at position kv->len through the model, reading the
+// cache. Returns the logits (B,Vp) on the host.
+static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
+    const Config *c = &m->cfg;
+    const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
+    if (kv->len >= kv->capacity) die("KV cache full (%d tokens)", kv->capacity);
+    check_batch(c, tokens, NULL, B, 1);
+    model_ensure_acts(m, B, 1);
+    cudaCheck(cudaMemcpy(m->inputs_dev, tokens, B * sizeof(int), cudaMemcpyHostToDevice));
+    if (has_context_block(c)) { // c_t = ContextBlock(c_{t−1}, e_t), c_{−1} = 0
+        blockacts_ensure(&m->cb, B, Ed, dc);
+        if (kv->len == 0) cudaCheck(cudaMemset(kv->running, 0, (size_t)B * dc * sizeof(float)));
+        floatX *prev = (floatX *)dev_temp(TMP_EMB, (size_t)B * (dc + Ed) * sizeof(floatX)), *emb = prev + (size_t)B * dc;
+        cast_to_floatX_kernel<<<ceil_div((size_t)B * dc, 256), 256>>>(prev, kv->running, (size_t)B * dc);
+        launchCheck();
+        embedding_forward(emb, m->inputs_dev, m->p.embed_in, B, Ed);
+        contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
+        for (int b = 0; b < B; b++) kvcache_push_context(c, kv, b, kv->len, m->cb.out + (size_t)b * dc);
+    }
+    if (c->model_type == MODEL_CTXPYTHIA) {
+        cudaCheck(cudaMemcpy(m->a.resid, m->cb.out, (size_t)B * C * sizeof(floatX), cudaMemcpyDeviceToDevice)); // = running
+    } else {
+        embedding_forward(m->a.resid, m->inputs_dev, m->p.embed_in, B, C);
+    }
+    for (int l = 0; l < c->n_layer; l++)
+        layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
+    head_forward(m, B);
+    kv->len++;
+    return model_logits_host(m, 0, B);
+}
+
 
 // ----------------------------------------------------------------------------
 // What ctxkv/eval.h and ctxkv/train.h need from this program, then the shared driver and main
