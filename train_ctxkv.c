@@ -22,13 +22,14 @@ This file holds the model only, in this order:
                       dev/reference.py's MLAttention side by side)
     Context-KV        ctx_attention (slots), ctx_*, the ContextBlock, compute_contexts, OACD,
                       phase 1 (jacobi_shift, phase1_round)  (doc/context_kv.md)
-  The whole model     attention block, layer, head, model_forward, model_backward
+  The whole model     the attention block, layer and head (ctxkv/pythia.h), model_forward/backward
   KV-cached decoding  kvcache_new, model_prefill, model_decode_step
 Everything around it is shared with the CUDA mirror train_ctxkv.cu, in ctxkv/ (each header
 opens with what it defines): utils.h, config.h (config, presets, KV accounting), layout.h
 (parameter and activation layout: the checkpoint order), args.h (the flag table), data.h
 (shards, loader, token table), checkpoint.h (checkpoints, training state, init), eval.h
-(evaluation, generation) and train.h (the training driver and main). simd.h holds the CPU's
+(evaluation, generation), pythia.h (the wiring of the layers) and train.h (the training driver
+and main). simd.h holds the CPU's
 performance-only code (vector exp, the GEMM micro-kernel).
 
 Shapes in comments: B batch, T time, C = n_embd, H heads, D head dim, G key/value heads, R rotary
@@ -47,7 +48,6 @@ typedef float floatX;       // parameters and activations are fp32 here (the CUD
 #include "ctxkv/layout.h"
 #include "ctxkv/args.h"
 #include "ctxkv/simd.h"
-
 
 // ----------------------------------------------------------------------------
 // Layers: forward/backward pairs. Backward functions ACCUMULATE (+=) into their gradients, so a
@@ -214,7 +214,6 @@ static void rope_backward(float *dx, int B, int T, int pos0, int row_stride, int
     rope_rotate(dx, B, T, pos0, row_stride, n_heads, head_stride, rp, -1.0f);
 }
 
-
 // exact GELU, 0.5·x·(1 + erf(x/√2)), as HF's "gelu" (not the tanh form)
 static void gelu_forward(float *out, const float *inp, size_t N) {
 #pragma omp parallel for schedule(static) if (N >= PAR_MIN)
@@ -335,7 +334,6 @@ typedef struct {
     float *scratch;     // per (sequence, head): scores, MLA's latents, ctxkv's slot keys/values
 } KVCache;
 
-
 static float *kv_slot(const KVCache *kv, int l, int b, int pos) {
     return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
 }
@@ -413,6 +411,9 @@ static void model_ensure_grads(Model *m) {
     m->grads_memory = (float *)calloc_check(m->num_params * sizeof(float), "gradients");
     layout_params(&m->cfg, m->grads_memory, &m->g, NULL, NULL);
 }
+
+// zeroes device memory (here: host memory): what ctxkv/pythia.h calls
+static void device_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 
 static void model_zero_grad(Model *m) {
     if (m->grads_memory) memset(m->grads_memory, 0, m->num_params * sizeof(float));
@@ -556,7 +557,6 @@ static void cached_attention(const Model *m, HeadView q, float *out, const KVCac
             for (int s = 0; s < n; s++) axpy(o, scores[s] * inv, kv_slot(kv, l, b, s) + (G + g) * D, D);
         }
 }
-
 
 // ----------------------------------------------------------------------------
 // Attention variants (doc/attention.md). Each variant is one stretch of code below and one row
@@ -1106,105 +1106,11 @@ static const AttnVariant ATTN_VARIANTS[] = {
     {NULL, ctx_project_forward, ctx_project_backward, NULL, ctx_decode},                 // ATTN_CTX
 };
 
-
 // ----------------------------------------------------------------------------
-// The whole model: attention block, the Pythia layer, the head, forward and backward
+// The whole model: the attention block, the Pythia layer and the head (ctxkv/pythia.h, shared
+// with the mirror), then forward and backward
 
-// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l): the causal core, or for Context-KV's
-// layer 0 the core over its context slots
-static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, float *out,
-                                    const float *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const AttnVariant *v = &ATTN_VARIANTS[kind];
-    const int H = c->n_head, D = head_dim(c);
-    v->project_forward(m, lp, at, x, B, T, 0);
-    if (v->views) {
-        const CoreViews cv = v->views(c, at);
-        attention_forward(at->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D, 1.0f / sqrtf((float)cv.dqk));
-    } else {
-        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
-    }
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
-}
-
-static void attention_block_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
-                                     AttnActs *dat, float *dx, const float *dout, const float *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const AttnVariant *v = &ATTN_VARIANTS[kind];
-    const int H = c->n_head, D = head_dim(c);
-    matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
-    if (v->views) {
-        const CoreViews cv = v->views(c, at), dv = v->views(c, dat); // the gradients have the same layout
-        attention_backward(dv.q, dv.k, dv.v, dat->att, dat->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D,
-                           1.0f / sqrtf((float)cv.dqk));
-    } else {
-        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H, D,
-                               c->context_interval, c->max_contexts);
-    }
-    v->project_backward(m, lp, lg, at, dat, dx, x, B, T);
-}
-
-// decoding: each sequence's new token through layer l's attention, reading (and extending) the cache
-static void attention_block_decode(const Model *m, int l, const LayerParams *lp, AttnActs *at, float *out, const float *x,
-                                   KVCache *kv) {
-    const Config *c = &m->cfg;
-    ATTN_VARIANTS[layer_kind(c, l)].decode(m, lp, at, x, kv, l);
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, kv->batch, c->n_head * head_dim(c), c->n_embd);
-}
-
-// One Pythia layer: x_out = x + Attn(LN_1(x)) + MLP(LN_2(x)), the parallel residual.
-// With a KV cache (decoding: T = 1) the attention reads the cached tokens instead.
-static void layer_forward(Model *m, int l, float *x_out, const float *x, int B, int T, KVCache *kv) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, F = c->n_inner;
-    const LayerParams *lp = &m->p.layer[l];
-    LayerActs *la = &m->a.layer[l];
-    layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
-    layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
-    if (kv) attention_block_decode(m, l, lp, &la->at, m->a.attn_out, la->ln1, kv);
-    else attention_block_forward(m, layer_kind(c, l), lp, &la->at, m->a.attn_out, la->ln1, B, T);
-    matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
-    gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
-    matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
-    residual3_forward(x_out, x, m->a.attn_out, m->a.mlp_out, (size_t)BT * C);
-}
-
-// ga->dresid holds d loss / d x_out on entry and d loss / d x on return: the parallel
-// residual passes it unchanged to x, to the attention output and to the MLP output.
-static void layer_backward(Model *m, int l, const float *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, F = c->n_inner;
-    const LayerParams *lp = &m->p.layer[l];
-    LayerParams *lg = &m->g.layer[l];
-    LayerActs *la = &m->a.layer[l];
-    GradActs *ga = &m->ga;
-    // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
-    memset(ga->dln1, 0, (size_t)(ga->dlnf - ga->dln1) * sizeof(float));
-    const int kind = layer_kind(c, l);
-    layout_attn_acts(c, kind, B, T, ga->dat_base, 0, &ga->dat, 1);
-    // MLP branch
-    matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
-    gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
-    matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
-    // attention branch
-    attention_block_backward(m, kind, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
-    // both LayerNorms read x: their input grads add into the residual gradient
-    layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
-    layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
-}
-
-// final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
-static void head_forward(Model *m, int BT) {
-    const Config *c = &m->cfg;
-    Acts *a = &m->a;
-    const float *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
-    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
-    // vocabulary head is most of the cost
-    int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
-    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
-                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
-}
+#include "ctxkv/pythia.h"
 
 // Forward pass. inputs/targets (B,T); targets may be NULL (inference). Returns the mean loss
 // (or -1 without targets). Logits are left in m->a.logits (B,T,Vp).
@@ -1327,7 +1233,6 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
     kv->len++;
     return m->a.logits;
 }
-
 
 // ----------------------------------------------------------------------------
 // What ctxkv/eval.h and ctxkv/train.h need from this program, then the shared driver and main

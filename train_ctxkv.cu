@@ -41,7 +41,6 @@ Checks: test_ctxkv_cu.cu (on a GPU); make cuda-emu runs it on the CPU through de
 #include "ctxkv/utils.h"
 #include "ctxkv/config.h"
 
-
 // ----------------------------------------------------------------------------
 // CUDA: precision, error checks, device memory, reductions. (The CPU program's v8 SIMD
 // helpers have no counterpart: a kernel's threads are its vector lanes.)
@@ -651,7 +650,6 @@ __host__ __device__ inline float *kv_slot(const KVCache *kv, int l, int b, int p
     return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
 }
 
-
 static void model_alloc_params(Model *m, const Config *c) {
     cuda_init();
     memset(m, 0, sizeof *m);
@@ -714,7 +712,6 @@ static void moments_to_device(const Model *m, const float *host, float *dev) {
         cudaCheck(cudaMemcpy(dev + t->dev_offset, host + t->offset, t->rows * t->cols * sizeof(float), cudaMemcpyHostToDevice));
     }
 }
-
 
 // AdamW's m and v in checkpoint order, zeros before the first update (the training state)
 static void model_get_moments(const Model *m, float *mh, float *vh) {
@@ -791,11 +788,12 @@ static void model_ensure_grads(Model *m) {
     layout_params(&m->cfg, m->grads_memory, &m->g, NULL, NULL);
 }
 
+// zeroes device memory: what ctxkv/pythia.h calls
+static void device_zero(void *p, size_t bytes) { cudaCheck(cudaMemset(p, 0, bytes)); }
 
 static void model_zero_grad(Model *m) {
     if (m->grads_memory) cudaCheck(cudaMemset(m->grads_memory, 0, m->num_params_dev * sizeof(floatX)));
 }
-
 
 // Σ g² over the whole gradient block: per-block partials in double, summed on the host in
 // block order (deterministic). The alignment padding between tensors holds zeros.
@@ -883,12 +881,10 @@ static void model_update(Model *m, const AdamW *opt) {
     }
 }
 
-
 // ----------------------------------------------------------------------------
 // The attention core: causal softmax attention over the sequence (training, prefill) and over
 // the cache (decoding). H query heads share G key/value heads: query head h reads KV head
 // h / (H/G) (G = H for MHA).
-
 
 // A view of per-head vectors inside a (B,T,row) buffer: head h of token (b,t) starts at
 // base + (b*T + t)*row_stride + h*head_stride. Lets one attention core read the fused QKV
@@ -1049,7 +1045,6 @@ static void cached_attention(const Model *m, HeadView q, floatX *out, const KVCa
                                                                 kv_scratch_per_head(c, kv->capacity));
     launchCheck();
 }
-
 
 // ----------------------------------------------------------------------------
 // Attention variants (doc/attention.md), as in train_ctxkv.c: each variant is one stretch of
@@ -1232,7 +1227,6 @@ static void mla_gather_keys_backward(floatX *dkvb, floatX *dkpe, int kpe_stride,
     mla_gather_keys_backward_kernel<<<ceil_div((size_t)BT * (H * D + dR), 256), 256>>>(dkvb, dkpe, kpe_stride, dk, BT, H, D, dR);
     launchCheck();
 }
-
 
 // q and k per head [nope (D) | rope (dR)]; v is the second half of kvb's head. The core sees H
 // key heads: training materialises one key per query head (mla_gather_keys).
@@ -1595,7 +1589,6 @@ static void contextblock_backward(BlockActs *cb, const Params *p, Params *g, con
     layernorm_backward(cb->dE, g->ctx_ln_e_w, g->ctx_ln_e_b, cb->du, E, p->ctx_ln_e_w, cb->u_mean, cb->u_rstd, N, Ed);
 }
 
-
 // compute_contexts' per-step gather: prev[b] = contexts[b, t-1] (0 at t = 0), emb[b] = embed_in[ids[b, t]]
 __global__ void contexts_gather_kernel(floatX *prev, floatX *emb, const floatX *contexts, const floatX *embed_in,
                                        const int *inputs, int B, int T, int t, int dc, int Ed) {
@@ -1824,112 +1817,11 @@ static const AttnVariant ATTN_VARIANTS[] = {
     {NULL, ctx_project_forward, ctx_project_backward, NULL, ctx_decode},                 // ATTN_CTX
 };
 
-
 // ----------------------------------------------------------------------------
-// The whole model: attention block, the Pythia layer, the head, forward and backward
+// The whole model: the attention block, the Pythia layer and the head (ctxkv/pythia.h, shared
+// with the mirror), then forward and backward
 
-
-// out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l): the causal core, or for Context-KV's
-// layer 0 the core over its context slots
-static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, floatX *out,
-                                    const floatX *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const AttnVariant *v = &ATTN_VARIANTS[kind];
-    const int H = c->n_head, D = head_dim(c);
-    v->project_forward(m, lp, at, x, B, T, 0);
-    if (v->views) {
-        const CoreViews cv = v->views(c, at);
-        attention_forward(at->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D, 1.0f / sqrtf((float)cv.dqk));
-    } else {
-        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
-    }
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
-}
-
-
-static void attention_block_backward(const Model *m, int kind, const LayerParams *lp, LayerParams *lg, const AttnActs *at,
-                                     AttnActs *dat, floatX *dx, const floatX *dout, const floatX *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const AttnVariant *v = &ATTN_VARIANTS[kind];
-    const int H = c->n_head, D = head_dim(c);
-    matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
-    if (v->views) {
-        const CoreViews cv = v->views(c, at), dv = v->views(c, dat); // the gradients have the same layout
-        attention_backward(dv.q, dv.k, dv.v, dat->att, dat->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D,
-                           1.0f / sqrtf((float)cv.dqk));
-    } else {
-        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H, D,
-                               c->context_interval, c->max_contexts);
-    }
-    v->project_backward(m, lp, lg, at, dat, dx, x, B, T);
-}
-
-
-// decoding: each sequence's new token through layer l's attention, reading (and extending) the cache
-static void attention_block_decode(const Model *m, int l, const LayerParams *lp, AttnActs *at, floatX *out, const floatX *x,
-                                   KVCache *kv) {
-    const Config *c = &m->cfg;
-    ATTN_VARIANTS[layer_kind(c, l)].decode(m, lp, at, x, kv, l);
-    matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, kv->batch, c->n_head * head_dim(c), c->n_embd);
-}
-
-
-// One Pythia layer: x_out = x + Attn(LN_1(x)) + MLP(LN_2(x)), the parallel residual.
-// With a KV cache (decoding, T = 1) the attention reads the cached tokens instead.
-static void layer_forward(Model *m, int l, floatX *x_out, const floatX *x, int B, int T, KVCache *kv) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, F = c->n_inner;
-    const LayerParams *lp = &m->p.layer[l];
-    LayerActs *la = &m->a.layer[l];
-    layernorm_forward(la->ln1, la->ln1_mean, la->ln1_rstd, x, lp->ln1_w, lp->ln1_b, BT, C, c->ln_eps);
-    layernorm_forward(la->ln2, la->ln2_mean, la->ln2_rstd, x, lp->ln2_w, lp->ln2_b, BT, C, c->ln_eps);
-    if (kv) attention_block_decode(m, l, lp, &la->at, m->a.attn_out, la->ln1, kv);
-    else attention_block_forward(m, layer_kind(c, l), lp, &la->at, m->a.attn_out, la->ln1, B, T);
-    matmul_forward(la->fc, la->ln2, lp->fc_w, lp->fc_b, BT, C, F);
-    gelu_forward(la->fc_gelu, la->fc, (size_t)BT * F);
-    matmul_forward(m->a.mlp_out, la->fc_gelu, lp->proj_w, lp->proj_b, BT, F, C);
-    residual3_forward(x_out, x, m->a.attn_out, m->a.mlp_out, (size_t)BT * C);
-}
-
-
-// ga->dresid holds d loss / d x_out on entry and d loss / d x on return: the parallel
-// residual passes it unchanged to x, to the attention output and to the MLP output.
-static void layer_backward(Model *m, int l, const floatX *x, int B, int T) {
-    const Config *c = &m->cfg;
-    const int BT = B * T, C = c->n_embd, F = c->n_inner;
-    const LayerParams *lp = &m->p.layer[l];
-    LayerParams *lg = &m->g.layer[l];
-    LayerActs *la = &m->a.layer[l];
-    GradActs *ga = &m->ga;
-    // every per-layer gradient buffer (dln1 .. dfc) is contiguous: zero them together
-    cudaCheck(cudaMemset(ga->dln1, 0, (size_t)((char *)ga->dlnf - (char *)ga->dln1)));
-    const int kind = layer_kind(c, l);
-    layout_attn_acts(c, kind, B, T, ga->dat_base, 0, &ga->dat, 1);
-    // MLP branch
-    matmul_backward(ga->dfc_gelu, lg->proj_w, lg->proj_b, ga->dresid, la->fc_gelu, lp->proj_w, BT, F, C);
-    gelu_backward(ga->dfc, la->fc, ga->dfc_gelu, (size_t)BT * F);
-    matmul_backward(ga->dln2, lg->fc_w, lg->fc_b, ga->dfc, la->ln2, lp->fc_w, BT, C, F);
-    // attention branch
-    attention_block_backward(m, kind, lp, lg, &la->at, &ga->dat, ga->dln1, ga->dresid, la->ln1, B, T);
-    // both LayerNorms read x: their input grads add into the residual gradient
-    layernorm_backward(ga->dresid, lg->ln1_w, lg->ln1_b, ga->dln1, x, lp->ln1_w, la->ln1_mean, la->ln1_rstd, BT, C);
-    layernorm_backward(ga->dresid, lg->ln2_w, lg->ln2_b, ga->dln2, x, lp->ln2_w, la->ln2_mean, la->ln2_rstd, BT, C);
-}
-
-
-// final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
-static void head_forward(Model *m, int BT) {
-    const Config *c = &m->cfg;
-    Acts *a = &m->a;
-    const floatX *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
-    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
-    // vocabulary head is most of the cost
-    int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
-    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
-                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
-}
-
+#include "ctxkv/pythia.h"
 
 // Forward pass. inputs/targets (B,T) on the host; targets may be NULL (inference). Returns
 // the mean loss (or -1 without targets). Logits are left in m->a.logits (B,T,Vp) on the GPU
@@ -1961,7 +1853,6 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
     return m->mean_loss;
 }
 
-
 // Backward of the last forward (which must have had targets). Accumulates into m->g.
 // Overwrites the logits with dlogits.
 static void model_backward(Model *m) {
@@ -1992,11 +1883,9 @@ static void model_backward(Model *m) {
     if (c->model_type != MODEL_CTXPYTHIA) embedding_backward(m->g.embed_in, ga->dresid, m->inputs, BT, C);
 }
 
-
 // ----------------------------------------------------------------------------
 // KV-cached decoding: prefill the prompts in one forward pass, then one token per sequence at a
 // time through every layer's variant decode
-
 
 // decode scratch per (sequence, head): scores, MLA's two latent vectors, ctxkv's slot keys/values
 static KVCache kvcache_new(const Config *c, int B, int capacity) {
@@ -2017,9 +1906,7 @@ static KVCache kvcache_new(const Config *c, int B, int capacity) {
     return kv;
 }
 
-
 static void kvcache_free(KVCache *kv) { cuda_free(kv->mem); cuda_free(kv->scratch); memset(kv, 0, sizeof *kv); }
-
 
 // Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
 // contexts) into the cache. Returns the logits of the last prompt tokens on the host: row b
@@ -2046,7 +1933,6 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
     *row_stride = Vp;
     return m->logits_host;
 }
-
 
 // One token per sequence (tokens[B], host) at position kv->len through the model, reading the
 // cache. Returns the logits (B,Vp) on the host.
@@ -2078,7 +1964,6 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
     kv->len++;
     return model_logits_host(m, 0, B);
 }
-
 
 // ----------------------------------------------------------------------------
 // What ctxkv/eval.h and ctxkv/train.h need from this program, then the shared driver and main
