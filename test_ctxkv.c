@@ -639,6 +639,27 @@ static void check_fails(const char *what, const char *cmd, const char *expect) {
           WIFEXITED(status) ? WEXITSTATUS(status) : -1, msg);
 }
 
+// bad flags (label, arguments, expected message, whether the CUDA program's message is the same:
+// the memory check names the GPU's memory instead)
+static const struct { const char *what, *args, *expect; int same_message; } BAD_FLAGS[] = {
+    {"gqa head count that does not divide", "--model pythia-160m --attn gqa --n-kv-head 5 --kv-report", "does not divide", 1},
+    {"mla odd rope dim", "--model pythia-160m --attn mla --rope-dim 7 --kv-report", "must be even", 1},
+    {"mla rope dim larger than the head", "--model pythia-160m --attn mla --rope-dim 128 --kv-report", "at most the head dim", 1},
+    {"--n-kv-head with --attn mha", "--model pythia-160m --attn mha --n-kv-head 4 --kv-report", "conflicts with --attn mha", 1},
+    {"context interval < 1", "--model tiny --layer0 ctxkv --context-interval 0 --kv-report", "--context-interval must be in 1..", 1},
+    {"max contexts < 1", "--model tiny --layer0 ctxkv --max-contexts 0 --kv-report", "--max-contexts must be in 1..", 1},
+    {"a context ring longer than an int", "--model tiny --layer0 ctxkv --context-interval 1048576 --max-contexts 1048576 --kv-report", "must be below 2^30", 1}, // was signed overflow (UB)
+    {"context flag without a context model", "--model tiny --context-interval 4 --kv-report", "need --layer0 ctxkv or --model-type ctxpythia", 1},
+    {"-b x -t too large for memory", "--model pythia-14m -b 60000 -t 2048 --steps 1", "more than this machine's", 0},
+    {"--stop-at without --out", "--model tiny --steps 5 --stop-at 3", "need --out DIR", 1},
+    {"negative -b", "-b -3", "-b must be in 1..", 1},
+    {"overflowing -t", "-t 99999999999999999999", "-t expects an integer", 1},
+    {"--lr nan", "--lr nan", "--lr expects a number", 1},
+    {"non-numeric -b", "-b abc", "-b expects an integer", 1},
+    {"-t past the model's max length", "--model tiny -t 200 --bench 1", "max_seq_len", 1},
+    {"unknown flag", "--bogus 1", "unknown flag --bogus", 1},
+};
+
 static void check_bad_inputs(const char *bin) {
     printf("-- bad input (%s)\n", bin);
     if (!file_exists(bin)) { check(0, "%s exists (build it with make)", bin); return; }
@@ -721,31 +742,180 @@ static void check_bad_inputs(const char *bin) {
     check_fails("unwritable --out", cmd, "--out: cannot create directory");
     snprintf(cmd, sizeof cmd, "%s --model tiny --resume %s", bin, tmpdir);
     check_fails("--resume with --model", cmd, "--resume conflicts with --model");
-    // bad flags: only the binary is needed (label, arguments, expected message)
-    static const struct { const char *what, *args, *expect; } bad_flags[] = {
-        {"gqa head count that does not divide", "--model pythia-160m --attn gqa --n-kv-head 5 --kv-report", "does not divide"},
-        {"mla odd rope dim", "--model pythia-160m --attn mla --rope-dim 7 --kv-report", "must be even"},
-        {"mla rope dim larger than the head", "--model pythia-160m --attn mla --rope-dim 128 --kv-report", "at most the head dim"},
-        {"--n-kv-head with --attn mha", "--model pythia-160m --attn mha --n-kv-head 4 --kv-report", "conflicts with --attn mha"},
-        {"context interval < 1", "--model tiny --layer0 ctxkv --context-interval 0 --kv-report", "--context-interval must be in 1.."},
-        {"max contexts < 1", "--model tiny --layer0 ctxkv --max-contexts 0 --kv-report", "--max-contexts must be in 1.."},
-        {"a context ring longer than an int", "--model tiny --layer0 ctxkv --context-interval 1048576 --max-contexts 1048576 --kv-report", "must be below 2^30"}, // was signed overflow (UB)
-        {"context flag without a context model", "--model tiny --context-interval 4 --kv-report", "need --layer0 ctxkv or --model-type ctxpythia"},
-        {"-b x -t too large for memory", "--model pythia-14m -b 60000 -t 2048 --steps 1", "more than this machine's"},
-        {"--stop-at without --out", "--model tiny --steps 5 --stop-at 3", "need --out DIR"},
-        {"negative -b", "-b -3", "-b must be in 1.."},
-        {"overflowing -t", "-t 99999999999999999999", "-t expects an integer"},
-        {"--lr nan", "--lr nan", "--lr expects a number"},
-        {"non-numeric -b", "-b abc", "-b expects an integer"},
-        {"-t past the model's max length", "--model tiny -t 200 --bench 1", "max_seq_len"},
-        {"unknown flag", "--bogus 1", "unknown flag --bogus"},
-    };
-    for (size_t i = 0; i < sizeof bad_flags / sizeof bad_flags[0]; i++) {
-        snprintf(cmd, sizeof cmd, "%s %s", bin, bad_flags[i].args);
-        check_fails(bad_flags[i].what, cmd, bad_flags[i].expect);
+    for (size_t i = 0; i < sizeof BAD_FLAGS / sizeof BAD_FLAGS[0]; i++) {
+        snprintf(cmd, sizeof cmd, "%s %s", bin, BAD_FLAGS[i].args);
+        check_fails(BAD_FLAGS[i].what, cmd, BAD_FLAGS[i].expect);
     }
     snprintf(cmd, sizeof cmd, "%s -h", bin);
     check(runs_ok(cmd), "-h prints usage and exits 0");
+    snprintf(cmd, sizeof cmd, "%s -h | grep -q -- '--lr FLOAT  *peak learning rate \\[1e-3\\]'", bin);
+    check(runs_ok(cmd), "-h shows each flag's default from the flag table (--lr ... [1e-3])");
+    // --steps 0 evaluates a checkpoint: nothing was trained, so no sample is printed
+    snprintf(cmd, sizeof cmd, "%s --model tiny --steps 0 --val '' --tokenizer '' --sample-every 1 | grep -c 'sample at step' | grep -qx 0", bin);
+    check(runs_ok(cmd), "--steps 0 prints no sample");
+}
+
+// ----------------------------------------------------------------------------
+// 7. ctxkv/simd.h against the plain loops it replaces
+
+static void check_simd_kernels(void) {
+    printf("-- simd kernels (ctxkv/simd.h) against plain loops\n");
+    uint64_t rng = 99;
+    // exp_shift_sum: every entry exp(x − shift), and their sum, for lengths around the 8-lane width
+    float worst = 0.0f;
+    int sum_ok = 1;
+    for (int n = 1; n <= 37; n++) {
+        float x[37], ref[37];
+        double ref_sum = 0.0;
+        for (int i = 0; i < n; i++) x[i] = 20.0f * (random_f32(&rng) - 0.5f);
+        const float shift = max_of(x, n);
+        for (int i = 0; i < n; i++) { ref[i] = expf(x[i] - shift); ref_sum += ref[i]; }
+        float sum = exp_shift_sum(x, n, shift);
+        for (int i = 0; i < n; i++) worst = fmaxf(worst, fabsf(x[i] - ref[i]) / fmaxf(ref[i], 1e-30f));
+        sum_ok &= fabs(sum - ref_sum) <= 1e-5 * ref_sum;
+    }
+    check(worst <= 1e-6f && sum_ok, "exp_shift_sum equals expf to %.2e relative for lengths 1..37, and so does its sum", worst);
+    float nan_in[3] = {0.0f, NAN, -1.0f};
+    exp_shift_sum(nan_in, 3, 0.0f);
+    check(isnan(nan_in[1]) && nan_in[0] == 1.0f, "exp_shift_sum keeps a NaN a NaN (the numerical guard relies on it)");
+    // dot and axpy against loops, lengths around the lane width
+    float dworst = 0.0f;
+    for (int n = 1; n <= 33; n++) {
+        float a[33], b[33], y[33], y_ref[33];
+        double d = 0.0, mag = 0.0;
+        for (int i = 0; i < n; i++) { a[i] = random_normal(&rng); b[i] = random_normal(&rng); y[i] = y_ref[i] = random_normal(&rng); }
+        for (int i = 0; i < n; i++) { d += (double)a[i] * b[i]; mag += fabs((double)a[i] * b[i]); }
+        dworst = fmaxf(dworst, (float)(fabs(dot(a, b, n) - d) / mag));
+        axpy(y, 0.5f, a, n);
+        for (int i = 0; i < n; i++) dworst = fmaxf(dworst, fabsf(y[i] - (y_ref[i] + 0.5f * a[i])) / fmaxf(1.0f, fabsf(y_ref[i])));
+    }
+    check(dworst <= 1e-6f, "dot and axpy equal plain loops (worst %.2e relative)", dworst);
+    // gemm_acc: out (N,M) += A (N,K) · B (K,M), A plain and as a transposed view, shapes with
+    // ragged edges in every dimension and more than one k- and column block
+    const int shapes[][3] = {{1, 1, 1}, {5, 7, 9}, {6, 16, 16}, {13, 300, 40}, {7, 17, 270}, {30, 513, 33}};
+    float gworst = 0.0f;
+    for (int si = 0; si < 6; si++) {
+        const int N = shapes[si][0], K = shapes[si][1], M = shapes[si][2];
+        float *A = malloc_check((size_t)N * K * sizeof(float), "gemm"), *At = malloc_check((size_t)N * K * sizeof(float), "gemm");
+        float *Bm = malloc_check((size_t)K * M * sizeof(float), "gemm"), *out = malloc_check((size_t)N * M * sizeof(float), "gemm");
+        float *out_t = malloc_check((size_t)N * M * sizeof(float), "gemm");
+        for (int i = 0; i < N * K; i++) A[i] = random_normal(&rng);
+        for (int i = 0; i < K * M; i++) Bm[i] = random_normal(&rng);
+        for (int i = 0; i < N * M; i++) out[i] = out_t[i] = random_normal(&rng);
+        transpose(At, A, N, K); // At (K,N)
+        int transposed_ok = 1;
+        for (int n = 0; n < N; n++)
+            for (int k = 0; k < K; k++) transposed_ok &= At[(size_t)k * N + n] == A[(size_t)n * K + k];
+        double *ref = malloc_check((size_t)N * M * sizeof(double), "gemm"), *mag = malloc_check((size_t)N * M * sizeof(double), "gemm");
+        for (int n = 0; n < N; n++)
+            for (int mm = 0; mm < M; mm++) {
+                double s = out[(size_t)n * M + mm], g = fabs(s);
+                for (int k = 0; k < K; k++) { double t = (double)A[(size_t)n * K + k] * Bm[(size_t)k * M + mm]; s += t; g += fabs(t); }
+                ref[(size_t)n * M + mm] = s;
+                mag[(size_t)n * M + mm] = g;
+            }
+        gemm_acc(out, A, K, 1, Bm, N, K, M);
+        gemm_acc(out_t, At, 1, N, Bm, N, K, M); // A read through strides: a transposed view
+        for (int i = 0; i < N * M; i++) {
+            gworst = fmaxf(gworst, (float)(fabs(out[i] - ref[i]) / mag[i]));
+            gworst = fmaxf(gworst, (float)(fabs(out_t[i] - ref[i]) / mag[i]));
+        }
+        if (!transposed_ok) gworst = INFINITY;
+        free(A); free(At); free(Bm); free(out); free(out_t); free(ref); free(mag);
+    }
+    check(gworst <= 1e-6f, "gemm_acc (plain and strided A) and transpose equal plain loops on 6 ragged shapes (worst %.2e of sum |terms|)", gworst);
+}
+
+// ----------------------------------------------------------------------------
+// 6. the CUDA program gives the CPU program's errors: the same exit status and the same first
+// line on stderr, for every fuzz regression and seed input and for bad flags. The CUDA binary is
+// the emulated one (make test builds build/emu/train_ctxkv_cu_fp32 where nvcc's headers exist).
+
+// runs cmd; *status = its exit status (-1: did not exit), msg = the first line of its stderr
+static void run_capture(const char *cmd, int *status, char *msg, size_t n) {
+    char full[4096], errpath[512];
+    snprintf(errpath, sizeof errpath, "%s/stderr_same.txt", tmpdir);
+    snprintf(full, sizeof full, "%s >/dev/null 2>%s", cmd, errpath);
+    int st = system(full);
+    *status = st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    msg[0] = 0;
+    FILE *f = fopen(errpath, "r");
+    if (f) { if (!fgets(msg, (int)n, f)) msg[0] = 0; fclose(f); }
+    msg[strcspn(msg, "\n")] = 0;
+}
+
+// ARGS through both binaries: the same status (0, or 1 for a clean error) and, with
+// same_message, the same message
+static void check_same_outcome(const char *cpu, const char *cu, const char *what, const char *args, int same_message) {
+    char cmd[4096], m1[1024], m2[1024];
+    int s1, s2;
+    snprintf(cmd, sizeof cmd, "%s %s", cpu, args);
+    run_capture(cmd, &s1, m1, sizeof m1);
+    snprintf(cmd, sizeof cmd, "%s %s", cu, args);
+    run_capture(cmd, &s2, m2, sizeof m2);
+    const int same = !strcmp(m1, m2);
+    check(s1 == s2 && (s1 == 0 || s1 == 1) && (same || !same_message), "same outcome, %s: CPU exit %d \"%s\" | CUDA exit %d %s%s%s", what,
+          s1, m1, s2, same ? "(the same message)" : "\"", same ? "" : m2, same ? "" : "\"");
+}
+
+// the command line that hands a fuzz input of target T to the program (as dev/fuzz/fuzz_T.c
+// hands it to the loader); small.bin and small_ctxkv.bin are the models fuzz_lambada and
+// fuzz_ctxblock load them into (dev/fuzz/make_seeds.c)
+static int fuzz_input_args(char *buf, size_t n, const char *target, const char *file) {
+    const char *small = "dev/fuzz/corpus/checkpoint/mha.bin", *small_ctx = "dev/fuzz/corpus/checkpoint/ctxkv.bin";
+    const char *quiet = "--val '' --tokenizer '' --sample-every 0";
+    if (!strcmp(target, "checkpoint")) snprintf(buf, n, "--model %s --steps 0 -t 4 --eval-gen --gen-prompt 2 --gen-new 2 %s", file, quiet);
+    else if (!strcmp(target, "lambada")) snprintf(buf, n, "--model %s --steps 0 -t 8 --eval-lambada %s %s", small, file, quiet);
+    else if (!strcmp(target, "ctxblock")) snprintf(buf, n, "--model %s --steps 0 -t 8 --context-block %s %s", small_ctx, file, quiet);
+    else if (!strcmp(target, "shard")) snprintf(buf, n, "--model pythia-14m --steps 1 -b 2 -t 4 --train %s %s", file, quiet); // vocab 50304
+    else if (!strcmp(target, "toktab")) snprintf(buf, n, "--model %s --steps 0 -t 4 --val '' --tokenizer %s", small, file);
+    else if (!strcmp(target, "trainstate")) { // --resume takes a directory
+        char dir[512], cmd[1200];
+        snprintf(dir, sizeof dir, "%s/resume_%s", tmpdir, strrchr(file, '/') + 1);
+        snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp '%s' '%s/train_state.bin'", dir, file, dir);
+        if (system(cmd) != 0) return 0;
+        snprintf(buf, n, "--resume %s --steps 1 -b 1 -t 4 --train %s/small_vocab.bin %s", dir, tmpdir, quiet);
+    } else return 0; // refstate: the harness's own format, not a program input
+    return 1;
+}
+
+static void check_same_errors(const char *cpu, const char *cu) {
+    printf("-- the CUDA program's errors are the CPU program's (%s)\n", cu);
+    if (!cu || !cu[0]) { printf("SKIP: TRAIN_BIN_CU is not set (make test sets it where the CUDA emulator builds)\n"); return; }
+    if (!file_exists(cu)) { check(0, "%s exists", cu); return; }
+    char shard[512];
+    snprintf(shard, sizeof shard, "%s/small_vocab.bin", tmpdir); // training data for the resumed states (vocab 5)
+    uint16_t ids[64];
+    for (int i = 0; i < 64; i++) ids[i] = (uint16_t)(i * 3 % 5);
+    write_shard_file(shard, SHARD_MAGIC, 64, ids, 64);
+    glob_t g;
+    const char *dirs[] = {"dev/fuzz/regressions/*/*", "dev/fuzz/corpus/*/*"};
+    for (int d = 0; d < 2; d++) {
+        if (glob(dirs[d], 0, NULL, &g) != 0) continue;
+        for (size_t i = 0; i < g.gl_pathc; i++) {
+            char target[64], args[2048];
+            const char *p = g.gl_pathv[i], *end = strrchr(p, '/'), *start = end;
+            while (start > p && start[-1] != '/') start--;
+            snprintf(target, sizeof target, "%.*s", (int)(end - start), start);
+            if (fuzz_input_args(args, sizeof args, target, p)) check_same_outcome(cpu, cu, p, args, 1);
+        }
+        globfree(&g);
+    }
+    // issue 11's case: a LAMBADA example whose target id (5000) is past the tiny model's vocabulary (96)
+    char lam[512], args[1024];
+    snprintf(lam, sizeof lam, "%s/lambada_5000.bin", tmpdir);
+    FILE *f = fopen_check(lam, "wb");
+    int h[HEADER_INTS] = {0}, lens[2] = {3, 1};
+    uint16_t tok[4] = {5, 6, 7, 5000};
+    h[0] = LAMBADA_MAGIC; h[1] = LAMBADA_VERSION; h[2] = 1; h[3] = 4;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, lam);
+    fwrite_check(lens, sizeof(int), 2, f, lam);
+    fwrite_check(tok, sizeof(uint16_t), 4, f, lam);
+    fclose(f);
+    snprintf(args, sizeof args, "--model tiny --val '' --steps 0 --eval-lambada %s -t 16", lam);
+    check_same_outcome(cpu, cu, "a LAMBADA target id past the vocabulary", args, 1);
+    for (size_t i = 0; i < sizeof BAD_FLAGS / sizeof BAD_FLAGS[0]; i++)
+        check_same_outcome(cpu, cu, BAD_FLAGS[i].what, BAD_FLAGS[i].args, BAD_FLAGS[i].same_message);
 }
 
 // ----------------------------------------------------------------------------
@@ -787,9 +957,15 @@ static void check_exact_resume(const char *bin, const char *common, const char *
     ok &= runs_ok(cmd);
     snprintf(cmd, sizeof cmd, "mkdir -p %s/runC_%s && cp %s/train_state.bin %s/runC_%s/", tmpdir, tag, b_dir, tmpdir, tag);
     ok &= system(cmd) == 0;
-    snprintf(cmd, sizeof cmd, "%s %s --out %s --resume %s", bin, common, b_dir, b_dir);
+    // a kill -9 during a save leaves a partial train_state.bin.tmp: the next start removes it
+    snprintf(cmd, sizeof cmd, "head -c 1000 %s/train_state.bin > %s/train_state.bin.tmp", b_dir, b_dir);
+    ok &= system(cmd) == 0;
+    snprintf(cmd, sizeof cmd, "%s %s --out %s --resume %s | grep 'removed %s/train_state.bin.tmp, left by an interrupted save' >/dev/null",
+             bin, common, b_dir, b_dir, b_dir);
     ok &= runs_ok(cmd);
-    check(ok, "%s: 20 steps straight; 10 steps, stop, resume, 10 steps (all exit 0)", tag);
+    snprintf(p1, sizeof p1, "%s/train_state.bin.tmp", b_dir);
+    check(ok && !file_exists(p1), "%s: 20 steps straight; 10 steps, stop, resume, 10 steps (all exit 0; the resumed run "
+          "removed the partial train_state.bin.tmp a killed save leaves, and said so)", tag);
     long long na, nb;
     snprintf(p1, sizeof p1, "%s/log.jsonl", a_dir);
     snprintf(p2, sizeof p2, "%s/log.jsonl", b_dir);
@@ -959,6 +1135,8 @@ int main(int argc, char **argv) {
     check_bad_inputs(bin);
     check_data_order();
     check_resume(bin);
+    check_simd_kernels();
+    check_same_errors(bin, getenv("TRAIN_BIN_CU"));
 
     // the CUDA compile check `make test` ran first (make cuda-check): counted when nvcc exists
     FILE *cf = fopen("build/cuda-check/result.txt", "r");

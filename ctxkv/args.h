@@ -172,14 +172,25 @@ static Args default_args(void) {
 
 // -h: the table, with each default in brackets
 static void usage(FILE *f, const char *program, const char *what) {
-    fprintf(f, "usage: %s [options]\n%s\n\n  -h, --help                 this text\n", program, what);
+    fprintf(f, "usage: %s [options]\n%s\n\n  %-24s this text\n", program, what, "-h, --help");
     for (int i = 0; i < N_ARG_SPECS; i++) {
         const ArgSpec *s = &ARG_SPECS[i];
         if (s->type == ARG_SECTION) { fprintf(f, "%s:\n", s->name); continue; }
-        char lhs[64];
+        char lhs[64], text[512];
         snprintf(lhs, sizeof lhs, "%s%s%s", s->name, s->meta ? " " : "", s->meta ? s->meta : "");
-        fprintf(f, "  %-24s %s", lhs, s->help);
-        if (s->def) fprintf(f, " [%s]", s->def[0] ? s->def : "''");
+        snprintf(text, sizeof text, "%s%s%s%s", s->help, s->def ? " [" : "", s->def ? (s->def[0] ? s->def : "''") : "",
+                 s->def ? "]" : "");
+        fprintf(f, "  %-24s", lhs);
+        int col = 26; // the help wraps at 100 columns, continuing under itself
+        for (const char *w = text; *w;) {
+            int len = (int)strcspn(w, " ");
+            if (col + 1 + len > 100 && col > 27) { fprintf(f, "\n%27s", ""); col = 27; }
+            else { fputc(' ', f); col++; }
+            fprintf(f, "%.*s", len, w);
+            col += len;
+            w += len;
+            while (*w == ' ') w++;
+        }
         fprintf(f, "\n");
     }
     fprintf(f, "\nThreads (CPU): OMP_NUM_THREADS. Example: %s --model pythia-14m --steps 300 --out out/run1\n", program);
