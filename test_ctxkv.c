@@ -5,18 +5,29 @@ test_gpt2.c does) and calls its functions directly.
   ./test_ctxkv                       every check below
   ./test_ctxkv MODEL.bin STATE.bin   only the reference check of that pair
 
-Checks:
+Checks (in the order main runs them):
   1. Hugging Face parity: dev/ref/tiny_model.bin + tiny_state.bin, written by dev/reference.py
-     from transformers' GPTNeoXForCausalLM (float64) and torch.optim.AdamW. Logits, loss,
-     every parameter gradient, and the losses of its optimizer steps.
-  2. Finite differences: sampled entries of every parameter tensor of the tiny preset.
-  3. Import path: build/testdata/imported.bin (prepro/import_hf.py run on the committed
+     from transformers' GPTNeoXForCausalLM (float64) and torch.optim.AdamW: logits, loss,
+     every parameter gradient, and the losses of its optimizer steps; the same for each variant
+     (gqa, mqa, mla, mla with q-rank, ctxkv, ctxpythia) against PyTorch autograd references.
+  2. Finite differences: sampled entries of every parameter tensor of every variant, and of
+     the ContextBlock under the OACD loss (phase 1); the ContextBlock/OACD reference state; the
+     Jacobi iteration against the sequential recurrence.
+  3. KV-cached decoding equals the full forward for every variant, with the analytic cache
+     size; --init-from (mha -> gqa/mqa); --kv-report's figures.
+  4. Import path: build/testdata/imported.bin (prepro/import_hf.py run on the committed
      fp16 safetensors by `make test`) is byte-identical to dev/ref/tiny_model.bin.
-  4. Shard and token-table round trip: Python tokenized a text, C reads the shard and
+  5. Shard and token-table round trip: Python tokenized a text, C reads the shard and
      decodes it back to the same bytes (build/testdata, made by dev/make_test_data.py).
-  5. Bad input: ./train_ctxkv exits 1 with a message naming the problem (never a crash)
-     for a truncated shard, a wrong magic number, a token id >= vocab, a missing file, a
-     checkpoint of the wrong size, and a bad flag value.
+  6. Bad input: ./train_ctxkv (or TRAIN_BIN) exits 1 with a message naming the problem (never a
+     crash) for bad shards, checkpoints, context blocks and flags; -h; --steps 0 prints no sample.
+  7. Data order (file order; --shuffle), exact resume (in order and shuffled, a stale
+     train_state.bin.tmp removed) and the non-finite-loss guard.
+  8. ctxkv/simd.h against the plain loops it replaces.
+  9. With TRAIN_BIN_CU (the emulated CUDA program, set by `make test`): the same exit status
+     and error message as the CPU program for every fuzz regression and seed, a LAMBADA target
+     past the vocabulary, and every bad flag.
+  10. The CUDA compile check, when `make test` ran `make cuda-check` first.
 Ends with "N passed, N failed"; exits non-zero on any failure.
 */
 #define TESTING
@@ -756,7 +767,7 @@ static void check_bad_inputs(const char *bin) {
 }
 
 // ----------------------------------------------------------------------------
-// 7. ctxkv/simd.h against the plain loops it replaces
+// 8. ctxkv/simd.h against the plain loops it replaces
 
 static void check_simd_kernels(void) {
     printf("-- simd kernels (ctxkv/simd.h) against plain loops\n");
@@ -827,7 +838,7 @@ static void check_simd_kernels(void) {
 }
 
 // ----------------------------------------------------------------------------
-// 6. the CUDA program gives the CPU program's errors: the same exit status and the same first
+// 9. the CUDA program gives the CPU program's errors: the same exit status and the same first
 // line on stderr, for every fuzz regression and seed input and for bad flags. The CUDA binary is
 // the emulated one (make test builds build/emu/train_ctxkv_cu_fp32 where nvcc's headers exist).
 

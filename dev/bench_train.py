@@ -4,8 +4,8 @@ Time one training step (forward + backward + grad clip + AdamW update) of ctxkv'
 and of Hugging Face GPTNeoXForCausalLM (float32 PyTorch) at the same shape, thread count
 and batch, in one invocation, and print tokens/s for both and the ratio C / PyTorch.
 
-    /work/devvenv/bin/python dev/bench_train.py                 # pythia-14m, B=4, T=256, 2 threads
-    /work/devvenv/bin/python dev/bench_train.py --steps 20 --warmup 3 --binary ./train_ctxkv
+    devvenv/bin/python dev/bench_train.py                 # pythia-14m, B=4, T=256, 2 threads
+    devvenv/bin/python dev/bench_train.py --steps 20 --warmup 3 --binary ./train_ctxkv
 
 The C side is run as
     OMP_NUM_THREADS=<threads> <binary> --model pythia-14m -b B -t T --bench <steps>

@@ -7,7 +7,7 @@
     python dev/kv_table.py --dry-run      # print the time estimate and the commands only
     python dev/kv_table.py --table-only --compare doc/results/cpu   # your run vs the README's
 Options: --out DIR (default results), --variants mha,gqa,..., --steps N, --binary PATH,
---threads N. Use a Python with matplotlib (e.g. /work/devvenv/bin/python) to get the PNG.
+--threads N. Use a Python with matplotlib (e.g. devvenv/bin/python) to get the PNG.
 
 Scales (every variant gets the same B x T x steps tokens, cosine lr, warmup steps/10, seed 1337,
 and --shuffle: batches are blocks drawn across all the shards, in the same order for every variant,
@@ -266,7 +266,7 @@ def write_table(out, names):
                          num(r.get("lambada_ppl"), ".1f"), num(r.get("generation_toks_per_s"), ".0f"),
                          num(r.get("generation_toks_per_s_b8"), ".0f"),
                          str(r.get("kv_bytes_per_token_per_layer_bf16")), str(kv), red])
-        runs.append((name, os.path.join(r["run_dir"], "log.jsonl")))
+        runs.append((name, os.path.join(out, r["run_dir"], "log.jsonl")))  # run_dir is relative to OUT
         note = f"- {name}: `{' '.join(r['flags']) or '(defaults)'}`; run {fmt_time(r['wall_s'])}"
         if r.get("phase1_wall_s") is not None:
             p1 = r.get("phase1") or {}
@@ -423,7 +423,7 @@ def main():
             rc, tail = stream(cmd, env, prefix, steps)
         wall = time.time() - t0
         result = {"variant": name, "scale": scale, "flags": variant_flags(name, cfg["model"]),
-                  "command": cmd, "wall_s": round(wall, 1), "run_dir": run_dir,
+                  "command": cmd, "wall_s": round(wall, 1), "run_dir": os.path.relpath(run_dir, out),
                   "phase1_wall_s": None if p1_s is None else round(p1_s, 1), "phase1": p1,
                   "kv_mha_bytes_per_token_bf16": base_kv, "settings": settings}
         if rc != 0 or not os.path.isfile(metrics):

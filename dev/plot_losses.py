@@ -4,7 +4,7 @@
 
 Each argument is a run folder, a log.jsonl, or NAME=either. Left panel: train loss (raw, faint,
 and an exponential moving average); right panel: val loss; x = optimizer step.
-Needs matplotlib (dev only, e.g. /work/devvenv); without it, plot() prints a note and returns False.
+Needs matplotlib (dev only, e.g. a devvenv/ made from dev/requirements-dev.txt); without it, plot() prints a note and returns False.
 """
 import argparse
 import json
@@ -44,7 +44,7 @@ def plot(runs, png, title=""):
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"matplotlib is not installed: skipping {png} "
-              f"(run again with a Python that has it, e.g. /work/devvenv/bin/python)")
+              f"(run again with a Python that has it, e.g. devvenv/bin/python)")
         return False
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(13, 5))
     tops, bottoms, vtops, vbottoms = [], [], [], []

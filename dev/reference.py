@@ -2,10 +2,10 @@
 """
 Reference-state generator for test_ctxkv (dev only; needs dev/requirements-dev.txt).
 
-    /work/devvenv/bin/python dev/reference.py                    # writes all of dev/ref/*
-    /work/devvenv/bin/python dev/reference.py --variants mha     # only tiny_*.bin (+ hf_tiny/)
-    /work/devvenv/bin/python dev/reference.py --variants gqa,mla # only those variants
-    /work/devvenv/bin/python dev/reference.py --variants ctxkv,ctxpythia,ctxblock  # Context-KV only
+    devvenv/bin/python dev/reference.py                    # writes all of dev/ref/*
+    devvenv/bin/python dev/reference.py --variants mha     # only tiny_*.bin (+ hf_tiny/)
+    devvenv/bin/python dev/reference.py --variants gqa,mla # only those variants
+    devvenv/bin/python dev/reference.py --variants ctxkv,ctxpythia,ctxblock  # Context-KV only
     (names: mha gqa mqa mla mlaq ctxkv ctxpythia ctxblock; dev/ref/variants.json and
     dev/ref/ctx_variants.json are rewritten on every run)
 

@@ -174,7 +174,7 @@ def main():
         tokens.add(res.get("tokens_seen"))
         check(f"{name}: {name}.json has the variant, wall time and a log",
               res.get("variant") == name and res.get("wall_s", 0) > 0
-              and os.path.isfile(os.path.join(res["run_dir"], "log.jsonl")), res.get("variant"))
+              and not os.path.isabs(res["run_dir"]) and os.path.isfile(os.path.join(out, res["run_dir"], "log.jsonl")), res.get("variant"))
     check("every variant saw the same tokens", len(tokens) == 1 and None not in tokens, tokens)
     mha = table.get("mha", {}).get("KV reduction vs mha", "")
     mqa = table.get("mqa", {}).get("KV reduction vs mha", "")

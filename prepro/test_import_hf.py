@@ -1,7 +1,7 @@
 """Dev-only check of prepro/import_hf.py against real transformers checkpoints.
 
 Needs torch and transformers (not in prepro/requirements.txt):
-    /work/devvenv/bin/python prepro/test_import_hf.py
+    devvenv/bin/python prepro/test_import_hf.py
 Builds a small random GPTNeoXForCausalLM, saves it in several ways (safetensors fp32, fp16,
 bf16, sharded, Pythia-style pytorch_model.bin with the old config keys and buffers), converts
 each and checks every tensor against the HF state dict; then checks that bad folders are

@@ -1,7 +1,7 @@
 """Tests of the data scripts; need only numpy and tokenizers (the prepro venv):
     .venv/bin/python prepro/test_prepro.py
 Prints PASS/FAIL lines and 'N passed, N failed'; exits 1 on any failure. The Gutenberg
-checks run when the shared data folder is there (../shared/data or /work/shared/data).
+checks run when the shared data folder is there (../shared/data).
 """
 import contextlib
 import gzip
@@ -234,7 +234,7 @@ def test_ckpt():
 def main():
     texts = [("tinyshakespeare", open(os.path.join(REPO_ROOT, "data", "vendor", "tinyshakespeare.txt"),
                                       encoding="utf-8").read())]
-    shared = next((d for d in (os.path.join(REPO_ROOT, "..", "shared", "data"), "/work/shared/data")
+    shared = next((d for d in (os.path.join(REPO_ROOT, "..", "shared", "data"),)
                    if os.path.isdir(os.path.join(d, "gutenberg"))), None)
     if shared:
         with gzip.open(os.path.join(shared, "gutenberg", "gutenberg_valid.txt.gz"), "rt",

@@ -16,7 +16,7 @@ Document separators (--doc-sep):
                 books, else blank
 
 Example (the Gutenberg books, one document per book):
-  python prepro/tokenize_text.py --input /work/shared/data/gutenberg/gutenberg_train.txt.gz \\
+  python prepro/tokenize_text.py --input ../shared/data/gutenberg/gutenberg_train.txt.gz \\
       --out data/gutenberg/gutenberg_train
 """
 import argparse
