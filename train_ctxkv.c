@@ -17,11 +17,13 @@ This file holds the model only, in this order:
   The attention core  causal softmax attention (training, prefill) and over the cache (decoding)
   Attention variants  one stretch each, then the table ATTN_VARIANTS that the model calls:
     MHA               mha_views, mha_project_forward/backward, mha_cache_write, mha_decode
-    GQA / MQA         gqa_*  (doc/attention.md)
+                      (dev/reference.py: attn_mha)
+    GQA / MQA         gqa_*  (doc/attention.md; dev/reference.py: attn_gqa)
     MLA               rmsnorm, mla_gather_keys, mla_* with the absorbed decode (doc/attention.md;
-                      dev/reference.py's MLAttention side by side)
+                      dev/reference.py: mla_project, attn_mla, mla_absorbed_decode)
     Context-KV        ctx_attention (slots), ctx_*, the ContextBlock, compute_contexts, OACD,
-                      phase 1 (jacobi_shift, phase1_round)  (doc/context_kv.md)
+                      phase 1 (jacobi_shift, phase1_round)  (doc/context_kv.md; dev/reference.py:
+                      attn_ctxkv, ctxkv_ring_decode, context_block, contexts_sequential)
   The whole model     the attention block, layer and head (ctxkv/pythia.h), model_forward/backward
   KV-cached decoding  kvcache_new, model_prefill, model_decode_step
 Everything around it is shared with the CUDA mirror train_ctxkv.cu, in ctxkv/ (each header
@@ -29,8 +31,8 @@ opens with what it defines): utils.h, config.h (config, presets, KV accounting),
 (parameter and activation layout: the checkpoint order), args.h (the flag table), data.h
 (shards, loader, token table), checkpoint.h (checkpoints, training state, init), eval.h
 (evaluation, generation), pythia.h (the wiring of the layers) and train.h (the training driver
-and main). simd.h holds the CPU's
-performance-only code (vector exp, the GEMM micro-kernel).
+and main). simd.h holds the CPU's performance-only code (vector exp, the GEMM micro-kernel).
+A reader learning one method reads its stretch of Attention variants, then the doc page.
 
 Shapes in comments: B batch, T time, C = n_embd, H heads, D head dim, G key/value heads, R rotary
 dims, F = n_inner (MLP width), V vocab, Vp padded vocab, L layers, d_c context width.
