@@ -407,6 +407,9 @@ static void model_ensure_acts(Model *m, int B, int T) {
     }
 }
 
+// rows [row0, row0 + n) of the last forward's logits (Vp each): here they are the logits themselves
+static const float *model_logits_host(Model *m, size_t row0, size_t n) { (void)n; return m->a.logits + row0 * m->cfg.padded_vocab_size; }
+
 // gradients of the parameters, laid out as the parameters: allocated on first use
 static void model_ensure_grads(Model *m) {
     if (m->grads_memory) return;
@@ -1240,7 +1243,6 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
 // What ctxkv/eval.h and ctxkv/train.h need from this program, then the shared driver and main
 
 static const float *model_losses(const Model *m) { return m->a.losses; }
-static const float *model_logits_host(Model *m, size_t row0, size_t n) { (void)n; return m->a.logits + row0 * m->cfg.padded_vocab_size; }
 static void model_sync(void) {}
 
 #define PROGRAM_WHAT "Trains a Pythia (GPT-NeoX) model on token shards, fp32 on the CPU."

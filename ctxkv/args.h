@@ -58,8 +58,8 @@ static const ArgSpec ARG_SPECS[] = {
     ARG("--layer0", ARG_STR, layer0, 0, 0, NULL, "ctxkv", "layer 0 attends over ContextBlock contexts; the others use --attn"),
     ARG("--model-type", ARG_STR, model_type, 0, 0, NULL, "ctxpythia", "every layer at the context width, fed by the contexts"),
     ARG("--context-dim", ARG_INT, context_dim, 1, 1 << 16, NULL, "INT", "context width d_c [width / 2]"),
-    ARG("--context-interval", ARG_INT, context_interval, 1, 1 << 20, NULL, "INT", "I: slot k holds the context at t - k*I [32]"),
-    ARG("--max-contexts", ARG_INT, max_contexts, 1, 1 << 20, NULL, "INT", "M: slots per query [32]"),
+    ARG("--context-interval", ARG_INT, context_interval, 1, 1 << 20, "32", "INT", "I: slot k holds the context at t - k*I"),
+    ARG("--max-contexts", ARG_INT, max_contexts, 1, 1 << 20, "32", "INT", "M: slots per query"),
     ARG("--phase", ARG_INT, phase, 1, 2, NULL, "1|2", "1: train only the ContextBlock (OACD, parallel Jacobi iteration), save DIR/context_block.bin; 2: block frozen, train the rest [2]"),
     ARG("--context-block", ARG_STR, context_block, 0, 0, NULL, "FILE", "phase 2: load the block (and the embeddings it was trained on)"),
     ARG("--p1-iters", ARG_INT, p1_iters, 1, 1 << 20, "60", "INT", "phase 1: max Jacobi iterations per round"),
@@ -305,18 +305,18 @@ static void apply_context_flags(Config *c, const Args *a) {
     }
     if (ctxkv && ctxpythia) die("--layer0 ctxkv and --model-type ctxpythia conflict: ctxpythia feeds every layer from the contexts");
     if (!ctxkv && !ctxpythia) {
-        if (a->context_dim || a->context_interval || a->max_contexts)
+        if (a->context_dim || arg_given(a, "--context-interval") || arg_given(a, "--max-contexts"))
             die("--context-dim / --context-interval / --max-contexts need --layer0 ctxkv or --model-type ctxpythia");
         return;
     }
-    if (ctxpythia && (a->context_interval || a->max_contexts))
+    if (ctxpythia && (arg_given(a, "--context-interval") || arg_given(a, "--max-contexts")))
         die("--context-interval / --max-contexts belong to --layer0 ctxkv, not --model-type ctxpythia");
     const int dc = a->context_dim ? a->context_dim : c->n_embd / 2;
     c->context_dim = dc;
     if (ctxkv) {
         c->layer0_type = LAYER0_CTXKV;
-        c->context_interval = a->context_interval ? a->context_interval : 32;
-        c->max_contexts = a->max_contexts ? a->max_contexts : 32;
+        c->context_interval = a->context_interval;
+        c->max_contexts = a->max_contexts;
     } else { // the layers move to the context width, keeping the heads and the rotary fraction
         const int old_D = head_dim(c);
         c->model_type = MODEL_CTXPYTHIA;
@@ -339,12 +339,12 @@ static void check_variant_flags_match(const Config *c, const Args *a, const char
     if (a->attn && attn_type_from_name(a->attn) != c->attn_type)
         die("'%s' is a %s checkpoint, but --attn %s was given (to convert an mha checkpoint use --init-from)", path,
             ATTN_NAMES[c->attn_type], a->attn);
-#define SAME(flag, given, field, label) \
-    if (given && (given) != (field)) die("'%s' has %s %d, but %s %d was given", path, label, field, flag, given)
+#define SAME(flag, value, field, label) \
+    if (arg_given(a, flag) && (value) != (field)) die("'%s' has %s %d, but %s %d was given", path, label, field, flag, value)
     SAME("--n-kv-head", a->n_kv_head, c->n_kv_head, "n_kv_head");
     SAME("--kv-rank", a->kv_rank, c->kv_rank, "kv_rank");
     SAME("--rope-dim", a->rope_dim, c->mla_rope_dim, "mla_rope_dim");
-    if (arg_given(a, "--q-rank") && a->q_rank != c->q_rank) die("'%s' has q_rank %d, but --q-rank %d was given", path, c->q_rank, a->q_rank);
+    SAME("--q-rank", a->q_rank, c->q_rank, "q_rank");
     if (a->layer0 && (!strcmp(a->layer0, "ctxkv")) != (c->layer0_type == LAYER0_CTXKV))
         die("'%s' has layer 0 %s, but --layer0 %s was given", path, c->layer0_type ? "ctxkv" : "same", a->layer0);
     if (a->model_type && (!strcmp(a->model_type, "ctxpythia")) != (c->model_type == MODEL_CTXPYTHIA))
