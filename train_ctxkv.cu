@@ -1011,6 +1011,16 @@ static void attention_backward(HeadView dq, HeadView dk, HeadView dv, floatX *da
 // the q·k width (D, or D + d_R for MLA)
 typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
 
+// The softmax of a block's scores[0..n), each thread holding the max of the entries it wrote
+// (local_max): scores become exp(score − max) in place, and the return value is 1 / their sum.
+// Every thread of the block calls it; the reductions' barriers make all scores visible after.
+__device__ float block_exp_scores(float *scores, int n, float local_max) {
+    const float mx = block_reduce_max(local_max);
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
+    return 1.0f / block_reduce_sum(sum);
+}
+
 // Each sequence's new token (query heads q, one row per sequence) attends over its n cached
 // tokens in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D). One block per
 // (head, sequence); its scratch holds the scores in fp32.
@@ -1028,10 +1038,7 @@ __global__ void cached_attention_kernel(KVCache kv, HeadView q, floatX *out, int
         scores[s] = scale * d;
         mx = fmaxf(mx, scores[s]);
     }
-    mx = block_reduce_max(mx);
-    float sum = 0.0f;
-    for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
-    const float inv = 1.0f / block_reduce_sum(sum);
+    const float inv = block_exp_scores(scores, n, mx);
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float acc = 0.0f;
         for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[(G + g) * D + j];
@@ -1309,10 +1316,7 @@ __global__ void mla_decode_kernel(KVCache kv, LayerParams lp, HeadView q, floatX
         scores[s] = scale * (d1 + d2);
         mx = fmaxf(mx, scores[s]);
     }
-    mx = block_reduce_max(mx);
-    float sum = 0.0f;
-    for (int s = threadIdx.x; s < n; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
-    const float inv = 1.0f / block_reduce_sum(sum);
+    const float inv = block_exp_scores(scores, n, mx);
     for (int r = threadIdx.x; r < R; r += blockDim.x) { // ō = Σ P ĉ   (R)
         float acc = 0.0f;
         for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[r];
@@ -1504,10 +1508,7 @@ __global__ void ctx_decode_kernel(KVCache kv, LayerParams lp, const floatX *q, f
         scores[k] = scale * d;
         mx = fmaxf(mx, scores[k]);
     }
-    mx = block_reduce_max(mx);
-    float sum = 0.0f;
-    for (int k = threadIdx.x; k < slots; k += blockDim.x) { scores[k] = expf(scores[k] - mx); sum += scores[k]; }
-    const float inv = 1.0f / block_reduce_sum(sum);
+    const float inv = block_exp_scores(scores, slots, mx);
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float acc = 0.0f;
         for (int k = 0; k < slots; k++) acc += scores[k] * inv * vals[k * D + j];
