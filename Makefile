@@ -94,6 +94,20 @@ train: train_ctxkv data
 ctxkv-demo: train_ctxkv data
 	OMP_NUM_THREADS=$(THREADS) bash dev/ctxkv_demo.sh
 
+# The trainer's matmuls against OpenBLAS sgemm on the model's own shapes (dev/bench_gemm.c);
+# OpenBLAS (Debian's libopenblas-dev) is the bench's baseline only, never the trainer's
+OPENBLAS_H = /usr/include/x86_64-linux-gnu/cblas.h
+$(OPENBLAS_H):
+	@echo "cblas.h missing: installing libopenblas-dev (for the bench only)"
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libopenblas-dev; \
+	 else sudo apt-get update -qq && sudo apt-get install -y -qq libopenblas-dev; fi
+build/bench_gemm: dev/bench_gemm.c train_ctxkv.c $(CTXKV_H) | $(STB) $(OPENBLAS_H)
+	@mkdir -p build
+	$(CC) $(CFLAGS) -Wno-unused-function -o $@ $< -lopenblas $(LDLIBS)
+.PHONY: bench-gemm
+bench-gemm: build/bench_gemm
+	OMP_NUM_THREADS=$(THREADS) OPENBLAS_NUM_THREADS=$(THREADS) OPENBLAS_THREAD_TIMEOUT=4 build/bench_gemm
+
 clean:
 	rm -rf train_ctxkv test_ctxkv build
 

@@ -801,11 +801,12 @@ static void check_simd_kernels(void) {
         for (int i = 0; i < n; i++) dworst = fmaxf(dworst, fabsf(y[i] - (y_ref[i] + 0.5f * a[i])) / fmaxf(1.0f, fabsf(y_ref[i])));
     }
     check(dworst <= 1e-6f, "dot and axpy equal plain loops (worst %.2e relative)", dworst);
-    // gemm_acc: out (N,M) += A (N,K) · B (K,M), A plain and as a transposed view, shapes with
+    // gemm: out (N,M) += A (N,K) · B (K,M), A or B as transposed views, and out = bias + A·B; shapes with
     // ragged edges in every dimension and more than one k- and column block
-    const int shapes[][3] = {{1, 1, 1}, {5, 7, 9}, {6, 16, 16}, {13, 300, 40}, {7, 17, 270}, {30, 513, 33}};
+    // (M 150 and 301 pass MC, N 2100 passes NC, K 513 passes KC; the last two run on every thread)
+    const int shapes[][3] = {{1, 1, 1}, {5, 7, 9}, {6, 16, 16}, {13, 300, 40}, {7, 17, 270}, {30, 513, 33}, {150, 40, 2100}, {301, 260, 37}};
     float gworst = 0.0f;
-    for (int si = 0; si < 6; si++) {
+    for (int si = 0; si < 8; si++) {
         const int N = shapes[si][0], K = shapes[si][1], M = shapes[si][2];
         float *A = malloc_check((size_t)N * K * sizeof(float), "gemm"), *At = malloc_check((size_t)N * K * sizeof(float), "gemm");
         float *Bm = malloc_check((size_t)K * M * sizeof(float), "gemm"), *out = malloc_check((size_t)N * M * sizeof(float), "gemm");
@@ -813,10 +814,14 @@ static void check_simd_kernels(void) {
         for (int i = 0; i < N * K; i++) A[i] = random_normal(&rng);
         for (int i = 0; i < K * M; i++) Bm[i] = random_normal(&rng);
         for (int i = 0; i < N * M; i++) out[i] = out_t[i] = random_normal(&rng);
-        transpose(At, A, N, K); // At (K,N)
-        int transposed_ok = 1;
-        for (int n = 0; n < N; n++)
-            for (int k = 0; k < K; k++) transposed_ok &= At[(size_t)k * N + n] == A[(size_t)n * K + k];
+        for (int n = 0; n < N; n++) // At (K,N) = Aᵀ
+            for (int k = 0; k < K; k++) At[(size_t)k * N + n] = A[(size_t)n * K + k];
+        float *Bt = malloc_check((size_t)K * M * sizeof(float), "gemm"), *out_b = malloc_check((size_t)N * M * sizeof(float), "gemm");
+        for (int k = 0; k < K; k++) // Bt (M,K) = Bᵀ
+            for (int mm = 0; mm < M; mm++) Bt[(size_t)mm * K + k] = Bm[(size_t)k * M + mm];
+        memcpy(out_b, out, (size_t)N * M * sizeof(float));
+        float *out0 = malloc_check((size_t)N * M * sizeof(float), "gemm"); // C before
+        memcpy(out0, out, (size_t)N * M * sizeof(float));
         double *ref = malloc_check((size_t)N * M * sizeof(double), "gemm"), *mag = malloc_check((size_t)N * M * sizeof(double), "gemm");
         for (int n = 0; n < N; n++)
             for (int mm = 0; mm < M; mm++) {
@@ -825,16 +830,30 @@ static void check_simd_kernels(void) {
                 ref[(size_t)n * M + mm] = s;
                 mag[(size_t)n * M + mm] = g;
             }
-        gemm_acc(out, A, K, 1, Bm, N, K, M);
-        gemm_acc(out_t, At, 1, N, Bm, N, K, M); // A read through strides: a transposed view
+        gemm(out, A, K, 1, Bm, M, 1, N, K, M, 0, NULL);
+        gemm(out_t, At, 1, N, Bm, M, 1, N, K, M, 0, NULL);  // A as a transposed view
+        gemm(out_b, A, K, 1, Bt, 1, K, N, K, M, 0, NULL);   // B as a transposed view
+        // overwrite with a bias: C = bias + A·B, whatever C held (NaN here)
+        float *bias = malloc_check((size_t)M * sizeof(float), "gemm"), *out_o = malloc_check((size_t)N * M * sizeof(float), "gemm");
+        for (int mm = 0; mm < M; mm++) bias[mm] = random_normal(&rng);
+        for (int i = 0; i < N * M; i++) out_o[i] = NAN;
+        gemm(out_o, A, K, 1, Bt, 1, K, N, K, M, 1, bias);
+        for (int n = 0; n < N; n++)
+            for (int mm = 0; mm < M; mm++) { // ref holds C0 + A·B: replace C0 by the bias
+                const size_t i = (size_t)n * M + mm;
+                const double want = ref[i] - out0[i] + bias[mm];
+                gworst = fmaxf(gworst, (float)(fabs(out_o[i] - want) / (mag[i] - fabs(out0[i]) + fabs(bias[mm]))));
+                if (isnan(out_o[i])) gworst = INFINITY;
+            }
+        free(bias); free(out_o);
         for (int i = 0; i < N * M; i++) {
             gworst = fmaxf(gworst, (float)(fabs(out[i] - ref[i]) / mag[i]));
             gworst = fmaxf(gworst, (float)(fabs(out_t[i] - ref[i]) / mag[i]));
+            gworst = fmaxf(gworst, (float)(fabs(out_b[i] - ref[i]) / mag[i]));
         }
-        if (!transposed_ok) gworst = INFINITY;
-        free(A); free(At); free(Bm); free(out); free(out_t); free(ref); free(mag);
+        free(A); free(At); free(Bm); free(Bt); free(out); free(out_t); free(out_b); free(out0); free(ref); free(mag);
     }
-    check(gworst <= 1e-6f, "gemm_acc (plain and strided A) and transpose equal plain loops on 6 ragged shapes (worst %.2e of sum |terms|)", gworst);
+    check(gworst <= 1e-6f, "gemm (C += A·B with A or B as transposed views; C = bias + A·B) equals the plain loop on 8 ragged shapes (worst %.2e of sum |terms|)", gworst);
 }
 
 // ----------------------------------------------------------------------------

@@ -120,40 +120,25 @@ static void layernorm_backward(float *dinp, float *dw, float *db, const float *d
 }
 
 // Linear layer, PyTorch layout: out (N,OC) = inp (N,C) · wᵀ + bias (OC, or NULL for none).
-// The GEMM wants Bm rows contiguous along the output, so w is transposed into a scratch
-// buffer first (cheap next to the product: OC·C copies against N·OC·C multiply-adds).
-static float *matmul_scratch;
-static size_t matmul_scratch_cap;
-
+// The plain loop it computes: out[n][o] = bias[o] + Σ_c inp[n][c]·w[o][c]. A few rows (decoding,
+// up to batch 16) are dot products; more go through the packed GEMM (ctxkv/simd.h), which reads w
+// as the transposed view it needs.
 static void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
-    if (N <= 16) { // a few rows (decoding, up to batch 16): dot products, no transpose
+    if (N <= 16) {
 #pragma omp parallel for schedule(static) if ((size_t)N * C * OC >= 16 * PAR_MIN)
         for (int o = 0; o < OC; o++)
             for (int n = 0; n < N; n++)
                 out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, w + (size_t)o * C, C) + (bias ? bias[o] : 0.0f);
         return;
     }
-    size_t need = (size_t)C * OC;
-    if (need > matmul_scratch_cap) {
-        free(matmul_scratch);
-        matmul_scratch = malloc_check(need * sizeof(float), "matmul scratch");
-        matmul_scratch_cap = need;
-    }
-    transpose(matmul_scratch, w, OC, C);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * OC;
-        if (bias) memcpy(o, bias, OC * sizeof(float));
-        else memset(o, 0, OC * sizeof(float));
-    }
-    gemm_acc(out, inp, C, 1, matmul_scratch, N, C, OC);
+    gemm(out, inp, C, 1, w, 1, C, N, C, OC, 1, bias); // B[c][o] = w[o][c]; out is written, not read
 }
 
-// dinp (N,C) += dout·w;  dw (OC,C) += doutᵀ·inp;  dbias (OC) += Σ_n dout.   dinp/dbias may be NULL.
+// dinp (N,C) += dout·w;  dw (OC,C) += doutᵀ·inp;  dbias (OC) += Σ_n dout.   Any of the three may be NULL.
 static void matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
                             const float *w, int N, int C, int OC) {
-    if (dinp) gemm_acc(dinp, dout, OC, 1, w, N, OC, C);
-    gemm_acc(dw, dout, 1, OC, inp, OC, N, C); // doutᵀ read through strides
+    if (dinp) gemm(dinp, dout, OC, 1, w, C, 1, N, OC, C, 0, NULL);
+    if (dw) gemm(dw, dout, 1, OC, inp, C, 1, OC, N, C, 0, NULL); // A[o][n] = dout[n][o]: doutᵀ read through strides
     if (dbias) {
 #pragma omp parallel for schedule(static)
         for (int o0 = 0; o0 < OC; o0 += 64) {

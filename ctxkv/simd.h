@@ -1,12 +1,15 @@
 // ctxkv/simd.h: performance-only code of the CPU program: 8-lane float vectors (GCC/Clang vector
 // extensions, so -march=native picks AVX2 or AVX-512 and no intrinsics are needed), exp on 8
-// lanes, dot/axpy, and the GEMM micro-kernel with its transpose. Nothing here is needed to
+// lanes, dot/axpy, and the packed GEMM with its micro-kernel. Nothing here is needed to
 // understand the model: each function equals a plain loop, and test_ctxkv.c checks it against
 // that loop ("simd kernels").
 #ifndef CTXKV_SIMD_H
 #define CTXKV_SIMD_H
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // GCC/Clang vector extensions give 8-wide SIMD without -ffast-math (which breaks exact GELU,
 // see doc/model.md); loads are unaligned.
@@ -102,63 +105,161 @@ static inline void axpy(float *y, float a, const float *x, int n) { // y += a*x
 // Small loops (decoding touches one row) stay serial: a parallel region costs more than they do.
 #define PAR_MIN 4096
 
-// One GEMM serves all three products of a linear layer:
-//   out (N,M) += A (N,K) · Bm (K,M)
-// A is read through strides (a_rs, a_cs), so it can be a transposed view; rows of Bm are
-// contiguous. The micro-kernel keeps a 6x16 block of out in registers and, for each k,
-// broadcasts 6 entries of A against 16 of Bm. K and M are blocked so a KBxMB panel of Bm
-// stays in cache while every row block passes over it.
-#define GEMM_RB 6    // rows of out per micro-kernel
-#define GEMM_KB 256  // k-block
-#define GEMM_MB 256  // column block
-static void gemm_acc(float *out, const float *A, size_t a_rs, size_t a_cs, const float *Bm, int N, int K, int M) {
-#pragma omp parallel
-    for (int kb = 0; kb < K; kb += GEMM_KB) {
-        const int ke = kb + GEMM_KB < K ? kb + GEMM_KB : K;
-#pragma omp for collapse(2) schedule(static)
-        for (int mb = 0; mb < M; mb += GEMM_MB) {
-            for (int n0 = 0; n0 < N; n0 += GEMM_RB) {
-                const int me = mb + GEMM_MB < M ? mb + GEMM_MB : M;
-                for (int m0 = mb; m0 < me; m0 += 16) {
-                    if (n0 + GEMM_RB <= N && m0 + 16 <= me) {
-                        v8 c[GEMM_RB][2];
-                        for (int r = 0; r < GEMM_RB; r++) {
-                            c[r][0] = load8(out + (size_t)(n0 + r) * M + m0);
-                            c[r][1] = load8(out + (size_t)(n0 + r) * M + m0 + 8);
-                        }
-                        for (int k = kb; k < ke; k++) {
-                            const v8 b0 = load8(Bm + (size_t)k * M + m0), b1 = load8(Bm + (size_t)k * M + m0 + 8);
-                            const float *ak = A + (size_t)n0 * a_rs + (size_t)k * a_cs;
-                            for (int r = 0; r < GEMM_RB; r++) {
-                                const v8 a = splat8(ak[(size_t)r * a_rs]);
-                                c[r][0] += a * b0;
-                                c[r][1] += a * b1;
-                            }
-                        }
-                        for (int r = 0; r < GEMM_RB; r++) {
-                            store8(out + (size_t)(n0 + r) * M + m0, c[r][0]);
-                            store8(out + (size_t)(n0 + r) * M + m0 + 8, c[r][1]);
-                        }
-                    } else { // ragged edge
-                        for (int n = n0; n < N && n < n0 + GEMM_RB; n++)
-                            for (int m = m0; m < me && m < m0 + 16; m++) {
-                                float s = out[(size_t)n * M + m];
-                                for (int k = kb; k < ke; k++) s += A[(size_t)n * a_rs + (size_t)k * a_cs] * Bm[(size_t)k * M + m];
-                                out[(size_t)n * M + m] = s;
-                            }
-                    }
+// One GEMM serves all three products of a linear layer, BLIS-style:
+//   C (M,N) += A (M,K) · B (K,N)     (or C = bias + A·B, see gemm)
+// A[i][k] is at A + i*a_rs + k*a_cs and B[k][j] at B + k*b_rs + j*b_cs, so either can be a
+// transposed view (the weight as wᵀ, dout as doutᵀ) without a copy; C is row-major, N wide.
+// Blocks of A (MC x KC) and B (KC x NC) are packed into contiguous panels of MR rows and NR
+// columns (zero-padded at the edges), sized for the caches: a B panel (KC x NR, 32 KB) stays in
+// L1 while the A panels of the block (MC x KC, 144 KB, in L2) pass over it. (KC 512, MC 72 were
+// the fastest of the sizes tried with dev/bench_gemm.c on a 2-core AMD EPYC, Zen 3.) The micro-kernel keeps a 6 x 16 tile of C
+// in twelve 8-lane registers and, for each k, broadcasts 6 entries of A against 16 of B: the
+// AVX2/FMA shape (-march=native picks the instructions; AVX-512 runs the same code).
+// Threads split the larger of M and N into contiguous ranges; each packs its own panels.
+#define GEMM_MR 6
+#define GEMM_NR 16
+#ifndef GEMM_KC // block sizes (the -D overrides are for tuning with dev/bench_gemm.c)
+#define GEMM_KC 512
+#endif
+#ifndef GEMM_MC
+#define GEMM_MC 72
+#endif
+#ifndef GEMM_NC
+#define GEMM_NC 2048
+#endif
+
+// rows [i0, i0+mc) x k [k0, k0+kc) of A into panels of MR rows: panel p, step k holds MR floats
+static void gemm_pack_a(float *dst, const float *A, size_t a_rs, size_t a_cs, int i0, int mc, int k0, int kc) {
+    const int MR = GEMM_MR;
+    if (a_rs == 1) { // A is a transposed view: at each k the block's rows are contiguous (read them in order)
+        for (int k = 0; k < kc; k++) {
+            const float *src = A + (size_t)i0 + (size_t)(k0 + k) * a_cs;
+            for (int p = 0; p < mc; p += MR)
+                for (int r = 0; r < MR; r++) dst[(size_t)p * kc + (size_t)k * MR + r] = p + r < mc ? src[p + r] : 0.0f;
+        }
+        return;
+    }
+    for (int p = 0; p < mc; p += MR) {
+        const int rows = mc - p < MR ? mc - p : MR;
+        float *d = dst + (size_t)p * kc;
+        for (int r = 0; r < MR; r++) {
+            const float *src = A + (size_t)(i0 + p + r) * a_rs + (size_t)k0 * a_cs;
+            for (int k = 0; k < kc; k++) d[(size_t)k * MR + r] = r < rows ? src[(size_t)k * a_cs] : 0.0f;
+        }
+    }
+}
+
+// k [k0, k0+kc) x columns [j0, j0+nc) of B into panels of NR columns: panel p, step k holds NR floats
+static void gemm_pack_b(float *dst, const float *B, size_t b_rs, size_t b_cs, int k0, int kc, int j0, int nc) {
+    const int NR = GEMM_NR;
+    for (int p = 0; p < nc; p += NR) {
+        const int cols = nc - p < NR ? nc - p : NR;
+        float *d = dst + (size_t)p * kc;
+        if (b_cs == 1) {
+            for (int k = 0; k < kc; k++) {
+                const float *src = B + (size_t)(k0 + k) * b_rs + j0 + p;
+                if (cols == NR) {
+                    store8(d + (size_t)k * NR, load8(src));
+                    store8(d + (size_t)k * NR + 8, load8(src + 8));
+                } else {
+                    for (int j = 0; j < NR; j++) d[(size_t)k * NR + j] = j < cols ? src[j] : 0.0f;
                 }
+            }
+        } else { // B is a transposed view (the weight): each column is a contiguous run of k
+            for (int j = 0; j < NR; j++) {
+                const float *src = B + (size_t)(j0 + p + j) * b_cs + (size_t)k0 * b_rs;
+                for (int k = 0; k < kc; k++) d[(size_t)k * NR + j] = j < cols ? src[(size_t)k * b_rs] : 0.0f;
             }
         }
     }
 }
 
-// dst (C,OC) = srcᵀ, src (OC,C); blocked so both sides stay in cache
-static void transpose(float *dst, const float *src, int rows, int cols) {
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int r0 = 0; r0 < rows; r0 += 32)
-        for (int c0 = 0; c0 < cols; c0 += 32)
-            for (int r = r0; r < rows && r < r0 + 32; r++)
-                for (int c = c0; c < cols && c < c0 + 32; c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+// C[0..rows)[0..cols) (rows ldc apart) += a (kc x MR, packed) · b (kc x NR, packed); with
+// overwrite, C = bias (the tile's columns, or 0 when NULL) + a · b instead: C is not read
+static inline void gemm_micro(int kc, const float *a, const float *b, float *c, size_t ldc, int rows, int cols, int overwrite,
+                              const float *bias) {
+    v8 acc[GEMM_MR][2];
+    for (int r = 0; r < GEMM_MR; r++) acc[r][0] = acc[r][1] = splat8(0.0f);
+    for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
+        const v8 b0 = load8(b), b1 = load8(b + 8);
+        for (int r = 0; r < GEMM_MR; r++) {
+            const v8 av = splat8(a[r]);
+            acc[r][0] += av * b0;
+            acc[r][1] += av * b1;
+        }
+    }
+    if (rows == GEMM_MR && cols == GEMM_NR) {
+        const v8 z = splat8(0.0f), b0 = bias ? load8(bias) : z, b1 = bias ? load8(bias + 8) : z;
+        for (int r = 0; r < GEMM_MR; r++) {
+            store8(c + r * ldc, (overwrite ? b0 : load8(c + r * ldc)) + acc[r][0]);
+            store8(c + r * ldc + 8, (overwrite ? b1 : load8(c + r * ldc + 8)) + acc[r][1]);
+        }
+    } else { // an edge tile: only the part inside C
+        float tile[GEMM_MR][GEMM_NR];
+        for (int r = 0; r < GEMM_MR; r++) { store8(tile[r], acc[r][0]); store8(tile[r] + 8, acc[r][1]); }
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < cols; j++) c[r * ldc + j] = (overwrite ? (bias ? bias[j] : 0.0f) : c[r * ldc + j]) + tile[r][j];
+    }
+}
+
+// the sequential GEMM on rows [i0, i1) and columns [j0, j1) of C
+static void gemm_range(float *C, const float *A, size_t a_rs, size_t a_cs, const float *B, size_t b_rs, size_t b_cs, int K,
+                       int N, int i0, int i1, int j0, int j1, int overwrite, const float *bias) {
+    const int MR = GEMM_MR, NR = GEMM_NR;
+    const int mc_max = i1 - i0 < GEMM_MC ? (i1 - i0 + MR - 1) / MR * MR : GEMM_MC;
+    const int nc_max = j1 - j0 < GEMM_NC ? (j1 - j0 + NR - 1) / NR * NR : GEMM_NC;
+    const int kc_max = K < GEMM_KC ? K : GEMM_KC;
+    float *Ap = (float *)malloc_check((size_t)mc_max * kc_max * sizeof(float), "gemm panels");
+    float *Bp = (float *)malloc_check((size_t)nc_max * kc_max * sizeof(float), "gemm panels");
+    for (int jc = j0; jc < j1; jc += GEMM_NC) {
+        const int nc = j1 - jc < GEMM_NC ? j1 - jc : GEMM_NC;
+        for (int pc = 0; pc < K; pc += GEMM_KC) {
+            const int kc = K - pc < GEMM_KC ? K - pc : GEMM_KC;
+            gemm_pack_b(Bp, B, b_rs, b_cs, pc, kc, jc, nc);
+            for (int ic = i0; ic < i1; ic += GEMM_MC) {
+                const int mc = i1 - ic < GEMM_MC ? i1 - ic : GEMM_MC;
+                gemm_pack_a(Ap, A, a_rs, a_cs, ic, mc, pc, kc);
+                for (int jr = 0; jr < nc; jr += NR)
+                    for (int ir = 0; ir < mc; ir += MR)
+                        gemm_micro(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc, C + (size_t)(ic + ir) * N + jc + jr, (size_t)N,
+                                   mc - ir < MR ? mc - ir : MR, nc - jr < NR ? nc - jr : NR, overwrite && pc == 0,
+                                   bias ? bias + jc + jr : NULL);
+            }
+        }
+    }
+    free(Ap);
+    free(Bp);
+}
+
+// C += A·B (overwrite 0), or C = bias + A·B (overwrite 1; bias (N) or NULL for none): then C is
+// only written, never read, which saves a pass over a large output (the vocabulary head's)
+static void gemm(float *C, const float *A, size_t a_rs, size_t a_cs, const float *B, size_t b_rs, size_t b_cs, int M, int K, int N,
+                 int overwrite, const float *bias) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) { // nothing to add; an overwrite still sets C
+        if (overwrite)
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) C[(size_t)i * N + j] = bias ? bias[j] : 0.0f;
+        return;
+    }
+    // small products stay on one thread: a parallel region costs more than they do
+    const int parallel = (double)M * N * K >= (double)(1 << 18);
+    // split the larger dimension, in whole panels, so that each thread has contiguous work
+    const int by_rows = (M + GEMM_MR - 1) / GEMM_MR >= (N + GEMM_NR - 1) / GEMM_NR;
+#pragma omp parallel if (parallel)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        const int unit = by_rows ? GEMM_MR : GEMM_NR, len = by_rows ? M : N;
+        const int units = (len + unit - 1) / unit, per = (units + nt - 1) / nt;
+        const int lo = t * per * unit < len ? t * per * unit : len, hi = (t + 1) * per * unit < len ? (t + 1) * per * unit : len;
+        if (lo < hi) {
+            if (by_rows) gemm_range(C, A, a_rs, a_cs, B, b_rs, b_cs, K, N, lo, hi, 0, N, overwrite, bias);
+            else gemm_range(C, A, a_rs, a_cs, B, b_rs, b_cs, K, N, 0, M, lo, hi, overwrite, bias);
+        }
+    }
 }
 #endif

@@ -1,0 +1,93 @@
+/*
+dev/bench_gemm.c: the CPU trainer's matmuls against OpenBLAS's sgemm, on the model's own products,
+in one invocation (make bench-gemm). OpenBLAS (Debian's libopenblas-dev) is linked into this
+bench only, as the baseline; the trainer never uses it.
+
+For each preset (pythia-14m, pythia-70m; B*T = 1024 rows) and each linear layer (qkv, dense,
+fc, proj, the head): matmul_forward, matmul_backward's dinp and its dW, each timed as the best
+of 11 (noise only slows a run down), against cblas_sgemm on the same operands and threads.
+Prints GFLOP/s of both sides and the ratio ours/OpenBLAS (>= 1: ours is faster), then the
+smallest ratio. Threads: OMP_NUM_THREADS (OpenBLAS gets the same count).
+*/
+#define TESTING
+#include "../train_ctxkv.c"
+#include <cblas.h>
+
+void openblas_set_num_threads(int n);
+
+// best of reps consecutive calls: noise only slows a call down, and the first calls absorb the
+// other side's threads still spinning from its last call (make bench-gemm also sets
+// OPENBLAS_THREAD_TIMEOUT=4, so that OpenBLAS's pool yields the cores at once)
+static double best_of(int reps, void (*fn)(void *), void *arg) {
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t0 = now_seconds();
+        fn(arg);
+        double dt = now_seconds() - t0;
+        if (dt < best) best = dt;
+    }
+    return best;
+}
+
+typedef struct { int N, C, OC, which; float *inp, *w, *out, *dout, *dinp, *dw; } Job; // which: 0 fwd, 1 dinp, 2 dW
+
+static void ours(void *p) {
+    Job *j = p;
+    if (j->which == 0) matmul_forward(j->out, j->inp, j->w, NULL, j->N, j->C, j->OC);
+    else if (j->which == 1) matmul_backward(j->dinp, NULL, NULL, j->dout, j->inp, j->w, j->N, j->C, j->OC);
+    else matmul_backward(NULL, j->dw, NULL, j->dout, j->inp, j->w, j->N, j->C, j->OC);
+}
+
+static void blas(void *p) {
+    Job *j = p;
+    if (j->which == 0) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->N, j->OC, j->C, 1.0f, j->inp, j->C, j->w, j->C, 0.0f, j->out, j->OC);
+    else if (j->which == 1) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, j->N, j->C, j->OC, 1.0f, j->dout, j->OC, j->w, j->C, 1.0f, j->dinp, j->C);
+    else cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, j->OC, j->C, j->N, 1.0f, j->dout, j->OC, j->inp, j->C, 1.0f, j->dw, j->C);
+}
+
+int main(void) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    openblas_set_num_threads(threads);
+    printf("bench_gemm: %d thread(s); ratio = OpenBLAS time / ours (>= 1: ours is faster); best of 11 each\n", threads);
+    printf("%-12s %-6s %-22s %10s %10s %7s\n", "model", "layer", "product (M x K -> N)", "ours GF/s", "BLAS GF/s", "ratio");
+    const char *models[] = {"pythia-14m", "pythia-70m"};
+    const char *which_name[] = {"fwd", "dinp", "dW"};
+    double worst = 1e30;
+    char worst_label[128] = "";
+    uint64_t rng = 7;
+    for (int mi = 0; mi < 2; mi++) {
+        const Preset *p = find_preset(models[mi]);
+        const int N = 4 * 256, C = p->n_embd, F = p->n_inner, Vp = round_up(p->vocab_size, VOCAB_PAD);
+        const struct { const char *name; int C, OC; } layers[] = {{"qkv", C, 3 * C}, {"dense", C, C}, {"fc", C, F}, {"proj", F, C}, {"head", C, Vp}};
+        for (int li = 0; li < 5; li++) {
+            Job j = {N, layers[li].C, layers[li].OC, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+            size_t nin = (size_t)N * j.C, nw = (size_t)j.OC * j.C, nout = (size_t)N * j.OC;
+            j.inp = malloc_check(nin * 4, "bench"); j.w = malloc_check(nw * 4, "bench"); j.out = malloc_check(nout * 4, "bench");
+            j.dout = malloc_check(nout * 4, "bench"); j.dinp = calloc_check(nin * 4, "bench"); j.dw = calloc_check(nw * 4, "bench");
+            for (size_t i = 0; i < nin; i++) j.inp[i] = random_f32(&rng) - 0.5f;
+            for (size_t i = 0; i < nw; i++) j.w[i] = random_f32(&rng) - 0.5f;
+            for (size_t i = 0; i < nout; i++) j.dout[i] = random_f32(&rng) - 0.5f;
+            for (int w = 0; w < 3; w++) {
+                j.which = w;
+                const double flops = 2.0 * N * j.C * j.OC;
+                ours(&j); blas(&j); // warm up (first touch, thread start)
+                const double t_ours = best_of(11, ours, &j), t_blas = best_of(11, blas, &j);
+                const double ratio = t_blas / t_ours;
+                char prod[64];
+                if (w == 0) snprintf(prod, sizeof prod, "%s %dx%d->%d", which_name[w], N, j.C, j.OC);
+                else if (w == 1) snprintf(prod, sizeof prod, "%s %dx%d->%d", which_name[w], N, j.OC, j.C);
+                else snprintf(prod, sizeof prod, "%s %dx%d->%d", which_name[w], j.OC, N, j.C);
+                printf("%-12s %-6s %-22s %10.1f %10.1f %7.2f\n", models[mi], layers[li].name, prod, flops / t_ours * 1e-9,
+                       flops / t_blas * 1e-9, ratio);
+                fflush(stdout);
+                if (ratio < worst) { worst = ratio; snprintf(worst_label, sizeof worst_label, "%s %s %s", models[mi], layers[li].name, which_name[w]); }
+            }
+            free(j.inp); free(j.w); free(j.out); free(j.dout); free(j.dinp); free(j.dw);
+        }
+    }
+    printf("{\"bench\": \"gemm\", \"threads\": %d, \"min_ratio_vs_openblas\": %.3f, \"at\": \"%s\"}\n", threads, worst, worst_label);
+    return 0;
+}
