@@ -6,6 +6,7 @@ and batch, in one invocation, and print tokens/s for both and the ratio C / PyTo
 
     devvenv/bin/python dev/bench_train.py                 # pythia-14m, B=4, T=256, 2 threads
     devvenv/bin/python dev/bench_train.py --steps 20 --warmup 3 --binary ./train_ctxkv
+    devvenv/bin/python dev/bench_train.py --model pythia-70m   # the 70m shape, same B, T
 
 The C side is run as
     OMP_NUM_THREADS=<threads> <binary> --model pythia-14m -b B -t T --bench <steps>
@@ -32,6 +33,9 @@ PYTHIA_14M = dict(vocab_size=50304, hidden_size=128, num_attention_heads=4, num_
                   max_position_embeddings=2048, use_parallel_residual=True, hidden_act="gelu",
                   tie_word_embeddings=False, layer_norm_eps=1e-5, attention_dropout=0.0,
                   hidden_dropout=0.0)
+# pythia-70m (EleutherAI/pythia-70m config.json): the same but wider
+PYTHIA_70M = dict(PYTHIA_14M, hidden_size=512, num_attention_heads=8, intermediate_size=2048)
+SHAPES = {"pythia-14m": PYTHIA_14M, "pythia-70m": PYTHIA_70M}
 
 
 def cpu_name():
@@ -85,7 +89,7 @@ def bench_torch(args, attn):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(**PYTHIA_14M, attn_implementation=attn)
+    cfg = GPTNeoXConfig(**SHAPES[args.model], attn_implementation=attn)
     model = GPTNeoXForCausalLM(cfg).float().train()
     params = list(model.parameters())
     nparams = sum(p.numel() for p in params)
@@ -125,11 +129,11 @@ def bench_torch(args, attn):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="C vs PyTorch training-step benchmark (pythia-14m shape)")
+    ap = argparse.ArgumentParser(description="C vs PyTorch training-step benchmark (pythia-14m or pythia-70m shape)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="PyTorch warmup steps, not timed (default 2)")
     ap.add_argument("--binary", default="./train_ctxkv", help="C trainer (default ./train_ctxkv)")
-    ap.add_argument("--model", default="pythia-14m", help="model preset passed to the C binary")
+    ap.add_argument("--model", default="pythia-14m", choices=sorted(SHAPES), help="the shape both sides train (default pythia-14m)")
     ap.add_argument("-b", type=int, default=4, help="batch size (default 4)")
     ap.add_argument("-t", type=int, default=256, help="sequence length (default 256)")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / torch threads (default 2)")
@@ -138,14 +142,14 @@ def main():
     ap.add_argument("--clip", type=float, default=1.0, help="grad clip in the PyTorch step (0 = off)")
     ap.add_argument("--c-timeout", type=int, default=1800, help="seconds before the C run is abandoned")
     args = ap.parse_args()
-    if args.model != "pythia-14m":
-        print(f"note: PyTorch side always uses the pythia-14m shape; --model {args.model} only goes to C")
 
     import torch
     import transformers
     print(f"CPU {cpu_name()} ({os.cpu_count()} logical), threads {args.threads}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print(f"shape: pythia-14m (L=6, d=128, H=4, MLP 512, V=50304, rotary_pct 0.25), B={args.b}, T={args.t}, "
+    sh = SHAPES[args.model]
+    print(f"shape: {args.model} (L={sh['num_hidden_layers']}, d={sh['hidden_size']}, H={sh['num_attention_heads']}, "
+          f"MLP {sh['intermediate_size']}, V={sh['vocab_size']}, rotary_pct {sh['rotary_pct']}), B={args.b}, T={args.t}, "
           f"{args.steps} timed steps")
 
     c = bench_c(args)
