@@ -473,7 +473,7 @@ static void check_cached_decoding(const char *label, Config c) {
     size_t stride;
     const float *logits = model_prefill(&m, &kv, prompts, n_prompt, &stride);
     for (int i = n_prompt; i < n; i++) {
-        for (int b = 0; b < B; b++) seq[b * n + i] = next[b] = sample_token(logits + b * stride, V, 0.0f, &rng);
+        for (int b = 0; b < B; b++) seq[b * n + i] = next[b] = sample_token(logits + b * stride, V, 0.0f, &rng, NULL);
         logits = model_decode_step(&m, &kv, next); // logits at position i, (B,Vp)
         stride = Vp;
         for (int b = 0; b < B; b++) memcpy(cached + ((size_t)b * n + i) * Vp, logits + (size_t)b * Vp, Vp * sizeof(float));

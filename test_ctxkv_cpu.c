@@ -82,7 +82,7 @@ void cpu_run_decode(const char *model_path, const int *prompts, int B, int n_pro
     size_t stride;
     const float *logits = model_prefill(&m, &kv, prompts, n_prompt, &stride);
     for (int i = n_prompt; i < n; i++) {
-        for (int b = 0; b < B; b++) seq[(size_t)b * n + i] = next[b] = sample_token(logits + b * stride, V, 0.0f, &rng);
+        for (int b = 0; b < B; b++) seq[(size_t)b * n + i] = next[b] = sample_token(logits + b * stride, V, 0.0f, &rng, NULL);
         logits = model_decode_step(&m, &kv, next);
         stride = Vp;
         for (int b = 0; b < B; b++) memcpy(logits_out + ((size_t)b * n + i) * Vp, logits + (size_t)b * Vp, Vp * sizeof(float));

@@ -397,7 +397,7 @@ static void check_cached_decoding(const char *label, Config c) {
     int next[B], greedy_same = 1;
     for (int i = n_prompt; i < n; i++) {
         for (int b = 0; b < B; b++) {
-            greedy_same &= sample_token(logits + (size_t)b * stride, V, 0.0f, &rng) == seq[b * n + i];
+            greedy_same &= sample_token(logits + (size_t)b * stride, V, 0.0f, &rng, NULL) == seq[b * n + i];
             next[b] = seq[b * n + i];
         }
         logits = model_decode_step(&m, &kv, next);

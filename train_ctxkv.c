@@ -124,11 +124,9 @@ static void layernorm_backward(float *dinp, float *dw, float *db, const float *d
 // up to batch 16) are dot products; more go through the packed GEMM (ctxkv/simd.h), which reads w
 // as the transposed view it needs.
 static void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
-    if (N <= 16) {
-#pragma omp parallel for schedule(static) if ((size_t)N * C * OC >= 16 * PAR_MIN)
-        for (int o = 0; o < OC; o++)
-            for (int n = 0; n < N; n++)
-                out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, w + (size_t)o * C, C) + (bias ? bias[o] : 0.0f);
+    if (N <= 16) { // each weight row is read once for all N rows; threads only when it pays
+#pragma omp parallel for schedule(static) if ((size_t)N * C * OC >= (1u << 18))
+        for (int o = 0; o < OC; o++) dot_rows(out + o, OC, inp, C, w + (size_t)o * C, N, bias ? bias[o] : 0.0f);
         return;
     }
     gemm(out, inp, C, 1, w, 1, C, N, C, OC, 1, bias); // B[c][o] = w[o][c]; out is written, not read
@@ -303,6 +301,7 @@ typedef struct {
     int n_valid;                // non-ignored targets in the last forward
     BlockActs cb;               // ContextBlock scratch (phase 1 and the exact recurrence)
     int head_from;              // B = 1 inference: logits only for rows >= head_from (0 = all)
+    int head_last_of;           // prefill of sequences of this length: logits only of each one's last row, as rows 0..B-1
 } Model;
 
 // The decoder's cache (KV-cached decoding, below). Per layer and token it holds exactly what the
@@ -402,8 +401,10 @@ static void model_ensure_grads(Model *m) {
     layout_params(&m->cfg, m->grads_memory, &m->g, NULL, NULL);
 }
 
-// zeroes device memory (here: host memory): what ctxkv/pythia.h calls
+// zeroes / moves device memory (here: host memory): what ctxkv/pythia.h calls
 static void device_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
+
+static void device_move(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
 
 static void model_zero_grad(Model *m) {
     if (m->grads_memory) memset(m->grads_memory, 0, m->num_params * sizeof(float));
@@ -535,7 +536,7 @@ static void cached_attention(const Model *m, HeadView q, float *out, const KVCac
     const int H = c->n_head, D = head_dim(c), n = kv->len + 1;
     const float scale = 1.0f / sqrtf((float)D);
     const size_t per_head = kv_scratch_per_head(c, kv->capacity);
-#pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * kv->per_token >= PAR_MIN)
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * kv->per_token >= (1u << 18))
     for (int b = 0; b < kv->batch; b++)
         for (int h = 0; h < H; h++) {
             const int g = h / (H / G);
@@ -1181,12 +1182,14 @@ static void kvcache_free(KVCache *kv) { free(kv->mem); free(kv->scratch); memset
 
 // Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
 // contexts) into the cache. Returns the logits of the last prompt tokens: row b at
-// b * *row_stride (n*Vp: they are rows of the prefill's logits).
+// b * *row_stride (Vp: the head ran on those rows only, head_last_of).
 static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
     const Config *c = &m->cfg;
     const int B = kv->batch;
     if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
+    m->head_last_of = n; // only the last prompt token's logits are read
     model_forward(m, prompts, NULL, B, n);
+    m->head_last_of = 0;
     for (int l = kv->first_layer; l < c->n_layer; l++)
         for (int b = 0; b < B; b++)
             for (int t = 0; t < n; t++) ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
@@ -1194,8 +1197,8 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
         for (int b = 0; b < B; b++)
             for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
     kv->len = n;
-    *row_stride = (size_t)n * c->padded_vocab_size;
-    return m->a.logits + (size_t)(n - 1) * c->padded_vocab_size;
+    *row_stride = c->padded_vocab_size;
+    return m->a.logits;
 }
 
 // One token per sequence (tokens[B]) at position kv->len through the model, reading the

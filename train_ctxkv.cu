@@ -624,6 +624,7 @@ typedef struct {
     int n_valid;                // non-ignored targets in the last forward
     BlockActs cb;               // ContextBlock scratch (phase 1 and the exact recurrence)
     int head_from;              // B = 1 inference: logits only for rows >= head_from (0 = all)
+    int head_last_of;           // prefill of sequences of this length: logits only of each one's last row, as rows 0..B-1
     float *losses_host;         // (B,T) a.losses of the last forward with targets, on the host
     float *logits_host; size_t logits_host_cap; // rows of a.logits fetched by model_logits_host
 } Model;
@@ -788,8 +789,12 @@ static void model_ensure_grads(Model *m) {
     layout_params(&m->cfg, m->grads_memory, &m->g, NULL, NULL);
 }
 
-// zeroes device memory: what ctxkv/pythia.h calls
+// zeroes / moves device memory: what ctxkv/pythia.h calls
 static void device_zero(void *p, size_t bytes) { cudaCheck(cudaMemset(p, 0, bytes)); }
+
+static void device_move(void *dst, const void *src, size_t bytes) {
+    if (dst != src) cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice)); // rows that never overlap but at one place
+}
 
 static void model_zero_grad(Model *m) {
     if (m->grads_memory) cudaCheck(cudaMemset(m->grads_memory, 0, m->num_params_dev * sizeof(floatX)));
@@ -1917,7 +1922,9 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
     const int B = kv->batch;
     const size_t Vp = c->padded_vocab_size;
     if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
+    m->head_last_of = n; // only the last prompt token's logits are read
     model_forward(m, prompts, NULL, B, n);
+    m->head_last_of = 0;
     for (int l = kv->first_layer; l < c->n_layer; l++)
         for (int b = 0; b < B; b++)
             for (int t = 0; t < n; t++) ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
@@ -1930,7 +1937,7 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
         m->logits_host = (float *)malloc_check((size_t)B * Vp * sizeof(float), "logits");
         m->logits_host_cap = (size_t)B * Vp;
     }
-    for (int b = 0; b < B; b++) download_floats(m->logits_host + b * Vp, m->a.logits + ((size_t)b * n + n - 1) * Vp, Vp);
+    download_floats(m->logits_host, m->a.logits, (size_t)B * Vp); // rows 0..B-1: the head ran on the last rows only
     *row_stride = Vp;
     return m->logits_host;
 }
@@ -1971,6 +1978,12 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
 
 static const float *model_losses(const Model *m) { return m->losses_host; }
 static void model_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
+// dst[i] = exp((x[i] − shift) · scale) for n entries, their sum returned: sampling's, on the host
+static float exp_scaled_sum(float *dst, const float *x, int n, float shift, float scale) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) { dst[i] = expf((x[i] - shift) * scale); sum += dst[i]; }
+    return sum;
+}
 
 #define PROGRAM_WHAT "Trains a Pythia (GPT-NeoX) model on token shards on an NVIDIA GPU (" PRECISION_NAME ")."
 static void device_banner(char *buf, size_t n) { snprintf(buf, n, "%.200s | %s", device_prop.name, PRECISION_NAME); }

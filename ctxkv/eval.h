@@ -12,6 +12,7 @@
 //                                                  row b at b * row_stride
 //   model_decode_step(m, kv, tokens)         one token per sequence; the logits (B, Vp), host
 //   model_sync()                             waits for the device (timing)
+//   exp_scaled_sum(dst, x, n, shift, scale)  dst = exp((x − shift)·scale), returns the sum (sampling)
 #ifndef CTXKV_EVAL_H
 #define CTXKV_EVAL_H
 #include "data.h"
@@ -127,16 +128,39 @@ static void eval_lambada(Model *m, const char *path, int max_examples, float *ac
 // Generation
 
 // Picks a token from logits (V): argmax when temperature is 0, else a sample at that temperature.
-static int sample_token(const float *logits, int V, float temperature, uint64_t *rng) {
-    int best = 0;
-    for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
-    if (temperature <= 0.0f) return best;
-    double sum = 0.0;
-    for (int i = 0; i < V; i++) sum += exp((logits[i] - logits[best]) / temperature);
-    double coin = random_f32(rng) * sum, cdf = 0.0;
-    for (int i = 0; i < V; i++) {
-        cdf += exp((logits[i] - logits[best]) / temperature);
-        if (coin < cdf) return i;
+// probs (V floats; NULL when temperature is 0) is scratch for the unnormalised probabilities.
+// Decoding samples every sequence at every step, so the passes over V are kept short: eight
+// running maxima, one vectorised exp (exp_scaled_sum), and the coin located by block sums.
+static int sample_token(const float *logits, int V, float temperature, uint64_t *rng, float *probs) {
+    if (temperature <= 0.0f) {
+        int best = 0;
+        for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
+        return best;
+    }
+    float mx[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int i = 0;
+    for (; i + 8 <= V; i += 8)
+        for (int j = 0; j < 8; j++) mx[j] = logits[i + j] > mx[j] ? logits[i + j] : mx[j];
+    for (; i < V; i++) mx[0] = logits[i] > mx[0] ? logits[i] : mx[0];
+    float top = mx[0];
+    for (int j = 1; j < 8; j++) top = mx[j] > top ? mx[j] : top;
+    const double sum = exp_scaled_sum(probs, logits, V, top, 1.0f / temperature);
+    // the coin falls in the first block of 256 whose running sum passes it, then within that block
+    const double coin = random_f32(rng) * sum;
+    double cdf = 0.0;
+    for (int b0 = 0; b0 < V; b0 += 256) {
+        const int b1 = b0 + 256 < V ? b0 + 256 : V;
+        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int k = b0; k < b1; k++) part[k & 3] += probs[k];
+        const double block = (double)part[0] + part[1] + part[2] + part[3];
+        if (coin < cdf + block || b1 == V) {
+            for (int k = b0; k < b1; k++) {
+                cdf += probs[k];
+                if (coin < cdf) return k;
+            }
+            return b1 - 1; // rounding left the coin past the last block's sum
+        }
+        cdf += block;
     }
     return V - 1;
 }
@@ -151,13 +175,14 @@ static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int
     const int Vp = m->cfg.padded_vocab_size, len = n_prompt + n_new;
     KVCache kv = kvcache_new(&m->cfg, B, len);
     int *next = (int *)malloc_check(B * sizeof(int), "generate");
+    float *probs = (float *)malloc_check((size_t)m->cfg.vocab_size * sizeof(float), "sampling");
     double t0 = now_seconds();
     for (int b = 0; b < B; b++) memcpy(out + (size_t)b * len, prompts + (size_t)b * n_prompt, n_prompt * sizeof(int));
     size_t row_stride;
     const float *logits = model_prefill(m, &kv, prompts, n_prompt, &row_stride);
     for (int i = 0; i < n_new; i++) {
         for (int b = 0; b < B; b++) {
-            next[b] = sample_token(logits + b * row_stride, m->cfg.vocab_size, temperature, rng);
+            next[b] = sample_token(logits + b * row_stride, m->cfg.vocab_size, temperature, rng, probs);
             out[(size_t)b * len + n_prompt + i] = next[b];
         }
         if (tk) { tokenizer_print(tk, next[0]); fflush(stdout); }
@@ -167,6 +192,7 @@ static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int
     if (st) { st->seconds = now_seconds() - t0; st->n_new = n_new; st->cache_bytes = kv.bytes; }
     kvcache_free(&kv);
     free(next);
+    free(probs);
     return len;
 }
 

@@ -3,7 +3,8 @@
 // shared by train_ctxkv.c and train_ctxkv.cu, so that the two programs cannot wire the model
 // differently. Each program includes it after its variants and ATTN_VARIANTS, and provides the
 // layers it calls (matmul_*, layernorm_*, gelu_*, residual3_forward, attention_*, ctx_attention_*,
-// with the CPU program's shapes and argument order), the Model and device_zero(p, bytes).
+// with the CPU program's shapes and argument order), the Model, device_zero(p, bytes) and
+// device_move(dst, src, bytes).
 #ifndef CTXKV_PYTHIA_H
 #define CTXKV_PYTHIA_H
 
@@ -93,13 +94,21 @@ static void layer_backward(Model *m, int l, const floatX *x, int B, int T) {
 // final LayerNorm and the untied head: logits (BT, Vp) from resid[L]
 static void head_forward(Model *m, int BT) {
     const Config *c = &m->cfg;
+    const int C = c->n_embd, Vp = c->padded_vocab_size;
     Acts *a = &m->a;
-    const floatX *xL = a->resid + (size_t)c->n_layer * BT * c->n_embd;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, c->n_embd, c->ln_eps);
-    // evaluation that needs a few rows' logits (LAMBADA's last word) skips the others: the
-    // vocabulary head is most of the cost
+    const floatX *xL = a->resid + (size_t)c->n_layer * BT * C;
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, xL, m->p.lnf_w, m->p.lnf_b, BT, C, c->ln_eps);
+    // The vocabulary head is most of a forward's cost, so evaluation and prefill skip the rows
+    // they do not read. Prefill (head_last_of = T) needs only each sequence's last row: those
+    // rows move to the front of lnf (row b; in increasing b no source is overwritten before it
+    // is read) and their logits are rows 0..B-1. LAMBADA (head_from) needs rows >= head_from.
+    if (m->head_last_of > 0) {
+        const int T = m->head_last_of, B = BT / T;
+        for (int b = 0; b < B; b++) device_move(a->lnf + (size_t)b * C, a->lnf + ((size_t)b * T + T - 1) * C, C * sizeof(floatX));
+        matmul_forward(a->logits, a->lnf, m->p.embed_out, NULL, B, C, Vp);
+        return;
+    }
     int from = m->head_from > 0 && m->head_from < BT ? m->head_from : 0;
-    matmul_forward(a->logits + (size_t)from * c->padded_vocab_size, a->lnf + (size_t)from * c->n_embd, m->p.embed_out,
-                   NULL, BT - from, c->n_embd, c->padded_vocab_size);
+    matmul_forward(a->logits + (size_t)from * Vp, a->lnf + (size_t)from * C, m->p.embed_out, NULL, BT - from, C, Vp);
 }
 #endif

@@ -80,6 +80,21 @@ static inline float exp_shift_sum(float *x, int n, float shift) {
     return sum;
 }
 
+// dst[i] = exp((x[i] − shift) · scale) for n entries; returns their sum (sampling at a temperature)
+static inline float exp_scaled_sum(float *dst, const float *x, int n, float shift, float scale) {
+    v8 acc = splat8(0.0f);
+    const v8 sh = splat8(shift), sc = splat8(scale);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8 e = exp8((load8(x + i) - sh) * sc);
+        store8(dst + i, e);
+        acc += e;
+    }
+    float sum = hsum8(acc);
+    for (; i < n; i++) { dst[i] = expf((x[i] - shift) * scale); sum += dst[i]; }
+    return sum;
+}
+
 static inline float max_of(const float *x, int n) {
     float m = -INFINITY;
     for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
@@ -100,6 +115,32 @@ static inline void axpy(float *y, float a, const float *x, int n) { // y += a*x
     int i = 0;
     for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + av * load8(x + i));
     for (; i < n; i++) y[i] += a * x[i];
+}
+
+// out[n*out_stride] = bias + x_n · w for the N rows x_n of x (rows C apart): one weight row
+// against four rows at a time, from registers, so that decoding's products load each weight
+// once from memory (the rest of the rows find it in L1)
+static inline void dot_rows(float *out, size_t out_stride, const float *x, int C, const float *w, int N, float bias) {
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+        const float *x0 = x + (size_t)n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+        v8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;
+        int i = 0;
+        for (; i + 8 <= C; i += 8) {
+            const v8 wv = load8(w + i);
+            a0 += wv * load8(x0 + i);
+            a1 += wv * load8(x1 + i);
+            a2 += wv * load8(x2 + i);
+            a3 += wv * load8(x3 + i);
+        }
+        float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
+        for (; i < C; i++) { s0 += w[i] * x0[i]; s1 += w[i] * x1[i]; s2 += w[i] * x2[i]; s3 += w[i] * x3[i]; }
+        out[(size_t)n * out_stride] = s0 + bias;
+        out[(size_t)(n + 1) * out_stride] = s1 + bias;
+        out[(size_t)(n + 2) * out_stride] = s2 + bias;
+        out[(size_t)(n + 3) * out_stride] = s3 + bias;
+    }
+    for (; n < N; n++) out[(size_t)n * out_stride] = dot(x + (size_t)n * C, w, C) + bias;
 }
 
 // Small loops (decoding touches one row) stay serial: a parallel region costs more than they do.
