@@ -369,6 +369,7 @@ static void model_free(Model *m) {
     free(m->p.layer); free(m->g.layer); free(m->a.layer);
     free(m->inputs); free(m->targets); free(m->cb.u);
     arrfree(m->tensors);
+    gemm_release_panels(); // the GEMM's per-thread panels (ctxkv/simd.h) are regrown on the next use
     memset(m, 0, sizeof *m);
 }
 

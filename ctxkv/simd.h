@@ -243,15 +243,46 @@ static inline void gemm_micro(int kc, const float *a, const float *b, float *c, 
     }
 }
 
+// Each thread keeps its panels between calls: freeing multi-MB blocks every call made the
+// allocator return them to the kernel and fault them back in (page faults and TLB shootdowns
+// were ~15% of a pythia-70m step). Grown as needed; gemm_release_panels frees them (model_free).
+#define GEMM_MAX_THREADS 256
+static float *gemm_panel_mem[GEMM_MAX_THREADS];
+static size_t gemm_panel_cap[GEMM_MAX_THREADS];
+
+static float *gemm_panels(int thread, size_t floats) {
+    if (floats > gemm_panel_cap[thread]) {
+        free(gemm_panel_mem[thread]);
+        gemm_panel_mem[thread] = (float *)malloc_check(floats * sizeof(float), "gemm panels");
+        gemm_panel_cap[thread] = floats;
+    }
+    return gemm_panel_mem[thread];
+}
+
+static void gemm_release_panels(void) {
+    for (int t = 0; t < GEMM_MAX_THREADS; t++) {
+        free(gemm_panel_mem[t]);
+        gemm_panel_mem[t] = NULL;
+        gemm_panel_cap[t] = 0;
+    }
+}
+
+// (fuzz builds: after die() the harness has freed every block, these too)
+__attribute__((unused)) static void gemm_forget_panels(void) {
+    memset(gemm_panel_mem, 0, sizeof gemm_panel_mem);
+    memset(gemm_panel_cap, 0, sizeof gemm_panel_cap);
+}
+
 // the sequential GEMM on rows [i0, i1) and columns [j0, j1) of C
 static void gemm_range(float *C, const float *A, size_t a_rs, size_t a_cs, const float *B, size_t b_rs, size_t b_cs, int K,
-                       int N, int i0, int i1, int j0, int j1, int overwrite, const float *bias) {
+                       int N, int i0, int i1, int j0, int j1, int overwrite, const float *bias, int thread) {
     const int MR = GEMM_MR, NR = GEMM_NR;
     const int mc_max = i1 - i0 < GEMM_MC ? (i1 - i0 + MR - 1) / MR * MR : GEMM_MC;
     const int nc_max = j1 - j0 < GEMM_NC ? (j1 - j0 + NR - 1) / NR * NR : GEMM_NC;
     const int kc_max = K < GEMM_KC ? K : GEMM_KC;
-    float *Ap = (float *)malloc_check((size_t)mc_max * kc_max * sizeof(float), "gemm panels");
-    float *Bp = (float *)malloc_check((size_t)nc_max * kc_max * sizeof(float), "gemm panels");
+    const int own = thread < GEMM_MAX_THREADS; // else (a very wide machine) this call's own blocks
+    const size_t n_ap = (size_t)mc_max * kc_max, n_all = n_ap + (size_t)nc_max * kc_max;
+    float *Ap = own ? gemm_panels(thread, n_all) : (float *)malloc_check(n_all * sizeof(float), "gemm panels"), *Bp = Ap + n_ap;
     for (int jc = j0; jc < j1; jc += GEMM_NC) {
         const int nc = j1 - jc < GEMM_NC ? j1 - jc : GEMM_NC;
         for (int pc = 0; pc < K; pc += GEMM_KC) {
@@ -268,8 +299,7 @@ static void gemm_range(float *C, const float *A, size_t a_rs, size_t a_cs, const
             }
         }
     }
-    free(Ap);
-    free(Bp);
+    if (!own) free(Ap);
 }
 
 // C += A·B (overwrite 0), or C = bias + A·B (overwrite 1; bias (N) or NULL for none): then C is
@@ -298,8 +328,8 @@ static void gemm(float *C, const float *A, size_t a_rs, size_t a_cs, const float
         const int units = (len + unit - 1) / unit, per = (units + nt - 1) / nt;
         const int lo = t * per * unit < len ? t * per * unit : len, hi = (t + 1) * per * unit < len ? (t + 1) * per * unit : len;
         if (lo < hi) {
-            if (by_rows) gemm_range(C, A, a_rs, a_cs, B, b_rs, b_cs, K, N, lo, hi, 0, N, overwrite, bias);
-            else gemm_range(C, A, a_rs, a_cs, B, b_rs, b_cs, K, N, 0, M, lo, hi, overwrite, bias);
+            if (by_rows) gemm_range(C, A, a_rs, a_cs, B, b_rs, b_cs, K, N, lo, hi, 0, N, overwrite, bias, t);
+            else gemm_range(C, A, a_rs, a_cs, B, b_rs, b_cs, K, N, 0, M, lo, hi, overwrite, bias, t);
         }
     }
 }
