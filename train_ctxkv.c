@@ -230,22 +230,16 @@ static float crossentropy_forward(float *losses, float *lse, const float *logits
                                   int Vp, int *n_valid) {
     double total = 0.0;
     int valid = 0;
-#pragma omp parallel
-    {
-        float *row = malloc_check(V * sizeof(float), "softmax row");
-#pragma omp for schedule(static) reduction(+ : total, valid)
-        for (int n = 0; n < N; n++) {
-            losses[n] = 0.0f;
-            const float *z = logits + (size_t)n * Vp;
-            float maxv = max_of(z, V);
-            memcpy(row, z, V * sizeof(float));
-            lse[n] = maxv + logf(exp_shift_sum(row, V, maxv));
-            if (targets[n] == IGNORE_INDEX) continue;
-            losses[n] = lse[n] - z[targets[n]];
-            total += losses[n];
-            valid++;
-        }
-        free(row);
+#pragma omp parallel for schedule(static) reduction(+ : total, valid)
+    for (int n = 0; n < N; n++) {
+        losses[n] = 0.0f;
+        const float *z = logits + (size_t)n * Vp;
+        float maxv = max_of(z, V);
+        lse[n] = maxv + logf(sum_exp_shift(z, V, maxv));
+        if (targets[n] == IGNORE_INDEX) continue;
+        losses[n] = lse[n] - z[targets[n]];
+        total += losses[n];
+        valid++;
     }
     *n_valid = valid;
     return valid ? (float)(total / valid) : 0.0f;

@@ -80,6 +80,23 @@ static inline float exp_shift_sum(float *x, int n, float shift) {
     return sum;
 }
 
+// Σ exp(x[i] − shift) without storing the exps: the same sum as exp_shift_sum (the same lanes
+// in the same order), for a logsumexp that leaves x as it is
+static inline float sum_exp_shift(const float *x, int n, float shift) {
+    v8 acc = splat8(0.0f), sh = splat8(shift);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc += exp8(load8(x + i) - sh);
+    float sum = hsum8(acc);
+    if (i < n) {
+        float tmp[8];
+        for (int j = 0; j < 8; j++) tmp[j] = i + j < n ? x[i + j] - shift : -INFINITY;
+        v8 e = exp8(load8(tmp));
+        store8(tmp, e);
+        for (int j = 0; i + j < n; j++) sum += tmp[j];
+    }
+    return sum;
+}
+
 // dst[i] = exp((x[i] − shift) · scale) for n entries; returns their sum (sampling at a temperature)
 static inline float exp_scaled_sum(float *dst, const float *x, int n, float shift, float scale) {
     v8 acc = splat8(0.0f);
