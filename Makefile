@@ -104,9 +104,25 @@ $(OPENBLAS_H):
 build/bench_gemm: dev/bench_gemm.c train_ctxkv.c $(CTXKV_H) | $(STB) $(OPENBLAS_H)
 	@mkdir -p build
 	$(CC) $(CFLAGS) -Wno-unused-function -o $@ $< -lopenblas $(LDLIBS)
-.PHONY: bench-gemm
+.PHONY: bench-gemm bench-train bench-decode devvenv
 bench-gemm: build/bench_gemm
 	OMP_NUM_THREADS=$(THREADS) OPENBLAS_NUM_THREADS=$(THREADS) OPENBLAS_THREAD_TIMEOUT=4 build/bench_gemm
+
+# The dev venv (PyTorch, transformers: dev/requirements-dev.txt) for the PyTorch baselines and
+# dev/reference.py; make test never uses it
+DEVVENV = devvenv
+DVPY = $(DEVVENV)/bin/python
+devvenv: $(DEVVENV)/.stamp
+$(DEVVENV)/.stamp: dev/requirements-dev.txt
+	$(PYTHON) -m venv $(DEVVENV)
+	$(DVPY) -m pip install -q -r dev/requirements-dev.txt
+	touch $@
+# a training step against PyTorch at pythia-14m and pythia-70m; decoding against HF generate
+bench-train: train_ctxkv $(DEVVENV)/.stamp
+	$(DVPY) dev/bench_train.py --threads $(THREADS)
+	$(DVPY) dev/bench_train.py --model pythia-70m --threads $(THREADS) --steps 4 --warmup 1
+bench-decode: train_ctxkv $(DEVVENV)/.stamp
+	$(DVPY) dev/bench_decode.py --threads $(THREADS)
 
 clean:
 	rm -rf train_ctxkv test_ctxkv build
