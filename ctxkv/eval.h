@@ -127,16 +127,13 @@ static void eval_lambada(Model *m, const char *path, int max_examples, float *ac
 // ----------------------------------------------------------------------------
 // Generation
 
-// Picks a token from logits (V): argmax when temperature is 0, else a sample at that temperature.
-// probs (V floats; NULL when temperature is 0) is scratch for the unnormalised probabilities.
-// Decoding samples every sequence at every step, so the passes over V are kept short: eight
-// running maxima, one vectorised exp (exp_scaled_sum), and the coin located by block sums.
-static int sample_token(const float *logits, int V, float temperature, uint64_t *rng, float *probs) {
-    if (temperature <= 0.0f) {
-        int best = 0;
-        for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
-        return best;
-    }
+// Sampling at a temperature, in two halves so that a batch can prepare its rows in parallel and
+// still draw its coins in sequence order (the same RNG stream at any thread count):
+//   sample_prepare: probs = exp((logits − max) / temperature) (V floats), returns their sum
+//   sample_draw:    the token whose cumulative probability first passes coin · sum
+// Decoding samples every sequence at every step, so the passes over V are short: eight running
+// maxima, one vectorised exp (exp_scaled_sum), and the coin located by block sums.
+static double sample_prepare(const float *logits, int V, float temperature, float *probs) {
     float mx[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     int i = 0;
     for (; i + 8 <= V; i += 8)
@@ -144,9 +141,11 @@ static int sample_token(const float *logits, int V, float temperature, uint64_t 
     for (; i < V; i++) mx[0] = logits[i] > mx[0] ? logits[i] : mx[0];
     float top = mx[0];
     for (int j = 1; j < 8; j++) top = mx[j] > top ? mx[j] : top;
-    const double sum = exp_scaled_sum(probs, logits, V, top, 1.0f / temperature);
-    // the coin falls in the first block of 256 whose running sum passes it, then within that block
-    const double coin = random_f32(rng) * sum;
+    return exp_scaled_sum(probs, logits, V, top, 1.0f / temperature);
+}
+
+static int sample_draw(const float *probs, int V, double sum, uint64_t *rng) {
+    const double coin = random_f32(rng) * sum; // it falls in the first block of 256 whose running sum passes it
     double cdf = 0.0;
     for (int b0 = 0; b0 < V; b0 += 256) {
         const int b1 = b0 + 256 < V ? b0 + 256 : V;
@@ -165,6 +164,17 @@ static int sample_token(const float *logits, int V, float temperature, uint64_t 
     return V - 1;
 }
 
+// Picks a token from logits (V): argmax when temperature is 0, else a sample at that temperature.
+// probs (V floats; NULL when temperature is 0) is scratch for the unnormalised probabilities.
+static int sample_token(const float *logits, int V, float temperature, uint64_t *rng, float *probs) {
+    if (temperature <= 0.0f) {
+        int best = 0;
+        for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
+        return best;
+    }
+    return sample_draw(probs, V, sample_prepare(logits, V, temperature, probs), rng);
+}
+
 typedef struct { double seconds; int n_new; size_t cache_bytes; } GenStats;
 
 // Generates n_new tokens after B prompts (B, n_prompt) with the KV cache; out (B, n_prompt
@@ -175,14 +185,23 @@ static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int
     const int Vp = m->cfg.padded_vocab_size, len = n_prompt + n_new;
     KVCache kv = kvcache_new(&m->cfg, B, len);
     int *next = (int *)malloc_check(B * sizeof(int), "generate");
-    float *probs = (float *)malloc_check((size_t)m->cfg.vocab_size * sizeof(float), "sampling");
+    const int V = m->cfg.vocab_size;
+    float *probs = (float *)malloc_check((size_t)B * V * sizeof(float), "sampling");
+    double *sums = (double *)malloc_check(B * sizeof(double), "sampling");
     double t0 = now_seconds();
     for (int b = 0; b < B; b++) memcpy(out + (size_t)b * len, prompts + (size_t)b * n_prompt, n_prompt * sizeof(int));
     size_t row_stride;
     const float *logits = model_prefill(m, &kv, prompts, n_prompt, &row_stride);
     for (int i = 0; i < n_new; i++) {
-        for (int b = 0; b < B; b++) {
-            next[b] = sample_token(logits + b * row_stride, m->cfg.vocab_size, temperature, rng, probs);
+        if (temperature > 0.0f) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (B > 1)
+#endif
+            for (int b = 0; b < B; b++) sums[b] = sample_prepare(logits + b * row_stride, V, temperature, probs + (size_t)b * V);
+        }
+        for (int b = 0; b < B; b++) { // the coins in sequence order
+            next[b] = temperature > 0.0f ? sample_draw(probs + (size_t)b * V, V, sums[b], rng)
+                                         : sample_token(logits + b * row_stride, V, 0.0f, rng, NULL);
             out[(size_t)b * len + n_prompt + i] = next[b];
         }
         if (tk) { tokenizer_print(tk, next[0]); fflush(stdout); }
@@ -193,6 +212,7 @@ static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int
     kvcache_free(&kv);
     free(next);
     free(probs);
+    free(sums);
     return len;
 }
 
