@@ -59,39 +59,57 @@ static inline v8 exp8(v8 x) {
     return select8(nan_lanes, x_in, p * scale);
 }
 
-// dst[i] = exp((x[i] − shift) · scale) for n entries (dst NULL: only summed, x left as it is);
-// returns their sum. Tails go through the same 8-lane code (padded) so every entry is computed
-// identically; scale 1 is exact, so the softmaxes below do not depend on it.
-static inline float exp_sum(float *dst, const float *x, int n, float shift, float scale) {
-    v8 acc = splat8(0.0f);
-    const v8 sh = splat8(shift), sc = splat8(scale);
+// x[i] = exp(x[i] − shift) for n entries; returns their sum. Tails go through the same
+// 8-lane code (padded) so every entry is computed identically.
+static inline float exp_shift_sum(float *x, int n, float shift) {
+    v8 acc = splat8(0.0f), sh = splat8(shift);
     int i = 0;
     for (; i + 8 <= n; i += 8) {
-        v8 e = exp8((load8(x + i) - sh) * sc);
-        if (dst) store8(dst + i, e);
+        v8 e = exp8(load8(x + i) - sh);
+        store8(x + i, e);
         acc += e;
     }
     float sum = hsum8(acc);
     if (i < n) {
         float tmp[8];
-        for (int j = 0; j < 8; j++) tmp[j] = i + j < n ? x[i + j] : shift;
-        v8 e = exp8((load8(tmp) - sh) * sc);
+        for (int j = 0; j < 8; j++) tmp[j] = i + j < n ? x[i + j] - shift : -INFINITY;
+        v8 e = exp8(load8(tmp));
         store8(tmp, e);
-        for (int j = 0; i + j < n; j++) {
-            if (dst) dst[i + j] = tmp[j];
-            sum += tmp[j];
-        }
+        for (int j = 0; i + j < n; j++) { x[i + j] = tmp[j]; sum += tmp[j]; }
     }
     return sum;
 }
 
-// x[i] = exp(x[i] − shift) in place (the softmaxes); returns their sum
-static inline float exp_shift_sum(float *x, int n, float shift) { return exp_sum(x, x, n, shift, 1.0f); }
-// Σ exp(x[i] − shift) without storing (a logsumexp that leaves x as it is)
-static inline float sum_exp_shift(const float *x, int n, float shift) { return exp_sum(NULL, x, n, shift, 1.0f); }
-// dst[i] = exp((x[i] − shift) · scale); returns the sum (sampling at a temperature)
+// Σ exp(x[i] − shift) without storing the exps: the same sum as exp_shift_sum (the same lanes
+// in the same order), for a logsumexp that leaves x as it is
+static inline float sum_exp_shift(const float *x, int n, float shift) {
+    v8 acc = splat8(0.0f), sh = splat8(shift);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc += exp8(load8(x + i) - sh);
+    float sum = hsum8(acc);
+    if (i < n) {
+        float tmp[8];
+        for (int j = 0; j < 8; j++) tmp[j] = i + j < n ? x[i + j] - shift : -INFINITY;
+        v8 e = exp8(load8(tmp));
+        store8(tmp, e);
+        for (int j = 0; i + j < n; j++) sum += tmp[j];
+    }
+    return sum;
+}
+
+// dst[i] = exp((x[i] − shift) · scale) for n entries; returns their sum (sampling at a temperature)
 static inline float exp_scaled_sum(float *dst, const float *x, int n, float shift, float scale) {
-    return exp_sum(dst, x, n, shift, scale);
+    v8 acc = splat8(0.0f);
+    const v8 sh = splat8(shift), sc = splat8(scale);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8 e = exp8((load8(x + i) - sh) * sc);
+        store8(dst + i, e);
+        acc += e;
+    }
+    float sum = hsum8(acc);
+    for (; i < n; i++) { dst[i] = expf((x[i] - shift) * scale); sum += dst[i]; }
+    return sum;
 }
 
 static inline float max_of(const float *x, int n) {
