@@ -75,8 +75,7 @@ typedef struct {
     int shuffle;               // --shuffle was given (the order depends on it)
     uint64_t rng;              // sampling RNG
     int B, T;
-    long long tokens_seen;
-    int adam_step;             // AdamW's update count
+    long long tokens_seen;     // (AdamW's update count is the model's adam_step, saved beside these)
 } TrainState;
 
 static void train_state_save(const Model *m, const char *path, const TrainState *st) {
@@ -114,14 +113,15 @@ static Config train_state_load(const char *path, Model *m, TrainState *st) {
     if (problem) die("'%s': bad config: %s", path, problem);
     size_t n = layout_params(&c, NULL, NULL, NULL, NULL);
     if (size != 2LL * (long long)sizeof h + 3LL * 4 * (long long)n) die("'%s' has %lld bytes, not the %lld its header implies: truncated or corrupt", path, size, 2LL * (long long)sizeof h + 12LL * (long long)n);
-    st->step = h[2]; st->adam_step = h[3]; st->shard_index = h[4]; st->pos = (long long)join64(h + 5); st->rng = join64(h + 7);
+    const int adam_step = h[3];
+    st->step = h[2]; st->shard_index = h[4]; st->pos = (long long)join64(h + 5); st->rng = join64(h + 7);
     st->B = h[9]; st->T = h[10]; st->tokens_seen = (long long)join64(h + 11);
     st->epoch = h[13]; st->shuffle = h[14];
     // tokens_seen is step * B * T in every state the program writes; bound it so += cannot overflow
     if (st->B < 1 || st->T < 1 || st->tokens_seen < 0 || st->tokens_seen > (long long)st->step * st->B * st->T)
         die("'%s': bad batch shape or token count", path);
     // AdamW's count is the step count: one update per step, so it can never pass the step
-    if (st->step < 0 || st->adam_step < 0 || st->adam_step > st->step || st->shard_index < 0 || st->pos < 0) die("'%s': bad step or data position", path);
+    if (st->step < 0 || adam_step < 0 || adam_step > st->step || st->shard_index < 0 || st->pos < 0) die("'%s': bad step or data position", path);
     // every epoch takes at least one batch, so the epoch can't pass the step; shuffle is a flag
     if (st->epoch < 0 || st->epoch > st->step || (st->shuffle != 0 && st->shuffle != 1)) die("'%s': bad data epoch or shuffle flag", path);
     if (m) {
@@ -130,7 +130,7 @@ static Config train_state_load(const char *path, Model *m, TrainState *st) {
         model_to_device(m);
         float *moments = (float *)malloc_check(2 * n * sizeof(float), "training state");
         fread_check(moments, sizeof(float), 2 * n, f, path);
-        model_set_moments(m, moments, moments + n, st->adam_step);
+        model_set_moments(m, moments, moments + n, adam_step);
         free(moments);
     }
     fclose(f);

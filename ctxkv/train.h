@@ -162,7 +162,7 @@ static TrainResult train_loop(Model *m, const Args *a, DataLoader *train, DataLo
                loss, norm, opt.lr, dt * 1e3, BT / dt, eta);
         fflush(stdout);
         if (a->out && (step + 1 == a->steps || step + 1 == a->stop_at || (a->checkpoint_every && (step + 1) % a->checkpoint_every == 0))) {
-            TrainState st = {step + 1, train->epoch, train->shard_index, (long long)train->pos, a->shuffle, sample_rng, a->B, a->T, r.tokens_seen, m->adam_step};
+            TrainState st = {step + 1, train->epoch, train->shard_index, (long long)train->pos, a->shuffle, sample_rng, a->B, a->T, r.tokens_seen};
             train_state_save(m, state_path, &st);
             last_saved = step + 1;
         }

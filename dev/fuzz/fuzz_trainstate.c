@@ -48,7 +48,7 @@ static void fuzz_trainstate(const char *path) {
     model_update(&m, &opt);
     long long tokens_seen = st.tokens_seen;
     tokens_seen += T;
-    TrainState next = {st.step + 1, d.epoch, d.shard_index, (long long)d.pos, st.shuffle, st.rng, st.B, st.T, tokens_seen, m.adam_step};
+    TrainState next = {st.step + 1, d.epoch, d.shard_index, (long long)d.pos, st.shuffle, st.rng, st.B, st.T, tokens_seen};
     int out[3], prompt = 0;
     model_generate(&m, 1, &prompt, 1, 2, a.temperature, &next.rng, out, NULL, NULL);
     if (out[1] < 0 || out[1] >= V || out[2] < 0 || out[2] >= V) abort();
