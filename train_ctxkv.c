@@ -526,22 +526,46 @@ typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
 
 // Each sequence's new token (query heads q, one row per sequence) attends over its kv->len + 1
 // cached tokens in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D).
+#define KV_PREFETCH_SLOTS 4 // how many tokens ahead cached_attention requests the cache
 static void cached_attention(const Model *m, HeadView q, float *out, const KVCache *kv, int l, int G) {
     const Config *c = &m->cfg;
     const int H = c->n_head, D = head_dim(c), n = kv->len + 1;
     const float scale = 1.0f / sqrtf((float)D);
     const size_t per_head = kv_scratch_per_head(c, kv->capacity);
-#pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * kv->per_token >= (1u << 18))
-    for (int b = 0; b < kv->batch; b++)
-        for (int h = 0; h < H; h++) {
-            const int g = h / (H / G);
-            float *scores = kv->scratch + ((size_t)b * H + h) * per_head, *o = out + ((size_t)b * H + h) * D;
-            const float *qh = head_at(q, 1, b, 0, h);
-            for (int s = 0; s < n; s++) scores[s] = scale * dot(qh, kv_slot(kv, l, b, s) + g * D, D);
-            float inv = 1.0f / exp_shift_sum(scores, n, max_of(scores, n));
-            memset(o, 0, D * sizeof(float));
-            for (int s = 0; s < n; s++) axpy(o, scores[s] * inv, kv_slot(kv, l, b, s) + (G + g) * D, D);
+    const int per_group = H / G;
+    // A slot is read front to back for all heads at once (its K part, then its V part), the slot
+    // KV_PREFETCH_SLOTS ahead requested meanwhile: at batch 8 the cache is larger than the head's
+    // weights, and waiting on it was most of a step. The work splits over sequences and, when
+    // there are fewer sequences than threads, over groups of KV heads.
+    int nthreads = 1;
+#ifdef _OPENMP
+    nthreads = omp_get_max_threads();
+#endif
+    int parts = kv->batch >= nthreads ? 1 : (nthreads + kv->batch - 1) / kv->batch;
+    if (parts > G) parts = G;
+    const int tasks = kv->batch * parts;
+#pragma omp parallel for schedule(static) if ((size_t)kv->batch * n * kv->per_token >= (1u << 16) && tasks > 1)
+    for (int task = 0; task < tasks; task++) {
+        const int b = task / parts, p = task % parts;
+        const int g0 = G * p / parts, g1 = G * (p + 1) / parts, h0 = g0 * per_group, h1 = g1 * per_group;
+        float *scores = kv->scratch + (size_t)b * H * per_head;
+        for (int s = 0; s < n; s++) {
+            const float *k = kv_slot(kv, l, b, s);
+            prefetch_floats(k + KV_PREFETCH_SLOTS * kv->per_token, G * D);
+            for (int h = h0; h < h1; h++) scores[h * per_head + s] = scale * dot(head_at(q, 1, b, 0, h), k + (h / per_group) * D, D);
         }
+        for (int h = h0; h < h1; h++) {
+            float *sc = scores + h * per_head;
+            float inv = 1.0f / exp_shift_sum(sc, n, max_of(sc, n));
+            for (int s = 0; s < n; s++) sc[s] *= inv;
+            memset(out + ((size_t)b * H + h) * D, 0, D * sizeof(float));
+        }
+        for (int s = 0; s < n; s++) {
+            const float *v = kv_slot(kv, l, b, s) + G * D;
+            prefetch_floats(v + KV_PREFETCH_SLOTS * kv->per_token, G * D);
+            for (int h = h0; h < h1; h++) axpy(out + ((size_t)b * H + h) * D, scores[h * per_head + s], v + (h / per_group) * D, D);
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------

@@ -18,7 +18,13 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
 static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
 static inline v8 splat8(float a) { return (v8){a, a, a, a, a, a, a, a}; }
-static inline float hsum8(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+typedef float v4 __attribute__((vector_size(16)));
+// ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)), in three vector adds
+static inline float hsum8(v8 a) {
+    v4 t = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    t = t + __builtin_shufflevector(t, t, 1, 1, 3, 3);
+    return t[0] + t[2];
+}
 
 typedef int v8i __attribute__((vector_size(32)));
 
@@ -134,9 +140,16 @@ static inline void axpy(float *y, float a, const float *x, int n) { // y += a*x
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+// Asks for n floats from p into the cache, one request per 64-byte line (a hint: never faults)
+static inline void prefetch_floats(const float *p, int n) {
+    for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
 // out[n*out_stride] = bias + x_n · w for the N rows x_n of x (rows C apart): one weight row
 // against four rows at a time, from registers, so that decoding's products load each weight
-// once from memory (the rest of the rows find it in L1)
+// once from memory (the rest of the rows find it in L1). Decoding streams the weights from
+// memory, row after row: the row DOT_ROWS_PREFETCH ahead is requested meanwhile.
+#define DOT_ROWS_PREFETCH 4
 static inline void dot_rows(float *out, size_t out_stride, const float *x, int C, const float *w, int N, float bias) {
     int n = 0;
     for (; n + 4 <= N; n += 4) {
@@ -145,6 +158,7 @@ static inline void dot_rows(float *out, size_t out_stride, const float *x, int C
         int i = 0;
         for (; i + 8 <= C; i += 8) {
             const v8 wv = load8(w + i);
+            __builtin_prefetch(w + DOT_ROWS_PREFETCH * C + i);
             a0 += wv * load8(x0 + i);
             a1 += wv * load8(x1 + i);
             a2 += wv * load8(x2 + i);
@@ -157,7 +171,18 @@ static inline void dot_rows(float *out, size_t out_stride, const float *x, int C
         out[(size_t)(n + 2) * out_stride] = s2 + bias;
         out[(size_t)(n + 3) * out_stride] = s3 + bias;
     }
-    for (; n < N; n++) out[(size_t)n * out_stride] = dot(x + (size_t)n * C, w, C) + bias;
+    for (; n < N; n++) {
+        const float *xn = x + (size_t)n * C;
+        v8 a0 = splat8(0.0f);
+        int i = 0;
+        for (; i + 8 <= C; i += 8) {
+            a0 += load8(w + i) * load8(xn + i);
+            __builtin_prefetch(w + DOT_ROWS_PREFETCH * C + i);
+        }
+        float s0 = hsum8(a0);
+        for (; i < C; i++) s0 += w[i] * xn[i];
+        out[(size_t)n * out_stride] = s0 + bias;
+    }
 }
 
 // Small loops (decoding touches one row) stay serial: a parallel region costs more than they do.
