@@ -189,7 +189,17 @@ static Config tiny_variant(const char *attn, int n_kv_head, int kv_rank, int rop
     a.kv_rank = kv_rank;
     a.rope_dim = rope_dim;
     if (q_rank >= 0) a.q_rank = q_rank, a.given[arg_index("--q-rank")] = 1; // -1: not given
-    apply_variant_flags(&c, &a);
+    apply_variant_flags(&c, &a, NULL);
+    return c;
+}
+
+// the MLA shape a conversion from tiny's mha makes: d_R = H x R rotated as H groups, a linear latent
+static Config tiny_mla_grouped(int kv_rank) {
+    Config c = tiny_variant("mla", 0, kv_rank, 0, -1);
+    c.mla_rope_dim = c.n_head * c.rotary_dims;
+    c.mla_rope_split = c.n_head;
+    c.mla_linear_latent = 1;
+    if (config_problem(&c)) die("tiny_mla_grouped: %s", config_problem(&c));
     return c;
 }
 
@@ -549,6 +559,66 @@ static void check_init_from(void) {
     free(ref);
 }
 
+// --init-from into mla (doc/retrofit.md): at full rank (kv_rank = C) with a linear latent the
+// converted model computes the mha model's function, the value bias folded into dense and the
+// pass part of the key bias dropped; at lower ranks the error falls as the rank grows. The
+// reference is the mha model's own forward (the MHA path), not the converted model.
+static void check_init_from_mla(void) {
+    printf("-- --init-from (mha -> mla)\n");
+    char path[512];
+    snprintf(path, sizeof path, "%s/mha_src_mla.bin", tmpdir);
+    Config c = config_from_preset(find_preset("tiny"));
+    const int C = c.n_embd, H = c.n_head, D = C / H, R = c.rotary_dims, B = 2, T = 12, BT = B * T, Vp = c.padded_vocab_size;
+    Model src, dst;
+    model_init_random(&src, &c, 0.3f, 5);
+    uint64_t rng = 11;
+    for (int l = 0; l < c.n_layer; l++) { // biases the conversion keeps exactly: v, the pass dims of k, dense
+        float *b = src.p.layer[l].qkv_b;
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < D; j++) {
+                b[h * 3 * D + D + j] = j >= R ? 0.5f * random_normal(&rng) : 0.0f;
+                b[h * 3 * D + 2 * D + j] = 0.5f * random_normal(&rng);
+            }
+        for (int o = 0; o < C; o++) src.p.layer[l].dense_b[o] = 0.1f * random_normal(&rng);
+    }
+    model_save(&src, path);
+    int x[BT];
+    for (int i = 0; i < BT; i++) x[i] = random_u32(&rng) % c.vocab_size;
+    model_forward(&src, x, NULL, B, T);
+    float *ref = malloc_check((size_t)BT * Vp * sizeof(float), "init-from mla");
+    memcpy(ref, src.a.logits, (size_t)BT * Vp * sizeof(float));
+    float scale = 0.0f;
+    for (size_t i = 0; i < (size_t)BT * Vp; i++) scale = fmaxf(scale, fabsf(ref[i]));
+    const int ranks[] = {4, 8, 16, 32};
+    float err[4];
+    for (int k = 0; k < 4; k++) {
+        Config g = tiny_mla_grouped(ranks[k]);
+        model_init_from(&dst, &g, path, 0.02f, 1);
+        model_forward(&dst, x, NULL, B, T);
+        err[k] = 0.0f;
+        for (size_t i = 0; i < (size_t)BT * Vp; i++) err[k] = fmaxf(err[k], fabsf(dst.a.logits[i] - ref[i]));
+        model_free(&dst);
+    }
+    check(err[3] <= 1e-5f * scale && scale > 0.1f, "mha -> mla at full rank (kv_rank %d = C) gives the mha logits (max diff %.2e, logits up to %.2f)",
+          ranks[3], err[3], scale);
+    check(err[0] > err[1] && err[1] > err[2] && err[2] > err[3] && err[0] > 1e-3f * scale,
+          "mha -> mla: the logit error falls as kv_rank grows (rank 4: %.2e, 8: %.2e, 16: %.2e, 32: %.2e)", err[0], err[1], err[2], err[3]);
+    // a query bias has no place in MLA: the conversion is then no longer exact, and says so
+    src.p.layer[1].qkv_b[0] = 1.0f;
+    model_save(&src, path);
+    model_forward(&src, x, NULL, B, T);
+    memcpy(ref, src.a.logits, (size_t)BT * Vp * sizeof(float));
+    Config g = tiny_mla_grouped(32);
+    model_init_from(&dst, &g, path, 0.02f, 1);
+    model_forward(&dst, x, NULL, B, T);
+    float e = 0.0f;
+    for (size_t i = 0; i < (size_t)BT * Vp; i++) e = fmaxf(e, fabsf(dst.a.logits[i] - ref[i]));
+    check(e > 1e-4f * scale, "mha -> mla with a query bias differs from mha (max diff %.2e): MLA has no query bias", e);
+    model_free(&dst);
+    model_free(&src);
+    free(ref);
+}
+
 // --kv-report against the published KV-structural table (pythia-160m shape: 12 layers, 12 heads
 // of 64): per layer, K and V, bf16
 static void check_kv_report(const char *bin) {
@@ -656,6 +726,9 @@ static const struct { const char *what, *args, *expect; int same_message; } BAD_
     {"gqa head count that does not divide", "--model pythia-160m --attn gqa --n-kv-head 5 --kv-report", "does not divide", 1},
     {"mla odd rope dim", "--model pythia-160m --attn mla --rope-dim 7 --kv-report", "must be even", 1},
     {"mla rope dim larger than the head", "--model pythia-160m --attn mla --rope-dim 128 --kv-report", "at most the head dim", 1},
+    {"mla rope groups of an odd size", "--model pythia-160m --attn mla --rope-dim 64 --rope-split 64 --kv-report", "groups that are even", 1},
+    {"--rope-split with --attn gqa", "--model pythia-160m --attn gqa --rope-split 2 --kv-report", "they are mla flags", 1},
+    {"--latent-norm 2", "--model pythia-160m --attn mla --latent-norm 2 --kv-report", "--latent-norm", 1},
     {"--n-kv-head with --attn mha", "--model pythia-160m --attn mha --n-kv-head 4 --kv-report", "conflicts with --attn mha", 1},
     {"context interval < 1", "--model tiny --layer0 ctxkv --context-interval 0 --kv-report", "--context-interval must be in 1..", 1},
     {"max contexts < 1", "--model tiny --layer0 ctxkv --max-contexts 0 --kv-report", "--max-contexts must be in 1..", 1},
@@ -1141,6 +1214,7 @@ int main(int argc, char **argv) {
         {"mqa", tiny_variant("mqa", 0, 0, 0, -1)},
         {"mla", tiny_variant("mla", 0, 16, 4, -1)},
         {"mla q-rank 12", tiny_variant("mla", 0, 16, 4, 12)},
+        {"mla, rope in 4 groups, linear latent", tiny_mla_grouped(16)},
         {"ctxkv + gqa", tiny_context("ctxkv", tiny_variant("gqa", 2, 0, 0, -1))},
         {"ctxkv + mla", tiny_context("ctxkv", tiny_variant("mla", 0, 16, 4, -1))},
         {"ctxpythia", tiny_context("ctxpythia", config_from_preset(find_preset("tiny")))},
@@ -1153,6 +1227,7 @@ int main(int argc, char **argv) {
     printf("-- cached decoding\n");
     for (int i = 0; i < n_cfgs; i++) check_cached_decoding(cfgs[i].label, cfgs[i].c);
     check_init_from();
+    check_init_from_mla();
     check_kv_report(bin);
 
     printf("-- import path\n");

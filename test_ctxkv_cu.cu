@@ -11,8 +11,9 @@ Checks:
      in float64, dev/reference.py): logits, loss, every parameter gradient, the losses of the
      optimizer steps. The same files and checks as test_ctxkv's check_reference.
   2. CUDA vs CPU on the same weights and batch, for every variant (mha, gqa, mqa, mla, mla with
-     q-rank, ctxkv + gqa, ctxkv + mla, ctxpythia): logits, loss, every gradient, and 10 AdamW
-     steps (the loss before each, and the weights after the last).
+     q-rank, mla with grouped rope and a linear latent, ctxkv + gqa, ctxkv + mla, ctxpythia):
+     logits, loss, every gradient, and 10 AdamW steps (the loss before each, and the weights
+     after the last).
   3. Phase 1 (the ContextBlock, OACD, Jacobi iteration, Adam) CUDA vs CPU: the OACD loss, the
      block's gradients and weights after 1 and 3 iterations.
   4. KV-cached decoding (batch 2) on the GPU: equals the GPU's full forward, equals the CPU's
@@ -235,7 +236,17 @@ static Config tiny_variant(const char *attn, int n_kv_head, int kv_rank, int rop
     a.kv_rank = kv_rank;
     a.rope_dim = rope_dim;
     if (q_rank >= 0) a.q_rank = q_rank, a.given[arg_index("--q-rank")] = 1; // -1: not given
-    apply_variant_flags(&c, &a);
+    apply_variant_flags(&c, &a, NULL);
+    return c;
+}
+
+// the MLA shape a conversion from tiny's mha makes: d_R = H x R rotated as H groups, a linear latent
+static Config tiny_mla_grouped(int kv_rank) {
+    Config c = tiny_variant("mla", 0, kv_rank, 0, -1);
+    c.mla_rope_dim = c.n_head * c.rotary_dims;
+    c.mla_rope_split = c.n_head;
+    c.mla_linear_latent = 1;
+    if (config_problem(&c)) die("tiny_mla_grouped: %s", config_problem(&c));
     return c;
 }
 
@@ -524,6 +535,7 @@ int main(int argc, char **argv) {
         {"mqa", tiny_variant("mqa", 0, 0, 0, -1)},
         {"mla", tiny_variant("mla", 0, 16, 4, -1)},
         {"mla q-rank 12", tiny_variant("mla", 0, 16, 4, 12)},
+        {"mla, rope in 4 groups, linear latent", tiny_mla_grouped(16)},
         {"ctxkv + gqa", tiny_context("ctxkv", tiny_variant("gqa", 2, 0, 0, -1))},
         {"ctxkv + mla", tiny_context("ctxkv", tiny_variant("mla", 0, 16, 4, -1))},
         {"ctxpythia", tiny_context("ctxpythia", config_from_preset(find_preset("tiny")))},

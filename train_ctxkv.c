@@ -327,7 +327,7 @@ static void model_alloc_params(Model *m, const Config *c) {
     m->params_memory = malloc_check(m->num_params * sizeof(float), "parameters");
     layout_params(c, m->params_memory, &m->p, NULL, NULL);
     m->rope = rope_init(c->max_seq_len, c->rotary_dims, c->rope_base);
-    m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim : 0, c->rope_base);
+    m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim / c->mla_rope_split : 0, c->rope_base);
     m->a.layer = calloc_check(c->n_layer * sizeof(LayerActs), "layer acts");
     m->mean_loss = -1.0f;
     tensors_set_phase(m->tensors, c, 2);
@@ -665,7 +665,9 @@ static void gqa_decode(const Model *m, const LayerParams *lp, AttnActs *at, cons
 //   ĉ = RMSNorm(W_DKV x) (kv_rank), [k_nope_h | v_h] = W_UK/UV_h ĉ,
 // plus a decoupled RoPE key k_pe = RoPE(W_KR x) (d_R) shared by all heads; the query of head h is
 // [q_nope_h | q_pe_h] (D + d_R), optionally from its own latent (q_rank). The cache keeps only ĉ
-// and k_pe; decoding absorbs W_UK into the query and W_UV after the attention.
+// and k_pe; decoding absorbs W_UK into the query and W_UV after the attention. A model converted
+// from mha (doc/retrofit.md) rotates d_R as mla_rope_split groups (one per head) and may leave
+// the latent linear (ĉ = W_DKV x, mla_linear_latent).
 
 // RMSNorm (MLA's latent norms): y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps). Weight only.
 // inp rows are in_stride apart (MLA normalises the first kv_rank columns of a wider row).
@@ -699,6 +701,15 @@ static void rmsnorm_backward(float *dinp, int in_stride, float *dw, const float 
         float s = 0.0f;
         for (int n = 0; n < N; n++) s += dout[(size_t)n * C + i] * inp[(size_t)n * in_stride + i] * rstd[n];
         dw[i] += s;
+    }
+}
+
+// A linear latent (mla_linear_latent, doc/retrofit.md): ĉ = c, the first R of each kv_a row
+// (rows kva_stride apart) copied to latent (BT, R); backward: the rows' gradients added back.
+static void mla_copy_latent(float *latent, float *kv_a, int kva_stride, int BT, int R, int backward) {
+    for (int n = 0; n < BT; n++) {
+        if (backward) axpy(kv_a + (size_t)n * kva_stride, 1.0f, latent + (size_t)n * R, R);
+        else memcpy(latent + (size_t)n * R, kv_a + (size_t)n * kva_stride, R * sizeof(float));
     }
 }
 
@@ -745,10 +756,12 @@ static void mla_project_forward(const Model *m, const LayerParams *lp, AttnActs 
     } else {
         matmul_forward(at->q, x, lp->q_w, NULL, BT, C, H * Dq);
     }
-    rope_forward(at->q + D, B, T, pos0, H * Dq, H, Dq, &m->mla_rope);       // q_pe
+    const int S = c->mla_rope_split, Rs = dR / S; // RoPE groups of Rs dims
+    for (int s = 0; s < S; s++) rope_forward(at->q + D + s * Rs, B, T, pos0, H * Dq, H, Dq, &m->mla_rope); // q_pe
     matmul_forward(at->kv_a, x, lp->kv_a_w, NULL, BT, C, KVA);               // [c | k_R]
-    rope_forward(at->kv_a + R, B, T, pos0, KVA, 1, 0, &m->mla_rope);         // k_pe
-    rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, R, c->rms_eps);
+    rope_forward(at->kv_a + R, B, T, pos0, KVA, S, Rs, &m->mla_rope);        // k_pe
+    if (c->mla_linear_latent) mla_copy_latent(at->c_norm, at->kv_a, KVA, BT, R, 0);
+    else rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, R, c->rms_eps);
     matmul_forward(at->kvb, at->c_norm, lp->kv_b_w, NULL, BT, R, H * 2 * D); // [k_nope | v]
     mla_gather_keys(at->k, at->kvb, at->kv_a + R, KVA, BT, H, D, dR);
 }
@@ -759,10 +772,12 @@ static void mla_project_backward(const Model *m, const LayerParams *lp, LayerPar
     const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim;
     const int Dq = D + dR, KVA = R + dR;
     mla_gather_keys_backward(dat->kvb, dat->kv_a + R, KVA, dat->k, BT, H, D, dR);
-    rope_backward(dat->kv_a + R, B, T, 0, KVA, 1, 0, &m->mla_rope);
-    rope_backward(dat->q + D, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
+    const int S = c->mla_rope_split, Rs = dR / S;
+    rope_backward(dat->kv_a + R, B, T, 0, KVA, S, Rs, &m->mla_rope);
+    for (int s = 0; s < S; s++) rope_backward(dat->q + D + s * Rs, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
     matmul_backward(dat->c_norm, lg->kv_b_w, NULL, dat->kvb, at->c_norm, lp->kv_b_w, BT, R, H * 2 * D);
-    rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, R);
+    if (c->mla_linear_latent) mla_copy_latent(dat->c_norm, dat->kv_a, KVA, BT, R, 1);
+    else rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, R);
     matmul_backward(dx, lg->kv_a_w, NULL, dat->kv_a, x, lp->kv_a_w, BT, C, KVA);
     if (c->q_rank > 0) {
         matmul_backward(dat->q_lat_norm, lg->q_b_w, NULL, dat->q, at->q_lat_norm, lp->q_b_w, BT, c->q_rank, H * Dq);

@@ -667,7 +667,7 @@ static void model_alloc_params(Model *m, const Config *c) {
 #endif
     layout_params(c, m->params_dev, &m->p, NULL, NULL);
     m->rope = rope_init(c->max_seq_len, c->rotary_dims, c->rope_base);
-    m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim : 0, c->rope_base);
+    m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim / c->mla_rope_split : 0, c->rope_base);
     m->a.layer = (LayerActs *)calloc_check(c->n_layer * sizeof(LayerActs), "layer acts");
     m->mean_loss = -1.0f;
     tensors_set_phase(m->tensors, c, 2);
@@ -1200,6 +1200,21 @@ static void rmsnorm_backward(floatX *dinp, int in_stride, floatX *dw, const floa
     launchCheck();
     column_sum_add(dw, N, C, RmsNormDW{dout, inp, in_stride, rstd, C});
 }
+
+// A linear latent (mla_linear_latent, doc/retrofit.md): ĉ = c, the first R of each kv_a row
+// (rows kva_stride apart) copied to latent (BT, R); backward: the rows' gradients added back.
+__global__ void mla_copy_latent_kernel(floatX *latent, floatX *kv_a, int kva_stride, int BT, int R, int backward) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * R) return;
+    floatX *a = kv_a + (idx / R) * kva_stride + idx % R;
+    if (backward) *a = fx(tof(*a) + tof(latent[idx]));
+    else latent[idx] = *a;
+}
+static void mla_copy_latent(floatX *latent, floatX *kv_a, int kva_stride, int BT, int R, int backward) {
+    mla_copy_latent_kernel<<<ceil_div((size_t)BT * R, 256), 256>>>(latent, kv_a, kva_stride, BT, R, backward);
+    launchCheck();
+}
+
 // MLA: k[bt][h] = [k_nope_h (from kvb) | k_pe (shared by all heads)]. One thread per entry.
 __global__ void mla_gather_keys_kernel(floatX *k, const floatX *kvb, const floatX *kpe, int kpe_stride, int BT, int H, int D, int dR) {
     const int Dq = D + dR;
@@ -1259,10 +1274,12 @@ static void mla_project_forward(const Model *m, const LayerParams *lp, AttnActs 
     } else {
         matmul_forward(at->q, x, lp->q_w, NULL, BT, C, H * Dq);
     }
-    rope_forward(at->q + D, B, T, pos0, H * Dq, H, Dq, &m->mla_rope);       // q_pe
+    const int S = c->mla_rope_split, Rs = dR / S; // RoPE groups of Rs dims
+    for (int s = 0; s < S; s++) rope_forward(at->q + D + s * Rs, B, T, pos0, H * Dq, H, Dq, &m->mla_rope); // q_pe
     matmul_forward(at->kv_a, x, lp->kv_a_w, NULL, BT, C, KVA);               // [c | k_R]
-    rope_forward(at->kv_a + R, B, T, pos0, KVA, 1, 0, &m->mla_rope);         // k_pe
-    rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, R, c->rms_eps);
+    rope_forward(at->kv_a + R, B, T, pos0, KVA, S, Rs, &m->mla_rope);        // k_pe
+    if (c->mla_linear_latent) mla_copy_latent(at->c_norm, at->kv_a, KVA, BT, R, 0);
+    else rmsnorm_forward(at->c_norm, at->c_rstd, at->kv_a, KVA, lp->kv_a_norm_w, BT, R, c->rms_eps);
     matmul_forward(at->kvb, at->c_norm, lp->kv_b_w, NULL, BT, R, H * 2 * D); // [k_nope | v]
     mla_gather_keys(at->k, at->kvb, at->kv_a + R, KVA, BT, H, D, dR);
 }
@@ -1273,10 +1290,12 @@ static void mla_project_backward(const Model *m, const LayerParams *lp, LayerPar
     const int BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim;
     const int Dq = D + dR, KVA = R + dR;
     mla_gather_keys_backward(dat->kvb, dat->kv_a + R, KVA, dat->k, BT, H, D, dR);
-    rope_backward(dat->kv_a + R, B, T, 0, KVA, 1, 0, &m->mla_rope);
-    rope_backward(dat->q + D, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
+    const int S = c->mla_rope_split, Rs = dR / S;
+    rope_backward(dat->kv_a + R, B, T, 0, KVA, S, Rs, &m->mla_rope);
+    for (int s = 0; s < S; s++) rope_backward(dat->q + D + s * Rs, B, T, 0, H * Dq, H, Dq, &m->mla_rope);
     matmul_backward(dat->c_norm, lg->kv_b_w, NULL, dat->kvb, at->c_norm, lp->kv_b_w, BT, R, H * 2 * D);
-    rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, R);
+    if (c->mla_linear_latent) mla_copy_latent(dat->c_norm, dat->kv_a, KVA, BT, R, 1);
+    else rmsnorm_backward(dat->kv_a, KVA, lg->kv_a_norm_w, dat->c_norm, at->kv_a, lp->kv_a_norm_w, at->c_rstd, BT, R);
     matmul_backward(dx, lg->kv_a_w, NULL, dat->kv_a, x, lp->kv_a_w, BT, C, KVA);
     if (c->q_rank > 0) {
         matmul_backward(dat->q_lat_norm, lg->q_b_w, NULL, dat->q, at->q_lat_norm, lp->q_b_w, BT, c->q_rank, H * Dq);

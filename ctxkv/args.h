@@ -13,6 +13,7 @@ typedef struct {
     const char *model, *train, *val, *tokenizer, *out;
     const char *attn, *init_from, *prompt_ids; // attention variant flags (NULL = not given)
     int n_kv_head, kv_rank, rope_dim, q_rank;  // 0 = not given (q_rank: see arg_given)
+    int rope_split, latent_norm;               // mla (latent_norm: see arg_given)
     int generate, kv_report;
     const char *resume;                        // DIR with a train_state.bin to continue from
     int checkpoint_every, stop_at;
@@ -53,6 +54,8 @@ static const ArgSpec ARG_SPECS[] = {
     ARG("--kv-rank", ARG_INT, kv_rank, 1, 1 << 16, NULL, "INT", "mla: latent width d_c [4 * head dim]"),
     ARG("--rope-dim", ARG_INT, rope_dim, 1, 1 << 16, NULL, "INT", "mla: decoupled RoPE dims d_R (even) [head dim]"),
     ARG("--q-rank", ARG_INT, q_rank, 0, 1 << 16, "0", "INT", "mla: query latent width, 0 = none"),
+    ARG("--rope-split", ARG_INT, rope_split, 1, 1 << 16, NULL, "INT", "mla: the d_R dims rotate as S groups of d_R/S [1; H when converting from mha]"),
+    ARG("--latent-norm", ARG_INT, latent_norm, 0, 1, NULL, "0|1", "mla: RMSNorm on the KV latent [1; 0 when converting from mha]"),
     ARG("--init-from", ARG_STR, init_from, 0, 0, NULL, "FILE", "start from an mha checkpoint, converted to the --attn variant (gqa/mqa: K and V heads mean-pooled per group)"),
     SECTION("Context-KV (doc/context_kv.md)"),
     ARG("--layer0", ARG_STR, layer0, 0, 0, NULL, "ctxkv", "layer 0 attends over ContextBlock contexts; the others use --attn"),
@@ -257,36 +260,45 @@ static int *parse_ids(const char *flag, const char *list) {
 // Flags that shape the model config
 
 // Sets the attention variant of c from --attn and its flags (a preset, or a checkpoint being
-// converted by --init-from). Flags that belong to another variant are an error.
-static void apply_variant_flags(Config *c, const Args *a) {
+// converted by --init-from: converting_from is its config, else NULL). Flags that belong to
+// another variant are an error.
+static void apply_variant_flags(Config *c, const Args *a, const Config *converting_from) {
     if (!a->attn) {
-        if (a->n_kv_head || a->kv_rank || a->rope_dim || arg_given(a, "--q-rank"))
-            die("--n-kv-head / --kv-rank / --rope-dim / --q-rank need --attn (gqa for the first, mla for the others)");
+        if (a->n_kv_head || a->kv_rank || a->rope_dim || arg_given(a, "--q-rank") || a->rope_split || arg_given(a, "--latent-norm"))
+            die("--n-kv-head / --kv-rank / --rope-dim / --q-rank / --rope-split / --latent-norm need --attn (gqa for the first, mla for the others)");
         return;
     }
     const int H = c->n_head, D = head_dim(c), t = attn_type_from_name(a->attn);
     if (a->n_kv_head && t != ATTN_GQA && t != ATTN_MQA) die("--n-kv-head conflicts with --attn %s (it is a gqa flag)", a->attn);
-    if ((a->kv_rank || a->rope_dim || arg_given(a, "--q-rank")) && t != ATTN_MLA)
-        die("--kv-rank / --rope-dim / --q-rank conflict with --attn %s (they are mla flags)", a->attn);
+    if ((a->kv_rank || a->rope_dim || arg_given(a, "--q-rank") || a->rope_split || arg_given(a, "--latent-norm")) && t != ATTN_MLA)
+        die("--kv-rank / --rope-dim / --q-rank / --rope-split / --latent-norm conflict with --attn %s (they are mla flags)", a->attn);
     if (t == ATTN_MQA && a->n_kv_head && a->n_kv_head != 1) die("--attn mqa means one KV head; --n-kv-head %d conflicts", a->n_kv_head);
     c->attn_type = t;
     c->n_kv_head = H;
-    c->kv_rank = c->q_rank = c->mla_rope_dim = 0;
+    c->kv_rank = c->q_rank = c->mla_rope_dim = c->mla_rope_split = c->mla_linear_latent = 0;
     c->rms_eps = 0.0f;
     // default G: H/4 (H/2 when H = 4, as the published table scales it), else H/2, else 1
     if (t == ATTN_GQA) c->n_kv_head = a->n_kv_head ? a->n_kv_head : (H == 4 ? 2 : (H % 4 == 0 ? H / 4 : (H % 2 == 0 ? H / 2 : 1)));
     if (t == ATTN_MQA) c->n_kv_head = 1;
     if (t == ATTN_MLA) {
         c->kv_rank = a->kv_rank ? a->kv_rank : 4 * D;
-        c->mla_rope_dim = a->rope_dim ? a->rope_dim : D;
         c->q_rank = a->q_rank;
         c->rms_eps = 1e-6f; // DeepSeek's RMSNorm epsilon
+        // a conversion from mha keeps each head's rotary dims as its own group, with a linear
+        // latent (doc/retrofit.md); a model trained from scratch has DeepSeek's defaults
+        const int converting = converting_from != NULL && converting_from->attn_type == ATTN_MHA;
+        c->mla_rope_dim = a->rope_dim ? a->rope_dim : (converting ? H * converting_from->rotary_dims : D);
+        c->mla_rope_split = a->rope_split ? a->rope_split : (converting ? H : 1);
+        c->mla_linear_latent = arg_given(a, "--latent-norm") ? !a->latent_norm : converting;
     }
     const char *problem = config_problem(c);
     if (problem) {
         if (t == ATTN_GQA && c->n_head % c->n_kv_head) die("--n-kv-head %d does not divide the %d heads", c->n_kv_head, H);
-        if (t == ATTN_MLA && (c->mla_rope_dim % 2 || c->mla_rope_dim > D))
-            die("--rope-dim %d must be even and at most the head dim %d", c->mla_rope_dim, D);
+        if (t == ATTN_MLA && (c->mla_rope_dim % (2 * c->mla_rope_split) || c->mla_rope_dim / c->mla_rope_split > D)) {
+            if (c->mla_rope_split == 1) die("--rope-dim %d must be even and at most the head dim %d", c->mla_rope_dim, D);
+            die("--rope-dim %d must split into --rope-split %d groups that are even and each at most the head dim %d",
+                c->mla_rope_dim, c->mla_rope_split, D);
+        }
         die("--attn %s: %s", a->attn, problem);
     }
 }
@@ -345,6 +357,8 @@ static void check_variant_flags_match(const Config *c, const Args *a, const char
     SAME("--kv-rank", a->kv_rank, c->kv_rank, "kv_rank");
     SAME("--rope-dim", a->rope_dim, c->mla_rope_dim, "mla_rope_dim");
     SAME("--q-rank", a->q_rank, c->q_rank, "q_rank");
+    SAME("--rope-split", a->rope_split, c->mla_rope_split, "mla_rope_split");
+    SAME("--latent-norm", a->latent_norm, !c->mla_linear_latent, "latent norm");
     if (a->layer0 && (!strcmp(a->layer0, "ctxkv")) != (c->layer0_type == LAYER0_CTXKV))
         die("'%s' has layer 0 %s, but --layer0 %s was given", path, c->layer0_type ? "ctxkv" : "same", a->layer0);
     if (a->model_type && (!strcmp(a->model_type, "ctxpythia")) != (c->model_type == MODEL_CTXPYTHIA))

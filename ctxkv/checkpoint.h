@@ -245,8 +245,133 @@ static void model_init_random(Model *m, const Config *c, float init_std, uint64_
     model_to_device(m);
 }
 
+// ---- mha -> mla (doc/retrofit.md: the equations, and which parts are exact)
+
+// Symmetric eigendecomposition by cyclic Jacobi rotations, in double: A (n x n, row-major) is
+// overwritten; on return its diagonal holds the eigenvalues and V's columns the eigenvectors.
+static void jacobi_eigen(double *A, double *V, int n) {
+    for (int i = 0; i < n * n; i++) V[i] = (i / n == i % n) ? 1.0 : 0.0;
+    for (int sweep = 0; sweep < 100; sweep++) {
+        double off = 0.0, diag = 0.0;
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++) *(i == j ? &diag : &off) += A[i * n + j] * A[i * n + j];
+        if (off <= 1e-30 * diag || off == 0.0) return;
+        for (int p = 0; p < n - 1; p++)
+            for (int q = p + 1; q < n; q++) {
+                const double apq = A[p * n + q];
+                if (apq == 0.0) continue;
+                // the rotation that zeroes A[p][q]: tan of its angle t, from θ = (a_qq − a_pp) / 2a_pq
+                const double theta = (A[q * n + q] - A[p * n + p]) / (2.0 * apq);
+                const double t = (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+                const double cs = 1.0 / sqrt(t * t + 1.0), sn = t * cs;
+                for (int k = 0; k < n; k++) { // columns p, q
+                    const double akp = A[k * n + p], akq = A[k * n + q];
+                    A[k * n + p] = cs * akp - sn * akq;
+                    A[k * n + q] = sn * akp + cs * akq;
+                }
+                for (int k = 0; k < n; k++) { // rows p, q
+                    const double apk = A[p * n + k], aqk = A[q * n + k];
+                    A[p * n + k] = cs * apk - sn * aqk;
+                    A[q * n + k] = sn * apk + cs * aqk;
+                }
+                for (int k = 0; k < n; k++) {
+                    const double vkp = V[k * n + p], vkq = V[k * n + q];
+                    V[k * n + p] = cs * vkp - sn * vkq;
+                    V[k * n + q] = sn * vkp + cs * vkq;
+                }
+            }
+    }
+}
+
+// Layer l of the mha model src becomes MLA in m (config c: d_R = H·R in H RoPE groups, q_rank 0):
+//   W_q,h    = s·[0 (R rows) | W_q,h pass rows | (W_q,h rotary rows in group h, 0 elsewhere)],
+//              s = √(D+d_R)/√D so that the score scale 1/√(D+d_R) becomes mha's 1/√D
+//   W_KR     = the rotary rows of every head's W_k, group h = head h
+//   M        = per head [0 (R rows) | W_k,h pass rows ; W_v,h] (2HD x C): the keys without RoPE
+//              and the values; W_DKV = V_rᵀ and W_UKV = M V_r from the top kv_rank eigenvectors
+//              V_r of MᵀM (M's right singular vectors: the best rank-kv_rank fit, Eckart–Young)
+//   dense_b += W_O b_v (attention weights sum to 1); the pass part of b_k shifts all of a query's
+//   scores alike and is dropped exactly; b_q and the rotary part of b_k have no place in MLA.
+// Returns the largest |b_q| and |rotary b_k| dropped, and the part of M's Frobenius norm² the
+// rank keeps.
+static float mla_from_mha_layer(Model *m, const Model *src, const Config *c, int l, double *kept) {
+    const int C = c->n_embd, H = c->n_head, D = head_dim(c), R = src->cfg.rotary_dims, r = c->kv_rank;
+    const int dR = c->mla_rope_dim, Dq = D + dR, rows = 2 * H * D;
+    const float s = sqrtf((float)Dq) / sqrtf((float)D);
+    const float *qkv_w = host_tensor(src, l, "qkv_w"), *qkv_b = host_tensor(src, l, "qkv_b");
+    float *q_w = host_tensor(m, l, "q_w"), *kv_a_w = host_tensor(m, l, "kv_a_w"), *kv_b_w = host_tensor(m, l, "kv_b_w");
+    float *dense_b = host_tensor(m, l, "dense_b");
+    const float *dense_w = host_tensor(m, l, "dense_w");
+    float dropped = 0.0f;
+#define SRC_ROW(h, part, j) (qkv_w + ((size_t)(h) * 3 * D + (size_t)(part) * D + (j)) * C) // part 0 q, 1 k, 2 v
+    memset(q_w, 0, (size_t)H * Dq * C * sizeof(float));
+    memset(kv_a_w, 0, (size_t)(r + dR) * C * sizeof(float));
+    for (int h = 0; h < H; h++) {
+        for (int j = R; j < D; j++)
+            for (int i = 0; i < C; i++) q_w[((size_t)h * Dq + j) * C + i] = s * SRC_ROW(h, 0, j)[i];
+        for (int j = 0; j < R; j++) {
+            for (int i = 0; i < C; i++) {
+                q_w[((size_t)h * Dq + D + h * R + j) * C + i] = s * SRC_ROW(h, 0, j)[i];
+                kv_a_w[((size_t)r + h * R + j) * C + i] = SRC_ROW(h, 1, j)[i];
+            }
+            dropped = fmaxf(dropped, fabsf(qkv_b[h * 3 * D + D + j]));
+        }
+        for (int j = 0; j < D; j++) dropped = fmaxf(dropped, fabsf(qkv_b[h * 3 * D + j]));
+        for (int o = 0; o < C; o++) { // the value bias, through dense
+            float acc = 0.0f;
+            for (int j = 0; j < D; j++) acc += dense_w[(size_t)o * C + h * D + j] * qkv_b[h * 3 * D + 2 * D + j];
+            dense_b[o] += acc;
+        }
+    }
+    // M (rows x C) and MᵀM in double
+    double *M = (double *)calloc_check((size_t)rows * C * sizeof(double), "mla conversion");
+    for (int h = 0; h < H; h++)
+        for (int j = 0; j < D; j++)
+            for (int i = 0; i < C; i++) {
+                if (j >= R) M[((size_t)h * 2 * D + j) * C + i] = SRC_ROW(h, 1, j)[i];
+                M[((size_t)h * 2 * D + D + j) * C + i] = SRC_ROW(h, 2, j)[i];
+            }
+#undef SRC_ROW
+    double *A = (double *)calloc_check((size_t)C * C * sizeof(double), "mla conversion");
+    double *V = (double *)malloc_check((size_t)C * C * sizeof(double), "mla conversion");
+    for (int k = 0; k < rows; k++)
+        for (int i = 0; i < C; i++) {
+            const double mki = M[(size_t)k * C + i];
+            if (mki != 0.0)
+                for (int j = 0; j < C; j++) A[(size_t)i * C + j] += mki * M[(size_t)k * C + j];
+        }
+    jacobi_eigen(A, V, C);
+    int *order = (int *)malloc_check(C * sizeof(int), "mla conversion"); // eigenvalues, largest first
+    for (int i = 0; i < C; i++) order[i] = i;
+    for (int i = 1; i < C; i++)
+        for (int j = i; j > 0 && A[order[j] * (C + 1)] > A[order[j - 1] * (C + 1)]; j--) {
+            int t = order[j]; order[j] = order[j - 1]; order[j - 1] = t;
+        }
+    double total = 0.0, part = 0.0;
+    for (int i = 0; i < C; i++) total += A[i * (C + 1)];
+    memset(kv_b_w, 0, (size_t)rows * r * sizeof(float));
+    for (int t = 0; t < r && t < C; t++) { // latent t: W_DKV row t = eigenvector, W_UKV column t = M · it
+        const int e = order[t];
+        part += A[e * (C + 1)];
+        for (int i = 0; i < C; i++) kv_a_w[(size_t)t * C + i] = (float)V[(size_t)i * C + e];
+        for (int k = 0; k < rows; k++) {
+            double acc = 0.0;
+            for (int i = 0; i < C; i++) acc += M[(size_t)k * C + i] * V[(size_t)i * C + e];
+            kv_b_w[(size_t)k * r + t] = (float)acc;
+        }
+    } // a rank above C leaves its extra latents at 0
+    *kept = total > 0.0 ? part / total : 1.0;
+    if (!c->mla_linear_latent) { // RMSNorm is not linear: the latent is only rescaled per token
+        float *norm_w = host_tensor(m, l, "kv_a_norm_w");
+        for (int i = 0; i < r; i++) norm_w[i] = 1.0f;
+    }
+    free(M); free(A); free(V); free(order);
+    return dropped;
+}
+
 // --init-from: every tensor the two models share (same name and shape) is copied; an mha
-// checkpoint becomes gqa/mqa by mean-pooling the K and V heads of each group (Ainslie et al.).
+// checkpoint becomes gqa/mqa by mean-pooling the K and V heads of each group (Ainslie et al.),
+// or mla by the SVD above (MHA2MLA, Ji et al.).
 static void model_init_from(Model *m, const Config *c, const char *path, float init_std, uint64_t seed) {
     Model src;
     model_load(&src, path);
@@ -263,16 +388,19 @@ static void model_init_from(Model *m, const Config *c, const char *path, float i
     // (gqa/mqa q and kv from an mha qkv) and those that start fresh by design (the context
     // block, ctxkv's k and v). Anything else would silently stay random.
     int converting_heads = src.cfg.attn_type == ATTN_MHA && (c->attn_type == ATTN_GQA || c->attn_type == ATTN_MQA);
+    int converting_mla = src.cfg.attn_type == ATTN_MHA && c->attn_type == ATTN_MLA;
     for (ptrdiff_t i = 0; i < arrlen(m->tensors); i++) {
         const char *name = m->tensors[i].name, *leaf = tensor_leaf(name);
         int fresh_by_design = !strncmp(name, "ctx_", 4) ||
                               (c->layer0_type == LAYER0_CTXKV && !strncmp(name, "layer0.", 7) &&
                                (!strcmp(leaf, "k_w") || !strcmp(leaf, "k_b") || !strcmp(leaf, "v_w") || !strcmp(leaf, "v_b") ||
                                 (src.cfg.attn_type == ATTN_MHA && (!strcmp(leaf, "q_w") || !strcmp(leaf, "q_b")))));
-        int made_by_conversion = converting_heads && (!strcmp(leaf, "q_w") || !strcmp(leaf, "q_b") ||
-                                                      !strcmp(leaf, "kv_w") || !strcmp(leaf, "kv_b"));
+        int made_by_conversion = (converting_heads && (!strcmp(leaf, "q_w") || !strcmp(leaf, "q_b") ||
+                                                       !strcmp(leaf, "kv_w") || !strcmp(leaf, "kv_b"))) ||
+                                 (converting_mla && (!strcmp(leaf, "q_w") || !strcmp(leaf, "kv_a_w") ||
+                                                     !strcmp(leaf, "kv_a_norm_w") || !strcmp(leaf, "kv_b_w")));
         if (!copied[i] && !fresh_by_design && !made_by_conversion)
-            die("--init-from: '%s' has no tensor %s of shape [%zu, %zu]; the only conversions are mha -> gqa/mqa and "
+            die("--init-from: '%s' has no tensor %s of shape [%zu, %zu]; the only conversions are mha -> gqa/mqa/mla and "
                 "adding a ctxkv layer 0", path, name, m->tensors[i].rows, m->tensors[i].cols);
     }
     free(copied);
@@ -289,9 +417,26 @@ static void model_init_from(Model *m, const Config *c, const char *path, float i
     }
     int target = c->attn_type, source = src.cfg.attn_type;
     if (source != target) {
-        if (source != ATTN_MHA || (target != ATTN_GQA && target != ATTN_MQA))
-            die("--init-from converts mha checkpoints to gqa or mqa; '%s' is %s and --attn is %s", path,
+        if (source != ATTN_MHA || target == ATTN_MHA)
+            die("--init-from converts mha checkpoints to gqa, mqa or mla; '%s' is %s and --attn is %s", path,
                 ATTN_NAMES[source], ATTN_NAMES[target]);
+    }
+    if (converting_mla) {
+        const int R = src.cfg.rotary_dims;
+        if (c->q_rank > 0) die("--init-from into mla needs --q-rank 0 (the query is converted, not compressed)");
+        if (R < 2 || c->mla_rope_dim != H * R || c->mla_rope_split != H)
+            die("--init-from into mla keeps each head's %d rotary dims: it needs --rope-dim %d (= %d heads x %d) and "
+                "--rope-split %d (the defaults when converting); got %d and %d", R, H * R, H, R, H, c->mla_rope_dim,
+                c->mla_rope_split);
+        float dropped = 0.0f;
+        for (int l = c->layer0_type == LAYER0_CTXKV ? 1 : 0; l < c->n_layer; l++) {
+            double kept;
+            dropped = fmaxf(dropped, mla_from_mha_layer(m, &src, c, l, &kept));
+            printf("init-from: layer %d -> mla, kv rank %d keeps %.4f of the keys' and values' energy\n", l, c->kv_rank, kept);
+        }
+        printf("init-from: largest query bias or rotary key bias dropped (MLA has none): %.3g%s\n", dropped,
+               c->mla_linear_latent ? "" : "; the latent RMSNorm also changes the function (--latent-norm 0 keeps it linear)");
+    } else if (source != target) {
         const int G = c->n_kv_head, group = H / G;
         for (int l = c->layer0_type == LAYER0_CTXKV ? 1 : 0; l < c->n_layer; l++) {
             const float *qkv_w = host_tensor(&src, l, "qkv_w"), *qkv_b = host_tensor(&src, l, "qkv_b");
@@ -335,7 +480,7 @@ static Config config_from_args(const Args *a) {
     Config c;
     if (p) {
         c = config_from_preset(p);
-        apply_variant_flags(&c, a);
+        apply_variant_flags(&c, a, NULL);
         apply_context_flags(&c, a);
     } else {
         if (access(name, F_OK) != 0)
@@ -344,7 +489,8 @@ static Config config_from_args(const Args *a) {
         c = checkpoint_open(name, NULL);
         if (a->init_from) {
             if (has_context_block(&c)) die("--init-from starts from a plain Pythia checkpoint; '%s' already has a context block", name);
-            apply_variant_flags(&c, a);
+            const Config source = c;
+            apply_variant_flags(&c, a, &source);
             apply_context_flags(&c, a);
         } else {
             check_variant_flags_match(&c, a, name);

@@ -35,6 +35,10 @@ typedef struct {
     // q_rank d_c' (0 = no query compression), mla_rope_dim d_R, rms_eps of its RMSNorms)
     int attn_type, n_kv_head, kv_rank, q_rank, mla_rope_dim;
     float rms_eps;
+    // mla: the d_R RoPE dims are mla_rope_split groups of d_R/S, each rotated as one head's
+    // rotary dims (1: DeepSeek's one shared key; H: one group per head, as a model converted
+    // from mha has, doc/retrofit.md); mla_linear_latent 1: no RMSNorm on the latent (ĉ = W_DKV x)
+    int mla_rope_split, mla_linear_latent;
     // Context-KV: layer0_type ctxkv (layer 0 attends over contexts) or model_type ctxpythia
     // (the layers run at width context_dim on the contexts); context_dim d_c, interval I,
     // max_contexts M; embed_dim E is the width of embed_in (= n_embd except ctxpythia)
@@ -116,18 +120,26 @@ static const char *config_problem(const Config *c) {
             snprintf(msg, sizeof msg, "mla rope dim %d must be even and >= 2", c->mla_rope_dim);
             return msg;
         }
-        if (c->mla_rope_dim > D) {
-            snprintf(msg, sizeof msg, "mla rope dim %d is larger than the head dim %d", c->mla_rope_dim, D);
+        if (c->mla_rope_split < 1 || c->mla_rope_dim % (2 * c->mla_rope_split)) {
+            snprintf(msg, sizeof msg, "mla rope split %d must be >= 1 and cut rope dim %d into groups of an even size",
+                     c->mla_rope_split, c->mla_rope_dim);
             return msg;
         }
+        if (c->mla_rope_dim / c->mla_rope_split > D) {
+            snprintf(msg, sizeof msg, "mla rope dim %d / split %d is larger than the head dim %d", c->mla_rope_dim,
+                     c->mla_rope_split, D);
+            return msg;
+        }
+        if (c->mla_linear_latent != 0 && c->mla_linear_latent != 1) return "mla_linear_latent must be 0 or 1";
         if (!(c->rms_eps > 0.0f) || !(c->rms_eps < 1.0f)) return "mla rms_eps must be in (0, 1)";
         break;
     default:
         return "unknown attn_type (0 mha, 1 gqa, 2 mqa, 3 mla)";
     }
     // as prepro/ckpt.py requires; kv_scratch_per_head sizes buffers by kv_rank for every variant
-    if (c->attn_type != ATTN_MLA && (c->kv_rank || c->q_rank || c->mla_rope_dim || c->rms_eps != 0.0f))
-        return "kv_rank, q_rank, mla_rope_dim and rms_eps must be 0 (used by mla only)";
+    if (c->attn_type != ATTN_MLA &&
+        (c->kv_rank || c->q_rank || c->mla_rope_dim || c->rms_eps != 0.0f || c->mla_rope_split || c->mla_linear_latent))
+        return "kv_rank, q_rank, mla_rope_dim, rms_eps, mla_rope_split and mla_linear_latent must be 0 (used by mla only)";
     if (c->layer0_type != LAYER0_SAME && c->layer0_type != LAYER0_CTXKV) return "layer0_type must be 0 (same) or 1 (ctxkv)";
     if (c->model_type != MODEL_PYTHIA && c->model_type != MODEL_CTXPYTHIA) return "model_type must be 0 (pythia) or 1 (ctxpythia)";
     if (c->layer0_type == LAYER0_CTXKV && c->model_type == MODEL_CTXPYTHIA) return "ctxpythia has no separate ctxkv layer 0";
@@ -163,6 +175,7 @@ static void config_to_header(const Config *c, int *h) {
     h[12] = c->attn_type; h[13] = c->n_kv_head; h[14] = c->kv_rank; h[15] = c->q_rank; h[16] = c->mla_rope_dim;
     h[17] = c->layer0_type; h[18] = c->model_type; h[19] = c->context_dim; h[20] = c->context_interval;
     h[21] = c->max_contexts; h[22] = float_bits(c->rms_eps); h[23] = c->embed_dim;
+    h[24] = c->mla_rope_split; h[25] = c->mla_linear_latent;
 }
 
 static Config config_from_header(const int *h) {
@@ -174,6 +187,9 @@ static Config config_from_header(const int *h) {
     c.layer0_type = h[17]; c.model_type = h[18]; c.context_dim = h[19]; c.context_interval = h[20];
     c.max_contexts = h[21]; c.rms_eps = bits_float(h[22]);
     c.embed_dim = h[23] ? h[23] : c.n_embd; // 0 in files written before the field existed
+    // 0 in mla files written before the field existed: one shared rope key
+    c.mla_rope_split = h[24] ? h[24] : (c.attn_type == ATTN_MLA ? 1 : 0);
+    c.mla_linear_latent = h[25];
     return c;
 }
 
@@ -183,7 +199,9 @@ static void config_print(const Config *c) {
            c->vocab_size, c->padded_vocab_size, c->n_layer, c->n_head, c->n_embd, c->n_inner, c->rotary_dims,
            c->n_embd / c->n_head, c->rope_base, c->max_seq_len, ATTN_NAMES[c->attn_type]);
     if (c->attn_type == ATTN_GQA || c->attn_type == ATTN_MQA) printf(" (%d kv heads)", c->n_kv_head);
-    if (c->attn_type == ATTN_MLA) printf(" (kv rank %d, q rank %d, rope dim %d)", c->kv_rank, c->q_rank, c->mla_rope_dim);
+    if (c->attn_type == ATTN_MLA)
+        printf(" (kv rank %d, q rank %d, rope dim %d in %d group%s%s)", c->kv_rank, c->q_rank, c->mla_rope_dim,
+               c->mla_rope_split, c->mla_rope_split > 1 ? "s" : "", c->mla_linear_latent ? ", linear latent" : "");
     if (c->layer0_type == LAYER0_CTXKV)
         printf(" | layer 0 ctxkv (context dim %d, interval %d, max contexts %d)", c->context_dim, c->context_interval, c->max_contexts);
     if (c->model_type == MODEL_CTXPYTHIA) printf(" | ctxpythia (embed %d -> context %d)", c->embed_dim, c->context_dim);

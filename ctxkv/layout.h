@@ -21,7 +21,7 @@ typedef struct {
     floatX *q_w, *q_b;          // gqa/mqa (H*D, C), (H*D);  mla without q_rank: q_w (H*(D+dR), C), no bias
     floatX *kv_w, *kv_b;        // gqa/mqa (2*G*D, C), (2*G*D): K heads, then V heads
     floatX *q_a_w, *q_a_norm_w, *q_b_w; // mla with q_rank: (q_rank, C), (q_rank), (H*(D+dR), q_rank)
-    floatX *kv_a_w, *kv_a_norm_w;       // mla: (kv_rank+dR, C) latent rows then k_R rows, (kv_rank)
+    floatX *kv_a_w, *kv_a_norm_w;       // mla: (kv_rank+dR, C) latent rows then k_R rows, (kv_rank; none with a linear latent)
     floatX *kv_b_w;                     // mla: (H*2D, kv_rank), per head [W_UK (D rows) | W_UV (D rows)]
     floatX *k_w, *k_b, *v_w, *v_b;      // ctxkv layer 0: (C, d_c), (C) each; its q_w/q_b are (C, C), (C)
     floatX *dense_w, *dense_b;  // (C, H*D), (C)
@@ -122,7 +122,7 @@ static size_t layout_params(const Config *c, floatX *base, Params *P, ParamTenso
                 LTENSOR(q_w, "q_w", H * (D + dR), C);
             }
             LTENSOR(kv_a_w, "kv_a_w", c->kv_rank + dR, C);
-            LTENSOR(kv_a_norm_w, "kv_a_norm_w", 1, c->kv_rank);
+            if (!c->mla_linear_latent) LTENSOR(kv_a_norm_w, "kv_a_norm_w", 1, c->kv_rank);
             LTENSOR(kv_b_w, "kv_b_w", H * 2 * D, c->kv_rank);
             break;
         }

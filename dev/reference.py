@@ -243,7 +243,7 @@ CKPT_FIELDS = ["magic", "version", "vocab_size", "padded_vocab_size", "n_layer",
                "n_embd", "n_inner", "rotary_dims", "rope_base", "max_seq_len", "layer_norm_eps",
                "attn_type", "n_kv_head", "kv_rank", "q_rank", "mla_rope_dim", "layer0_type",
                "model_type", "context_dim", "context_interval", "max_contexts", "rms_eps",
-               "embed_dim"]
+               "embed_dim", "mla_rope_split", "mla_linear_latent"]
 CKPT_FLOAT_FIELDS = {"rope_base", "layer_norm_eps", "rms_eps"}
 
 
@@ -1323,7 +1323,7 @@ def write_model_checkpoint(name, cfg, entries, label):
     ck.write_checkpoint(str(ckpt_path), cfg, tensors)
     hd, _ = read_ckpt(ckpt_path)
     for k in CKPT_FIELDS[2:]:
-        want = bits2f32(f32bits(cfg[k])) if k in CKPT_FLOAT_FIELDS else cfg[k]
+        want = bits2f32(f32bits(cfg.get(k, 0))) if k in CKPT_FLOAT_FIELDS else cfg.get(k, 0)
         assert hd[k] == want, (k, hd[k], want)
     return ckpt_path
 

@@ -35,6 +35,8 @@ HEADER_FIELDS = [
     (21, "max_contexts", "i"),
     (22, "rms_eps", "f"),
     (23, "embed_dim", "i"),
+    (24, "mla_rope_split", "i"),
+    (25, "mla_linear_latent", "i"),
 ]
 ATTN_TYPES = {"mha": 0, "gqa": 1, "mqa": 2, "mla": 3}
 ATTN_NAMES = {v: k for k, v in ATTN_TYPES.items()}
@@ -46,7 +48,7 @@ MLA_RMS_EPS = 1e-6  # DeepSeek-V2's RMSNorm epsilon, the default rms_eps of an m
 # a config with a ContextBlock gets it filled in (= n_embd unless given).
 OPTIONAL_FIELDS = {"attn_type", "n_kv_head", "kv_rank", "q_rank", "mla_rope_dim", "layer0_type",
                    "model_type", "context_dim", "context_interval", "max_contexts", "rms_eps",
-                   "embed_dim"}
+                   "embed_dim", "mla_rope_split", "mla_linear_latent"}
 LAYER0_TYPES = {"same": 0, "ctxkv": 1}
 MODEL_TYPES = {"pythia": 0, "ctxpythia": 1}
 # the ContextBlock tensors, in file order (doc/formats.md, "Context-KV"), right after embed_in
@@ -106,7 +108,8 @@ def attn_specs(cfg):
             q = [("q_a_w", (dq, d)), ("q_a_norm_w", (dq,)), ("q_b_w", (H * (D + dR), dq))]
         else:
             q = [("q_w", (H * (D + dR), d))]
-        return q + [("kv_a_w", (dc + dR, d)), ("kv_a_norm_w", (dc,)),
+        norm = [] if cfg.get("mla_linear_latent", 0) else [("kv_a_norm_w", (dc,))]  # none when linear
+        return q + [("kv_a_w", (dc + dR, d))] + norm + [
                     ("kv_b_w", (H * 2 * D, dc)),
                     ("dense_w", (d, H * D)), ("dense_b", (d,))]
     raise PreproError(f"unknown attn_type {cfg.get('attn_type')} (0 mha, 1 gqa, 2 mqa, 3 mla)")
@@ -171,8 +174,15 @@ def check_cfg(cfg):
             raise PreproError(f"mla: mla_rope_dim {cfg['mla_rope_dim']} must be even and > 0")
         if not cfg["rms_eps"] > 0:
             raise PreproError(f"mla: rms_eps {cfg['rms_eps']} must be > 0")
+        S = cfg["mla_rope_split"] or 1  # 0 = 1, as in files written before the field existed
+        if cfg["mla_rope_dim"] % (2 * S) or cfg["mla_rope_dim"] // S > cfg["n_embd"] // H:
+            raise PreproError(f"mla: mla_rope_dim {cfg['mla_rope_dim']} must split into mla_rope_split {S} "
+                              "groups that are even and at most the head size")
+        if cfg["mla_linear_latent"] not in (0, 1):
+            raise PreproError(f"mla: mla_linear_latent {cfg['mla_linear_latent']} must be 0 or 1")
     else:
-        extra = [n for n in ("kv_rank", "q_rank", "mla_rope_dim", "rms_eps") if cfg[n]]
+        extra = [n for n in ("kv_rank", "q_rank", "mla_rope_dim", "rms_eps", "mla_rope_split",
+                             "mla_linear_latent") if cfg[n]]
         if extra:
             raise PreproError(f"{name}: {', '.join(extra)} must be 0 (used by mla only)")
     if cfg["rotary_dims"] % 2 or cfg["rotary_dims"] > cfg["n_embd"] // cfg["n_head"]:
