@@ -19,6 +19,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import ckpt  # noqa: E402
+import export_hf  # noqa: E402
+import import_hf  # noqa: E402
 import tokenize_text as tt  # noqa: E402
 from common import (REPO_ROOT, PreproError, load_tokenizer, read_shard, read_token_table,  # noqa: E402
                     token_bytes, write_shard, write_token_table)
@@ -231,6 +233,44 @@ def test_ckpt():
           raises(lambda: ckpt.write_checkpoint(tmp("m2.bin"), cfg, bad), "layers.1.fc_w", "[256, 3]"))
 
 
+def test_export_hf():
+    """prepro/export_hf.py against the HF folder dev/ref/tiny_model.bin was imported from
+    (dev/ref/hf_tiny, written by transformers' save_pretrained in dev/reference.py)."""
+    ref = os.path.join(REPO_ROOT, "dev", "ref")
+    out = tmp("hf_export")
+    export_hf.export(os.path.join(ref, "tiny_model.bin"), out, verbose=False)
+    import_hf.convert(out, tmp("reimported.bin"), verbose=False)
+    with open(os.path.join(ref, "tiny_model.bin"), "rb") as f, open(tmp("reimported.bin"), "rb") as g:
+        check("export_hf then import_hf gives back dev/ref/tiny_model.bin byte for byte", f.read() == g.read())
+    ours = import_hf.read_safetensors(os.path.join(out, "model.safetensors"))
+    theirs = {k: v for k, v in import_hf.read_safetensors(os.path.join(ref, "hf_tiny", "model.safetensors")).items()}
+    theirs = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in theirs.items()}
+    check("export_hf: the same tensor names, shapes and values as the HF original (padding rows dropped)",
+          set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours),
+          sorted(set(ours) ^ set(theirs))[:4])
+    check("export_hf: config.json reads back as the original's config",
+          import_hf.read_config(out) == import_hf.read_config(os.path.join(ref, "hf_tiny")))
+    for name, words in (("gqa", ["gqa", "only mha"]), ("mla", ["mla", "only mha"]), ("ctxkv", ["ctxkv layer 0", "only mha"])):
+        check(f"export_hf refuses a {name} checkpoint, saying why",
+              raises(lambda: export_hf.export(os.path.join(ref, f"{name}_model.bin"), tmp("no"), verbose=False), *words))
+    # a head size whose rotary fraction is not exact in binary (2/6): HF must read back 2 dims
+    cfg = dict(vocab_size=100, padded_vocab_size=128, n_layer=1, n_head=4, n_embd=24, n_inner=48,
+               rotary_dims=2, rope_base=10000.0, max_seq_len=32, layer_norm_eps=1e-5)
+    rng = np.random.default_rng(1)
+    tensors = {n: rng.standard_normal(sh).astype(np.float32) for n, sh in ckpt.param_specs(cfg)}
+    for n in ("embed_in", "embed_out"):
+        tensors[n][100:] = 0
+    ckpt.write_checkpoint(tmp("odd.bin"), cfg, tensors)
+    export_hf.export(tmp("odd.bin"), tmp("odd_hf"), verbose=False)
+    import_hf.convert(tmp("odd_hf"), tmp("odd_back.bin"), verbose=False)
+    with open(tmp("odd.bin"), "rb") as f, open(tmp("odd_back.bin"), "rb") as g:
+        check("export_hf round trip with rotary dims 2 of a head of 6 (rotary_pct 1/3)", f.read() == g.read())
+    tensors["embed_out"][120] = 1.0
+    ckpt.write_checkpoint(tmp("padded.bin"), cfg, tensors)
+    check("export_hf refuses nonzero vocabulary padding rows (they would be lost)",
+          raises(lambda: export_hf.export(tmp("padded.bin"), tmp("no2"), verbose=False), "embed_out", "padding"))
+
+
 def main():
     texts = [("tinyshakespeare", open(os.path.join(REPO_ROOT, "data", "vendor", "tinyshakespeare.txt"),
                                       encoding="utf-8").read())]
@@ -247,6 +287,7 @@ def main():
     test_tinyshakespeare()
     test_tokenize_text()
     test_ckpt()
+    test_export_hf()
     import shutil
     shutil.rmtree(TMP)
     n_ok = sum(results)
