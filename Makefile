@@ -26,7 +26,7 @@ TS_DIR = data/tinyshakespeare
 TS_TRAIN = $(TS_DIR)/tiny_shakespeare_train.bin
 TESTDATA = build/testdata
 
-.PHONY: all train test data testdata venv stb clean ctxkv-demo
+.PHONY: all train test data testdata venv stb clean ctxkv-demo generate
 
 all: train_ctxkv test_ctxkv
 
@@ -89,6 +89,16 @@ MIRROR_OVERLAP = ../shared/tools/mirror_overlap.py
 TRAIN_FLAGS ?= --model pythia-14m -b 4 -t 256 --steps 300 --lr 2e-3 --warmup 30 --val-every 50 --val-batches 16 --sample-every 150 --out out/pythia-14m
 train: train_ctxkv data
 	OMP_NUM_THREADS=$(THREADS) ./train_ctxkv $(TRAIN_FLAGS)
+
+# Text in, text out: CKPT (a checkpoint: trained here, retrofitted, or imported with
+# prepro/import_hf.py) continues PROMPT for N tokens with the KV cache
+CKPT ?= out/pythia-14m/model.bin
+PROMPT ?= ROMEO:
+N ?= 64
+generate: train_ctxkv data
+	@test -f "$(CKPT)" || { echo "error: CKPT=$(CKPT) is not a file (make train writes out/pythia-14m/model.bin)" >&2; exit 1; }
+	ids=$$($(VPY) prepro/encode_text.py "$$PROMPT") && OMP_NUM_THREADS=$(THREADS) ./train_ctxkv --model "$(CKPT)" --steps 0 --val '' --generate $(N) --prompt-ids $$ids
+export PROMPT
 
 # Context-KV: phase 1 then phase 2 on Tiny Shakespeare, next to an MHA run with the same budget
 ctxkv-demo: train_ctxkv data

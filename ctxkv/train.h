@@ -36,6 +36,10 @@ static int run_generate(Model *m, const Args *a, const Tokenizer *tk) {
     uint64_t rng = (uint64_t)a->seed ^ 0x9E3779B97F4A7C15ull;
     GenStats st;
     printf("--- %d tokens after a %d-token prompt ---\n", a->generate, n_prompt);
+    if (tk->tokens) { // the prompt, then its continuation as it comes
+        for (int i = 0; i < n_prompt; i++) tokenizer_print(tk, prompt[i]);
+        fflush(stdout);
+    }
     model_generate(m, 1, prompt, n_prompt, a->generate, a->temperature, &rng, out, tk->tokens ? tk : NULL, &st);
     if (!tk->tokens) for (int i = n_prompt; i < n_prompt + a->generate; i++) printf("%d ", out[i]);
     printf("\n---\n");
