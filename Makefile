@@ -26,7 +26,7 @@ TS_DIR = data/tinyshakespeare
 TS_TRAIN = $(TS_DIR)/tiny_shakespeare_train.bin
 TESTDATA = build/testdata
 
-.PHONY: all train test data testdata venv stb clean ctxkv-demo generate
+.PHONY: all train test data testdata venv stb clean ctxkv-demo generate retrofit
 
 all: train_ctxkv test_ctxkv
 
@@ -44,7 +44,9 @@ train_ctxkv: train_ctxkv.c $(CTXKV_H) | $(STB)
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
 # the harness includes train_ctxkv.c; main()'s helpers are unused there
-test_ctxkv: test_ctxkv.c train_ctxkv.c $(CTXKV_H) | $(STB)
+# the tiny configs both harnesses test every variant with
+TEST_H = test_configs.h
+test_ctxkv: test_ctxkv.c train_ctxkv.c $(CTXKV_H) $(TEST_H) | $(STB)
 	$(CC) $(CFLAGS) -Wno-unused-function -o $@ $< $(LDLIBS)
 
 # Python venv for prepro (tokenizers + numpy only)
@@ -100,6 +102,15 @@ generate: train_ctxkv data
 	ids=$$($(VPY) prepro/encode_text.py "$$PROMPT") && OMP_NUM_THREADS=$(THREADS) ./train_ctxkv --model "$(CKPT)" --steps 0 --val '' --generate $(N) --prompt-ids $$ids
 export PROMPT
 
+# Retrofit (doc/retrofit.md): an mha model pretrained here (or RETROFIT_FLAGS=--base M.bin)
+# converted to gqa/mqa/mla/ctxkv and fine-tuned; writes results/retrofit/ (~30 min on 2 cores)
+RETROFIT_FLAGS ?=
+$(VENV)/.plot-stamp: $(VENV)/.stamp dev/requirements-plot.txt
+	$(VPY) -m pip install -q -r dev/requirements-plot.txt
+	touch $@
+retrofit: train_ctxkv $(VENV)/.plot-stamp
+	$(VPY) dev/retrofit.py --threads $(THREADS) $(RETROFIT_FLAGS)
+
 # Context-KV: phase 1 then phase 2 on Tiny Shakespeare, next to an MHA run with the same budget
 ctxkv-demo: train_ctxkv data
 	OMP_NUM_THREADS=$(THREADS) bash dev/ctxkv_demo.sh
@@ -114,7 +125,7 @@ $(OPENBLAS_H):
 build/bench_gemm: dev/bench_gemm.c train_ctxkv.c $(CTXKV_H) | $(STB) $(OPENBLAS_H)
 	@mkdir -p build
 	$(CC) $(CFLAGS) -Wno-unused-function -o $@ $< -lopenblas $(LDLIBS)
-.PHONY: bench-gemm bench-train bench-decode devvenv
+.PHONY: bench-gemm bench-train bench-decode devvenv check-export
 bench-gemm: build/bench_gemm
 	OMP_NUM_THREADS=$(THREADS) OPENBLAS_NUM_THREADS=$(THREADS) OPENBLAS_THREAD_TIMEOUT=4 build/bench_gemm
 
@@ -131,6 +142,11 @@ $(DEVVENV)/.stamp: dev/requirements-dev.txt
 bench-train: train_ctxkv $(DEVVENV)/.stamp
 	$(DVPY) dev/bench_train.py --threads $(THREADS)
 	$(DVPY) dev/bench_train.py --model pythia-70m --threads $(THREADS) --steps 4 --warmup 1
+# prepro/export_hf.py against Hugging Face itself: EXPORT_CKPT exported, loaded by transformers, and our
+# program checked against it (logits, gradients, AdamW steps; dev/check_export_hf.py)
+EXPORT_CKPT ?= dev/ref/tiny_model.bin
+check-export: test_ctxkv $(DEVVENV)/.stamp
+	$(DVPY) dev/check_export_hf.py $(EXPORT_CKPT)
 bench-decode: train_ctxkv $(DEVVENV)/.stamp
 	$(DVPY) dev/bench_decode.py --threads $(THREADS)
 
@@ -212,7 +228,7 @@ $(ASAN_BUILD)/train_ctxkv: train_ctxkv.c dev/asan_train_options.c $(CTXKV_H) | $
 	@mkdir -p $(ASAN_BUILD)
 	$(CC) $(ASAN_CFLAGS) $(call NATIVE_FLAG,$(CC)) -o $@ train_ctxkv.c dev/asan_train_options.c -lm
 
-$(ASAN_BUILD)/test_ctxkv: test_ctxkv.c train_ctxkv.c $(CTXKV_H) | $(STB)
+$(ASAN_BUILD)/test_ctxkv: test_ctxkv.c train_ctxkv.c $(CTXKV_H) $(TEST_H) | $(STB)
 	@mkdir -p $(ASAN_BUILD)
 	$(CC) $(ASAN_CFLAGS) $(call NATIVE_FLAG,$(CC)) -o $@ $< -lm
 
@@ -263,7 +279,7 @@ build/test_ctxkv_cpu.o: test_ctxkv_cpu.c train_ctxkv.c $(CTXKV_H) | $(STB)
 	@mkdir -p build
 	$(CC) $(CPUREF_CFLAGS) -c -o $@ $<
 
-test_ctxkv_cu: test_ctxkv_cu.cu train_ctxkv.cu $(CTXKV_H) build/test_ctxkv_cpu.o build/cu_flags.txt | $(STB)
+test_ctxkv_cu: test_ctxkv_cu.cu train_ctxkv.cu $(CTXKV_H) $(TEST_H) build/test_ctxkv_cpu.o build/cu_flags.txt | $(STB)
 	$(NVCC) $(CU_FLAGS) -o $@ $< build/test_ctxkv_cpu.o $(NVCC_LDLIBS)
 
 # make test's CUDA check: both targets and the kernel files in dev/cuda compile, warnings as
@@ -297,9 +313,9 @@ $(EMU)/train_ctxkv_cu_fp32: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $
 	$(EMU_CXX) -DENABLE_FP32 -o $@ $<
 $(EMU)/train_ctxkv_cu_bf16: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) | $(STB)
 	$(EMU_CXX) -o $@ $<
-$(EMU)/test_ctxkv_cu_fp32: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) build/test_ctxkv_cpu.o | $(STB)
+$(EMU)/test_ctxkv_cu_fp32: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) $(TEST_H) build/test_ctxkv_cpu.o | $(STB)
 	$(EMU_CXX) -DENABLE_FP32 -o $@ $< build/test_ctxkv_cpu.o -lm
-$(EMU)/test_ctxkv_cu_bf16: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) build/test_ctxkv_cpu.o | $(STB)
+$(EMU)/test_ctxkv_cu_bf16: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) $(TEST_H) build/test_ctxkv_cpu.o | $(STB)
 	$(EMU_CXX) -o $@ $< build/test_ctxkv_cpu.o -lm
 $(EMU)/dev/common.h: dev/cuda/common.h dev/cuda/emu/emulate.py
 	@mkdir -p $(EMU)/dev

@@ -43,6 +43,7 @@ against a run on a GPU (README, GPU section).
 #define CTXKV_STB_EXTERNAL // the CPU object (test_ctxkv_cpu.o) carries stb_ds's implementation
 #include "train_ctxkv.cu"
 #include <sys/wait.h>
+#include "test_configs.h"
 
 extern "C" {
 size_t cpu_run_training(const char *model_path, const int *inputs, const int *targets, int B, int T, float lr,
@@ -226,40 +227,6 @@ static void check_reference(const char *model_path, const char *state_path) {
 
 // ----------------------------------------------------------------------------
 // 2. CUDA vs CPU on the same weights and batch
-
-// the tiny preset with an attention variant, as the command line would build it
-static Config tiny_variant(const char *attn, int n_kv_head, int kv_rank, int rope_dim, int q_rank) {
-    Config c = config_from_preset(find_preset("tiny"));
-    Args a = default_args();
-    a.attn = attn;
-    a.n_kv_head = n_kv_head;
-    a.kv_rank = kv_rank;
-    a.rope_dim = rope_dim;
-    if (q_rank >= 0) a.q_rank = q_rank, a.given[arg_index("--q-rank")] = 1; // -1: not given
-    apply_variant_flags(&c, &a, NULL);
-    return c;
-}
-
-// the MLA shape a conversion from tiny's mha makes: d_R = H x R rotated as H groups, a linear latent
-static Config tiny_mla_grouped(int kv_rank) {
-    Config c = tiny_variant("mla", 0, kv_rank, 0, -1);
-    c.mla_rope_dim = c.n_head * c.rotary_dims;
-    c.mla_rope_split = c.n_head;
-    c.mla_linear_latent = 1;
-    if (config_problem(&c)) die("tiny_mla_grouped: %s", config_problem(&c));
-    return c;
-}
-
-// a Context-KV version of a tiny config: interval 3 and 4 slots, so the ring (10 contexts)
-// wraps within the decoding test's 80 tokens
-static Config tiny_context(const char *kind, Config c) {
-    Args a = default_args();
-    if (!strcmp(kind, "ctxkv")) { a.layer0 = "ctxkv"; a.context_interval = 3; a.max_contexts = 4; }
-    else a.model_type = "ctxpythia";
-    a.context_dim = 16;
-    apply_context_flags(&c, &a);
-    return c;
-}
 
 // A random model of config c with every tensor perturbed (so no term hides behind a 1 or a 0,
 // as test_ctxkv's finite differences), saved to tmpdir/NAME.bin for the CPU to load.

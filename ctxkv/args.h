@@ -56,7 +56,7 @@ static const ArgSpec ARG_SPECS[] = {
     ARG("--q-rank", ARG_INT, q_rank, 0, 1 << 16, "0", "INT", "mla: query latent width, 0 = none"),
     ARG("--rope-split", ARG_INT, rope_split, 1, 1 << 16, NULL, "INT", "mla: the d_R dims rotate as S groups of d_R/S [1; H when converting from mha]"),
     ARG("--latent-norm", ARG_INT, latent_norm, 0, 1, NULL, "0|1", "mla: RMSNorm on the KV latent [1; 0 when converting from mha]"),
-    ARG("--init-from", ARG_STR, init_from, 0, 0, NULL, "FILE", "start from an mha checkpoint, converted to the --attn variant (gqa/mqa: K and V heads mean-pooled per group)"),
+    ARG("--init-from", ARG_STR, init_from, 0, 0, NULL, "FILE", "start from an mha checkpoint, converted to the --attn variant (gqa/mqa: K and V heads mean-pooled per group; mla: an SVD of K and V, doc/retrofit.md)"),
     SECTION("Context-KV (doc/context_kv.md)"),
     ARG("--layer0", ARG_STR, layer0, 0, 0, NULL, "ctxkv", "layer 0 attends over ContextBlock contexts; the others use --attn"),
     ARG("--model-type", ARG_STR, model_type, 0, 0, NULL, "ctxpythia", "every layer at the context width, fed by the contexts"),
