@@ -423,23 +423,17 @@ static float model_clip_grad_norm(Model *m, float max_norm) {
     return norm;
 }
 
-typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamW;
-
-// AdamW exactly as torch.optim.AdamW: decoupled decay p *= 1 − lr·wd (2-D tensors only),
-// then p −= lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
+// AdamW (ctxkv/layout.h has the update and its constants) over every tensor not frozen
 static void model_update(Model *m, const AdamW *opt) {
     if (!m->m_memory) {
         m->m_memory = calloc_check(m->num_params * sizeof(float), "AdamW m");
         m->v_memory = calloc_check(m->num_params * sizeof(float), "AdamW v");
     }
-    m->adam_step++;
-    const float bc1 = 1.0f - powf(opt->beta1, (float)m->adam_step);
-    const float bc2_sqrt = sqrtf(1.0f - powf(opt->beta2, (float)m->adam_step));
-    const float step_size = opt->lr / bc1;
+    const AdamWStep st = adamw_step(opt, ++m->adam_step);
     for (ptrdiff_t ti = 0; ti < arrlen(m->tensors); ti++) {
         const ParamTensor *t = &m->tensors[ti];
         if (t->frozen) continue;
-        const float decay = (t->rows > 1) ? 1.0f - opt->lr * opt->weight_decay : 1.0f;
+        const float decay = adamw_decay(opt, t);
         float *p = m->params_memory + t->offset, *g = m->grads_memory + t->offset;
         float *mm = m->m_memory + t->offset, *vv = m->v_memory + t->offset;
         const size_t n = t->rows * t->cols;
@@ -448,7 +442,7 @@ static void model_update(Model *m, const AdamW *opt) {
             p[i] *= decay;
             mm[i] = opt->beta1 * mm[i] + (1.0f - opt->beta1) * g[i];
             vv[i] = opt->beta2 * vv[i] + (1.0f - opt->beta2) * g[i] * g[i];
-            p[i] -= step_size * mm[i] / (sqrtf(vv[i]) / bc2_sqrt + opt->eps);
+            p[i] -= st.step_size * mm[i] / (sqrtf(vv[i]) / st.bc2_sqrt + opt->eps);
         }
     }
 }

@@ -844,8 +844,6 @@ static float model_clip_grad_norm(Model *m, float max_norm) {
     return norm;
 }
 
-typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamW;
-
 // One tensor's AdamW update on the fp32 master weights; the bf16 copy the layers read is
 // written from the updated master (with PRECISION=FP32 they are the same memory).
 __global__ void adamw_kernel(floatX *params, float *master, const floatX *grads, float *mm, float *vv, size_t n,
@@ -863,25 +861,20 @@ __global__ void adamw_kernel(floatX *params, float *master, const floatX *grads,
     if ((void *)params != (void *)master) params[i] = fx(p);
 }
 
-// AdamW exactly as torch.optim.AdamW: decoupled decay p *= 1 − lr·wd (2-D tensors only),
-// then p −= lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
+// AdamW (ctxkv/layout.h has the update and its constants) over every tensor not frozen
 static void model_update(Model *m, const AdamW *opt) {
     if (!m->m_memory) {
         m->m_memory = (float *)cuda_calloc_check(m->num_params_dev * sizeof(float), "AdamW m");
         m->v_memory = (float *)cuda_calloc_check(m->num_params_dev * sizeof(float), "AdamW v");
     }
-    m->adam_step++;
-    const float bc1 = 1.0f - powf(opt->beta1, (float)m->adam_step);
-    const float bc2_sqrt = sqrtf(1.0f - powf(opt->beta2, (float)m->adam_step));
-    const float step_size = opt->lr / bc1;
+    const AdamWStep st = adamw_step(opt, ++m->adam_step);
     for (ptrdiff_t ti = 0; ti < arrlen(m->tensors); ti++) {
         const ParamTensor *t = &m->tensors[ti];
         if (t->frozen) continue;
-        const float decay = (t->rows > 1) ? 1.0f - opt->lr * opt->weight_decay : 1.0f;
         const size_t o = t->dev_offset, n = t->rows * t->cols;
         adamw_kernel<<<ceil_div(n, 256), 256>>>(m->params_dev + o, m->master_dev + o, m->grads_memory + o, m->m_memory + o,
-                                                m->v_memory + o, n, opt->beta1, opt->beta2, opt->eps, decay,
-                                                step_size, bc2_sqrt);
+                                                m->v_memory + o, n, opt->beta1, opt->beta2, opt->eps, adamw_decay(opt, t),
+                                                st.step_size, st.bc2_sqrt);
         launchCheck();
     }
 }

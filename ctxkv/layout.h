@@ -1,6 +1,7 @@
 // ctxkv/layout.h: the parameter tensors of every variant in checkpoint order (the one place that
 // defines that order, for both programs and prepro/ckpt.py), and the activation buffers of a
-// (B,T) batch. Both are laid out in one block each, as llm.c does.
+// (B,T) batch. Both are laid out in one block each, as llm.c does. Last, AdamW's hyperparameters
+// and the per-step, per-tensor constants both programs' model_update use.
 //
 // The includer defines floatX, the type parameters and activations are stored in (float in
 // train_ctxkv.c; bf16 or float in train_ctxkv.cu), and PARAM_ALIGN_BYTES, where each parameter
@@ -286,6 +287,24 @@ static size_t layout_acts(const Config *c, size_t B, size_t T, char *base, Acts 
         BUF(G->dlnf, BT * C);
     }
     return off;
+}
+
+// ----------------------------------------------------------------------------
+// AdamW exactly as torch.optim.AdamW, step t = 1, 2, ...: decoupled decay p *= 1 − lr·wd on the
+// 2-D tensors (matrices, embeddings; not biases or norm weights), then
+//   m = β1·m + (1−β1)·g,  v = β2·v + (1−β2)·g²,  p −= step_size · m / (sqrt(v)/bc2_sqrt + eps)
+// with step_size = lr/(1−β1^t) and bc2_sqrt = sqrt(1−β2^t). Each program runs the loop.
+
+typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamW;
+typedef struct { float step_size, bc2_sqrt; } AdamWStep;
+
+static AdamWStep adamw_step(const AdamW *opt, int t) {
+    AdamWStep s = {opt->lr / (1.0f - powf(opt->beta1, (float)t)), sqrtf(1.0f - powf(opt->beta2, (float)t))};
+    return s;
+}
+
+static float adamw_decay(const AdamW *opt, const ParamTensor *t) {
+    return t->rows > 1 ? 1.0f - opt->lr * opt->weight_decay : 1.0f;
 }
 
 #endif
