@@ -21,7 +21,13 @@ ifneq ($(NO_OMP),1)
   endif
 endif
 
-STB = /usr/include/stb/stb_ds.h
+# stb_ds.h (Debian's libstb-dev, installed when missing); STB_DIR=folder takes it from elsewhere,
+# e.g. a copy carried to a machine without a package registry (dev/gpu_first_run.sh)
+STB_DEFAULT_DIR = /usr/include/stb
+STB_DIR ?= $(STB_DEFAULT_DIR)
+STB = $(STB_DIR)/stb_ds.h
+STB_INC = -isystem $(STB_DIR)
+CFLAGS += $(STB_INC)
 TS_DIR = data/tinyshakespeare
 TS_TRAIN = $(TS_DIR)/tiny_shakespeare_train.bin
 TESTDATA = build/testdata
@@ -33,9 +39,19 @@ all: train_ctxkv test_ctxkv
 # stb_ds comes from Debian's libstb-dev
 stb: $(STB)
 $(STB):
+ifeq ($(STB_DIR),$(STB_DEFAULT_DIR))
 	@echo "stb_ds.h missing: installing libstb-dev"
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libstb-dev; \
 	 else sudo apt-get update -qq && sudo apt-get install -y -qq libstb-dev; fi
+else
+	@echo "error: STB_DIR=$(STB_DIR) has no stb_ds.h" >&2; exit 1
+endif
+
+# a copy of stb_ds.h in build/stb, to carry to a machine without a package registry (the GPU
+# machine: `bash dev/gpu_first_run.sh` finds it there)
+gpu-carry: $(STB)
+	@mkdir -p build/stb && cp $(STB) build/stb/ && echo "build/stb/stb_ds.h: carry build/stb with the tree"
+.PHONY: gpu-carry
 
 # the host code both programs share (command line, config, checkpoints, data, evaluation, driver)
 CTXKV_H = $(wildcard ctxkv/*.h)
@@ -168,7 +184,7 @@ FUZZ_BUILD = build/fuzz
 FUZZ_SRC = $(FUZZ_DIR)/fuzz_common.h train_ctxkv.c test_ctxkv.c $(CTXKV_H)
 # -march=native when the compiler accepts it (the same probe as above, for these builds)
 NATIVE_FLAG = $(shell echo 'int main(){return 0;}' | $(1) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
-SAN_WARN = -std=gnu11 -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas
+SAN_WARN = -std=gnu11 -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas $(STB_INC)
 FUZZ_CFLAGS = $(SAN_WARN) -g -O1 -DFUZZING -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 # the replay runs under make test with $(CC); ASan/UBSan when that compiler has them
 REPLAY_SAN = $(shell echo 'int main(){return 0;}' | $(CC) -fsanitize=address,undefined -x c - -o /dev/null 2>/dev/null && echo -fsanitize=address,undefined -fno-sanitize-recover=undefined)
@@ -257,13 +273,13 @@ NVCC_FLAGS ?= -O3 -std=c++17
 NVCC_WERROR = --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
 NVCC_LDLIBS = -lcublasLt -lcublas -lm
 CU_PREC = $(if $(filter FP32,$(PRECISION)),-DENABLE_FP32)
-CU_FLAGS = $(NVCC_FLAGS) $(CU_PREC) $(NVCC_GENCODE)
+CU_FLAGS = $(NVCC_FLAGS) $(CU_PREC) $(NVCC_GENCODE) $(STB_INC)
 DEV_CUDA = $(wildcard dev/cuda/*.cu)
 CU_EMPTY :=
 CU_SPACE := $(CU_EMPTY) $(CU_EMPTY)
 CU_ARCHS = $(subst $(CU_SPACE),$(CU_SPACE)and$(CU_SPACE),$(strip $(patsubst %,sm_%,$(GPU_COMPUTE_CAPABILITY))))
 # the CPU program as an object for the harness: no OpenMP, no -march=native (test models are tiny)
-CPUREF_CFLAGS = -O2 -std=gnu11 -Wall -Wextra -Wno-psabi -Wno-unused-function -Wno-unknown-pragmas
+CPUREF_CFLAGS = -O2 -std=gnu11 -Wall -Wextra -Wno-psabi -Wno-unused-function -Wno-unknown-pragmas $(STB_INC)
 
 .PHONY: cuda-flags cuda-check cuda-emu dev-cuda clean-cuda
 
@@ -305,7 +321,7 @@ cuda-check: | $(STB)
 # About 3 minutes on two cores.
 EMU = build/emu
 CUDA_HOME ?= /usr/local/cuda
-EMU_CXX = g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -w -I. -I$(CUDA_HOME)/include -Idev/cuda/emu -I$(EMU)
+EMU_CXX = g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -w -I. $(STB_INC) -I$(CUDA_HOME)/include -Idev/cuda/emu -I$(EMU)
 $(EMU)/%.emu.cpp: %.cu dev/cuda/emu/emulate.py
 	@mkdir -p $(EMU)
 	$(PYTHON) dev/cuda/emu/emulate.py $< $@

@@ -986,6 +986,13 @@ static void check_same_errors(const char *cpu, const char *cu) {
     check_same_outcome(cpu, cu, "a LAMBADA target id past the vocabulary", args, 1);
     for (size_t i = 0; i < sizeof BAD_FLAGS / sizeof BAD_FLAGS[0]; i++)
         check_same_outcome(cpu, cu, BAD_FLAGS[i].what, BAD_FLAGS[i].args, BAD_FLAGS[i].same_message);
+    // the CUDA program alone: cuBLASLt finding no algorithm (the emulator refuses products with
+    // m = 96, tiny's fused QKV width) is a clear error naming the shape, not a crash
+    char cmd[1024], msg[512];
+    int status;
+    snprintf(cmd, sizeof cmd, "CUDA_EMU_LT_REFUSE=96 %s --model tiny -b 1 -t 8 --bench 1", cu);
+    run_capture(cmd, &status, msg, sizeof msg);
+    check(status == 1 && strstr(msg, "cuBLASLt has no algorithm for m 96"), "cuBLASLt without an algorithm -> exit %d, \"%s\"", status, msg);
 }
 
 // ----------------------------------------------------------------------------

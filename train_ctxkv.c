@@ -284,6 +284,7 @@ typedef struct {
     float *grads_memory;  Params g;       // allocated on first backward
     float *m_memory, *v_memory;           // AdamW moments, allocated on first update
     int adam_step;
+    float grad_scale;                     // the clip's factor, applied by the next AdamW update (1: none)
     Rope rope;                            // rotary_dims of each head (Pythia's partial RoPE)
     Rope mla_rope;                        // MLA's decoupled d_R dims (R = 0 otherwise)
     char *acts_memory; Acts a; size_t acts_cap;        // activations, capacity in bytes
@@ -330,6 +331,7 @@ static void model_alloc_params(Model *m, const Config *c) {
     m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim / c->mla_rope_split : 0, c->rope_base);
     m->a.layer = calloc_check(c->n_layer * sizeof(LayerActs), "layer acts");
     m->mean_loss = -1.0f;
+    m->grad_scale = 1.0f;
     tensors_set_phase(m->tensors, c, 2);
 }
 
@@ -403,23 +405,19 @@ static void device_move(void *dst, const void *src, size_t bytes) { memmove(dst,
 
 static void model_zero_grad(Model *m) {
     if (m->grads_memory) memset(m->grads_memory, 0, m->num_params * sizeof(float));
+    m->grad_scale = 1.0f;
 }
 
-// Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_: scale all grads by
-// min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping. max_norm <= 0: no clip.
+// Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_: the grads are scaled by
+// min(1, max_norm / (norm + 1e-6)), inside the next model_update (grad_scale; the gradients are
+// left as they are). Returns the norm before clipping. max_norm <= 0: no clip.
 static float model_clip_grad_norm(Model *m, float max_norm) {
     double sq = 0.0;
     const float *g = m->grads_memory;
 #pragma omp parallel for schedule(static) reduction(+ : sq)
     for (size_t i = 0; i < m->num_params; i++) sq += (double)g[i] * g[i];
     float norm = (float)sqrt(sq);
-    if (max_norm > 0.0f && isfinite(norm)) {
-        float coef = max_norm / (norm + 1e-6f);
-        if (coef < 1.0f) {
-#pragma omp parallel for schedule(static)
-            for (size_t i = 0; i < m->num_params; i++) m->grads_memory[i] *= coef;
-        }
-    }
+    m->grad_scale = clip_scale(norm, max_norm);
     return norm;
 }
 
@@ -430,6 +428,7 @@ static void model_update(Model *m, const AdamW *opt) {
         m->v_memory = calloc_check(m->num_params * sizeof(float), "AdamW v");
     }
     const AdamWStep st = adamw_step(opt, ++m->adam_step);
+    const float gs = m->grad_scale;
     for (ptrdiff_t ti = 0; ti < arrlen(m->tensors); ti++) {
         const ParamTensor *t = &m->tensors[ti];
         if (t->frozen) continue;
@@ -439,12 +438,14 @@ static void model_update(Model *m, const AdamW *opt) {
         const size_t n = t->rows * t->cols;
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < n; i++) {
+            const float gi = g[i] * gs;
             p[i] *= decay;
-            mm[i] = opt->beta1 * mm[i] + (1.0f - opt->beta1) * g[i];
-            vv[i] = opt->beta2 * vv[i] + (1.0f - opt->beta2) * g[i] * g[i];
+            mm[i] = opt->beta1 * mm[i] + (1.0f - opt->beta1) * gi;
+            vv[i] = opt->beta2 * vv[i] + (1.0f - opt->beta2) * gi * gi;
             p[i] -= st.step_size * mm[i] / (sqrtf(vv[i]) / st.bc2_sqrt + opt->eps);
         }
     }
+    m->grad_scale = 1.0f;
 }
 
 // ----------------------------------------------------------------------------

@@ -612,6 +612,7 @@ typedef struct {
     floatX *grads_memory; Params g;       // GPU, allocated on first backward
     float *m_memory, *v_memory;           // GPU AdamW moments, allocated on first update
     int adam_step;
+    float grad_scale;                     // the clip's factor, applied by the next AdamW update (1: none)
     Rope rope;                            // rotary_dims of each head (Pythia's partial RoPE)
     Rope mla_rope;                        // MLA's decoupled d_R dims (R = 0 otherwise)
     char *acts_memory; Acts a; size_t acts_cap;       // GPU activations, capacity in bytes
@@ -670,6 +671,7 @@ static void model_alloc_params(Model *m, const Config *c) {
     m->mla_rope = rope_init(c->max_seq_len, c->attn_type == ATTN_MLA ? c->mla_rope_dim / c->mla_rope_split : 0, c->rope_base);
     m->a.layer = (LayerActs *)calloc_check(c->n_layer * sizeof(LayerActs), "layer acts");
     m->mean_loss = -1.0f;
+    m->grad_scale = 1.0f;
     tensors_set_phase(m->tensors, c, 2);
 }
 
@@ -798,6 +800,7 @@ static void device_move(void *dst, const void *src, size_t bytes) {
 
 static void model_zero_grad(Model *m) {
     if (m->grads_memory) cudaCheck(cudaMemset(m->grads_memory, 0, m->num_params_dev * sizeof(floatX)));
+    m->grad_scale = 1.0f;
 }
 
 // Σ g² over the whole gradient block: per-block partials in double, summed on the host in
@@ -818,13 +821,10 @@ __global__ void grad_sq_partial_kernel(double *partial, const floatX *g, size_t 
     }
     if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
 }
-__global__ void scale_kernel(floatX *x, float coef, size_t n) {
-    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < n) x[i] = fx(tof(x[i]) * coef);
-}
-
-// Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_: scale all grads by
-// min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping. max_norm <= 0: no clip.
+// Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_: the grads are scaled by
+// min(1, max_norm / (norm + 1e-6)), inside the next model_update (grad_scale: in fp32 in the
+// AdamW kernel, not a rescale of the bf16 gradients, which would round them once more).
+// Returns the norm before clipping. max_norm <= 0: no clip.
 static float model_clip_grad_norm(Model *m, float max_norm) {
     const size_t n = m->num_params_dev;
     double *partial = (double *)dev_temp(TMP_NORM, NORM_BLOCKS * sizeof(double)), host[NORM_BLOCKS];
@@ -834,23 +834,18 @@ static float model_clip_grad_norm(Model *m, float max_norm) {
     double sq = 0.0;
     for (int i = 0; i < NORM_BLOCKS; i++) sq += host[i];
     float norm = (float)sqrt(sq);
-    if (max_norm > 0.0f && isfinite(norm)) {
-        float coef = max_norm / (norm + 1e-6f);
-        if (coef < 1.0f) {
-            scale_kernel<<<ceil_div(n, 256), 256>>>(m->grads_memory, coef, n);
-            launchCheck();
-        }
-    }
+    m->grad_scale = clip_scale(norm, max_norm);
     return norm;
 }
 
 // One tensor's AdamW update on the fp32 master weights; the bf16 copy the layers read is
 // written from the updated master (with PRECISION=FP32 they are the same memory).
 __global__ void adamw_kernel(floatX *params, float *master, const floatX *grads, float *mm, float *vv, size_t n,
-                             float beta1, float beta2, float eps, float decay, float step_size, float bc2_sqrt) {
+                             float beta1, float beta2, float eps, float decay, float step_size, float bc2_sqrt,
+                             float grad_scale) {
     const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const float g = tof(grads[i]);
+    const float g = tof(grads[i]) * grad_scale;
     float p = master[i] * decay;
     const float m_ = beta1 * mm[i] + (1.0f - beta1) * g;
     const float v_ = beta2 * vv[i] + (1.0f - beta2) * g * g;
@@ -874,9 +869,10 @@ static void model_update(Model *m, const AdamW *opt) {
         const size_t o = t->dev_offset, n = t->rows * t->cols;
         adamw_kernel<<<ceil_div(n, 256), 256>>>(m->params_dev + o, m->master_dev + o, m->grads_memory + o, m->m_memory + o,
                                                 m->v_memory + o, n, opt->beta1, opt->beta2, opt->eps, adamw_decay(opt, t),
-                                                st.step_size, st.bc2_sqrt);
+                                                st.step_size, st.bc2_sqrt, m->grad_scale);
         launchCheck();
     }
+    m->grad_scale = 1.0f;
 }
 
 // ----------------------------------------------------------------------------

@@ -307,4 +307,12 @@ static float adamw_decay(const AdamW *opt, const ParamTensor *t) {
     return t->rows > 1 ? 1.0f - opt->lr * opt->weight_decay : 1.0f;
 }
 
+// torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)); 1 when max_norm <= 0
+// or the norm is not finite (the non-finite-loss guard stops such a step)
+static float clip_scale(float norm, float max_norm) {
+    if (!(max_norm > 0.0f) || !isfinite(norm)) return 1.0f;
+    const float coef = max_norm / (norm + 1e-6f);
+    return coef < 1.0f ? coef : 1.0f;
+}
+
 #endif

@@ -16,7 +16,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <stb/stb_ds.h> // the implementation is in the program (STB_DS_IMPLEMENTATION)
+#include <stb_ds.h> // (-isystem its folder: STB_DIR in the Makefile); the implementation is in the program (STB_DS_IMPLEMENTATION)
 
 #define IGNORE_INDEX (-100) // target id meaning "no loss here" (HF's ignore_index)
 #define HEADER_INTS 256     // every file format starts with 256 int32 (llm.c's convention)

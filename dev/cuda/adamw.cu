@@ -1,6 +1,8 @@
 /*
 AdamW (train_ctxkv.c model_update), exactly torch.optim.AdamW's single-tensor path, on fp32
-master weights; with bf16 parameters the kernel also writes the rounded copy the layers read:
+master weights; with bf16 parameters the kernel also writes the rounded copy the layers read.
+The gradient-norm clip's factor s comes in as an argument (g = s·grad, in fp32), not as a
+rescale of the gradients beforehand:
   p *= 1 − lr·wd (2-D tensors only);  m = β1·m + (1−β1)·g;  v = β2·v + (1−β2)·g²;
   p −= lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)
 
@@ -15,21 +17,23 @@ version 2: the same update with bf16 parameters next to the fp32 master (train_c
 #include "common.h"
 #include <cuda_bf16.h>
 
-static void adamw_cpu(float *p, const float *g, float *m, float *v, size_t n, int t, float lr, float b1, float b2, float eps, float wd) {
+static void adamw_cpu(float *p, const float *grad, float *m, float *v, size_t n, int t, float lr, float b1, float b2, float eps, float wd,
+                      float gs) {
     const float bc1 = 1.0f - powf(b1, (float)t), bc2_sqrt = sqrtf(1.0f - powf(b2, (float)t)), step_size = lr / bc1, decay = 1.0f - lr * wd;
     for (size_t i = 0; i < n; i++) {
+        const float g = grad[i] * gs;
         p[i] *= decay;
-        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
-        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+        m[i] = b1 * m[i] + (1.0f - b1) * g;
+        v[i] = b2 * v[i] + (1.0f - b2) * g * g;
         p[i] -= step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
     }
 }
 
 __global__ void adamw_kernel1(float *master, const float *grads, float *mm, float *vv, size_t n, float beta1, float beta2,
-                              float eps, float decay, float step_size, float bc2_sqrt) {
+                              float eps, float decay, float step_size, float bc2_sqrt, float grad_scale) {
     const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const float g = grads[i];
+    const float g = grads[i] * grad_scale;
     float p = master[i] * decay;
     const float m_ = beta1 * mm[i] + (1.0f - beta1) * g, v_ = beta2 * vv[i] + (1.0f - beta2) * g * g;
     mm[i] = m_;
@@ -38,10 +42,11 @@ __global__ void adamw_kernel1(float *master, const float *grads, float *mm, floa
 }
 
 __global__ void adamw_kernel2(__nv_bfloat16 *params, float *master, const __nv_bfloat16 *grads, float *mm, float *vv, size_t n,
-                              float beta1, float beta2, float eps, float decay, float step_size, float bc2_sqrt) {
+                              float beta1, float beta2, float eps, float decay, float step_size, float bc2_sqrt,
+                              float grad_scale) {
     const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const float g = __bfloat162float(grads[i]);
+    const float g = __bfloat162float(grads[i]) * grad_scale;
     float p = master[i] * decay;
     const float m_ = beta1 * mm[i] + (1.0f - beta1) * g, v_ = beta2 * vv[i] + (1.0f - beta2) * g * g;
     mm[i] = m_;
@@ -63,7 +68,7 @@ __global__ void float_to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_
 int main(int argc, char **argv) {
     const size_t n = SIZE((size_t)162 * 1000 * 1000 / 4, 100000); // a quarter of pythia-160m's parameters
     const int steps = 3;
-    const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+    const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, gs = 0.375f; // gs: a clip factor
     float *p = make_random_float(n, 0.05f), *g = make_random_float(n, 1e-2f);
     float *m = (float *)calloc(n, sizeof(float)), *v = (float *)calloc(n, sizeof(float)), *p_ref = (float *)malloc(n * sizeof(float));
     int ok = 1;
@@ -75,7 +80,7 @@ int main(int argc, char **argv) {
         memcpy(p_ref, p, n * sizeof(float));
         memset(m, 0, n * sizeof(float));
         memset(v, 0, n * sizeof(float));
-        for (int t = 1; t <= steps; t++) adamw_cpu(p_ref, g_used, m, v, n, t, lr, b1, b2, eps, wd);
+        for (int t = 1; t <= steps; t++) adamw_cpu(p_ref, g_used, m, v, n, t, lr, b1, b2, eps, wd, gs);
         float *d_master = to_device(p, n), *d_g = to_device(g, n), *d_m = device_zeros(n), *d_v = device_zeros(n);
         __nv_bfloat16 *d_p16, *d_g16;
         cudaCheck(cudaMalloc((void **)&d_p16, n * sizeof(__nv_bfloat16)));
@@ -85,8 +90,8 @@ int main(int argc, char **argv) {
         auto step = [&]() {
             t++;
             const float bc1 = 1.0f - powf(b1, (float)t), bc2_sqrt = sqrtf(1.0f - powf(b2, (float)t));
-            if (ver == 1) adamw_kernel1<<<ceil_div(n, 256), 256>>>(d_master, d_g, d_m, d_v, n, b1, b2, eps, 1.0f - lr * wd, lr / bc1, bc2_sqrt);
-            else adamw_kernel2<<<ceil_div(n, 256), 256>>>(d_p16, d_master, d_g16, d_m, d_v, n, b1, b2, eps, 1.0f - lr * wd, lr / bc1, bc2_sqrt);
+            if (ver == 1) adamw_kernel1<<<ceil_div(n, 256), 256>>>(d_master, d_g, d_m, d_v, n, b1, b2, eps, 1.0f - lr * wd, lr / bc1, bc2_sqrt, gs);
+            else adamw_kernel2<<<ceil_div(n, 256), 256>>>(d_p16, d_master, d_g16, d_m, d_v, n, b1, b2, eps, 1.0f - lr * wd, lr / bc1, bc2_sqrt, gs);
             cudaCheck(cudaGetLastError());
         };
         for (int s = 0; s < steps; s++) step();

@@ -10,9 +10,11 @@ buffer) and includes this header, which provides:
   - threads of a block as coroutines (ucontext) on one OS thread, scheduled round robin;
     __syncthreads and the warp shuffles are real barriers, and a barrier that some threads
     of a block (or warp) never reach aborts with a message, as a hang on a GPU would be;
-  - the CUDA runtime calls the program makes (malloc-backed "device" memory);
+  - the CUDA runtime calls the program makes (malloc-backed "device" memory, filled with
+    all-ones bytes: NaN as float and as bf16, so reading memory nobody wrote shows);
   - cuBLASLt's matmul (column-major, op(A)·op(B), beta, the bias epilogue), checking that the
-    matrix layouts it is given agree with each other.
+    matrix layouts it is given agree with each other; CUDA_EMU_LT_REFUSE=M makes the
+    heuristic find no algorithm for m = M (the program's error path).
 bf16 comes from the real cuda_bf16.h (its conversions are host code).
 
 Build (the Makefile's cuda-emu target does this): python3 dev/cuda/emu/emulate.py X.cu X.emu.cpp
@@ -214,7 +216,9 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
 }
 cudaError_t cudaMalloc(void **p, size_t n) {
     *p = malloc(n);
-    if (*p) memset(*p, 0xa5, n); // garbage: code that reads memory it never wrote shows it
+    // all-ones bytes: NaN as float and as bf16, so a read of memory never written (a += into a
+    // buffer nobody zeroed) poisons the result instead of adding a tiny number
+    if (*p) memset(*p, 0xff, n);
     return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
@@ -315,6 +319,9 @@ static cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtM
                                                      cublasLtMatmulPreference_t, int, cublasLtMatmulHeuristicResult_t *r, int *found) {
     uint64_t m, n, k;
     *found = emu_lt_shapes(d, A, B, C, D, &m, &n, &k);
+    // CUDA_EMU_LT_REFUSE=M: no algorithm for products with m = M (tests the program's error path)
+    const char *refuse = getenv("CUDA_EMU_LT_REFUSE");
+    if (refuse && (uint64_t)strtoull(refuse, NULL, 10) == m) *found = 0;
     memset(r, 0, sizeof *r);
     return *found ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_SUPPORTED;
 }
