@@ -13,18 +13,29 @@
 #include "checkpoint.h"
 #include "eval.h"
 
-static void print_kv_report(const Config *c, const char *name) {
+// --kv-report: the KV accounting, and the activation bytes a training step of B x T needs in this
+// program's own layout (floatX: fp32 on the CPU, bf16 in the default CUDA build) -- of which the
+// attention scores, (B, H, T, T) per layer, are the part that grows as T²
+static void print_kv_report(const Config *c, const char *name, int B, int T) {
+    Acts acts;
+    memset(&acts, 0, sizeof acts);
+    acts.layer = (LayerActs *)calloc_check(c->n_layer * sizeof(LayerActs), "kv report");
+    GradActs grads;
+    memset(&grads, 0, sizeof grads);
+    const size_t fwd = layout_acts(c, B, T, NULL, &acts, NULL), bwd = layout_acts(c, B, T, NULL, NULL, &grads);
+    free(acts.layer);
     const size_t L = c->n_layer, per_token = kv_elements_per_token(c);
     const size_t std_layer = attn_kv_elements(c, c->attn_type); // a layer that is not ctxkv
     printf("{\"model\": \"%s\", \"attn\": \"%s\", \"layer0\": \"%s\", \"model_type\": \"%s\", \"n_layer\": %zu, "
            "\"n_kv_head\": %d, \"kv_rank\": %d, \"rope_dim\": %d, \"context_dim\": %d, \"context_interval\": %d, "
            "\"max_contexts\": %d, \"params\": %zu, \"kv_elements_per_token\": %zu, "
            "\"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, \"kv_bytes_per_token_fp32\": %zu, "
-           "\"kv_cache_bytes_at\": {\"1024\": %zu, \"4096\": %zu, \"16384\": %zu}}\n",
+           "\"kv_cache_bytes_at\": {\"1024\": %zu, \"4096\": %zu, \"16384\": %zu}, "
+           "\"train_activation_bytes\": {\"B\": %d, \"T\": %d, \"forward\": %zu, \"backward\": %zu}}\n",
            name, ATTN_NAMES[c->attn_type], c->layer0_type ? "ctxkv" : "same", c->model_type ? "ctxpythia" : "pythia", L,
            c->n_kv_head, c->kv_rank, c->mla_rope_dim, c->context_dim, c->context_interval, c->max_contexts,
            layout_params(c, NULL, NULL, NULL, NULL), per_token, 2 * std_layer, 2 * per_token, 4 * per_token,
-           2 * kv_elements_at(c, 1024), 2 * kv_elements_at(c, 4096), 2 * kv_elements_at(c, 16384));
+           2 * kv_elements_at(c, 1024), 2 * kv_elements_at(c, 4096), 2 * kv_elements_at(c, 16384), B, T, fwd, bwd);
 }
 
 // --generate N: N tokens after --prompt-ids with the KV cache, then the speed and cache size
@@ -256,7 +267,7 @@ static void remove_stale_tmp(const char *dir) {
 int main(int argc, char **argv) {
     Args a = parse_args(argc, argv, PROGRAM_WHAT);
     Config cfg = config_from_args(&a);
-    if (a.kv_report) { print_kv_report(&cfg, model_name(&a)); return 0; }
+    if (a.kv_report) { print_kv_report(&cfg, model_name(&a), a.B, a.T); return 0; }
     Model model = model_from_args(&a, &cfg);
     if (!a.generate && a.T > model.cfg.max_seq_len) die("-t %d exceeds the model's max_seq_len %d", a.T, model.cfg.max_seq_len);
     char device[256];
