@@ -248,9 +248,11 @@ static void model_init_random(Model *m, const Config *c, float init_std, uint64_
 // ---- mha -> mla (doc/retrofit.md: the equations, and which parts are exact)
 
 // Symmetric eigendecomposition by cyclic Jacobi rotations, in double: A (n x n, row-major) is
-// overwritten; on return its diagonal holds the eigenvalues and V's columns the eigenvectors.
-static void jacobi_eigen(double *A, double *V, int n) {
-    for (int i = 0; i < n * n; i++) V[i] = (i / n == i % n) ? 1.0 : 0.0;
+// overwritten; on return its diagonal holds the eigenvalues and row i of Vt the eigenvector of
+// A[i][i]. Each rotation (p, q) zeroes A[p][q]: rows p and q are updated in place (contiguous)
+// and mirrored into columns p and q, which keeps A symmetric.
+static void jacobi_eigen(double *A, double *Vt, int n) {
+    for (int i = 0; i < n * n; i++) Vt[i] = (i / n == i % n) ? 1.0 : 0.0;
     for (int sweep = 0; sweep < 100; sweep++) {
         double off = 0.0, diag = 0.0;
         for (int i = 0; i < n; i++)
@@ -260,24 +262,27 @@ static void jacobi_eigen(double *A, double *V, int n) {
             for (int q = p + 1; q < n; q++) {
                 const double apq = A[p * n + q];
                 if (apq == 0.0) continue;
-                // the rotation that zeroes A[p][q]: tan of its angle t, from θ = (a_qq − a_pp) / 2a_pq
+                // tan t of the angle that zeroes A[p][q], from θ = (a_qq − a_pp) / 2a_pq (the smaller root)
                 const double theta = (A[q * n + q] - A[p * n + p]) / (2.0 * apq);
                 const double t = (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
                 const double cs = 1.0 / sqrt(t * t + 1.0), sn = t * cs;
-                for (int k = 0; k < n; k++) { // columns p, q
-                    const double akp = A[k * n + p], akq = A[k * n + q];
-                    A[k * n + p] = cs * akp - sn * akq;
-                    A[k * n + q] = sn * akp + cs * akq;
-                }
-                for (int k = 0; k < n; k++) { // rows p, q
-                    const double apk = A[p * n + k], aqk = A[q * n + k];
-                    A[p * n + k] = cs * apk - sn * aqk;
-                    A[q * n + k] = sn * apk + cs * aqk;
-                }
+                double *rp = A + (size_t)p * n, *rq = A + (size_t)q * n;
                 for (int k = 0; k < n; k++) {
-                    const double vkp = V[k * n + p], vkq = V[k * n + q];
-                    V[k * n + p] = cs * vkp - sn * vkq;
-                    V[k * n + q] = sn * vkp + cs * vkq;
+                    if (k == p || k == q) continue;
+                    const double apk = rp[k], aqk = rq[k];
+                    rp[k] = cs * apk - sn * aqk;
+                    rq[k] = sn * apk + cs * aqk;
+                    A[(size_t)k * n + p] = rp[k];
+                    A[(size_t)k * n + q] = rq[k];
+                }
+                rp[p] -= t * apq;
+                rq[q] += t * apq;
+                rp[q] = rq[p] = 0.0;
+                double *vp = Vt + (size_t)p * n, *vq = Vt + (size_t)q * n;
+                for (int k = 0; k < n; k++) {
+                    const double a = vp[k], b = vq[k];
+                    vp[k] = cs * a - sn * b;
+                    vq[k] = sn * a + cs * b;
                 }
             }
     }
@@ -353,10 +358,11 @@ static float mla_from_mha_layer(Model *m, const Model *src, const Config *c, int
     for (int t = 0; t < r && t < C; t++) { // latent t: W_DKV row t = eigenvector, W_UKV column t = M · it
         const int e = order[t];
         part += A[e * (C + 1)];
-        for (int i = 0; i < C; i++) kv_a_w[(size_t)t * C + i] = (float)V[(size_t)i * C + e];
+        const double *v = V + (size_t)e * C; // the eigenvector
+        for (int i = 0; i < C; i++) kv_a_w[(size_t)t * C + i] = (float)v[i];
         for (int k = 0; k < rows; k++) {
             double acc = 0.0;
-            for (int i = 0; i < C; i++) acc += M[(size_t)k * C + i] * V[(size_t)i * C + e];
+            for (int i = 0; i < C; i++) acc += M[(size_t)k * C + i] * v[i];
             kv_b_w[(size_t)k * r + t] = (float)acc;
         }
     } // a rank above C leaves its extra latents at 0
