@@ -51,7 +51,10 @@ endif
 # machine: `bash dev/gpu_first_run.sh` finds it there)
 gpu-carry: $(STB)
 	@mkdir -p build/stb && cp $(STB) build/stb/ && echo "build/stb/stb_ds.h: carry build/stb with the tree"
-.PHONY: gpu-carry
+# the one command for a GPU machine (dev/gpu_first_run.sh); DRY=1 prints its stages and commands
+gpu-first-run:
+	bash dev/gpu_first_run.sh $(if $(DRY),--dry-run)
+.PHONY: gpu-carry gpu-first-run
 
 # the host code both programs share (command line, config, checkpoints, data, evaluation, driver)
 CTXKV_H = $(wildcard ctxkv/*.h)
@@ -141,7 +144,7 @@ $(OPENBLAS_H):
 build/bench_gemm: dev/bench_gemm.c train_ctxkv.c $(CTXKV_H) | $(STB) $(OPENBLAS_H)
 	@mkdir -p build
 	$(CC) $(CFLAGS) -Wno-unused-function -o $@ $< -lopenblas $(LDLIBS)
-.PHONY: bench-gemm bench-train bench-decode devvenv check-export
+.PHONY: bench-gemm bench-train bench-decode devvenv check-export reference
 bench-gemm: build/bench_gemm
 	OMP_NUM_THREADS=$(THREADS) OPENBLAS_NUM_THREADS=$(THREADS) OPENBLAS_THREAD_TIMEOUT=4 build/bench_gemm
 
@@ -160,6 +163,9 @@ bench-train: train_ctxkv $(DEVVENV)/.stamp
 	$(DVPY) dev/bench_train.py --model pythia-70m --threads $(THREADS) --steps 4 --warmup 1
 # prepro/export_hf.py against Hugging Face itself: EXPORT_CKPT exported, loaded by transformers, and our
 # program checked against it (logits, gradients, AdamW steps; dev/check_export_hf.py)
+# the reference states in dev/ref (dev/reference.py: Hugging Face / PyTorch autograd in float64)
+reference: $(DEVVENV)/.stamp
+	$(DVPY) dev/reference.py
 EXPORT_CKPT ?= dev/ref/tiny_model.bin
 check-export: test_ctxkv $(DEVVENV)/.stamp
 	$(DVPY) dev/check_export_hf.py $(EXPORT_CKPT)
