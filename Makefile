@@ -284,8 +284,12 @@ DEV_CUDA = $(wildcard dev/cuda/*.cu)
 CU_EMPTY :=
 CU_SPACE := $(CU_EMPTY) $(CU_EMPTY)
 CU_ARCHS = $(subst $(CU_SPACE),$(CU_SPACE)and$(CU_SPACE),$(strip $(patsubst %,sm_%,$(GPU_COMPUTE_CAPABILITY))))
-# the CPU program as an object for the harness: no OpenMP, no -march=native (test models are tiny)
-CPUREF_CFLAGS = -O2 -std=gnu11 -Wall -Wextra -Wno-psabi -Wno-unused-function -Wno-unknown-pragmas $(STB_INC)
+# the CPU program as an object for the harness, with OpenMP and -march=native where the CPU build
+# has them (the real-shape checks run pythia-160m steps on the CPU side); its users link OpenMP
+CPUREF_OMP = $(filter -fopenmp,$(CFLAGS))
+CPUREF_CFLAGS = -O2 -std=gnu11 -Wall -Wextra -Wno-psabi -Wno-unused-function -Wno-unknown-pragmas $(STB_INC) \
+                $(filter -march=native -fopenmp,$(CFLAGS))
+CPUREF_LINK_NVCC = $(if $(CPUREF_OMP),-Xcompiler -fopenmp)
 
 .PHONY: cuda-flags cuda-check cuda-emu dev-cuda clean-cuda
 
@@ -302,7 +306,7 @@ build/test_ctxkv_cpu.o: test_ctxkv_cpu.c train_ctxkv.c $(CTXKV_H) | $(STB)
 	$(CC) $(CPUREF_CFLAGS) -c -o $@ $<
 
 test_ctxkv_cu: test_ctxkv_cu.cu train_ctxkv.cu $(CTXKV_H) $(TEST_H) build/test_ctxkv_cpu.o build/cu_flags.txt | $(STB)
-	$(NVCC) $(CU_FLAGS) -o $@ $< build/test_ctxkv_cpu.o $(NVCC_LDLIBS)
+	$(NVCC) $(CU_FLAGS) -o $@ $< build/test_ctxkv_cpu.o $(NVCC_LDLIBS) $(CPUREF_LINK_NVCC)
 
 # make test's CUDA check: both targets and the kernel files in dev/cuda compile, warnings as
 # errors, for every architecture (two compiles at a time; outputs in build/cuda-check, never run:
@@ -314,7 +318,7 @@ cuda-check: | $(STB)
 	mkdir -p $(CUDA_CHECK) && \
 	$(CC) $(CPUREF_CFLAGS) -c -o $(CUDA_CHECK)/test_ctxkv_cpu.o test_ctxkv_cpu.c && \
 	{ $(NVCC) $(CU_FLAGS) $(NVCC_WERROR) -o $(CUDA_CHECK)/train_ctxkv_cu train_ctxkv.cu $(NVCC_LDLIBS) & p1=$$!; \
-	  $(NVCC) $(CU_FLAGS) $(NVCC_WERROR) -o $(CUDA_CHECK)/test_ctxkv_cu test_ctxkv_cu.cu $(CUDA_CHECK)/test_ctxkv_cpu.o $(NVCC_LDLIBS) & p2=$$!; \
+	  $(NVCC) $(CU_FLAGS) $(NVCC_WERROR) -o $(CUDA_CHECK)/test_ctxkv_cu test_ctxkv_cu.cu $(CUDA_CHECK)/test_ctxkv_cpu.o $(NVCC_LDLIBS) $(CPUREF_LINK_NVCC) & p2=$$!; \
 	  wait $$p1; r1=$$?; wait $$p2; r2=$$?; [ $$r1 = 0 ] && [ $$r2 = 0 ]; } && \
 	{ $(MAKE) --no-print-directory -s -j2 dev-cuda > $(CUDA_CHECK)/dev-cuda.log 2>&1 || { cat $(CUDA_CHECK)/dev-cuda.log; false; }; } && \
 	echo "PASS cuda: train_ctxkv_cu, test_ctxkv_cu and the $(words $(DEV_CUDA)) kernel files in dev/cuda compile for $(CU_ARCHS) ($(if $(CU_PREC),fp32,bf16), warnings as errors), not run" | tee $(CUDA_CHECK)/result.txt || \
@@ -336,9 +340,9 @@ $(EMU)/train_ctxkv_cu_fp32: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $
 $(EMU)/train_ctxkv_cu_bf16: $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) | $(STB)
 	$(EMU_CXX) -o $@ $<
 $(EMU)/test_ctxkv_cu_fp32: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) $(TEST_H) build/test_ctxkv_cpu.o | $(STB)
-	$(EMU_CXX) -DENABLE_FP32 -o $@ $< build/test_ctxkv_cpu.o -lm
+	$(EMU_CXX) -DENABLE_FP32 -o $@ $< build/test_ctxkv_cpu.o -lm $(CPUREF_OMP)
 $(EMU)/test_ctxkv_cu_bf16: $(EMU)/test_ctxkv_cu.emu.cpp $(EMU)/train_ctxkv.emu.cpp dev/cuda/emu/cuda_emu.h $(CTXKV_H) $(TEST_H) build/test_ctxkv_cpu.o | $(STB)
-	$(EMU_CXX) -o $@ $< build/test_ctxkv_cpu.o -lm
+	$(EMU_CXX) -o $@ $< build/test_ctxkv_cpu.o -lm $(CPUREF_OMP)
 $(EMU)/dev/common.h: dev/cuda/common.h dev/cuda/emu/emulate.py
 	@mkdir -p $(EMU)/dev
 	$(PYTHON) dev/cuda/emu/emulate.py $< $@

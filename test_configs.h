@@ -37,4 +37,16 @@ static Config tiny_context(const char *kind, Config c) {
     return c;
 }
 
+// a preset with an attention variant (NULL: mha) and a layer 0 (NULL or "ctxkv"), the flags'
+// defaults for everything else
+static Config preset_variant(const char *preset, const char *attn, const char *layer0) {
+    Config c = config_from_preset(find_preset(preset));
+    Args a = default_args();
+    a.attn = attn;
+    apply_variant_flags(&c, &a, NULL);
+    a.layer0 = layer0;
+    apply_context_flags(&c, &a);
+    return c;
+}
+
 #endif

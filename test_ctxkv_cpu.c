@@ -7,8 +7,9 @@ It includes train_ctxkv.c under TESTING, as test_ctxkv.c does. Every function th
 so none of them clashes with the CUDA program's functions of the same names in the other
 translation unit; only the cpu_* entry points below are exported, with plain C types. This
 object also carries stb_ds's implementation for the whole test binary (test_ctxkv_cu.cu
-defines CTXKV_STB_EXTERNAL). Built with the C compiler, without OpenMP (the test models are
-tiny): see the Makefile's build/test_ctxkv_cpu.o.
+defines CTXKV_STB_EXTERNAL). Built with the C compiler, with OpenMP and -march=native where the
+CPU build has them (the real-shape checks run pythia-160m on this side): see the Makefile's
+build/test_ctxkv_cpu.o.
 */
 #define TESTING
 #include "train_ctxkv.c"

@@ -12,6 +12,7 @@
 #   info      GPU, driver, nvcc, compute capability
 #   build     ./train_ctxkv (CPU), ./train_ctxkv_cu and ./test_ctxkv_cu in bf16 and fp32 for this GPU
 #   harness   test_ctxkv_cu in both precisions: HF/PyTorch references on the GPU, CUDA against CPU
+#             at the tiny shapes and at real ones (pythia-14m every variant, pythia-160m, T 1024)
 #   sanitize  compute-sanitizer memcheck, initcheck, racecheck on the fp32 harness's first checks
 #             and on the dev/cuda kernel files (a tool the machine refuses is reported, not fatal)
 #   bench     a training step at pythia-160m, B 8, T 1024, per variant: tokens/s, bf16 MFU (llm.c's
@@ -88,9 +89,9 @@ if want build; then
 fi
 
 if want harness; then
-    stage harness 120
+    stage harness 200
     for p in bf16 fp32; do
-        if run 60 "TRAIN_BIN_CU=$OUT/train_ctxkv_cu_$p $OUT/test_ctxkv_cu_$p > $OUT/harness_$p.log 2>&1"; then rc=0; else rc=$?; fi
+        if run 100 "TRAIN_BIN_CU=$OUT/train_ctxkv_cu_$p $OUT/test_ctxkv_cu_$p > $OUT/harness_$p.log 2>&1"; then rc=0; else rc=$?; fi
         if [ $DRY = 0 ]; then
             grep -E "^(PASS|FAIL|SKIP)" "$OUT/harness_$p.log" | sed "s/^/    [$p] /" >> "$REPORT"
             note "harness $p: $(tail -n 1 "$OUT/harness_$p.log") (exit $rc)"
