@@ -318,6 +318,8 @@ typedef struct {
 static float *kv_slot(const KVCache *kv, int l, int b, int pos) {
     return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
 }
+// floats from a sequence's slot to the next sequence's, in one layer
+static size_t kv_seq_stride(const KVCache *kv) { return (size_t)kv->capacity * kv->per_token; }
 
 static void model_alloc_params(Model *m, const Config *c) {
     memset(m, 0, sizeof *m);
@@ -570,7 +572,8 @@ static void cached_attention(const Model *m, HeadView q, float *out, const KVCac
 //   project_forward    q, k, v from x = LN_1(x_l) (B,T,C) at positions pos0.., RoPE applied
 //   project_backward   its backward: dat holds dq, dk, dv from the core; accumulates into dx
 //                      (B,T,C) and the layer's parameter gradients lg
-//   cache_write        what the KV cache keeps of one token (attn_kv_elements in ctxkv/config.h)
+//   cache_write        what the KV cache keeps of each token (attn_kv_elements in ctxkv/config.h),
+//                      for n tokens of B sequences at once (prefill: the prompt; decode: n = 1)
 //   decode             each sequence's new token (x: B rows) into the cache, then attending over
 //                      its n = kv->len + 1 cached tokens; writes at->atty (B, H*D)
 // The output projection, the residual layer around it and the rest of the model are shared.
@@ -600,18 +603,22 @@ static void mha_project_backward(const Model *m, const LayerParams *lp, LayerPar
 }
 
 // slot: [K of the H heads | V of the H heads] (the GQA layout with G = H)
-static void mha_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+static void mha_cache_write(const Config *c, const AttnActs *at, int B, int n, float *dst, size_t seq_stride) {
     const int H = c->n_head, D = head_dim(c);
-    const float *r = at->qkv + (size_t)row * 3 * H * D;
-    for (int g = 0; g < H; g++) {
-        memcpy(dst + g * D, r + g * 3 * D + D, D * sizeof(float));
-        memcpy(dst + (H + g) * D, r + g * 3 * D + 2 * D, D * sizeof(float));
-    }
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < n; t++) {
+            const float *r = at->qkv + ((size_t)b * n + t) * 3 * H * D;
+            float *slot = dst + b * seq_stride + (size_t)t * 2 * H * D;
+            for (int g = 0; g < H; g++) {
+                memcpy(slot + g * D, r + g * 3 * D + D, D * sizeof(float));
+                memcpy(slot + (H + g) * D, r + g * 3 * D + 2 * D, D * sizeof(float));
+            }
+        }
 }
 
 static void mha_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
     mha_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    for (int b = 0; b < kv->batch; b++) mha_cache_write(&m->cfg, at, b, kv_slot(kv, l, b, kv->len));
+    mha_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
     const CoreViews v = mha_views(&m->cfg, at);
     cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
 }
@@ -644,14 +651,14 @@ static void gqa_project_backward(const Model *m, const LayerParams *lp, LayerPar
 }
 
 // slot: [K of the G heads | V of the G heads], as projected
-static void gqa_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
-    const size_t n = 2 * (size_t)c->n_kv_head * head_dim(c);
-    memcpy(dst, at->kv + (size_t)row * n, n * sizeof(float));
+static void gqa_cache_write(const Config *c, const AttnActs *at, int B, int n, float *dst, size_t seq_stride) {
+    const size_t w = 2 * (size_t)c->n_kv_head * head_dim(c);
+    for (int b = 0; b < B; b++) memcpy(dst + b * seq_stride, at->kv + (size_t)b * n * w, n * w * sizeof(float));
 }
 
 static void gqa_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
     gqa_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    for (int b = 0; b < kv->batch; b++) gqa_cache_write(&m->cfg, at, b, kv_slot(kv, l, b, kv->len));
+    gqa_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
     const CoreViews v = gqa_views(&m->cfg, at);
     cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
 }
@@ -784,10 +791,15 @@ static void mla_project_backward(const Model *m, const LayerParams *lp, LayerPar
 }
 
 // slot: [ĉ (kv_rank) | k_pe (dR)]
-static void mla_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
+static void mla_cache_write(const Config *c, const AttnActs *at, int B, int n, float *dst, size_t seq_stride) {
     const int R = c->kv_rank, dR = c->mla_rope_dim;
-    memcpy(dst, at->c_norm + (size_t)row * R, R * sizeof(float));
-    memcpy(dst + R, at->kv_a + (size_t)row * (R + dR) + R, dR * sizeof(float));
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < n; t++) {
+            const size_t row = (size_t)b * n + t;
+            float *slot = dst + b * seq_stride + (size_t)t * (R + dR);
+            memcpy(slot, at->c_norm + row * R, R * sizeof(float));
+            memcpy(slot + R, at->kv_a + row * (R + dR) + R, dR * sizeof(float));
+        }
 }
 
 // The absorbed form: score_s = q_nope·W_UK ĉ_s + q_pe·k_pe_s = (W_UKᵀ q_nope)·ĉ_s + q_pe·k_pe_s,
@@ -798,7 +810,7 @@ static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, cons
     const float scale = 1.0f / sqrtf((float)(D + dR));
     const size_t per_head = kv_scratch_per_head(c, kv->capacity);
     mla_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    for (int b = 0; b < kv->batch; b++) mla_cache_write(c, at, b, kv_slot(kv, l, b, kv->len));
+    mla_cache_write(c, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
     const HeadView q = mla_views(c, at).q;
 #pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * (R + dR) >= PAR_MIN)
     for (int b = 0; b < kv->batch; b++)
@@ -1114,7 +1126,8 @@ typedef struct {
     void (*project_forward)(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, int B, int T, int pos0);
     void (*project_backward)(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
                              float *dx, const float *x, int B, int T);
-    void (*cache_write)(const Config *c, const AttnActs *at, int row, float *dst); // NULL: contexts go to the ring
+    // rows b·n + t (b < B, t < n) into the slots dst + b·seq_stride + t·attn_kv_elements; NULL: contexts go to the ring
+    void (*cache_write)(const Config *c, const AttnActs *at, int B, int n, float *dst, size_t seq_stride);
     void (*decode)(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l);
 } AttnVariant;
 
@@ -1220,8 +1233,7 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
     model_forward(m, prompts, NULL, B, n);
     m->head_last_of = 0;
     for (int l = kv->first_layer; l < c->n_layer; l++)
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < n; t++) ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
+        ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, kv_slot(kv, l, 0, 0), kv_seq_stride(kv));
     if (has_context_block(c))
         for (int b = 0; b < B; b++)
             for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);

@@ -651,6 +651,8 @@ typedef struct {
 __host__ __device__ inline float *kv_slot(const KVCache *kv, int l, int b, int pos) {
     return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
 }
+// floats from a sequence's slot to the next sequence's, in one layer
+static size_t kv_seq_stride(const KVCache *kv) { return (size_t)kv->capacity * kv->per_token; }
 
 static void model_alloc_params(Model *m, const Config *c) {
     cuda_init();
@@ -1076,21 +1078,24 @@ static void mha_project_backward(const Model *m, const LayerParams *lp, LayerPar
 }
 
 // slot: [K of the H heads | V of the H heads] (the GQA layout with G = H). One block per token.
-__global__ void mha_cache_write_kernel(float *dst, const floatX *qkv, int row, int H, int D) {
+// one block per token: row b·n + t into slot dst + b·seq_stride + t·2HD (one launch per layer)
+__global__ void mha_cache_write_kernel(float *dst, const floatX *qkv, int n, size_t seq_stride, int H, int D) {
+    const int row = blockIdx.x, b = row / n, t = row % n;
     const floatX *r = qkv + (size_t)row * 3 * H * D;
+    float *slot = dst + b * seq_stride + (size_t)t * 2 * H * D;
     for (int e = threadIdx.x; e < 2 * H * D; e += blockDim.x) { // e = which*H*D + g*D + j
         const int which = e / (H * D), g = (e % (H * D)) / D, j = e % D;
-        dst[e] = tof(r[g * 3 * D + (1 + which) * D + j]);
+        slot[e] = tof(r[g * 3 * D + (1 + which) * D + j]);
     }
 }
-static void mha_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
-    mha_cache_write_kernel<<<1, 128>>>(dst, at->qkv, row, c->n_head, head_dim(c));
+static void mha_cache_write(const Config *c, const AttnActs *at, int B, int n, float *dst, size_t seq_stride) {
+    mha_cache_write_kernel<<<B * n, 128>>>(dst, at->qkv, n, seq_stride, c->n_head, head_dim(c));
     launchCheck();
 }
 
 static void mha_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
     mha_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    for (int b = 0; b < kv->batch; b++) mha_cache_write(&m->cfg, at, b, kv_slot(kv, l, b, kv->len));
+    mha_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
     const CoreViews v = mha_views(&m->cfg, at);
     cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
 }
@@ -1123,17 +1128,19 @@ static void gqa_project_backward(const Model *m, const LayerParams *lp, LayerPar
 }
 
 // slot: [K of the G heads | V of the G heads], as projected
-__global__ void gqa_cache_write_kernel(float *dst, const floatX *kv, int row, int n) {
-    for (int e = threadIdx.x; e < n; e += blockDim.x) dst[e] = tof(kv[(size_t)row * n + e]);
+__global__ void gqa_cache_write_kernel(float *dst, const floatX *kv, int n, size_t seq_stride, int w) {
+    const int row = blockIdx.x, b = row / n, t = row % n;
+    float *slot = dst + b * seq_stride + (size_t)t * w;
+    for (int e = threadIdx.x; e < w; e += blockDim.x) slot[e] = tof(kv[(size_t)row * w + e]);
 }
-static void gqa_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
-    gqa_cache_write_kernel<<<1, 128>>>(dst, at->kv, row, 2 * c->n_kv_head * head_dim(c));
+static void gqa_cache_write(const Config *c, const AttnActs *at, int B, int n, float *dst, size_t seq_stride) {
+    gqa_cache_write_kernel<<<B * n, 128>>>(dst, at->kv, n, seq_stride, 2 * c->n_kv_head * head_dim(c));
     launchCheck();
 }
 
 static void gqa_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
     gqa_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    for (int b = 0; b < kv->batch; b++) gqa_cache_write(&m->cfg, at, b, kv_slot(kv, l, b, kv->len));
+    gqa_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
     const CoreViews v = gqa_views(&m->cfg, at);
     cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
 }
@@ -1296,12 +1303,15 @@ static void mla_project_backward(const Model *m, const LayerParams *lp, LayerPar
 }
 
 // slot: [ĉ (kv_rank) | k_pe (dR)]
-__global__ void mla_cache_write_kernel(float *dst, const floatX *c_norm, const floatX *kv_a, int row, int R, int dR) {
+__global__ void mla_cache_write_kernel(float *dst, const floatX *c_norm, const floatX *kv_a, int n, size_t seq_stride, int R,
+                                       int dR) {
+    const int row = blockIdx.x, b = row / n, t = row % n;
+    float *slot = dst + b * seq_stride + (size_t)t * (R + dR);
     for (int e = threadIdx.x; e < R + dR; e += blockDim.x)
-        dst[e] = e < R ? tof(c_norm[(size_t)row * R + e]) : tof(kv_a[(size_t)row * (R + dR) + e]);
+        slot[e] = e < R ? tof(c_norm[(size_t)row * R + e]) : tof(kv_a[(size_t)row * (R + dR) + e]);
 }
-static void mla_cache_write(const Config *c, const AttnActs *at, int row, float *dst) {
-    mla_cache_write_kernel<<<1, 128>>>(dst, at->c_norm, at->kv_a, row, c->kv_rank, c->mla_rope_dim);
+static void mla_cache_write(const Config *c, const AttnActs *at, int B, int n, float *dst, size_t seq_stride) {
+    mla_cache_write_kernel<<<B * n, 128>>>(dst, at->c_norm, at->kv_a, n, seq_stride, c->kv_rank, c->mla_rope_dim);
     launchCheck();
 }
 
@@ -1346,7 +1356,7 @@ static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, cons
     const Config *c = &m->cfg;
     const int H = c->n_head, D = head_dim(c);
     mla_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    for (int b = 0; b < kv->batch; b++) mla_cache_write(c, at, b, kv_slot(kv, l, b, kv->len));
+    mla_cache_write(c, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
     mla_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, *lp, mla_views(c, at).q, at->atty, l, kv->len + 1, H, D,
                                                           c->kv_rank, c->mla_rope_dim, 1.0f / sqrtf((float)(D + c->mla_rope_dim)),
                                                           kv_scratch_per_head(c, kv->capacity));
@@ -1819,7 +1829,8 @@ typedef struct {
     void (*project_forward)(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, int B, int T, int pos0);
     void (*project_backward)(const Model *m, const LayerParams *lp, LayerParams *lg, const AttnActs *at, AttnActs *dat,
                              floatX *dx, const floatX *x, int B, int T);
-    void (*cache_write)(const Config *c, const AttnActs *at, int row, float *dst); // NULL: contexts go to the ring
+    // rows b·n + t (b < B, t < n) into the slots dst + b·seq_stride + t·attn_kv_elements; NULL: contexts go to the ring
+    void (*cache_write)(const Config *c, const AttnActs *at, int B, int n, float *dst, size_t seq_stride);
     void (*decode)(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l);
 } AttnVariant;
 
@@ -1933,9 +1944,8 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
     m->head_last_of = n; // only the last prompt token's logits are read
     model_forward(m, prompts, NULL, B, n);
     m->head_last_of = 0;
-    for (int l = kv->first_layer; l < c->n_layer; l++)
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < n; t++) ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, b * n + t, kv_slot(kv, l, b, t));
+    for (int l = kv->first_layer; l < c->n_layer; l++) // one launch per layer
+        ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, kv_slot(kv, l, 0, 0), kv_seq_stride(kv));
     if (has_context_block(c))
         for (int b = 0; b < B; b++)
             for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
