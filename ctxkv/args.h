@@ -263,14 +263,15 @@ static int *parse_ids(const char *flag, const char *list) {
 // converted by --init-from: converting_from is its config, else NULL). Flags that belong to
 // another variant are an error.
 static void apply_variant_flags(Config *c, const Args *a, const Config *converting_from) {
+    const int mla_flags = a->kv_rank || a->rope_dim || arg_given(a, "--q-rank") || a->rope_split || arg_given(a, "--latent-norm");
     if (!a->attn) {
-        if (a->n_kv_head || a->kv_rank || a->rope_dim || arg_given(a, "--q-rank") || a->rope_split || arg_given(a, "--latent-norm"))
+        if (a->n_kv_head || mla_flags)
             die("--n-kv-head / --kv-rank / --rope-dim / --q-rank / --rope-split / --latent-norm need --attn (gqa for the first, mla for the others)");
         return;
     }
     const int H = c->n_head, D = head_dim(c), t = attn_type_from_name(a->attn);
     if (a->n_kv_head && t != ATTN_GQA && t != ATTN_MQA) die("--n-kv-head conflicts with --attn %s (it is a gqa flag)", a->attn);
-    if ((a->kv_rank || a->rope_dim || arg_given(a, "--q-rank") || a->rope_split || arg_given(a, "--latent-norm")) && t != ATTN_MLA)
+    if (mla_flags && t != ATTN_MLA)
         die("--kv-rank / --rope-dim / --q-rank / --rope-split / --latent-norm conflict with --attn %s (they are mla flags)", a->attn);
     if (t == ATTN_MQA && a->n_kv_head && a->n_kv_head != 1) die("--attn mqa means one KV head; --n-kv-head %d conflicts", a->n_kv_head);
     c->attn_type = t;

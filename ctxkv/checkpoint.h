@@ -421,12 +421,9 @@ static void model_init_from(Model *m, const Config *c, const char *path, float i
             memcpy(q_b + h * D, qkv_b + h * 3 * D, D * sizeof(float));
         }
     }
-    int target = c->attn_type, source = src.cfg.attn_type;
-    if (source != target) {
-        if (source != ATTN_MHA || target == ATTN_MHA)
-            die("--init-from converts mha checkpoints to gqa, mqa or mla; '%s' is %s and --attn is %s", path,
-                ATTN_NAMES[source], ATTN_NAMES[target]);
-    }
+    if (src.cfg.attn_type != c->attn_type && src.cfg.attn_type != ATTN_MHA)
+        die("--init-from converts mha checkpoints to gqa, mqa or mla; '%s' is %s and --attn is %s", path,
+            ATTN_NAMES[src.cfg.attn_type], ATTN_NAMES[c->attn_type]);
     if (converting_mla) {
         const int R = src.cfg.rotary_dims;
         if (c->q_rank > 0) die("--init-from into mla needs --q-rank 0 (the query is converted, not compressed)");
@@ -442,7 +439,7 @@ static void model_init_from(Model *m, const Config *c, const char *path, float i
         }
         printf("init-from: largest query bias or rotary key bias dropped (MLA has none): %.3g%s\n", dropped,
                c->mla_linear_latent ? "" : "; the latent RMSNorm also changes the function (--latent-norm 0 keeps it linear)");
-    } else if (source != target) {
+    } else if (converting_heads) {
         const int G = c->n_kv_head, group = H / G;
         for (int l = c->layer0_type == LAYER0_CTXKV ? 1 : 0; l < c->n_layer; l++) {
             const float *qkv_w = host_tensor(&src, l, "qkv_w"), *qkv_b = host_tensor(&src, l, "qkv_b");

@@ -151,6 +151,7 @@ static inline void prefetch_floats(const float *p, int n) {
 // memory, row after row: the row DOT_ROWS_PREFETCH ahead is requested meanwhile.
 #define DOT_ROWS_PREFETCH 4
 static inline void dot_rows(float *out, size_t out_stride, const float *x, int C, const float *w, int N, float bias) {
+    prefetch_floats(w + (size_t)DOT_ROWS_PREFETCH * C, C);
     int n = 0;
     for (; n + 4 <= N; n += 4) {
         const float *x0 = x + (size_t)n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
@@ -158,7 +159,6 @@ static inline void dot_rows(float *out, size_t out_stride, const float *x, int C
         int i = 0;
         for (; i + 8 <= C; i += 8) {
             const v8 wv = load8(w + i);
-            __builtin_prefetch(w + DOT_ROWS_PREFETCH * C + i);
             a0 += wv * load8(x0 + i);
             a1 += wv * load8(x1 + i);
             a2 += wv * load8(x2 + i);
@@ -171,18 +171,7 @@ static inline void dot_rows(float *out, size_t out_stride, const float *x, int C
         out[(size_t)(n + 2) * out_stride] = s2 + bias;
         out[(size_t)(n + 3) * out_stride] = s3 + bias;
     }
-    for (; n < N; n++) {
-        const float *xn = x + (size_t)n * C;
-        v8 a0 = splat8(0.0f);
-        int i = 0;
-        for (; i + 8 <= C; i += 8) {
-            a0 += load8(w + i) * load8(xn + i);
-            __builtin_prefetch(w + DOT_ROWS_PREFETCH * C + i);
-        }
-        float s0 = hsum8(a0);
-        for (; i < C; i++) s0 += w[i] * xn[i];
-        out[(size_t)n * out_stride] = s0 + bias;
-    }
+    for (; n < N; n++) out[(size_t)n * out_stride] = dot(x + (size_t)n * C, w, C) + bias;
 }
 
 // Small loops (decoding touches one row) stay serial: a parallel region costs more than they do.
