@@ -130,6 +130,19 @@ $(VENV)/.plot-stamp: $(VENV)/.stamp dev/requirements-plot.txt
 retrofit: train_ctxkv $(VENV)/.plot-stamp
 	$(VPY) dev/retrofit.py --threads $(THREADS) $(RETROFIT_FLAGS)
 
+# The KV table (dev/kv_table.py): every variant on language modelling and associative recall,
+# over seeds, with the quality-vs-KV-bytes figure; writes results/. A fresh clone needs only make
+# and python3: the venv (numpy, matplotlib), the build and the data are made here.
+#   make table          the cpu-scale table the README shows (about 2 h on 2 cores; resumable:
+#                       finished runs in results/ are reused)    TABLE_FLAGS: e.g. --seeds 5
+#   make table-quick    the same pipeline in a few minutes (its numbers mean nothing)
+TABLE_FLAGS ?=
+.PHONY: table table-quick
+table: train_ctxkv $(VENV)/.plot-stamp
+	$(VPY) dev/kv_table.py --scale cpu --threads $(THREADS) $(TABLE_FLAGS)
+table-quick: train_ctxkv $(VENV)/.plot-stamp
+	$(VPY) dev/kv_table.py --quick $(TABLE_FLAGS)
+
 # Context-KV: phase 1 then phase 2 on Tiny Shakespeare, next to an MHA run with the same budget
 ctxkv-demo: train_ctxkv data
 	OMP_NUM_THREADS=$(THREADS) bash dev/ctxkv_demo.sh

@@ -652,6 +652,135 @@ static void check_roundtrip(const char *dir) {
 }
 
 // ----------------------------------------------------------------------------
+// masked shards (version 2) and the recall evaluator (doc/formats.md)
+
+static void write_masked_shard(const char *path, const uint16_t *tok, const uint8_t *mask, int ntok, int example_len, int header_ntok) {
+    FILE *f = fopen_check(path, "wb");
+    int h[HEADER_INTS] = {0};
+    h[0] = SHARD_MAGIC; h[1] = SHARD_VERSION_MASKED; h[2] = header_ntok; h[3] = example_len;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    fwrite_check(tok, sizeof(uint16_t), ntok, f, path);
+    fwrite_check(mask, 1, ntok, f, path);
+    fclose(f);
+}
+
+// a recall eval file of n examples (len[i], pairs[i]) over tok and dist (sum of len tokens each)
+static void write_recall(const char *path, int magic, int n, const int *len, const int *pairs, const uint16_t *tok, const uint16_t *dist, int ntok, int truncate) {
+    FILE *f = fopen_check(path, "wb");
+    int h[HEADER_INTS] = {0};
+    h[0] = magic; h[1] = RECALL_VERSION; h[2] = n; h[3] = ntok;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    for (int i = 0; i < n; i++) { int m[2] = {len[i], pairs[i]}; fwrite_check(m, sizeof(int), 2, f, path); }
+    fwrite_check(tok, sizeof(uint16_t), ntok, f, path);
+    fwrite_check(dist, sizeof(uint16_t), ntok - truncate, f, path);
+    fclose(f);
+}
+
+static void check_masked_loss_and_recall(void) {
+    printf("-- masked shards and the recall evaluator\n");
+    Config c = config_from_preset(find_preset("tiny"));
+    Model m;
+    model_init_random(&m, &c, 0.02f, 7);
+    // 3 examples of 8 tokens and one more; the mask scores a few answers per example
+    enum { E = 3, L = 8, N = E * L + 1 };
+    uint16_t tok[N];
+    uint8_t mask[N] = {0};
+    uint64_t rng = 5;
+    for (int i = 0; i < N; i++) tok[i] = (uint16_t)(random_u32(&rng) % 96);
+    const int scored[] = {3, 5, 7, 8 + 2, 8 + 7, 16 + 4};
+    for (int k = 0; k < 6; k++) mask[scored[k]] = 1;
+    char path[512];
+    snprintf(path, sizeof path, "%s/masked.bin", tmpdir);
+    write_masked_shard(path, tok, mask, N, L, N);
+    DataLoader d;
+    dataloader_init(&d, path, E, L, 96);
+    dataloader_next(&d);
+    float masked = model_forward(&m, d.inputs, d.targets, E, L);
+    // the same batch with every target scored: the masked loss is the mean of these at the answers
+    int x[E * L], y[E * L];
+    for (int i = 0; i < E * L; i++) { x[i] = tok[i]; y[i] = tok[i + 1]; }
+    model_forward(&m, x, y, E, L);
+    const float *losses = model_losses(&m);
+    double want = 0.0;
+    for (int k = 0; k < 6; k++) want += losses[scored[k] - 1]; // target i+1 is scored at position i
+    want /= 6;
+    check(fabs(masked - want) < 1e-6 && m.n_valid == E * L, "masked shard: the loss is the mean over the 6 answers of the unmasked losses (%.7f vs %.7f)", masked, want);
+    dataloader_free(&d);
+
+    // recall: answers made right or wrong on purpose against the model's own argmax, one at a
+    // time (an answer changes the logits after it, never before)
+    enum { NE = 5 };
+    const int len[NE] = {12, 12, 12, 10, 10}, pairs[NE] = {1, 2, 1, 2, 2}, at[4] = {3, 5, 7, 9};
+    const int dists[4] = {1, 2, 5, 9}; // buckets 1-1, 2-3, 4-7, 8-15
+    uint16_t rt[56], rd[56] = {0};
+    int off = 0, right = 0, total = 0, by_pairs[3][2] = {{0}}, by_bucket[4][2] = {{0}};
+    for (int e = 0; e < NE; e++) {
+        for (int j = 0; j < len[e]; j++) rt[off + j] = (uint16_t)(random_u32(&rng) % 96);
+        for (int k = 0; k < 4 && at[k] < len[e]; k++) {
+            int xe[12];
+            for (int j = 0; j < len[e]; j++) xe[j] = rt[off + j];
+            model_forward(&m, xe, NULL, 1, len[e]);
+            const float *z = model_logits_host(&m, at[k] - 1, 1);
+            int best = 0;
+            for (int v = 1; v < 96; v++) if (z[v] > z[best]) best = v;
+            const int ok = (e + k) % 3 != 0;
+            rt[off + at[k]] = (uint16_t)(ok ? best : (best + 1) % 96);
+            rd[off + at[k]] = (uint16_t)dists[k];
+            right += ok; total++;
+            by_pairs[pairs[e]][0] += ok; by_pairs[pairs[e]][1]++;
+            by_bucket[k][0] += ok; by_bucket[k][1]++;
+        }
+        off += len[e];
+    }
+    snprintf(path, sizeof path, "%s/recall.bin", tmpdir);
+    write_recall(path, RECALL_MAGIC, NE, len, pairs, rt, rd, off, 0);
+    RecallResult r = eval_recall(&m, path, 2); // batches: 2 + 1 of length 12, 2 of length 10
+    int buckets_ok = 1;
+    for (int k = 0; k < 4; k++) buckets_ok &= r.dist_answers[k] == by_bucket[k][1] && r.dist_correct[k] == by_bucket[k][0];
+    check(r.answers == total && r.correct == right && r.n_examples == NE && total == 20,
+          "recall: %lld of %lld answers right, as made (%d of %d), over %d examples", r.correct, r.answers, right, total, r.n_examples);
+    check(r.n_groups == 2 && r.group_pairs[0] == 1 && r.group_pairs[1] == 2 && r.group_correct[0] == by_pairs[1][0] &&
+          r.group_answers[1] == by_pairs[2][1] && r.group_correct[1] == by_pairs[2][0] && buckets_ok,
+          "recall: by pairs (1: %lld/%lld, 2: %lld/%lld) and by distance bucket as made", r.group_correct[0], r.group_answers[0], r.group_correct[1], r.group_answers[1]);
+    RecallResult r1 = eval_recall(&m, path, 1);
+    check(r1.correct == r.correct, "recall: the same at batch 1 as at batch 2");
+    model_free(&m);
+}
+
+// bad masked shards and recall files (written into tmpdir): what, arguments, expected message
+typedef struct { char what[96], args[1024]; const char *expect; } BadCase;
+static int bad_recall_cases(BadCase *out) {
+    const char *base = "--model tiny -b 2 -t 8 --steps 1 --sample-every 0 --val '' --tokenizer ''";
+    uint16_t tok[17];
+    uint8_t mask[17] = {0};
+    for (int i = 0; i < 17; i++) tok[i] = (uint16_t)(i * 5 % 90);
+    mask[5] = 1;
+    char p[6][512];
+    for (int i = 0; i < 6; i++) snprintf(p[i], sizeof p[i], "%s/bad_recall_%d.bin", tmpdir, i);
+    write_masked_shard(p[0], tok, mask, 17, 8, 17);
+    write_masked_shard(p[1], tok, mask, 17, 8, 18); // header says one more token than the file has
+    mask[6] = 2;
+    write_masked_shard(p[2], tok, mask, 17, 8, 17);
+    const int len[2] = {8, 8}, pairs[2] = {1, 1};
+    uint16_t dist[16] = {0};
+    dist[3] = 2;
+    write_recall(p[3], 4321, 2, len, pairs, tok, dist, 16, 0);
+    write_recall(p[4], RECALL_MAGIC, 2, len, pairs, tok, dist, 16, 4);
+    tok[9] = 200; // tiny's vocabulary is 0..95
+    write_recall(p[5], RECALL_MAGIC, 2, len, pairs, tok, dist, 16, 0);
+    int n = 0;
+#define CASE(w, e, ...) do { snprintf(out[n].what, sizeof out[n].what, "%s", w); snprintf(out[n].args, sizeof out[n].args, __VA_ARGS__); out[n++].expect = e; } while (0)
+    CASE("masked shard read with -t other than its example length", "-t must be 8 (it is 16)", "%s -t 16 --train %s", base, p[0]);
+    CASE("masked shard, truncated", "truncated", "%s --train %s", base, p[1]);
+    CASE("masked shard, a mask byte of 2", "is not 0 or 1", "%s --train %s", base, p[2]);
+    CASE("recall file with a wrong magic", "not a recall eval file", "--model tiny --steps 0 --val '' -t 16 --eval-recall %s", p[3]);
+    CASE("recall file, truncated", "truncated or corrupt", "--model tiny --steps 0 --val '' -t 16 --eval-recall %s", p[4]);
+    CASE("recall file, a token past the vocabulary", "outside the model's vocabulary", "--model tiny --steps 0 --val '' -t 16 --eval-recall %s", p[5]);
+#undef CASE
+    return n;
+}
+
+// ----------------------------------------------------------------------------
 // 5. bad input gives exit code 1 and a message, never a crash
 
 static void write_shard_file(const char *path, int magic, int header_ntok, const uint16_t *tok, int ntok) {
@@ -796,6 +925,11 @@ static void check_bad_inputs(const char *bin) {
     for (size_t i = 0; i < sizeof BAD_FLAGS / sizeof BAD_FLAGS[0]; i++) {
         snprintf(cmd, sizeof cmd, "%s %s", bin, BAD_FLAGS[i].args);
         check_fails(BAD_FLAGS[i].what, cmd, BAD_FLAGS[i].expect);
+    }
+    BadCase rc[8];
+    for (int i = 0, n_rc = bad_recall_cases(rc); i < n_rc; i++) {
+        snprintf(cmd, sizeof cmd, "%s %s", bin, rc[i].args);
+        check_fails(rc[i].what, cmd, rc[i].expect);
     }
     snprintf(cmd, sizeof cmd, "%s -h", bin);
     check(runs_ok(cmd), "-h prints usage and exits 0");
@@ -986,6 +1120,8 @@ static void check_same_errors(const char *cpu, const char *cu) {
     check_same_outcome(cpu, cu, "a LAMBADA target id past the vocabulary", args, 1);
     for (size_t i = 0; i < sizeof BAD_FLAGS / sizeof BAD_FLAGS[0]; i++)
         check_same_outcome(cpu, cu, BAD_FLAGS[i].what, BAD_FLAGS[i].args, BAD_FLAGS[i].same_message);
+    BadCase rc[8];
+    for (int i = 0, n_rc = bad_recall_cases(rc); i < n_rc; i++) check_same_outcome(cpu, cu, rc[i].what, rc[i].args, 1);
     // the CUDA program alone: cuBLASLt finding no algorithm (the emulator refuses products with
     // m = 96, tiny's fused QKV width) is a clear error naming the shape, not a crash
     char cmd[1024], msg[512];
@@ -1212,6 +1348,7 @@ int main(int argc, char **argv) {
 
     check_roundtrip(testdata);
     check_bad_inputs(bin);
+    check_masked_loss_and_recall();
     check_data_order();
     check_resume(bin);
     check_simd_kernels();

@@ -18,7 +18,7 @@ typedef struct {
     const char *resume;                        // DIR with a train_state.bin to continue from
     int checkpoint_every, stop_at;
     int shuffle;                               // --shuffle: random shard and block order (training data)
-    const char *eval_heldout, *eval_lambada;   // evaluation (doc/formats.md "Evaluation files")
+    const char *eval_heldout, *eval_lambada, *eval_recall; // evaluation (doc/formats.md "Evaluation files")
     int heldout_max_tokens, lambada_max, eval_gen, gen_prompt, gen_new;
     // Context-KV
     const char *layer0, *model_type, *context_block;
@@ -47,7 +47,7 @@ typedef struct {
 #define ARG(name, type, field, lo, hi, def, meta, help) {name, type, offsetof(Args, field), lo, hi, def, meta, help}
 static const ArgSpec ARG_SPECS[] = {
     SECTION("model"),
-    ARG("--model", ARG_STR, model, 0, 0, NULL, "NAME|FILE", "preset for random init (pythia-14m, pythia-70m, pythia-160m, tiny) or a checkpoint file [" DEFAULT_MODEL "]"),
+    ARG("--model", ARG_STR, model, 0, 0, NULL, "NAME|FILE", "preset for random init (pythia-14m, pythia-70m, pythia-160m, pythia-mqar, tiny) or a checkpoint file [" DEFAULT_MODEL "]"),
     SECTION("attention variant (stored in the checkpoint; with a checkpoint they must match it)"),
     ARG("--attn", ARG_STR, attn, 0, 0, NULL, "mha|gqa|mqa|mla", "attention variant [mha]"),
     ARG("--n-kv-head", ARG_INT, n_kv_head, 1, 1 << 16, NULL, "INT", "gqa: KV heads G, must divide the heads [H/4; H/2 if H = 4 or 4 does not divide H]"),
@@ -79,6 +79,7 @@ static const ArgSpec ARG_SPECS[] = {
     ARG("--heldout-max-tokens", ARG_INT, heldout_max_tokens, 0, INT32_MAX, "0", "INT", "score at most this many tokens, 0 = all"),
     ARG("--eval-lambada", ARG_STR, eval_lambada, 0, 0, NULL, "FILE", "LAMBADA last-word accuracy and perplexity (data/eval/lambada_test.bin)"),
     ARG("--lambada-max", ARG_INT, lambada_max, 0, INT32_MAX, "0", "INT", "examples to score, 0 = all"),
+    ARG("--eval-recall", ARG_STR, eval_recall, 0, 0, NULL, "FILE", "associative-recall accuracy on the answers, by pairs and distance (prepro/mqar.py writes data/mqar/test.bin)"),
     ARG("--eval-gen", ARG_SWITCH, eval_gen, 0, 0, NULL, NULL, "generation tokens/s with the KV cache at batch 1 and 8"),
     ARG("--gen-prompt", ARG_INT, gen_prompt, 1, 1 << 20, "128", "INT", "prompt tokens for --eval-gen"),
     ARG("--gen-new", ARG_INT, gen_new, 1, 1 << 20, "256", "INT", "new tokens for --eval-gen"),

@@ -9,6 +9,7 @@
 #define CKPT_VERSION 1
 #define SHARD_MAGIC 20240520
 #define SHARD_VERSION 1
+#define SHARD_VERSION_MASKED 2 // tokens, then a loss-mask byte per token (doc/formats.md)
 #define TOKTAB_MAGIC 20240328
 #define TOKTAB_VERSION 3   // llm.c's 2 has uint8 lengths; 3 has uint16 (NeoX has tokens > 255 bytes)
 #define VOCAB_PAD 128   // vocab rows are padded to a multiple of this (as Pythia's 50304 = 393*128)
@@ -54,6 +55,10 @@ static const Preset PRESETS[] = {
     {"pythia-14m", 6, 128, 4, 512, 50304, 0.25f, 2048},
     {"pythia-70m", 6, 512, 8, 2048, 50304, 0.25f, 2048},
     {"pythia-160m", 12, 768, 12, 3072, 50304, 0.25f, 2048},
+    // the recall workload (prepro/mqar.py, dev/kv_table.py): two layers of pythia-14m's width and a
+    // vocabulary of MQAR's keys (1..127) and values (128..255); two layers learn recall in minutes
+    // on a CPU where six take several times as many steps
+    {"pythia-mqar", 2, 128, 4, 512, 256, 0.25f, 2048},
     // for tests: several heads, a rotary fraction of each head, a padded vocabulary
     {"tiny", 2, 32, 4, 128, 96, 0.5f, 128},
 };

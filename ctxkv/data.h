@@ -16,6 +16,7 @@ typedef struct {
     int shard_index;     // slot in shard_order of the current shard
     int loaded;          // index of the file in tokens (-1: none yet)
     uint16_t *tokens;    // the current shard, whole
+    uint8_t *mask;       // its loss mask (version 2 shards), else NULL: every target scored
     size_t ntok;
     size_t n_blocks;     // whole B*T-token blocks in the current shard (each read with its next token)
     int *block_order;    // (n_blocks) with --shuffle, this epoch's order of the blocks
@@ -23,26 +24,57 @@ typedef struct {
     int *inputs, *targets; // (B,T)
 } DataLoader;
 
+// A shard: N token ids and, in version 2 (SHARD_VERSION_MASKED, doc/formats.md), a loss mask
+// of N bytes (1: token i is a target that is scored) and the example length: the shard is whole
+// examples of that many tokens, back to back, so that B*T blocks start on an example when T equals
+// it. The recall workload (prepro/mqar.py) writes version 2: the loss falls on its answers only.
+typedef struct {
+    uint16_t *tokens;    // (N)
+    uint8_t *mask;       // (N) version 2, else NULL
+    size_t ntok;
+    int example_len;     // version 2: tokens per example, else 0
+} Shard;
+
 // Reads and validates one shard. Every token must be < vocab_size.
-static uint16_t *shard_load(const char *path, size_t *ntok_out, int vocab_size) {
+static Shard shard_read(const char *path, int vocab_size) {
     FILE *f = fopen_check(path, "rb");
     int h[HEADER_INTS];
     long long size = file_size(f);
     if (size < (long long)sizeof h) die("'%s' is too small to be a token shard (%lld bytes, header is 1024)", path, size);
     fread_check(h, sizeof(int), HEADER_INTS, f, path);
     if (h[0] != SHARD_MAGIC) die("'%s' is not a token shard (magic %d, expected %d)", path, h[0], SHARD_MAGIC);
-    if (h[1] != SHARD_VERSION) die("'%s' has shard version %d, expected %d", path, h[1], SHARD_VERSION);
+    if (h[1] != SHARD_VERSION && h[1] != SHARD_VERSION_MASKED)
+        die("'%s' has shard version %d, expected %d (tokens) or %d (tokens and a loss mask)", path, h[1], SHARD_VERSION, SHARD_VERSION_MASKED);
+    const int masked = h[1] == SHARD_VERSION_MASKED;
     if (h[2] < 0) die("'%s' has a negative token count", path);
-    long long expect = (long long)sizeof h + 2LL * h[2];
+    long long expect = (long long)sizeof h + (masked ? 3LL : 2LL) * h[2];
     if (size != expect) die("'%s' has %lld bytes but its header says %d tokens (%lld bytes): truncated or corrupt", path, size, h[2], expect);
-    size_t n = (size_t)h[2];
-    uint16_t *tok = (uint16_t *)malloc_check(n * sizeof(uint16_t), "shard tokens");
-    fread_check(tok, sizeof(uint16_t), n, f, path);
+    Shard s = {NULL, NULL, (size_t)h[2], 0};
+    if (masked) {
+        s.example_len = h[3];
+        if (h[3] < 1 || (s.ntok > 0 && (s.ntok - 1) % (size_t)h[3] != 0))
+            die("'%s': example length %d does not divide its %zu tokens (whole examples and one more token)", path, h[3], s.ntok);
+    }
+    s.tokens = (uint16_t *)malloc_check(s.ntok * sizeof(uint16_t) + 1, "shard tokens");
+    fread_check(s.tokens, sizeof(uint16_t), s.ntok, f, path);
+    if (masked) {
+        s.mask = (uint8_t *)malloc_check(s.ntok + 1, "shard mask");
+        fread_check(s.mask, 1, s.ntok, f, path);
+        for (size_t i = 0; i < s.ntok; i++)
+            if (s.mask[i] > 1) die("'%s': loss mask byte %u at index %zu is not 0 or 1", path, s.mask[i], i);
+    }
     fclose(f);
-    for (size_t i = 0; i < n; i++)
-        if (tok[i] >= vocab_size) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, tok[i], i, vocab_size);
-    *ntok_out = n;
-    return tok;
+    for (size_t i = 0; i < s.ntok; i++)
+        if (s.tokens[i] >= vocab_size) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, s.tokens[i], i, vocab_size);
+    return s;
+}
+
+// the token ids of a shard (any version), for readers that score every token
+static uint16_t *shard_load(const char *path, size_t *ntok_out, int vocab_size) {
+    Shard s = shard_read(path, vocab_size);
+    free(s.mask);
+    *ntok_out = s.ntok;
+    return s.tokens;
 }
 
 // this epoch's shard order: file order, or with --shuffle a permutation of (seed, epoch)
@@ -58,8 +90,14 @@ static void dataloader_load_shard(DataLoader *d, int slot) {
     int file = d->shard_order[slot];
     if (file != d->loaded) {
         free(d->tokens);
-        d->tokens = shard_load(d->files[file], &d->ntok, d->vocab_size);
+        free(d->mask);
+        Shard s = shard_read(d->files[file], d->vocab_size);
+        d->tokens = s.tokens;
+        d->mask = s.mask;
+        d->ntok = s.ntok;
         d->loaded = file;
+        if (s.mask && s.example_len != d->T)
+            die("'%s' holds examples of %d tokens with a loss mask: -t must be %d (it is %d), so that each row is one example", d->files[file], s.example_len, s.example_len, d->T);
         if (d->ntok < (size_t)d->B * d->T + 1)
             die("'%s' has %zu tokens, fewer than one batch needs (B*T+1 = %d)", d->files[file], d->ntok, d->B * d->T + 1);
     }
@@ -117,7 +155,8 @@ static void dataloader_reset(DataLoader *d) {
     dataloader_load_shard(d, 0);
 }
 
-// Next (B,T) batch: the next block of B consecutive windows of T+1 tokens; moves to the next
+// Next (B,T) batch: the next block of B consecutive windows of T+1 tokens (targets the mask does
+// not score are IGNORE_INDEX); moves to the next
 // shard when the current one has no whole block left, and to a new epoch after the last one.
 static void dataloader_next(DataLoader *d) {
     size_t BT = (size_t)d->B * d->T;
@@ -132,9 +171,10 @@ static void dataloader_next(DataLoader *d) {
     }
     size_t k = d->pos / BT, block = d->shuffle ? (size_t)d->block_order[k] : k;
     const uint16_t *buf = d->tokens + block * BT;
+    const uint8_t *scored = d->mask ? d->mask + block * BT + 1 : NULL; // scored[i]: target i has loss
     for (size_t i = 0; i < BT; i++) {
         d->inputs[i] = buf[i];
-        d->targets[i] = buf[i + 1];
+        d->targets[i] = !scored || scored[i] ? buf[i + 1] : IGNORE_INDEX;
     }
     d->pos += BT;
 }
@@ -145,7 +185,7 @@ static int dataloader_batches_in_shard(const DataLoader *d) { return (int)d->n_b
 static void dataloader_free(DataLoader *d) {
     for (ptrdiff_t i = 0; i < arrlen(d->files); i++) free(d->files[i]);
     arrfree(d->files);
-    free(d->tokens); free(d->inputs); free(d->targets);
+    free(d->tokens); free(d->mask); free(d->inputs); free(d->targets);
     free(d->shard_order); free(d->block_order);
 }
 

@@ -124,6 +124,104 @@ static void eval_lambada(Model *m, const char *path, int max_examples, float *ac
     *n_scored = used;
 }
 
+// Associative recall (MQAR, prepro/mqar.py; doc/formats.md "Recall eval file"): each example is
+// key-value pairs, then queries of earlier keys, each followed by its value. An answer is right
+// when the value is the argmax after its query key (exact match, answer tokens only). Accuracy
+// overall, by the example's number of pairs, and by the distance from the key's pair to the query
+// in power-of-two buckets [2^k, 2^(k+1)). Examples of one length run B at a time.
+#define RECALL_MAGIC 20261201
+#define RECALL_VERSION 1
+#define RECALL_BUCKETS 17 // distances 1 .. 65535
+typedef struct {
+    long long answers, correct;
+    int n_examples;
+    int n_groups, group_pairs[64];                       // distinct pair counts, in order of appearance
+    long long group_answers[64], group_correct[64];
+    long long dist_answers[RECALL_BUCKETS], dist_correct[RECALL_BUCKETS];
+} RecallResult;
+
+static int recall_bucket(int d) { int k = 0; while (d >>= 1) k++; return k; }
+
+static RecallResult eval_recall(Model *m, const char *path, int B) {
+    FILE *f = fopen_check(path, "rb");
+    long long size = file_size(f);
+    int h[HEADER_INTS];
+    if (size < (long long)sizeof h) die("'%s' is too small to be a recall eval file", path);
+    fread_check(h, sizeof(int), HEADER_INTS, f, path);
+    if (h[0] != RECALL_MAGIC || h[1] != RECALL_VERSION) die("'%s' is not a recall eval file (magic %d, version %d; expected %d, %d: prepro/mqar.py writes it)", path, h[0], h[1], RECALL_MAGIC, RECALL_VERSION);
+    if (h[2] < 1 || h[3] < 0) die("'%s': bad example/token counts", path);
+    if (size != (long long)sizeof h + 8LL * h[2] + 4LL * h[3]) die("'%s' is truncated or corrupt (size %lld)", path, size);
+    int *meta = (int *)malloc_check(8 * (size_t)h[2], "recall");
+    fread_check(meta, sizeof(int), 2 * (size_t)h[2], f, path);
+    const size_t ntok = (size_t)h[3];
+    uint16_t *tok = (uint16_t *)malloc_check(ntok * sizeof(uint16_t) + 1, "recall"), *dist = (uint16_t *)malloc_check(ntok * sizeof(uint16_t) + 1, "recall");
+    fread_check(tok, sizeof(uint16_t), ntok, f, path);
+    fread_check(dist, sizeof(uint16_t), ntok, f, path);
+    fclose(f);
+    const int V = m->cfg.vocab_size;
+    RecallResult r;
+    memset(&r, 0, sizeof r);
+    size_t off = 0;
+    for (int i = 0; i < h[2]; i++) {
+        const int len = meta[2 * i], pairs = meta[2 * i + 1];
+        if (len < 2 || pairs < 1 || off + len > ntok) die("'%s': example %d has bad length %d or pair count %d", path, i, len, pairs);
+        if (len > m->cfg.max_seq_len) die("'%s': example %d has %d tokens, more than the model's %d", path, i, len, m->cfg.max_seq_len);
+        if (dist[off] != 0) die("'%s': example %d: its first token cannot be an answer", path, i);
+        off += len;
+    }
+    if (off != ntok) die("'%s': example lengths do not add up to the token count", path);
+    for (size_t i = 0; i < ntok; i++)
+        if (tok[i] >= V) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, tok[i], i, V);
+    int *x = NULL; // stb_ds array
+    off = 0;
+    for (int i = 0; i < h[2];) {
+        const int len = meta[2 * i];
+        int n = 1; // examples i .. i+n-1: one batch of equal length
+        while (n < B && i + n < h[2] && meta[2 * (i + n)] == len) n++;
+        arrsetlen(x, (size_t)n * len);
+        for (size_t j = 0; j < (size_t)n * len; j++) x[j] = tok[off + j];
+        model_forward(m, x, NULL, n, len);
+        for (int b = 0; b < n; b++, i++, off += len) {
+            int g = 0;
+            while (g < r.n_groups && r.group_pairs[g] != meta[2 * i + 1]) g++;
+            if (g == r.n_groups) {
+                if (g == 64) die("'%s': more than 64 distinct pair counts", path);
+                r.group_pairs[r.n_groups++] = meta[2 * i + 1];
+            }
+            const float *z = model_logits_host(m, b * len, len); // row j predicts token j + 1
+            for (int j = 1; j < len; j++) {
+                if (!dist[off + j]) continue;
+                const float *zj = z + (size_t)(j - 1) * m->cfg.padded_vocab_size;
+                int best = 0;
+                for (int v = 1; v < V; v++) if (zj[v] > zj[best]) best = v;
+                const int ok = best == tok[off + j], k = recall_bucket(dist[off + j]);
+                r.answers++; r.correct += ok;
+                r.group_answers[g]++; r.group_correct[g] += ok;
+                r.dist_answers[k]++; r.dist_correct[k] += ok;
+            }
+            r.n_examples++;
+        }
+    }
+    arrfree(x); free(meta); free(tok); free(dist);
+    if (r.answers == 0) die("'%s' has no answer tokens to score", path);
+    return r;
+}
+
+// the result as JSON: {"acc": a, "answers": n, "by_pairs": {"4": a, ...}, "by_distance": {"1-1": a, "2-3": a, ...}}
+static void recall_json(const RecallResult *r, char *buf, size_t cap) {
+    size_t n = (size_t)snprintf(buf, cap, "{\"acc\": %.6f, \"answers\": %lld, \"examples\": %d, \"by_pairs\": {",
+                                (double)r->correct / r->answers, r->answers, r->n_examples);
+    for (int g = 0; g < r->n_groups && n < cap; g++)
+        n += (size_t)snprintf(buf + n, cap - n, "%s\"%d\": %.6f", g ? ", " : "", r->group_pairs[g], (double)r->group_correct[g] / r->group_answers[g]);
+    if (n < cap) n += (size_t)snprintf(buf + n, cap - n, "}, \"by_distance\": {");
+    for (int k = 0, first = 1; k < RECALL_BUCKETS && n < cap; k++) {
+        if (!r->dist_answers[k]) continue;
+        n += (size_t)snprintf(buf + n, cap - n, "%s\"%d-%d\": %.6f", first ? "" : ", ", 1 << k, (2 << k) - 1, (double)r->dist_correct[k] / r->dist_answers[k]);
+        first = 0;
+    }
+    if (n < cap) snprintf(buf + n, cap - n, "}}");
+}
+
 // ----------------------------------------------------------------------------
 // Generation
 

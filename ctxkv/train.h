@@ -221,6 +221,15 @@ static void run_evaluation(Model *m, const Args *a, const TrainResult *r, const 
         snprintf(lam_ppl, sizeof lam_ppl, "%.4f", ppl);
         snprintf(lam_n, sizeof lam_n, "%d", n);
     }
+    static char recall[4096];
+    snprintf(recall, sizeof recall, "null");
+    if (a->eval_recall) {
+        double t0 = now_seconds();
+        RecallResult rr = eval_recall(m, a->eval_recall, a->B);
+        recall_json(&rr, recall, sizeof recall);
+        printf("recall: accuracy %.4f over %lld answers of %d examples of %s [%.1f s]\n", (double)rr.correct / rr.answers, rr.answers, rr.n_examples, a->eval_recall, now_seconds() - t0);
+        printf("recall: %s\n", recall);
+    }
     if (a->eval_gen) { // prompts from real text when there is some
         uint16_t fallback = 0;
         const uint16_t *ptok = prompts ? prompts->tokens : &fallback;
@@ -241,10 +250,10 @@ static void run_evaluation(Model *m, const Args *a, const TrainResult *r, const 
     fprintf(af.f,
             "{\"train_loss\": %s, \"val_loss\": %s, \"heldout_loss_wikitext2\": %s, \"heldout_tokens\": %s, "
             "\"lambada_acc\": %s, \"lambada_ppl\": %s, \"lambada_examples\": %s, \"generation_toks_per_s\": %s, "
-            "\"generation_toks_per_s_b8\": %s, \"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, "
+            "\"generation_toks_per_s_b8\": %s, \"recall\": %s, \"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, "
             "\"kv_cache_bytes_measured_fp32\": %s, \"kv_cache_bytes_analytic_fp32\": %zu, \"params\": %zu, "
             "\"tokens_seen\": %lld, \"tokens_per_s\": %.1f, \"steps\": %d}\n",
-            train_s, val_s, heldout, heldout_n, lam_acc, lam_ppl, lam_n, gen1, gen8,
+            train_s, val_s, heldout, heldout_n, lam_acc, lam_ppl, lam_n, gen1, gen8, recall,
             2 * attn_kv_elements(c, c->attn_type), 2 * kv_elements_per_token(c), cache_meas,
             4 * kv_elements_at(c, (size_t)a->gen_prompt + a->gen_new), m->num_params, r->tokens_seen,
             r->train_time > 0 ? r->tokens_seen / r->train_time : 0.0, a->steps);

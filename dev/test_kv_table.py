@@ -2,21 +2,26 @@
 
     .venv/bin/python dev/test_kv_table.py [--binary ./train_ctxkv] [--keep DIR]
 
-Runs `dev/kv_table.py --quick` into a temporary folder (about 1 minute, one thread), then checks
-that kv_table.md has one row per variant with finite numbers, that its KV columns and params match
-`train_ctxkv --kv-report` for each variant's flags (written out here from the spec, not taken from
-kv_table.py), that every variant saw the same tokens, that --table-only rebuilds the same table,
-that --compare passes against a copy of the run and fails on a moved number, and that
-data/eval/*.bin follow doc/formats.md; and that the README's table is the one the committed
-doc/results/cpu/*.json give. Needs only the standard library (the prepro venv is
+Runs `dev/kv_table.py --quick` into a temporary folder (two workloads, 2 seeds, one thread: about
+2 minutes), then checks that kv_table.md has one row per variant with finite numbers, mean +- std
+cells that are the mean and sample std (statistics module) of the runs' own JSON, and recall
+columns; that its KV columns and params match `train_ctxkv --kv-report` for each variant's flags
+(written out here from the spec, not taken from kv_table.py); that every run of a workload saw the
+same tokens; that Welch's two-standard-error mark is set on numbers worked by hand; that a second
+run reuses every finished run and rebuilds the same table; that --table-only rebuilds it too;
+that --compare passes against a copy of the run and fails on a moved number; that data/eval/*.bin
+follow doc/formats.md; and that the README's table is the one the committed doc/results/cpu
+JSON give. Needs only the standard library (the prepro venv is
 enough; the PNG is checked only when matplotlib is there). Prints PASS/FAIL lines and
 'N passed, N failed'; exits 1 on any failure.
 """
 import argparse
+import glob
 import json
 import math
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -32,7 +37,8 @@ EXPECTED = {
     "ctxkv-gqa": ["--attn", "gqa", "--n-kv-head", "2", "--layer0", "ctxkv", "--context-dim", "64"],
     "ctxpythia": ["--model-type", "ctxpythia", "--context-dim", "64"],
 }
-EVAL_COLS = ("held-out loss (WikiText-2)", "LAMBADA acc", "LAMBADA ppl")
+EVAL_COLS = ("held-out loss (WikiText-2)", "LAMBADA acc")
+WORKLOADS = ("lm", "recall")
 results = []
 
 
@@ -52,7 +58,7 @@ def parse_table(path):
 
 def finite(cell):
     try:
-        return math.isfinite(float(cell.rstrip("M").split("x")[0]))
+        return all(math.isfinite(float(part.strip(" *").rstrip("M").split("x")[0])) for part in cell.split("±"))
     except ValueError:
         return False
 
@@ -79,20 +85,59 @@ def check_eval_files():
     return True
 
 
+def run_files(out, wl, name):
+    """The run JSONs of a (workload, variant) in seed order."""
+    paths = sorted(glob.glob(os.path.join(out, wl, f"{name}_s*.json")))
+    return [json.load(open(p)) for p in paths]
+
+
+def check_cells(out, table):
+    """Cells are mean +- sample std of the runs' JSON numbers, worked here with statistics."""
+    bad = []
+    for name, row in table.items():
+        for col, wl, get, fmt in (("val loss", "lm", lambda r: r["val_loss"], ".4f"),
+                                  ("recall acc", "recall", lambda r: r["recall"]["acc"], ".3f"),
+                                  ("recall 2 pairs", "recall", lambda r: r["recall"]["by_pairs"]["2"], ".3f")):
+            xs = [get(r) for r in run_files(out, wl, name)]
+            want = f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}" if len(xs) > 1 else "?"
+            if row.get(col, "").rstrip(" *") != want:
+                bad.append(f"{name} {col}: {row.get(col)!r}, runs give {want!r}")
+    check("table cells are mean ± std (sample) over the seeds' JSON, for val loss and recall", not bad, bad)
+
+
+def check_welch():
+    """The significance mark, on numbers worked by hand."""
+    sys.path.insert(0, os.path.join(REPO, "dev"))
+    import kv_table
+    # a: mean 1.1, s 0.1; b: mean 1.4, s 0.1; SE = sqrt(0.01/3 + 0.01/3) = 0.0816; |diff| 0.3 > 0.163
+    a = kv_table.mean_std([1.0, 1.1, 1.2])
+    b = kv_table.mean_std([1.3, 1.4, 1.5])
+    # c: mean 1.2, s 0.1: |diff| 0.1 < 0.163; d: one seed: never marked
+    c = kv_table.mean_std([1.1, 1.2, 1.3])
+    d = kv_table.mean_std([5.0])
+    ok = abs(a[0] - 1.1) < 1e-12 and abs(a[1] - 0.1) < 1e-12 and a[2] == 3
+    check("Welch mark: 0.3 apart at s 0.1 (3 seeds each) marked; 0.1 apart not; a single seed never",
+          ok and kv_table.differs(a, b) and not kv_table.differs(a, c) and not kv_table.differs(a, d),
+          (a, b, c, d))
+    # unequal variances: s 0.5 vs 0.01 over 2 seeds: SE = sqrt(0.25/2 + 0.0001/2) = 0.3536
+    e, f = kv_table.mean_std([1.0, 1.7071]), kv_table.mean_std([2.0, 2.01])
+    check("Welch mark uses each side's own variance (diff 0.65 < 2 SE 0.71: not marked)", not kv_table.differs(e, f),
+          (e, f))
+
+
 def check_compare(out):
     """--compare: the run against a copy of itself passes; a copy with a moved loss and KV figure fails,
     naming both numbers."""
     ref = tempfile.mkdtemp(prefix="test_kv_compare_")
     try:
-        for name in EXPECTED:
-            if os.path.isfile(os.path.join(out, f"{name}.json")):
-                shutil.copy(os.path.join(out, f"{name}.json"), ref)
+        for wl in WORKLOADS:
+            shutil.copytree(os.path.join(out, wl), os.path.join(ref, wl))
         cmd = [sys.executable, "dev/kv_table.py", "--quick", "--out", out, "--table-only", "--compare", ref]
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         check("--compare against an identical copy: exit 0, 0 numbers outside tolerance",
               r.returncode == 0 and "0 number(s) outside tolerance" in r.stdout, r.stdout[-1500:] + r.stderr)
-        for name, key, delta in (("mha", "val_loss", 0.2), ("gqa", "kv_bytes_per_token_bf16", 2)):
-            path = os.path.join(ref, f"{name}.json")
+        for wl, name, key, delta in (("lm", "mha", "val_loss", 0.2), ("lm", "gqa", "kv_bytes_per_token_bf16", 2)):
+            path = os.path.join(ref, wl, f"{name}_s1.json")
             with open(path) as f:
                 res = json.load(f)
             res[key] += delta
@@ -101,33 +146,35 @@ def check_compare(out):
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         diffs = [line.split()[1:3] for line in r.stdout.splitlines() if line.startswith("DIFF")]
         check("--compare with mha val_loss +0.2 and gqa KV bytes +2: exit 1, exactly those two DIFF lines",
-              r.returncode == 1 and sorted(diffs) == [["gqa", "kv_bytes_per_token_bf16"], ["mha", "val_loss"]],
+              r.returncode == 1 and sorted(diffs) == [["lm/gqa_s1", "kv_bytes_per_token_bf16"], ["lm/mha_s1", "val_loss"]],
               f"exit {r.returncode}, {diffs}")
     finally:
         shutil.rmtree(ref, ignore_errors=True)
 
 
 def check_published():
-    """The README's table is the one --table-only builds from the committed doc/results/cpu/*.json."""
+    """The README's table is the one --table-only builds from the committed doc/results/cpu JSON."""
     pub = os.path.join(REPO, "doc", "results", "cpu")
     tmp = tempfile.mkdtemp(prefix="test_kv_published_")
     try:
-        for name in EXPECTED:
-            shutil.copy(os.path.join(pub, f"{name}.json"), tmp)
+        for d in WORKLOADS + ("speed",):
+            if os.path.isdir(os.path.join(pub, d)):
+                shutil.copytree(os.path.join(pub, d), os.path.join(tmp, d))
         r = subprocess.run([sys.executable, "dev/kv_table.py", "--out", tmp, "--table-only"],
                            cwd=REPO, capture_output=True, text=True)
-        with open(os.path.join(tmp, "kv_table.md")) as f:
-            rebuilt = f.read()
+        rebuilt = open(os.path.join(tmp, "kv_table.md")).read() if r.returncode == 0 else r.stderr
         with open(os.path.join(pub, "kv_table.md")) as f:
             committed = f.read()
         check("doc/results/cpu/kv_table.md is what --table-only builds from its JSON files",
-              r.returncode == 0 and rebuilt == committed, r.stderr[-1000:])
+              rebuilt == committed, rebuilt[-1000:])
         with open(os.path.join(REPO, "README.md")) as f:
             readme = f.read()
         rows = [line for line in committed.splitlines() if line.startswith("|")]
         missing = [row.split("|")[1].strip() for row in rows if row not in readme]
         check(f"README.md carries the published table's {len(rows)} lines verbatim", len(rows) == 9 and not missing,
               f"rows not in README: {missing}")
+        seeds = {json.load(open(p))["seed"] for p in glob.glob(os.path.join(pub, "recall", "mha_s*.json"))}
+        check("the published table has at least 3 seeds of mha's recall runs", len(seeds) >= 3, seeds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -139,24 +186,28 @@ def main():
     args = ap.parse_args()
     out = args.keep or tempfile.mkdtemp(prefix="test_kv_table_")
     t0 = time.time()
-    r = subprocess.run([sys.executable, "dev/kv_table.py", "--quick", "--out", out, "--binary", args.binary],
-                       cwd=REPO, capture_output=True, text=True)
+    cmd = [sys.executable, "dev/kv_table.py", "--quick", "--out", out, "--binary", args.binary]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     dt = time.time() - t0
     check(f"kv_table.py --quick exits 0 ({dt:.0f} s)", r.returncode == 0,
           (r.stdout[-3000:] + r.stderr[-3000:]).strip())
     check("kv_table.py --quick under 5 minutes", dt < 300, f"{dt:.0f} s")
     have_eval = check_eval_files()
     check_published()
+    check_welch()
     md = os.path.join(out, "kv_table.md")
     table = parse_table(md) if os.path.isfile(md) else {}
     check("kv_table.md has a row per variant", sorted(table) == sorted(EXPECTED), sorted(table))
-    tokens = set()
+    cols = next(iter(table.values()), {})
+    check("kv_table.md has recall columns: overall and per pair count (2, 4)",
+          all(c in cols for c in ("recall acc", "recall 2 pairs", "recall 4 pairs")), list(cols))
+    check_cells(out, table)
+    tokens = {wl: set() for wl in WORKLOADS}
     for name, flags in EXPECTED.items():
         row = table.get(name)
         if not row:
             continue
-        cols = [c for c in row if c != "variant" and (have_eval or c not in EVAL_COLS)]
-        bad = [f"{c}={row[c]}" for c in cols if not finite(row[c])]
+        bad = [f"{c}={row[c]}" for c in row if c != "variant" and (have_eval or c not in EVAL_COLS) and not finite(row[c])]
         check(f"{name}: finite numbers in every column", not bad, bad)
         rep = subprocess.run([args.binary, "--model", "pythia-14m"] + flags + ["--kv-report"],
                              cwd=REPO, capture_output=True, text=True)
@@ -169,19 +220,28 @@ def main():
         want = (str(kv["kv_bytes_per_token_per_layer_bf16"]), str(kv["kv_bytes_per_token_bf16"]),
                 f"{kv['params'] / 1e6:.2f}M")
         check(f"{name}: KV bytes and params match --kv-report {' '.join(flags)}", got == want, f"{got} vs {want}")
-        with open(os.path.join(out, f"{name}.json")) as f:
-            res = json.load(f)
-        tokens.add(res.get("tokens_seen"))
-        check(f"{name}: {name}.json has the variant, wall time and a log",
-              res.get("variant") == name and res.get("wall_s", 0) > 0
-              and not os.path.isabs(res["run_dir"]) and os.path.isfile(os.path.join(out, res["run_dir"], "log.jsonl")), res.get("variant"))
-    check("every variant saw the same tokens", len(tokens) == 1 and None not in tokens, tokens)
+        runs = {wl: run_files(out, wl, name) for wl in WORKLOADS}
+        for wl, rs in runs.items():
+            tokens[wl].update(r.get("tokens_seen") for r in rs)
+        check(f"{name}: 2 seeds per workload, each JSON with its variant, seed, wall time and a log",
+              all(len(rs) == 2 and [r["seed"] for r in rs] == [1337, 1338] for rs in runs.values()) and
+              all(r.get("variant") == name and r.get("wall_s", 0) > 0 and not os.path.isabs(r["run_dir"])
+                  and os.path.isfile(os.path.join(out, r["run_dir"], "log.jsonl")) for rs in runs.values() for r in rs),
+              {wl: [(r.get("variant"), r.get("seed")) for r in rs] for wl, rs in runs.items()})
+    for wl in WORKLOADS:
+        check(f"{wl}: every run saw the same tokens", len(tokens[wl]) == 1 and None not in tokens[wl], tokens[wl])
     mha = table.get("mha", {}).get("KV reduction vs mha", "")
     mqa = table.get("mqa", {}).get("KV reduction vs mha", "")
     check("KV reduction column: mha 1.00x, mqa 4.00x", mha.startswith("1.00x") and mqa.startswith("4.00x"), (mha, mqa))
     if os.path.isfile(md):
         with open(md) as f:
             before = f.read()
+        t1 = time.time()
+        r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        with open(md) as f:
+            check(f"a second run reuses all 28 finished runs and rebuilds the same table ({time.time() - t1:.0f} s)",
+                  r2.returncode == 0 and "reusing 28 finished run(s)" in r2.stdout and "=== run" not in r2.stdout
+                  and f.read() == before, r2.stdout[-1500:] + r2.stderr[-1500:])
         r2 = subprocess.run([sys.executable, "dev/kv_table.py", "--quick", "--out", out, "--table-only"],
                             cwd=REPO, capture_output=True, text=True)
         with open(md) as f:
@@ -189,9 +249,10 @@ def main():
         check_compare(out)
     try:
         import matplotlib  # noqa: F401
-        check("kv_losses.png written", os.path.getsize(os.path.join(out, "kv_losses.png")) > 10_000)
+        check("kv_pareto.png and kv_losses.png written", all(os.path.getsize(os.path.join(out, p)) > 10_000
+                                                             for p in ("kv_pareto.png", "kv_losses.png")))
     except ImportError:
-        check("without matplotlib the PNG is skipped with a message", "matplotlib is not installed" in r.stdout)
+        check("without matplotlib the PNGs are skipped with a message", "matplotlib is not installed" in r.stdout)
     if not args.keep and all(results):
         shutil.rmtree(out, ignore_errors=True)
     elif not all(results):

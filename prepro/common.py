@@ -13,6 +13,8 @@ DEFAULT_TOKENIZER = os.path.join(REPO_ROOT, "data", "vendor", "20B_tokenizer.jso
 HEADER_INTS = 256               # every file starts with 256 int32 = 1024 bytes
 HEADER_BYTES = HEADER_INTS * 4
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
+SHARD_VERSION_MASKED = 2        # tokens, then one loss-mask byte per token (recall shards)
+RECALL_MAGIC, RECALL_VERSION = 20261201, 1
 TABLE_MAGIC, TABLE_VERSION = 20240328, 3
 EOT_ID = 0                      # <|endoftext|> in the GPT-NeoX tokenizer
 
@@ -75,6 +77,21 @@ def write_shard(path, tokens):
                          f"(min {tokens.min()}, max {tokens.max()})")
     h = make_header(SHARD_MAGIC, SHARD_VERSION, tokens.size)
     atomic_write(path, [h.tobytes(), tokens.astype("<u2").tobytes()])
+
+
+def write_masked_shard(path, tokens, mask, example_len):
+    """Write a version-2 shard: header [20240520, 2, N, example_len, 0...], N uint16 ids, then N
+    uint8 loss-mask bytes (1: the token is a scored target). The trainer reads B*T blocks of it with
+    -t example_len, so that each row is one example."""
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    if tokens.shape != mask.shape or tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens {tokens.shape} and mask {mask.shape} must be 1-D and equal")
+    if (tokens.size - 1) % example_len:
+        raise ValueError(f"{path}: {tokens.size} tokens are not whole examples of {example_len} and one more")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16 or not np.isin(mask, (0, 1)).all()):
+        raise ValueError(f"{path}: token id out of uint16 range, or a mask byte not 0/1")
+    h = make_header(SHARD_MAGIC, SHARD_VERSION_MASKED, tokens.size, example_len)
+    atomic_write(path, [h.tobytes(), tokens.astype("<u2").tobytes(), mask.astype("u1").tobytes()])
 
 
 def read_shard(path):

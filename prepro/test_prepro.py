@@ -19,6 +19,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import ckpt  # noqa: E402
+import mqar  # noqa: E402
 import export_hf  # noqa: E402
 import import_hf  # noqa: E402
 import tokenize_text as tt  # noqa: E402
@@ -271,6 +272,55 @@ def test_export_hf():
           raises(lambda: export_hf.export(tmp("padded.bin"), tmp("no2"), verbose=False), "embed_out", "padding"))
 
 
+def test_mqar():
+    """prepro/mqar.py: every answer is the value paired earlier with the key just before it, keys are
+    distinct, the distance is from that pair's key to the query, and the loss mask marks exactly the
+    answers; checked by scanning the tokens, not with the generator's own bookkeeping."""
+    out = tmp("mqar")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "mqar.py"), "--out", out, "--vocab", "64", "-t", "32",
+                        "--pairs", "2,6", "--n-train", "40", "--n-val", "4", "--n-test", "10"], capture_output=True, text=True)
+    check("mqar.py writes its three files", r.returncode == 0 and all(
+        os.path.isfile(os.path.join(out, f)) for f in ("train_000.bin", "val_000.bin", "test.bin")), r.stderr)
+    if r.returncode:
+        return
+    tok, dist, meta = mqar.read_recall_file(os.path.join(out, "test.bin"))
+    bad, npairs_seen = [], set()
+    for i, (T, npairs) in enumerate(meta):
+        x, d = tok[i * T:(i + 1) * T].astype(int), dist[i * T:(i + 1) * T].astype(int)
+        keys, vals = list(x[0:2 * npairs:2]), list(x[1:2 * npairs:2])
+        answers = [j for j in range(T) if d[j]]
+        ok = (len(set(keys)) == npairs and all(1 <= k < 32 for k in keys) and all(32 <= v < 64 for v in vals)
+              and len(answers) == npairs and sorted(x[j - 1] for j in answers) == sorted(keys)
+              and all(j - 1 >= 2 * npairs for j in answers))
+        for j in answers:
+            at = keys.index(x[j - 1]) if x[j - 1] in keys else -1
+            ok = ok and at >= 0 and x[j] == vals[at] and d[j] == (j - 1) - 2 * at
+        npairs_seen.add(int(npairs))
+        if not ok:
+            bad.append(i)
+    check("mqar test file: each answer is the value of the key before it, keys distinct, distances from the pair",
+          not bad and npairs_seen == {2, 6} and len(meta) == 20, bad[:5])
+    h = np.fromfile(os.path.join(out, "train_000.bin"), dtype="<i4", count=256)
+    n = int(h[2])
+    ids = np.fromfile(os.path.join(out, "train_000.bin"), dtype="<u2", count=n, offset=1024)
+    mask = np.fromfile(os.path.join(out, "train_000.bin"), dtype="u1", count=n, offset=1024 + 2 * n)
+    rows, bad = ids[:-1].reshape(-1, 32).astype(int), []
+    for i, x in enumerate(rows):  # the row's answers: its mask count k is its pair count
+        m = mask[i * 32:(i + 1) * 32]
+        k = int(m.sum())
+        pairs = {x[2 * j]: x[2 * j + 1] for j in range(k)}
+        if not (k in (2, 6) and len(pairs) == k and all(x[j - 1] in pairs and x[j] == pairs[x[j - 1]] and j - 1 >= 2 * k
+                                                        for j in np.flatnonzero(m))):
+            bad.append(i)
+    check("mqar train shard: the mask marks answers only, each the value of the key before it", not bad, bad[:5])
+    check("mqar train shard: version 2, example length 32, 40 examples and one token, mask bytes 0/1 with answers only",
+          h[1] == 2 and h[3] == 32 and n == 40 * 32 + 1 and os.path.getsize(os.path.join(out, "train_000.bin")) == 1024 + 3 * n
+          and set(np.unique(mask)) <= {0, 1} and mask[-1] == 0 and int(mask.sum()) == 20 * 2 + 20 * 6, (h[:4], int(mask.sum())))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "mqar.py"), "--out", out, "-t", "16", "--pairs", "8"],
+                       capture_output=True, text=True)
+    check("mqar.py: T too short for the pairs exits 1 saying so", r.returncode == 1 and "too short" in r.stderr, r.stderr)
+
+
 def main():
     texts = [("tinyshakespeare", open(os.path.join(REPO_ROOT, "data", "vendor", "tinyshakespeare.txt"),
                                       encoding="utf-8").read())]
@@ -288,6 +338,7 @@ def main():
     test_tokenize_text()
     test_ckpt()
     test_export_hf()
+    test_mqar()
     import shutil
     shutil.rmtree(TMP)
     n_ok = sum(results)
