@@ -563,7 +563,8 @@ def run_one(scale, cfg, wl, name, k, out, with_eval, env, base_kv, prefix):
     """Train and evaluate one (workload, variant, seed); write and return its result."""
     seed = SEED0 + k
     run_dir = os.path.join(out, "runs", wl, name, f"s{k}")
-    p1_cmd, cmd = train_cmd(scale, cfg, wl, name, seed, run_dir, with_eval)
+    # the commands run in REPO and name the run by a relative path: no machine's path in results
+    p1_cmd, cmd = train_cmd(scale, cfg, wl, name, seed, os.path.relpath(run_dir, REPO), with_eval)
     metrics = os.path.join(run_dir, "metrics.json")
     if os.path.exists(metrics):
         os.remove(metrics)  # a stale one must not pass for this run's
@@ -682,7 +683,7 @@ def main():
               ", ".join(f"{wl} {n} {fmt_time(s)}" for (wl, n), s in est.items()) + ")", flush=True)
     if args.dry_run:
         for wl, name, k in todo:
-            for cmd in train_cmd(scale, cfg, wl, name, SEED0 + k, os.path.join(out, "runs", wl, name, f"s{k}"), with_eval):
+            for cmd in train_cmd(scale, cfg, wl, name, SEED0 + k, os.path.relpath(os.path.join(out, "runs", wl, name, f"s{k}"), REPO), with_eval):
                 if cmd:
                     print(shlex.join(cmd))
         return
@@ -715,7 +716,8 @@ def main():
             if not os.path.isfile(model_bin) or (os.path.isfile(speed_json) and ("lm", name, 0) not in todo):
                 continue  # kept: its model was not retrained
             sdir = os.path.join(out, "runs", "speed", name)
-            rc, tail = stream(speed_cmd(cfg, model_bin, train_glob) + ["--out", sdir], env, f"[speed {name}]", 0)
+            rc, tail = stream(speed_cmd(cfg, os.path.relpath(model_bin, REPO), train_glob) +
+                              ["--out", os.path.relpath(sdir, REPO)], env, f"[speed {name}]", 0)
             if rc != 0:
                 failed.append(f"speed/{name}")
                 continue
