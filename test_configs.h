@@ -1,5 +1,6 @@
 // test_configs.h: the tiny configs both harnesses (test_ctxkv.c, test_ctxkv_cu.cu) test every
-// variant with, built as the command line builds them (apply_variant_flags, apply_context_flags).
+// variant with, built as the command line builds them (apply_variant_flags, apply_context_flags),
+// and the writers of the small masked shards and recall files both feed their programs.
 #ifndef TEST_CONFIGS_H
 #define TEST_CONFIGS_H
 
@@ -47,6 +48,29 @@ static Config preset_variant(const char *preset, const char *attn, const char *l
     a.layer0 = layer0;
     apply_context_flags(&c, &a);
     return c;
+}
+
+// masked shards (version 2) and recall eval files, doc/formats.md
+static void write_masked_shard(const char *path, const uint16_t *tok, const uint8_t *mask, int ntok, int example_len, int header_ntok) {
+    FILE *f = fopen_check(path, "wb");
+    int h[HEADER_INTS] = {0};
+    h[0] = SHARD_MAGIC; h[1] = SHARD_VERSION_MASKED; h[2] = header_ntok; h[3] = example_len;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    fwrite_check(tok, sizeof(uint16_t), ntok, f, path);
+    fwrite_check(mask, 1, ntok, f, path);
+    fclose(f);
+}
+
+// a recall eval file of n examples (len[i], pairs[i]) over tok and dist (sum of len tokens each)
+static void write_recall(const char *path, int magic, int n, const int *len, const int *pairs, const uint16_t *tok, const uint16_t *dist, int ntok, int truncate) {
+    FILE *f = fopen_check(path, "wb");
+    int h[HEADER_INTS] = {0};
+    h[0] = magic; h[1] = RECALL_VERSION; h[2] = n; h[3] = ntok;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    for (int i = 0; i < n; i++) { int m[2] = {len[i], pairs[i]}; fwrite_check(m, sizeof(int), 2, f, path); }
+    fwrite_check(tok, sizeof(uint16_t), ntok, f, path);
+    fwrite_check(dist, sizeof(uint16_t), ntok - truncate, f, path);
+    fclose(f);
 }
 
 #endif

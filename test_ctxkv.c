@@ -654,28 +654,6 @@ static void check_roundtrip(const char *dir) {
 // ----------------------------------------------------------------------------
 // masked shards (version 2) and the recall evaluator (doc/formats.md)
 
-static void write_masked_shard(const char *path, const uint16_t *tok, const uint8_t *mask, int ntok, int example_len, int header_ntok) {
-    FILE *f = fopen_check(path, "wb");
-    int h[HEADER_INTS] = {0};
-    h[0] = SHARD_MAGIC; h[1] = SHARD_VERSION_MASKED; h[2] = header_ntok; h[3] = example_len;
-    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
-    fwrite_check(tok, sizeof(uint16_t), ntok, f, path);
-    fwrite_check(mask, 1, ntok, f, path);
-    fclose(f);
-}
-
-// a recall eval file of n examples (len[i], pairs[i]) over tok and dist (sum of len tokens each)
-static void write_recall(const char *path, int magic, int n, const int *len, const int *pairs, const uint16_t *tok, const uint16_t *dist, int ntok, int truncate) {
-    FILE *f = fopen_check(path, "wb");
-    int h[HEADER_INTS] = {0};
-    h[0] = magic; h[1] = RECALL_VERSION; h[2] = n; h[3] = ntok;
-    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
-    for (int i = 0; i < n; i++) { int m[2] = {len[i], pairs[i]}; fwrite_check(m, sizeof(int), 2, f, path); }
-    fwrite_check(tok, sizeof(uint16_t), ntok, f, path);
-    fwrite_check(dist, sizeof(uint16_t), ntok - truncate, f, path);
-    fclose(f);
-}
-
 static void check_masked_loss_and_recall(void) {
     printf("-- masked shards and the recall evaluator\n");
     Config c = config_from_preset(find_preset("tiny"));

@@ -20,7 +20,8 @@ Checks:
      block's gradients and weights after 1 and 3 iterations.
   4. KV-cached decoding (batch 2) on the GPU: equals the GPU's full forward, equals the CPU's
      cached decoding on the same tokens, and the cache holds the analytic number of bytes.
-  5. --kv-report and --generate: ./train_ctxkv_cu prints the same figures as ./train_ctxkv.
+  5. --kv-report and --generate: ./train_ctxkv_cu prints the same figures as ./train_ctxkv; a
+     masked (recall) shard trains to the same answer-only loss and --eval-recall counts alike.
 Ends with "N passed, N failed"; exits non-zero on any failure.
 
 Tolerances. With PRECISION=FP32 everything is fp32 and the checks use test_ctxkv's tolerances
@@ -508,6 +509,48 @@ static void check_command_line(const char *bin_cpu, const char *bin_cu) {
     }
 }
 
+// the recall workload through both programs: a masked shard trains 3 steps (the loss on answers
+// only), then --eval-recall; the same answers counted, the same val loss and accuracy
+static void check_recall_command_line(const char *bin_cpu, const char *bin_cu) {
+    printf("-- recall workload: %s vs %s\n", bin_cu, bin_cpu);
+    enum { E = 8, L = 16, N = E * L + 1 };
+    uint16_t tok[N];
+    uint8_t mask[N] = {0};
+    uint16_t dist[E * L] = {0};
+    uint64_t rng = 11;
+    for (int i = 0; i < N; i++) tok[i] = (uint16_t)(random_u32(&rng) % 96);
+    for (int e = 0; e < E; e++)
+        for (int j = 5; j < L; j += 4) mask[e * L + j] = 1, dist[e * L + j] = (uint16_t)(j - 1);
+    char shard[512], rec[512];
+    snprintf(shard, sizeof shard, "%s/recall_masked.bin", tmpdir);
+    snprintf(rec, sizeof rec, "%s/recall_test.bin", tmpdir);
+    write_masked_shard(shard, tok, mask, N, L, N);
+    int len[E], pairs[E];
+    for (int e = 0; e < E; e++) len[e] = L, pairs[e] = 1 + e % 2;
+    write_recall(rec, RECALL_MAGIC, E, len, pairs, tok, dist, E * L, 0);
+    char out[2][4096], val[2][4096];
+    const char *bins[2] = {bin_cpu, bin_cu};
+    for (int k = 0; k < 2; k++) {
+        char cmd[2048];
+        snprintf(cmd, sizeof cmd, "%s --model tiny -b 2 -t %d --steps 3 --val-every 0 --val-batches 2 --sample-every 0 --tokenizer '' "
+                 "--train %s --val %s --eval-recall %s 2>&1", bins[k], L, shard, shard, rec);
+        command_line_with(cmd, "recall: accuracy", out[k], sizeof out[k]);
+        command_line_with(cmd, "| val loss", val[k], sizeof val[k]);
+    }
+    float acc[2] = {-1, -1}, vl[2] = {-1, -1};
+    long long ans[2] = {-1, -2};
+    int ex[2] = {-1, -2};
+    for (int k = 0; k < 2; k++) {
+        sscanf(out[k], "recall: accuracy %f over %lld answers of %d examples", &acc[k], &ans[k], &ex[k]);
+        const char *v = strstr(val[k], "val loss ");
+        if (v) sscanf(v, "val loss %f", &vl[k]);
+    }
+    check(ans[0] == E * 3 && ans[0] == ans[1] && ex[0] == E && ex[0] == ex[1], "--eval-recall: both programs count %lld answers of %d examples (CUDA %lld, %d)",
+          ans[0], ex[0], ans[1], ex[1]);
+    check(vl[0] > 0 && fabsf(vl[0] - vl[1]) <= TOL_STEP * fmaxf(1.0f, vl[0]) && fabsf(acc[0] - acc[1]) <= (FP32_TOLERANCES ? 1.5f : 6.5f) / (E * 3),
+          "masked shard, 3 steps: val loss on the answers %.5f vs CPU %.5f, recall %.4f vs %.4f", vl[1], vl[0], acc[1], acc[0]);
+}
+
 int main(int argc, char **argv) {
     if (argc == 3) { // check one model/state pair only
         check_reference(argv[1], argv[2]);
@@ -548,6 +591,7 @@ int main(int argc, char **argv) {
     printf("-- cached decoding\n");
     for (int i = 0; i < n_cfgs; i++) check_cached_decoding(cfgs[i].label, cfgs[i].c);
     check_command_line(bin_cpu, bin_cu);
+    check_recall_command_line(bin_cpu, bin_cu);
 
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
