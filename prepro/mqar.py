@@ -7,8 +7,9 @@ Each example is T tokens: N key-value pairs k1 v1 .. kN vN (keys from 1..V/2-1, 
 V/2..V-1, distinct keys), then a query region where each key is asked once: at a slot 2g past the
 pairs its key appears, followed by its value, the answer. The slots g are drawn without
 replacement with p(g) ~ (g+1)^(a-1) (a = --power-a, 0.01 as Zoology: most queries come soon after
-the pairs, a few far). Every other position holds a random token from the whole vocabulary
-(Zoology's random non-queries). The answer tokens are the only scored targets:
+the pairs, a few far). Every other position holds a random token from the values' half (Zoology's
+random non-queries come from the whole vocabulary, which at its 8,192 tokens rarely repeats a
+key; at a small vocabulary a filler key would contradict the pair about once per example). The answer tokens are the only scored targets:
   OUT/train_000.bin  version-2 shard (loss mask on the answers), --n-train examples
   OUT/val_000.bin    the same, --n-val examples (the trainer's val loss = loss on answers)
   OUT/test.bin       recall eval file (--eval-recall), --n-test examples per pair count of
@@ -37,7 +38,9 @@ def make_examples(rng, n, T, pairs, V, power_a):
     if pairs > half - 1:
         raise ValueError(f"{pairs} pairs need {pairs} distinct keys; the vocabulary {V} has {half - 1}")
     ctx, space = 2 * pairs, (T - 2 * pairs) // 2
-    tok = rng.integers(0, V, size=(n, T))                      # the random non-queries
+    # the random non-queries, drawn from the values' half: a key drawn as filler would be a second,
+    # contradicting occurrence of that key (at a small vocabulary, about one per example)
+    tok = rng.integers(half, V, size=(n, T))
     dist = np.zeros((n, T), dtype=np.int64)
     keys = np.argsort(rng.random((n, half - 1)), axis=1)[:, :pairs] + 1   # distinct, in 1..half-1
     vals = rng.integers(half, V, size=(n, pairs))

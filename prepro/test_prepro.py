@@ -295,6 +295,7 @@ def test_mqar():
         for j in answers:
             at = keys.index(x[j - 1]) if x[j - 1] in keys else -1
             ok = ok and at >= 0 and x[j] == vals[at] and d[j] == (j - 1) - 2 * at
+        ok = ok and int((x < 32).sum()) == 2 * npairs  # key-range tokens: the pairs' keys and the queries only
         npairs_seen.add(int(npairs))
         if not ok:
             bad.append(i)
