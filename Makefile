@@ -89,7 +89,7 @@ $(TESTDATA)/.stamp: $(VENV)/.stamp dev/make_test_data.py prepro/common.py prepro
 	touch $@
 
 # the CUDA compile check, the Python prepro tests, the fuzz regressions, the quick KV table
-# (dev/kv_table.py --quick, ~1 min), the CUDA program built for the CPU emulator (its errors are
+# (dev/kv_table.py --quick, ~2 min), the CUDA program built for the CPU emulator (its errors are
 # compared with the CPU program's), then the C harness (whose last line is the overall
 # "N passed, N failed")
 test: train_ctxkv test_ctxkv testdata
@@ -197,7 +197,7 @@ clean:
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_MAXLEN ?= 16384
-FUZZ_TARGETS = shard checkpoint toktab refstate ctxblock trainstate lambada
+FUZZ_TARGETS = shard checkpoint toktab refstate ctxblock trainstate lambada recall
 FUZZ_DIR = dev/fuzz
 FUZZ_BUILD = build/fuzz
 FUZZ_SRC = $(FUZZ_DIR)/fuzz_common.h train_ctxkv.c test_ctxkv.c $(CTXKV_H)

@@ -1041,13 +1041,14 @@ static void check_same_outcome(const char *cpu, const char *cu, const char *what
 }
 
 // the command line that hands a fuzz input of target T to the program (as dev/fuzz/fuzz_T.c
-// hands it to the loader); small.bin and small_ctxkv.bin are the models fuzz_lambada and
-// fuzz_ctxblock load them into (dev/fuzz/make_seeds.c)
+// hands it to the loader); small.bin and small_ctxkv.bin are the models fuzz_lambada,
+// fuzz_recall and fuzz_ctxblock load them into (dev/fuzz/make_seeds.c)
 static int fuzz_input_args(char *buf, size_t n, const char *target, const char *file) {
     const char *small = "dev/fuzz/corpus/checkpoint/mha.bin", *small_ctx = "dev/fuzz/corpus/checkpoint/ctxkv.bin";
     const char *quiet = "--val '' --tokenizer '' --sample-every 0";
     if (!strcmp(target, "checkpoint")) snprintf(buf, n, "--model %s --steps 0 -t 4 --eval-gen --gen-prompt 2 --gen-new 2 %s", file, quiet);
     else if (!strcmp(target, "lambada")) snprintf(buf, n, "--model %s --steps 0 -t 8 --eval-lambada %s %s", small, file, quiet);
+    else if (!strcmp(target, "recall")) snprintf(buf, n, "--model %s --steps 0 -t 8 -b 2 --eval-recall %s %s", small, file, quiet);
     else if (!strcmp(target, "ctxblock")) snprintf(buf, n, "--model %s --steps 0 -t 8 --context-block %s %s", small_ctx, file, quiet);
     else if (!strcmp(target, "shard")) snprintf(buf, n, "--model pythia-14m --steps 1 -b 2 -t 4 --train %s %s", file, quiet); // vocab 50304
     else if (!strcmp(target, "toktab")) snprintf(buf, n, "--model %s --steps 0 -t 4 --val '' --tokenizer %s", small, file);

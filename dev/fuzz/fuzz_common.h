@@ -2,7 +2,7 @@
 dev/fuzz/fuzz_common.h: what the fuzz targets share (doc/robustness.md).
 
 Each target (fuzz_shard.c, fuzz_checkpoint.c, fuzz_toktab.c, fuzz_refstate.c, fuzz_ctxblock.c,
-fuzz_trainstate.c, fuzz_lambada.c) defines
+fuzz_trainstate.c, fuzz_lambada.c, fuzz_recall.c) defines
   static void fuzz_<name>(const char *path)
 which hands the file at `path` to one of the program's loaders, uses what it loaded and frees
 it. The loaders take paths, so the libFuzzer entry point writes each input to a memfd and

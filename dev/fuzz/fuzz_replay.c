@@ -1,11 +1,11 @@
 /*
 dev/fuzz/fuzz_replay.c: replays fuzz inputs without libFuzzer (`make fuzz-replay`, part of
-`make test`). It includes the seven targets (FUZZ_REPLAY drops their libFuzzer entry points)
+`make test`). It includes the eight targets (FUZZ_REPLAY drops their libFuzzer entry points)
 and runs each input in a child process, so a crash fails that input and not the run.
 
   fuzz_replay DIR             every file of DIR/corpus/<target>/ and DIR/regressions/<target>/
   fuzz_replay TARGET FILE...  the given files through one target (shard, checkpoint, toktab, refstate,
-                              ctxblock, trainstate, lambada)
+                              ctxblock, trainstate, lambada, recall)
 
 An input passes when its target returns: the file loaded, or a loader rejected it with
 die(). It fails on a crash, a sanitizer report (the Makefile builds this with ASan and UBSan
@@ -21,12 +21,14 @@ Ends with "fuzz replay: N passed, N failed"; exits 1 if any failed.
 #include "fuzz_ctxblock.c"
 #include "fuzz_trainstate.c"
 #include "fuzz_lambada.c"
+#include "fuzz_recall.c"
 #include <dirent.h>
 #include <fcntl.h>
 
 static const struct { const char *name; FuzzEntry entry; } TARGETS[] = {
     {"shard", fuzz_shard}, {"checkpoint", fuzz_checkpoint}, {"toktab", fuzz_toktab}, {"refstate", fuzz_refstate},
     {"ctxblock", fuzz_ctxblock}, {"trainstate", fuzz_trainstate}, {"lambada", fuzz_lambada},
+    {"recall", fuzz_recall},
 };
 #define N_TARGETS ((int)(sizeof TARGETS / sizeof TARGETS[0]))
 
@@ -122,7 +124,7 @@ int main(int argc, char **argv) {
     } else if (target >= 0) {
         for (int i = 2; i < argc; i++) replay_file(target, argv[i]);
     } else {
-        fprintf(stderr, "usage: fuzz_replay DIR | fuzz_replay {shard,checkpoint,toktab,refstate,ctxblock,trainstate,lambada} FILE...\n");
+        fprintf(stderr, "usage: fuzz_replay DIR | fuzz_replay {shard,checkpoint,toktab,refstate,ctxblock,trainstate,lambada,recall} FILE...\n");
         return 2;
     }
     printf("fuzz replay: %d passed, %d failed\n", replay_passed, replay_failed);

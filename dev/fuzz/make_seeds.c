@@ -30,6 +30,34 @@ static void seed_shard(const char *name, const uint16_t *tok, int n) {
     fclose(f);
 }
 
+// a version-2 shard (doc/formats.md): whole examples of example_len tokens, one more, a loss mask
+static void seed_masked_shard(const char *name, const uint16_t *tok, int n, int example_len) {
+    char path[1400];
+    FILE *f = seed_open("shard", name, path, sizeof path);
+    int h[HEADER_INTS] = {0};
+    h[0] = SHARD_MAGIC; h[1] = SHARD_VERSION_MASKED; h[2] = n; h[3] = example_len;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    fwrite_check(tok, sizeof(uint16_t), n, f, path);
+    for (int i = 0; i < n; i++) { uint8_t b = (uint8_t)(i % 3 == 1); fwrite_check(&b, 1, 1, f, path); }
+    fclose(f);
+}
+
+// recall eval files: examples of the given lengths (tokens below vocab 5), an answer at every
+// third token of each
+static void seed_recall(const char *name, const int *lens, int n) {
+    char path[1400];
+    FILE *f = seed_open("recall", name, path, sizeof path);
+    int h[HEADER_INTS] = {0}, total = 0;
+    for (int i = 0; i < n; i++) total += lens[i];
+    h[0] = 20261201; h[1] = 1; h[2] = n; h[3] = total;
+    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
+    for (int i = 0; i < n; i++) { int m[2] = {lens[i], 1 + i % 2}; fwrite_check(m, sizeof(int), 2, f, path); }
+    for (int i = 0; i < total; i++) { uint16_t t = (uint16_t)((i * 3 + 1) % 5); fwrite_check(&t, sizeof t, 1, f, path); }
+    for (int i = 0, off = 0; i < n; off += lens[i++])
+        for (int j = 0; j < lens[i]; j++) { uint16_t d = (uint16_t)(j % 3 == 2 ? j : 0); fwrite_check(&d, sizeof d, 1, f, path); }
+    fclose(f);
+}
+
 // the smallest shapes: vocab 5, width 4 (2 heads of 2, rotary 2), MLP 4, one layer, length 8
 static Config small_config(void) {
     Config c = {0};
@@ -77,7 +105,7 @@ static void seed_trainstate(const char *name, Config c) {
     model_backward(&m);
     AdamW opt = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f};
     model_update(&m, &opt);
-    TrainState st = {1, 0, 4, 0x9E3779B97F4A7C15ull, 1, 4, 4};
+    TrainState st = {.step = 1, .epoch = 0, .shard_index = 0, .pos = 4, .shuffle = 0, .rng = 0x9E3779B97F4A7C15ull, .B = 1, .T = 4, .tokens_seen = 4};
     char path[1400];
     fclose(seed_open("trainstate", name, path, sizeof path));
     train_state_save(&m, path, &st);
@@ -129,6 +157,7 @@ int main(int argc, char **argv) {
     seed_shard("docs.bin", tok, 64);
     seed_shard("short.bin", tok, 9); // exactly one batch of the target's B*T+1
     seed_shard("empty.bin", tok, 0);
+    seed_masked_shard("masked.bin", tok, 13, 4); // three examples of the target's T = 4, and one token
 
     // checkpoints: one per attention variant and Context-KV layout
     Config c = small_config();
@@ -137,7 +166,7 @@ int main(int argc, char **argv) {
     seed_checkpoint("gqa.bin", c);
     c = small_config(); c.attn_type = ATTN_MQA; c.n_kv_head = 1;
     seed_checkpoint("mqa.bin", c);
-    c = small_config(); c.attn_type = ATTN_MLA; c.n_kv_head = 2; c.kv_rank = 2; c.mla_rope_dim = 2; c.rms_eps = 1e-6f;
+    c = small_config(); c.attn_type = ATTN_MLA; c.n_kv_head = 2; c.kv_rank = 2; c.mla_rope_dim = 2; c.mla_rope_split = 1; c.rms_eps = 1e-6f;
     seed_checkpoint("mla.bin", c);
     c.q_rank = 2;
     seed_checkpoint("mla_qrank.bin", c);
@@ -160,6 +189,10 @@ int main(int argc, char **argv) {
     const int lam[][2] = {{3, 1}, {2, 2}, {7, 2}, {9, 1}, {1, 1}};
     seed_lambada("small.bin", lam, 5);
     seed_lambada("one.bin", lam + 4, 1);
+
+    // recall: examples of 8 (the model's max_seq_len), 8, 5 and 3 tokens: batches of 2, 1, 1
+    const int rec[] = {8, 8, 5, 3};
+    seed_recall("small.bin", rec, 4);
 
     // token tables: hand-made (an empty token, UTF-8, a 300-byte token), and a cut of the real one
     char path[1400];
