@@ -79,7 +79,7 @@ static const ArgSpec ARG_SPECS[] = {
     ARG("--heldout-max-tokens", ARG_INT, heldout_max_tokens, 0, INT32_MAX, "0", "INT", "score at most this many tokens, 0 = all"),
     ARG("--eval-lambada", ARG_STR, eval_lambada, 0, 0, NULL, "FILE", "LAMBADA last-word accuracy and perplexity (data/eval/lambada_test.bin)"),
     ARG("--lambada-max", ARG_INT, lambada_max, 0, INT32_MAX, "0", "INT", "examples to score, 0 = all"),
-    ARG("--eval-recall", ARG_STR, eval_recall, 0, 0, NULL, "FILE", "associative-recall accuracy on the answers, by pairs and distance (prepro/mqar.py writes data/mqar/test.bin)"),
+    ARG("--eval-recall", ARG_STR, eval_recall, 0, 0, NULL, "FILE", "associative-recall accuracy on the answers, by pairs and distance (a test.bin of prepro/mqar.py)"),
     ARG("--eval-gen", ARG_SWITCH, eval_gen, 0, 0, NULL, NULL, "generation tokens/s with the KV cache at batch 1 and 8"),
     ARG("--gen-prompt", ARG_INT, gen_prompt, 1, 1 << 20, "128", "INT", "prompt tokens for --eval-gen"),
     ARG("--gen-new", ARG_INT, gen_new, 1, 1 << 20, "256", "INT", "new tokens for --eval-gen"),

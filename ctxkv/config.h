@@ -56,8 +56,8 @@ static const Preset PRESETS[] = {
     {"pythia-70m", 6, 512, 8, 2048, 50304, 0.25f, 2048},
     {"pythia-160m", 12, 768, 12, 3072, 50304, 0.25f, 2048},
     // the recall workload (prepro/mqar.py, dev/kv_table.py): two layers of pythia-14m's width and a
-    // vocabulary of MQAR's keys (1..127) and values (128..255); two layers learn recall in minutes
-    // on a CPU where six take several times as many steps
+    // vocabulary of MQAR's keys (1..127) and values (128..255). Two layers learn recall in a few
+    // hundred steps; six (pythia-14m with this vocabulary) were still near chance after 300
     {"pythia-mqar", 2, 128, 4, 512, 256, 0.25f, 2048},
     // for tests: several heads, a rotary fraction of each head, a padded vocabulary
     {"tiny", 2, 32, 4, 128, 96, 0.5f, 128},

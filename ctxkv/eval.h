@@ -124,7 +124,7 @@ static void eval_lambada(Model *m, const char *path, int max_examples, float *ac
     *n_scored = used;
 }
 
-// Associative recall (MQAR, prepro/mqar.py; doc/formats.md "Recall eval file"): each example is
+// Associative recall (MQAR, prepro/mqar.py; doc/formats.md "Evaluation files"): each example is
 // key-value pairs, then queries of earlier keys, each followed by its value. An answer is right
 // when the value is the argmax after its query key (exact match, answer tokens only). Accuracy
 // overall, by the example's number of pairs, and by the distance from the key's pair to the query
