@@ -475,11 +475,11 @@ def plot_pareto(points, png, levels, res):
         print(f"matplotlib is not installed: skipping {png} (make table installs it into .venv)")
         return
     model = {wl: next((rs[0]["settings"]["model"] for (w, _), rs in res.items() if w == wl), "") for wl in WORKLOADS}
-    panels = [("lm", f"val loss (lm, {model['lm']}; lower is better)", lambda a, b: a < b),
-              ("recall", f"recall accuracy (MQAR on {model['recall']}, pairs {','.join(map(str, levels))}; "
-                         "higher is better)", lambda a, b: a > b)]
+    panels = [("lm", "val loss (lower is better)", f"lm: {model['lm']}", lambda a, b: a < b),
+              ("recall", "recall accuracy (higher is better)",
+               f"recall: MQAR on {model['recall']}, test pairs {','.join(map(str, levels))}", lambda a, b: a > b)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, (wl, label, better) in zip(axes, panels):
+    for ax, (wl, label, title, better) in zip(axes, panels):
         pts = [p for p in points.get(wl, []) if p[2][2] > 0]
         if not pts:
             ax.text(0.5, 0.5, f"no {wl} runs", ha="center", transform=ax.transAxes)
@@ -494,6 +494,7 @@ def plot_pareto(points, png, levels, res):
         ax.set_xscale("log")
         ax.set_xlabel(f"KV cache bytes per token, all layers of the {wl} model (bf16, log scale)")
         ax.set_ylabel(label)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     seeds = sorted({r["seed"] for rs in res.values() for r in rs})
