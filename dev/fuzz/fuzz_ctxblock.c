@@ -9,11 +9,8 @@
 
 static void fuzz_ctxblock(const char *path) {
     gemm_forget_panels(); // a die() after the last input's matmuls: the harness freed them
-    Config c = {0}; // make_seeds.c: small_config() with a ctxkv layer 0
-    c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
-    c.n_layer = 2; c.n_head = 2; c.n_embd = 4; c.n_inner = 4; c.rotary_dims = 2;
-    c.rope_base = 10000.0f; c.max_seq_len = 8; c.ln_eps = 1e-5f;
-    c.attn_type = ATTN_MHA; c.n_kv_head = 2; c.embed_dim = 4;
+    Config c = fuzz_small_config(); // with a ctxkv layer 0, as make_seeds.c's ctxkv.bin
+    c.n_layer = 2;
     c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
     Model m;
     model_init_random(&m, &c, 0.5f, 7);

@@ -6,11 +6,7 @@
 
 static void fuzz_recall(const char *path) {
     gemm_forget_panels(); // a die() after the last input's matmuls: the harness freed them
-    Config c = {0}; // make_seeds.c: small_config()
-    c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
-    c.n_layer = 1; c.n_head = 2; c.n_embd = 4; c.n_inner = 4; c.rotary_dims = 2;
-    c.rope_base = 10000.0f; c.max_seq_len = 8; c.ln_eps = 1e-5f;
-    c.attn_type = ATTN_MHA; c.n_kv_head = 2; c.embed_dim = 4;
+    Config c = fuzz_small_config();
     Model m;
     model_init_random(&m, &c, 0.5f, 7);
     RecallResult r = eval_recall(&m, path, 2);

@@ -59,6 +59,7 @@ static void seed_recall(const char *name, const int *lens, int n) {
 }
 
 // the smallest shapes: vocab 5, width 4 (2 heads of 2, rotary 2), MLP 4, one layer, length 8
+// (fuzz_common.h's fuzz_small_config(), which the targets score with, is this config)
 static Config small_config(void) {
     Config c = {0};
     c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
