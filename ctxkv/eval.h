@@ -17,6 +17,14 @@
 #define CTXKV_EVAL_H
 #include "data.h"
 
+// the index of the largest of x[0..n) (the first, on ties): the greedy token, and what LAMBADA
+// and recall count as the prediction
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
 // mean loss over up to max_batches batches of the first validation shard
 static float evaluate(Model *m, DataLoader *val, int max_batches) {
     dataloader_reset(val);
@@ -107,8 +115,7 @@ static void eval_lambada(Model *m, const char *path, int max_examples, float *ac
         int all_argmax = 1;
         for (int j = 0; j < ex[i].n_tgt; j++) {
             const float *z = model_logits_host(m, ex[i].n_ctx - 1 + j, 1);
-            int target = tok[ex[i].offset + ex[i].n_ctx + j], best = 0;
-            for (int v = 1; v < V; v++) if (z[v] > z[best]) best = v;
+            const int target = tok[ex[i].offset + ex[i].n_ctx + j], best = argmax(z, V);
             all_argmax &= best == target;
             double mx = z[best], se = 0.0;
             for (int v = 0; v < V; v++) se += exp((double)z[v] - mx);
@@ -191,10 +198,8 @@ static RecallResult eval_recall(Model *m, const char *path, int B) {
             const float *z = model_logits_host(m, b * len, len); // row j predicts token j + 1
             for (int j = 1; j < len; j++) {
                 if (!dist[off + j]) continue;
-                const float *zj = z + (size_t)(j - 1) * m->cfg.padded_vocab_size;
-                int best = 0;
-                for (int v = 1; v < V; v++) if (zj[v] > zj[best]) best = v;
-                const int ok = best == tok[off + j], k = recall_bucket(dist[off + j]);
+                const int ok = argmax(z + (size_t)(j - 1) * m->cfg.padded_vocab_size, V) == tok[off + j];
+                const int k = recall_bucket(dist[off + j]);
                 r.answers++; r.correct += ok;
                 r.group_answers[g]++; r.group_correct[g] += ok;
                 r.dist_answers[k]++; r.dist_correct[k] += ok;
@@ -265,11 +270,7 @@ static int sample_draw(const float *probs, int V, double sum, uint64_t *rng) {
 // Picks a token from logits (V): argmax when temperature is 0, else a sample at that temperature.
 // probs (V floats; NULL when temperature is 0) is scratch for the unnormalised probabilities.
 static int sample_token(const float *logits, int V, float temperature, uint64_t *rng, float *probs) {
-    if (temperature <= 0.0f) {
-        int best = 0;
-        for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
-        return best;
-    }
+    if (temperature <= 0.0f) return argmax(logits, V);
     return sample_draw(probs, V, sample_prepare(logits, V, temperature, probs), rng);
 }
 

@@ -221,8 +221,7 @@ static void run_evaluation(Model *m, const Args *a, const TrainResult *r, const 
         snprintf(lam_ppl, sizeof lam_ppl, "%.4f", ppl);
         snprintf(lam_n, sizeof lam_n, "%d", n);
     }
-    static char recall[4096];
-    snprintf(recall, sizeof recall, "null");
+    char recall[4096] = "null"; // the JSON of --eval-recall's result
     if (a->eval_recall) {
         double t0 = now_seconds();
         RecallResult rr = eval_recall(m, a->eval_recall, a->B);

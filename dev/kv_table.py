@@ -335,7 +335,7 @@ def metric(rs, key):
     return [r.get(key) for r in rs]
 
 
-def header(res, speed, names):
+def header(res, speed):
     """The table's header lines, from the settings stored in the runs."""
     lines = ["# KV-cache table: attention variants at one budget, over seeds", ""]
     seeds = sorted({r["seed"] for rs in res.values() for r in rs})
@@ -429,7 +429,7 @@ def write_table(out, names, workloads):
                 walls.append(f"{wl} {len(rs)} run(s), {fmt_time(w)} each" +
                              (f" (phase 1 {fmt_time(sum(p1) / len(p1))})" if p1 else ""))
         notes.append(f"- {name}: `{' '.join(first['flags']) or '(defaults)'}`; " + "; ".join(walls))
-    lines = header(res, speed, names)
+    lines = header(res, speed)
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     total = sum(r["wall_s"] for rs in res.values() for r in rs)
