@@ -14,7 +14,10 @@ Checks (in the order main runs them):
      the ContextBlock under the OACD loss (phase 1); the ContextBlock/OACD reference state; the
      Jacobi iteration against the sequential recurrence.
   3. KV-cached decoding equals the full forward for every variant, with the analytic cache
-     size; --init-from (mha -> gqa/mqa); --kv-report's figures.
+     size; KV eviction (ctxkv/kvpolicy.h): a covering budget gives the full cache's logits
+     exactly, StreamingLLM and SnapKV equal dev/ref/kv_eviction.bin (PyTorch masked forward,
+     SnapKV's kept positions), decode-mode held-out loss equals the parallel one; --init-from
+     (mha -> gqa/mqa); --kv-report's figures, under every policy equal to the measured cache.
   4. Import path: build/testdata/imported.bin (prepro/import_hf.py run on the committed
      fp16 safetensors by `make test`) is byte-identical to dev/ref/tiny_model.bin.
   5. Shard and token-table round trip: Python tokenized a text, C reads the shard and
@@ -446,7 +449,7 @@ static void check_cached_decoding(const char *label, Config c) {
     for (int i = 0; i < B * n_prompt; i++) prompts[i] = random_u32(&rng) % V;
     for (int b = 0; b < B; b++) memcpy(seq + b * n, prompts + b * n_prompt, n_prompt * sizeof(int));
     float *cached = malloc_check((size_t)B * n * Vp * sizeof(float), "decode test");
-    KVCache kv = kvcache_new(&c, B, n);
+    KVCache kv = kvcache_new(&c, B, n_prompt, n_decode, &KV_POLICY_FULL);
     size_t stride;
     const float *logits = model_prefill(&m, &kv, prompts, n_prompt, &stride);
     for (int i = n_prompt; i < n; i++) {
@@ -480,6 +483,166 @@ static void check_cached_decoding(const char *label, Config c) {
           label, n_decode, n_prompt, B, maxdiff);
     free(cached);
     model_free(&m);
+}
+
+// ----------------------------------------------------------------------------
+// decode-time KV eviction (ctxkv/kvpolicy.h)
+
+// Decodes B sequences x (B,T): prefill of P tokens under the policy, then x[:, P..T−2] one at a
+// time; logits (B, T−P, Vp) receives rows P−1..T−2. Returns the cache (for its bytes and kept).
+static KVCache decode_under(Model *m, const KVPolicy *policy, const int *x, int B, int T, int P, float *logits) {
+    const int Vp = m->cfg.padded_vocab_size;
+    KVCache kv = kvcache_new(&m->cfg, B, P, T - 1 - P, policy);
+    int *prompts = malloc_check((size_t)B * P * sizeof(int), "evict test"), next[64];
+    for (int b = 0; b < B; b++) memcpy(prompts + (size_t)b * P, x + (size_t)b * T, P * sizeof(int));
+    size_t stride;
+    const float *z = model_prefill(m, &kv, prompts, P, &stride);
+    for (int j = P - 1; j < T - 1; j++) {
+        if (j >= P) {
+            for (int b = 0; b < B; b++) next[b] = x[(size_t)b * T + j];
+            z = model_decode_step(m, &kv, next);
+            stride = Vp;
+        }
+        for (int b = 0; b < B; b++) memcpy(logits + ((size_t)b * (T - P) + j - P + 1) * Vp, z + b * stride, Vp * sizeof(float));
+    }
+    free(prompts);
+    return kv;
+}
+
+static float max_abs_diff(const float *a, const float *b, size_t n) {
+    float d = 0.0f;
+    for (size_t i = 0; i < n; i++) { float e = fabsf(a[i] - b[i]); if (!(e <= d)) d = e; }
+    return d;
+}
+
+// dev/ref/kv_eviction.bin (dev/reference.py kv_eviction_reference, PyTorch float64): StreamingLLM
+// against the full forward under a sink + window mask, SnapKV's kept positions (exactly) and the
+// logits after it (1e-5), for mha, gqa and mla
+static void check_kv_eviction_reference(const char *path) {
+    printf("-- KV eviction against PyTorch (%s)\n", path);
+    FILE *f = fopen_check(path, "rb");
+    int h[3];
+    fread_check(h, sizeof(int), 3, f, path);
+    if (h[0] != 20261202 || h[1] != 1) { check(0, "%s: magic/version", path); fclose(f); return; }
+    for (int k = 0; k < h[2]; k++) {
+        char model[33] = {0};
+        int q[12];
+        fread_check(model, 1, 32, f, path);
+        fread_check(q, sizeof(int), 12, f, path);
+        KVPolicy policy = {q[0], q[1], q[2], q[3], q[4]};
+        const int B = q[5], T = q[6], P = q[7], L = q[8], units = q[9], K = q[10], V = q[11];
+        int *x = malloc_check((size_t)B * T * sizeof(int), "evict ref"), *kept = malloc_check((size_t)L * B * units * K * sizeof(int) + 1, "evict ref");
+        float *ref = malloc_check((size_t)B * (T - P) * V * sizeof(float), "evict ref");
+        fread_check(x, sizeof(int), (size_t)B * T, f, path);
+        fread_check(kept, sizeof(int), (size_t)L * B * units * K, f, path);
+        fread_check(ref, sizeof(float), (size_t)B * (T - P) * V, f, path);
+        Model m;
+        model_load(&m, model);
+        const int Vp = m.cfg.padded_vocab_size;
+        float *got = malloc_check((size_t)B * (T - P) * Vp * sizeof(float), "evict ref");
+        KVCache kv = decode_under(&m, &policy, x, B, T, P, got);
+        float d = 0.0f;
+        for (size_t r = 0; r < (size_t)B * (T - P); r++) { float e = max_abs_diff(got + r * Vp, ref + r * V, V); if (e > d) d = e; }
+        char label[64];
+        kv_policy_label(&policy, label, sizeof label);
+        if (K) {
+            int same = kv.kept != NULL && kv_units(&m.cfg, m.cfg.attn_type) == units;
+            for (size_t i = 0; same && i < (size_t)L * B * units * K; i++) same = kv.kept[i] == kept[i];
+            check(same, "%s %s: the positions kept after a %d-token prompt, per layer, sequence and unit (%d units), equal PyTorch's", model, label, P, units);
+        }
+        check(d <= 1e-5f, "%s %s (sinks %d, window %d, pool %d): logits of positions %d..%d after a %d-token prompt equal PyTorch's masked forward (max diff %.2e)",
+              model, label, policy.sinks, policy.window, policy.pool, P - 1, T - 2, P, d);
+        kvcache_free(&kv);
+        model_free(&m);
+        free(x); free(kept); free(ref); free(got);
+    }
+    fclose(f);
+}
+
+// Per variant: a budget that covers everything gives exactly the full cache's logits; a smaller
+// one changes them (the policy acts, layers 1.. for ctxkv), and the cache holds the analytic bytes
+static void check_kv_policies(const char *label, Config c) {
+    const int B = 2, P = 16, T = 40, Vp = c.padded_vocab_size;
+    Model m;
+    model_init_random(&m, &c, 0.3f, 21);
+    int x[B * T];
+    uint64_t rng = 77;
+    for (int i = 0; i < B * T; i++) x[i] = random_u32(&rng) % c.vocab_size;
+    const size_t n = (size_t)B * (T - P) * Vp;
+    float *full = malloc_check(n * sizeof(float), "policy test"), *got = malloc_check(n * sizeof(float), "policy test");
+    KVCache kv = decode_under(&m, &KV_POLICY_FULL, x, B, T, P, full);
+    kvcache_free(&kv);
+    const KVPolicy wide[] = {{KV_STREAMING, T, 4, 32, 5}, {KV_SNAPKV, P, 4, 4, 5}}, tight[] = {{KV_STREAMING, 8, 2, 32, 5}, {KV_SNAPKV, 8, 4, 3, 5}};
+    for (int i = 0; i < 2; i++) {
+        char name[64];
+        kv = decode_under(&m, &wide[i], x, B, T, P, got);
+        kv_policy_label(&wide[i], name, sizeof name);
+        float d = max_abs_diff(got, full, n);
+        check(d == 0.0f, "%s: %s, a budget that covers the %s, gives exactly the full cache's logits (max diff %.1e)", label, name, i ? "prompt" : "whole sequence", d);
+        kvcache_free(&kv);
+        kv = decode_under(&m, &tight[i], x, B, T, P, got);
+        kv_policy_label(&tight[i], name, sizeof name);
+        d = max_abs_diff(got, full, n);
+        const size_t expect = B * kv_policy_cache_bytes(&c, &tight[i], P, T - 1 - P);
+        check(d > 1e-3f && kv.bytes == expect, "%s: %s changes the logits (max diff %.2e) and its cache holds %zu bytes (analytic %zu)", label, name, d, kv.bytes, expect);
+        kvcache_free(&kv);
+    }
+    free(full); free(got);
+    model_free(&m);
+}
+
+static void write_shard_file(const char *path, int magic, int header_ntok, const uint16_t *tok, int ntok);
+
+// decode-mode held-out loss with the full cache = the parallel forward on the same targets: each
+// full window's targets past its first T − T/2 (the sliding window's, after its first window)
+static void check_decode_heldout(void) {
+    Config c = config_from_preset(find_preset("tiny"));
+    Model m;
+    model_init_random(&m, &c, 0.3f, 5);
+    const int T = 20, stride = T / 2, ntok = 97;
+    uint16_t tok[97];
+    uint64_t rng = 3;
+    for (int i = 0; i < ntok; i++) tok[i] = random_u32(&rng) % c.vocab_size;
+    char path[512];
+    snprintf(path, sizeof path, "%s/heldout.bin", tmpdir);
+    write_shard_file(path, SHARD_MAGIC, ntok, tok, ntok);
+    long long scored;
+    float dec = eval_heldout(&m, path, T, 0, &scored, 3);
+    double total = 0.0;
+    long long count = 0;
+    int x[20], y[20];
+    for (int s = 0; s + T + 1 <= ntok; s += stride) {
+        for (int i = 0; i < T; i++) { x[i] = tok[s + i]; y[i] = i >= T - stride ? tok[s + i + 1] : IGNORE_INDEX; }
+        model_forward(&m, x, y, 1, T);
+        for (int i = T - stride; i < T; i++) { total += m.a.losses[i]; count++; }
+    }
+    float par = (float)(total / count);
+    check(scored == count && fabsf(dec - par) <= 1e-5f * fabsf(par), "decode-mode held-out loss (full cache, 3 windows a batch) %.6f over %lld targets = the parallel forward's %.6f over %lld",
+          dec, scored, par, count);
+    model_free(&m);
+}
+
+// --kv-report at a budget = the bytes --generate's cache holds, for every variant x policy
+static void check_kv_report_policies(const char *bin) {
+    printf("-- --kv-report under a KV policy = the measured cache\n");
+    const char *variants[] = {"--attn mha", "--attn gqa --n-kv-head 2", "--attn mqa", "--attn mla", "--layer0 ctxkv --context-interval 2 --max-contexts 4", "--model-type ctxpythia"};
+    const char *policies[] = {"", "--kv-policy streaming --kv-budget 12 --kv-sinks 2", "--kv-policy snapkv --kv-budget 12 --kv-window 4"};
+    char prompt[256] = "";
+    for (int i = 0; i < 20; i++) snprintf(prompt + strlen(prompt), sizeof prompt - strlen(prompt), "%s%d", i ? "," : "", i + 1);
+    for (int v = 0; v < 6; v++)
+        for (int p = 0; p < 3; p++) {
+            char cmd[1024], line[4096];
+            long long report = -1, measured = -2;
+            snprintf(cmd, sizeof cmd, "%s --model tiny %s %s --kv-report -t 20 --generate 16 2>&1", bin, variants[v], policies[p]);
+            FILE *pp = popen(cmd, "r");
+            while (pp && fgets(line, sizeof line, pp)) { const char *k = strstr(line, "\"kv_cache_bytes_fp32\": "); if (k) report = atoll(k + 23); }
+            if (pp) pclose(pp);
+            snprintf(cmd, sizeof cmd, "%s --model tiny %s %s --generate 16 --prompt-ids %s 2>&1", bin, variants[v], policies[p], prompt);
+            pp = popen(cmd, "r");
+            while (pp && fgets(line, sizeof line, pp)) { const char *k = strstr(line, "\"kv_cache_bytes\": "); if (k) measured = atoll(k + 18); }
+            if (pp) pclose(pp);
+            check(report == measured, "%s %s: --kv-report %lld bytes after 20 + 16 tokens, --generate measures %lld", variants[v], p ? policies[p] : "(full)", report, measured);
+        }
 }
 
 // --init-from: an mha model converted to gqa with G = H (nothing pooled) computes the same
@@ -688,7 +851,7 @@ static void check_masked_loss_and_recall(void) {
     // recall: answers made right or wrong on purpose against the model's own argmax, one at a
     // time (an answer changes the logits after it, never before)
     enum { NE = 5 };
-    const int len[NE] = {12, 12, 12, 10, 10}, pairs[NE] = {1, 2, 1, 2, 2}, at[4] = {3, 5, 7, 9};
+    const int len[NE] = {12, 12, 12, 10, 10}, pairs[NE] = {1, 2, 1, 2, 2}, at[4] = {5, 7, 9, 11}; // after the pairs
     const int dists[4] = {1, 2, 5, 9}; // buckets 1-1, 2-3, 4-7, 8-15
     uint16_t rt[56], rd[56] = {0};
     int off = 0, right = 0, total = 0, by_pairs[3][2] = {{0}}, by_bucket[4][2] = {{0}};
@@ -712,16 +875,19 @@ static void check_masked_loss_and_recall(void) {
     }
     snprintf(path, sizeof path, "%s/recall.bin", tmpdir);
     write_recall(path, RECALL_MAGIC, NE, len, pairs, rt, rd, off, 0);
-    RecallResult r = eval_recall(&m, path, 2); // batches: 2 + 1 of length 12, 2 of length 10
+    RecallResult r = eval_recall(&m, path, 2, 0); // batches: 2 + 1 of length 12, 2 of length 10
     int buckets_ok = 1;
     for (int k = 0; k < 4; k++) buckets_ok &= r.dist_answers[k] == by_bucket[k][1] && r.dist_correct[k] == by_bucket[k][0];
-    check(r.answers == total && r.correct == right && r.n_examples == NE && total == 20,
+    check(r.answers == total && r.correct == right && r.n_examples == NE && total == 18,
           "recall: %lld of %lld answers right, as made (%d of %d), over %d examples", r.correct, r.answers, right, total, r.n_examples);
     check(r.n_groups == 2 && r.group_pairs[0] == 1 && r.group_pairs[1] == 2 && r.group_correct[0] == by_pairs[1][0] &&
           r.group_answers[1] == by_pairs[2][1] && r.group_correct[1] == by_pairs[2][0] && buckets_ok,
           "recall: by pairs (1: %lld/%lld, 2: %lld/%lld) and by distance bucket as made", r.group_correct[0], r.group_answers[0], r.group_correct[1], r.group_answers[1]);
-    RecallResult r1 = eval_recall(&m, path, 1);
+    RecallResult r1 = eval_recall(&m, path, 1, 0);
     check(r1.correct == r.correct, "recall: the same at batch 1 as at batch 2");
+    RecallResult rdec = eval_recall(&m, path, 2, 1);
+    check(rdec.correct == r.correct && rdec.answers == r.answers, "recall by decoding (pairs prefilled, full cache): %lld of %lld right, as in parallel",
+          rdec.correct, rdec.answers);
     model_free(&m);
 }
 
@@ -816,6 +982,14 @@ static const struct { const char *what, *args, *expect; int same_message; } BAD_
     {"non-numeric -b", "-b abc", "-b expects an integer", 1},
     {"-t past the model's max length", "--model tiny -t 200 --bench 1", "max_seq_len", 1},
     {"unknown flag", "--bogus 1", "unknown flag --bogus", 1},
+    {"--kv-budget 0", "--model tiny --kv-policy snapkv --kv-budget 0 --kv-report", "--kv-budget must be in 1..", 1},
+    {"negative --kv-budget", "--model tiny --kv-policy streaming --kv-budget -8 --kv-report", "--kv-budget must be in 1..", 1},
+    {"streaming budget not above the sinks", "--model tiny --kv-policy streaming --kv-budget 4 --kv-report", "must exceed --kv-sinks 4", 1},
+    {"snapkv budget below the window", "--model tiny --kv-policy snapkv --kv-budget 16 --kv-report", "smaller than --kv-window 32", 1},
+    {"a policy without a budget", "--model tiny --kv-policy snapkv --kv-report", "needs --kv-budget", 1},
+    {"a budget without a policy", "--model tiny --kv-budget 64 --kv-report", "needs --kv-policy streaming or snapkv", 1},
+    {"unknown KV policy", "--model tiny --kv-policy h2o --kv-budget 8 --kv-report", "must be one of full, streaming, snapkv", 1},
+    {"even SnapKV pooling kernel", "--model tiny --kv-policy snapkv --kv-budget 64 --kv-pool 4 --kv-report", "--kv-pool must be odd", 1},
 };
 
 static void check_bad_inputs(const char *bin) {
@@ -1315,9 +1489,14 @@ int main(int argc, char **argv) {
     check_jacobi_equals_recurrence();
     printf("-- cached decoding\n");
     for (int i = 0; i < n_cfgs; i++) check_cached_decoding(cfgs[i].label, cfgs[i].c);
+    printf("-- KV policies\n");
+    for (int i = 0; i < n_cfgs; i++) check_kv_policies(cfgs[i].label, cfgs[i].c);
+    check_kv_eviction_reference("dev/ref/kv_eviction.bin");
+    check_decode_heldout();
     check_init_from();
     check_init_from_mla();
     check_kv_report(bin);
+    check_kv_report_policies(bin);
 
     printf("-- import path\n");
     char imported[512];

@@ -49,6 +49,7 @@ typedef float floatX;       // parameters and activations are fp32 here (the CUD
 #define PARAM_ALIGN_BYTES 4 // no padding between parameter tensors: the block is the checkpoint's order
 #include "ctxkv/layout.h"
 #include "ctxkv/args.h"
+#include "ctxkv/kvpolicy.h"
 #include "ctxkv/simd.h"
 
 // ----------------------------------------------------------------------------
@@ -297,21 +298,30 @@ typedef struct {
     BlockActs cb;               // ContextBlock scratch (phase 1 and the exact recurrence)
     int head_from;              // B = 1 inference: logits only for rows >= head_from (0 = all)
     int head_last_of;           // prefill of sequences of this length: logits only of each one's last row, as rows 0..B-1
+    KVPolicy kv_policy;         // which tokens the decoder keeps (ctxkv/kvpolicy.h); zero: full
 } Model;
 
 // The decoder's cache (KV-cached decoding, below). Per layer and token it holds exactly what the
-// layer's variant needs to attend later (its cache_write; sizes: attn_kv_elements).
+// layer's variant needs to attend later (its cache_write; sizes: attn_kv_elements). Under an
+// eviction policy (ctxkv/kvpolicy.h) a slot holds the token the policy put there: slots and
+// positions part, and each selection unit of a slot may hold a different position (snapkv).
 typedef struct {
     int batch;          // sequences decoded together (B); all have the same length
-    int capacity;       // tokens each can hold
-    int len;            // tokens cached so far
+    int capacity;       // slots each sequence has per layer (kv_policy_slots)
+    int positions;      // tokens each sequence can be fed in all (prompt + new)
+    int len;            // slots filled
+    int pos;            // tokens fed so far: the position of the next one
+    int write_slot, n_attend; // this decode step: the new token's slot, and the slots it attends over
+    KVPolicy policy;
     size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
     int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
     float *mem;         // (L − first_layer, B, capacity, per_token)
-    int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
+    int ring_len;       // ctxkv: contexts kept, min(positions, (M−1)·I+1); context s at s % ring_len
     float *ring;        // (B, ring_len, d_c)
-    float *running;     // (B, d_c) c_{len−1}, the input of the next ContextBlock step
+    float *running;     // (B, d_c) c_{pos−1}, the input of the next ContextBlock step
     size_t bytes;       // bytes of mem + ring + running
+    int *kept;          // (L − first_layer, B, units, budget) the prompt position of each slot after a
+                        // compressing prefill (bookkeeping for tests, not part of bytes); NULL otherwise
     float *scratch;     // per (sequence, head): scores, MLA's latents, ctxkv's slot keys/values
 } KVCache;
 
@@ -521,12 +531,12 @@ static void attention_backward(HeadView dq, HeadView dk, HeadView dv, float *dat
 // the q·k width (D, or D + d_R for MLA)
 typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
 
-// Each sequence's new token (query heads q, one row per sequence) attends over its kv->len + 1
+// Each sequence's new token (query heads q, one row per sequence) attends over its kv->n_attend
 // cached tokens in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D).
 #define KV_PREFETCH_SLOTS 4 // how many tokens ahead cached_attention requests the cache
 static void cached_attention(const Model *m, HeadView q, float *out, const KVCache *kv, int l, int G) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), n = kv->len + 1;
+    const int H = c->n_head, D = head_dim(c), n = kv->n_attend;
     const float scale = 1.0f / sqrtf((float)D);
     const size_t per_head = kv_scratch_per_head(c, kv->capacity);
     const int per_group = H / G;
@@ -574,8 +584,9 @@ static void cached_attention(const Model *m, HeadView q, float *out, const KVCac
 //                      (B,T,C) and the layer's parameter gradients lg
 //   cache_write        what the KV cache keeps of each token (attn_kv_elements in ctxkv/config.h),
 //                      for n tokens of B sequences at once (prefill: the prompt; decode: n = 1)
-//   decode             each sequence's new token (x: B rows) into the cache, then attending over
-//                      its n = kv->len + 1 cached tokens; writes at->atty (B, H*D)
+//   decode             each sequence's new token (x: B rows, position kv->pos) into slot
+//                      kv->write_slot, then attending over the kv->n_attend filled slots;
+//                      writes at->atty (B, H*D)
 // The output projection, the residual layer around it and the rest of the model are shared.
 
 // ---- MHA: Pythia's own attention. Fused QKV, interleaved per head: [q | k | v] of head h at h*3D.
@@ -617,8 +628,8 @@ static void mha_cache_write(const Config *c, const AttnActs *at, int B, int n, f
 }
 
 static void mha_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
-    mha_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    mha_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
+    mha_project_forward(m, lp, at, x, kv->batch, 1, kv->pos);
+    mha_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->write_slot), kv_seq_stride(kv));
     const CoreViews v = mha_views(&m->cfg, at);
     cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
 }
@@ -657,8 +668,8 @@ static void gqa_cache_write(const Config *c, const AttnActs *at, int B, int n, f
 }
 
 static void gqa_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
-    gqa_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    gqa_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
+    gqa_project_forward(m, lp, at, x, kv->batch, 1, kv->pos);
+    gqa_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->write_slot), kv_seq_stride(kv));
     const CoreViews v = gqa_views(&m->cfg, at);
     cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
 }
@@ -806,11 +817,11 @@ static void mla_cache_write(const Config *c, const AttnActs *at, int B, int n, f
 // and o = W_UV Σ_s P_s ĉ_s, so only the cached latents and rope keys are ever read.
 static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim, n = kv->len + 1;
+    const int H = c->n_head, D = head_dim(c), R = c->kv_rank, dR = c->mla_rope_dim, n = kv->n_attend;
     const float scale = 1.0f / sqrtf((float)(D + dR));
     const size_t per_head = kv_scratch_per_head(c, kv->capacity);
-    mla_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    mla_cache_write(c, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
+    mla_project_forward(m, lp, at, x, kv->batch, 1, kv->pos);
+    mla_cache_write(c, at, kv->batch, 1, kv_slot(kv, l, 0, kv->write_slot), kv_seq_stride(kv));
     const HeadView q = mla_views(c, at).q;
 #pragma omp parallel for collapse(2) schedule(static) if ((size_t)kv->batch * n * (R + dR) >= PAR_MIN)
     for (int b = 0; b < kv->batch; b++)
@@ -914,11 +925,11 @@ static void ctx_project_backward(const Model *m, const LayerParams *lp, LayerPar
     matmul_backward(NULL, lg->v_w, lg->v_b, dat->vc, m->a.contexts, lp->v_w, BT, c->context_dim, C);
 }
 
-// Slot k of the new token at n−1 is the context of position n−1 − k·I, while it exists; its key
+// Slot k of the new token at n−1 = kv->pos is the context of position n−1 − k·I, while it exists; its key
 // and value are recomputed from the ring (kvcache_push_context keeps the contexts there).
 static void ctx_decode(const Model *m, const LayerParams *lp, AttnActs *at, const float *x, KVCache *kv, int l) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c), C = c->n_embd, I = c->context_interval, dc = c->context_dim, n = kv->len + 1;
+    const int H = c->n_head, D = head_dim(c), C = c->n_embd, I = c->context_interval, dc = c->context_dim, n = kv->pos + 1;
     const float scale = 1.0f / sqrtf((float)D);
     const size_t per_head = kv_scratch_per_head(c, kv->capacity);
     (void)l;
@@ -1200,63 +1211,111 @@ static void model_backward(Model *m) {
 
 // ----------------------------------------------------------------------------
 // KV-cached decoding: prefill the prompts in one forward pass, then one token per sequence at a
-// time through every layer's variant decode
+// time through every layer's variant decode. The policy (ctxkv/kvpolicy.h) says which slots hold
+// which tokens; the variants only see slots.
 
-static KVCache kvcache_new(const Config *c, int B, int capacity) {
-    if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
+// a cache for B sequences of n_prompt + n_new tokens under the policy
+static KVCache kvcache_new(const Config *c, int B, int n_prompt, int n_new, const KVPolicy *policy) {
+    const int positions = n_prompt + n_new;
+    if (positions > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", positions, c->max_seq_len);
     KVCache kv = {0};
     kv.batch = B;
-    kv.capacity = capacity;
+    kv.policy = *policy;
+    kv.capacity = kv_policy_slots(policy, n_prompt, n_new);
+    kv.positions = positions;
     kv.first_layer = c->layer0_type == LAYER0_CTXKV ? 1 : 0;
     kv.per_token = attn_kv_elements(c, c->attn_type);
-    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * B * capacity * kv.per_token;
-    kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (capacity < ctx_ring_len(c) ? capacity : ctx_ring_len(c)) : 0;
+    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * B * kv.capacity * kv.per_token;
+    kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (positions < ctx_ring_len(c) ? positions : ctx_ring_len(c)) : 0;
     size_t n_ctx = has_context_block(c) ? (size_t)B * ((size_t)kv.ring_len + 1) * c->context_dim : 0;
     kv.mem = malloc_check((n_mem + n_ctx) * sizeof(float), "KV cache");
     kv.ring = kv.mem + n_mem;
     kv.running = kv.ring + (size_t)B * kv.ring_len * c->context_dim;
     kv.bytes = (n_mem + n_ctx) * sizeof(float);
-    kv.scratch = malloc_check((size_t)B * c->n_head * kv_scratch_per_head(c, capacity) * sizeof(float), "decode scratch");
+    kv.scratch = malloc_check((size_t)B * c->n_head * kv_scratch_per_head(c, kv.capacity) * sizeof(float), "decode scratch");
     return kv;
 }
 
-static void kvcache_free(KVCache *kv) { free(kv->mem); free(kv->scratch); memset(kv, 0, sizeof *kv); }
+static void kvcache_free(KVCache *kv) { free(kv->mem); free(kv->scratch); free(kv->kept); memset(kv, 0, sizeof *kv); }
+
+// A prompt of n tokens that the policy compresses: each cached layer's slots go to a staging
+// area of n tokens (cache_write), the policy picks the positions each selection unit keeps (snapkv
+// from the attention of the prompt's last queries, in m->a.layer[l].at.att), and those move
+// into slots 0..budget−1 of the cache. kv->kept records them.
+static void kvcache_compress_prompt(Model *m, KVCache *kv, int n) {
+    const Config *c = &m->cfg;
+    const int B = kv->batch, H = c->n_head, units = kv_units(c, c->attn_type), slots = kv->policy.budget; // kept of the prompt
+    const int w = kv->policy.window < n ? kv->policy.window : n;
+    const size_t pt = kv->per_token;
+    float *stage = malloc_check((size_t)B * n * pt * sizeof(float), "KV staging");
+    float *win = malloc_check((size_t)H * w * n * sizeof(float), "snapkv window");
+    free(kv->kept);
+    kv->kept = malloc_check((size_t)(c->n_layer - kv->first_layer) * B * units * slots * sizeof(int), "KV kept");
+    for (int l = kv->first_layer; l < c->n_layer; l++) {
+        ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, stage, (size_t)n * pt);
+        for (int b = 0; b < B; b++) {
+            int *keep = kv->kept + ((size_t)(l - kv->first_layer) * B + b) * units * slots;
+            if (kv->policy.kind == KV_SNAPKV) // rows n−w..n−1 of each head's (n, n) probabilities
+                for (int h = 0; h < H; h++)
+                    for (int t = 0; t < w; t++)
+                        memcpy(win + ((size_t)h * w + t) * n, m->a.layer[l].at.att + (((size_t)b * H + h) * n + n - w + t) * n, n * sizeof(float));
+            kv_select_prompt(&kv->policy, c, c->attn_type, n, win, keep);
+            for (int u = 0; u < units; u++) {
+                size_t off[2];
+                const int run = kv_unit_runs(c, c->attn_type, u, off);
+                for (int i = 0; i < slots; i++) {
+                    const float *src = stage + ((size_t)b * n + keep[u * slots + i]) * pt;
+                    float *dst = kv_slot(kv, l, b, i);
+                    for (int r = 0; r < 2 && (r == 0 || off[1] != off[0]); r++) memcpy(dst + off[r], src + off[r], run * sizeof(float));
+                }
+            }
+        }
+    }
+    free(stage);
+    free(win);
+}
 
 // Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
-// contexts) into the cache. Returns the logits of the last prompt tokens: row b at
-// b * *row_stride (Vp: the head ran on those rows only, head_last_of).
+// contexts) into the cache, compressed when the policy says so. Returns the logits of the last
+// prompt tokens: row b at b * *row_stride (Vp: the head ran on those rows only, head_last_of).
 static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
     const Config *c = &m->cfg;
     const int B = kv->batch;
-    if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
+    if (n < 1 || n > kv->positions) die("prompt of %d tokens does not fit a cache of %d positions", n, kv->positions);
     m->head_last_of = n; // only the last prompt token's logits are read
     model_forward(m, prompts, NULL, B, n);
     m->head_last_of = 0;
-    for (int l = kv->first_layer; l < c->n_layer; l++)
-        ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, kv_slot(kv, l, 0, 0), kv_seq_stride(kv));
+    if (kv_policy_compresses(&kv->policy, n)) kvcache_compress_prompt(m, kv, n);
+    else
+        for (int l = kv->first_layer; l < c->n_layer; l++)
+            ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, kv_slot(kv, l, 0, 0), kv_seq_stride(kv));
     if (has_context_block(c))
         for (int b = 0; b < B; b++)
             for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
-    kv->len = n;
+    kv->len = kv_policy_compresses(&kv->policy, n) ? kv->policy.budget : n;
+    kv->pos = n;
     *row_stride = c->padded_vocab_size;
     return m->a.logits;
 }
 
-// One token per sequence (tokens[B]) at position kv->len through the model, reading the
+// One token per sequence (tokens[B]) at position kv->pos through the model, reading the
 // cache. Returns the logits (B,Vp).
 static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
     const Config *c = &m->cfg;
     const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
-    if (kv->len >= kv->capacity) die("KV cache full (%d tokens)", kv->capacity);
+    if (kv->pos >= kv->positions) die("KV cache full (%d positions)", kv->positions);
+    kv->write_slot = kv_policy_slot_of(&kv->policy, kv->pos, kv->len);
+    if (kv->write_slot >= kv->capacity) die("KV cache full (%d slots)", kv->capacity);
+    kv->n_attend = kv->write_slot < kv->len ? kv->len : kv->write_slot + 1;
     check_batch(c, tokens, NULL, B, 1);
     model_ensure_acts(m, B, 1);
     if (has_context_block(c)) { // c_t = ContextBlock(c_{t−1}, e_t), c_{−1} = 0
         blockacts_ensure(&m->cb, B, Ed, dc);
-        if (kv->len == 0) memset(kv->running, 0, (size_t)B * dc * sizeof(float));
+        if (kv->pos == 0) memset(kv->running, 0, (size_t)B * dc * sizeof(float));
         float *emb = malloc_check((size_t)B * Ed * sizeof(float), "decode");
         embedding_forward(emb, tokens, m->p.embed_in, B, Ed);
         contextblock_forward(&m->cb, &m->p, kv->running, emb, B, Ed, dc, c->ln_eps);
-        for (int b = 0; b < B; b++) kvcache_push_context(c, kv, b, kv->len, m->cb.out + (size_t)b * dc);
+        for (int b = 0; b < B; b++) kvcache_push_context(c, kv, b, kv->pos, m->cb.out + (size_t)b * dc);
         free(emb);
     }
     if (c->model_type == MODEL_CTXPYTHIA) memcpy(m->a.resid, kv->running, (size_t)B * C * sizeof(float));
@@ -1264,7 +1323,8 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
     for (int l = 0; l < c->n_layer; l++)
         layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
     head_forward(m, B);
-    kv->len++;
+    kv->len = kv->n_attend;
+    kv->pos++;
     return m->a.logits;
 }
 

@@ -20,6 +20,8 @@ typedef struct {
     int shuffle;                               // --shuffle: random shard and block order (training data)
     const char *eval_heldout, *eval_lambada, *eval_recall; // evaluation (doc/formats.md "Evaluation files")
     int heldout_max_tokens, lambada_max, eval_gen, gen_prompt, gen_new;
+    const char *kv_policy;                     // decode-time KV eviction (ctxkv/kvpolicy.h)
+    int kv_budget, kv_sinks, kv_window, kv_pool, eval_decode;
     // Context-KV
     const char *layer0, *model_type, *context_block;
     int context_dim, context_interval, max_contexts, phase;
@@ -83,6 +85,13 @@ static const ArgSpec ARG_SPECS[] = {
     ARG("--eval-gen", ARG_SWITCH, eval_gen, 0, 0, NULL, NULL, "generation tokens/s with the KV cache at batch 1 and 8"),
     ARG("--gen-prompt", ARG_INT, gen_prompt, 1, 1 << 20, "128", "INT", "prompt tokens for --eval-gen"),
     ARG("--gen-new", ARG_INT, gen_new, 1, 1 << 20, "256", "INT", "new tokens for --eval-gen"),
+    SECTION("decode-time KV eviction (doc/kv_eviction.md; decoding and decode-mode evaluation)"),
+    ARG("--kv-policy", ARG_STR, kv_policy, 0, 0, "full", "full|streaming|snapkv", "which cached tokens the decoder keeps: all; StreamingLLM's sinks + recent window; SnapKV's prompt selection + appended new tokens"),
+    ARG("--kv-budget", ARG_INT, kv_budget, 1, 1 << 30, NULL, "INT", "tokens kept per sequence per layer (streaming: all of them; snapkv: of the prompt)"),
+    ARG("--kv-sinks", ARG_INT, kv_sinks, 0, 1 << 30, "4", "INT", "streaming: attention-sink tokens kept from the start"),
+    ARG("--kv-window", ARG_INT, kv_window, 1, 1 << 30, "32", "INT", "snapkv: observation window, the last prompt queries whose attention scores the prompt"),
+    ARG("--kv-pool", ARG_INT, kv_pool, 1, 1 << 20, "5", "INT", "snapkv: average-pooling kernel over positions (odd)"),
+    ARG("--eval-decode", ARG_SWITCH, eval_decode, 0, 0, NULL, NULL, "evaluate by decoding: prefill each context, apply the policy, score the rest token by token (implied by a --kv-policy other than full)"),
     SECTION("data and training"),
     ARG("--train", ARG_STR, train, 0, 0, "data/tinyshakespeare/tiny_shakespeare_train.bin", "GLOB", "training shards"),
     ARG("--val", ARG_STR, val, 0, 0, "data/tinyshakespeare/tiny_shakespeare_val.bin", "GLOB", "validation shards ('' for none)"),

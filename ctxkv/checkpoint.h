@@ -487,7 +487,7 @@ static Config config_from_args(const Args *a) {
         apply_context_flags(&c, a);
     } else {
         if (access(name, F_OK) != 0)
-            die("%s '%s' is neither a preset (pythia-14m, pythia-70m, pythia-160m, tiny) nor an existing checkpoint file",
+            die("%s '%s' is neither a preset (pythia-14m, pythia-70m, pythia-160m, pythia-mqar, tiny) nor an existing checkpoint file",
                 a->init_from ? "--init-from" : "--model", name);
         c = checkpoint_open(name, NULL);
         if (a->init_from) {

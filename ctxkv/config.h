@@ -256,18 +256,21 @@ static size_t kv_elements_per_token(const Config *c) {
     return n;
 }
 
-// Values the decoder holds after T tokens: the per-layer caches, the ring (capped at
-// (M−1)·I+1 contexts) and the running context (ctxkv and ctxpythia).
-static size_t kv_elements_at(const Config *c, size_t T) {
+// Values the decoder holds with `slots` cached tokens per layer after `positions` tokens: the
+// per-layer caches, the ring (capped at (M−1)·I+1 contexts) and the running context (ctxkv and
+// ctxpythia). Without eviction slots = positions (kv_elements_at); ctxkv/kvpolicy.h gives the
+// slots of a policy.
+static size_t kv_elements_for(const Config *c, size_t slots, size_t positions) {
     size_t n = 0;
-    for (int l = 0; l < c->n_layer; l++) n += T * attn_kv_elements(c, layer_kind(c, l));
+    for (int l = 0; l < c->n_layer; l++) n += slots * attn_kv_elements(c, layer_kind(c, l));
     if (c->layer0_type == LAYER0_CTXKV) {
         size_t ring = (size_t)ctx_ring_len(c);
-        n += (T < ring ? T : ring) * c->context_dim;
+        n += (positions < ring ? positions : ring) * c->context_dim;
     }
     if (has_context_block(c)) n += c->context_dim; // the running context c_{t-1}
     return n;
 }
+static size_t kv_elements_at(const Config *c, size_t T) { return kv_elements_for(c, T, T); }
 
 // decode scratch per (sequence, head): scores, MLA's two latent vectors, ctxkv's slot keys/values
 static size_t kv_scratch_per_head(const Config *c, int capacity) {

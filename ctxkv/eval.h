@@ -7,7 +7,7 @@
 //   model_losses(m)                          the last forward's per-position losses (B*T), host
 //   model_logits_host(m, row0, n)            rows row0.. of the last forward's logits (Vp each), host
 //   m->head_from                             forward computes logits only for rows >= head_from
-//   kvcache_new(cfg, B, capacity) / kvcache_free(kv), KVCache.bytes
+//   kvcache_new(cfg, B, n_prompt, n_new, policy) / kvcache_free(kv), KVCache.bytes; m->kv_policy
 //   model_prefill(m, kv, prompts, n, &row_stride)  the logits of each prompt's last token, host,
 //                                                  row b at b * row_stride
 //   model_decode_step(m, kv, tokens)         one token per sequence; the logits (B, Vp), host
@@ -38,18 +38,75 @@ static float evaluate(Model *m, DataLoader *val, int max_batches) {
     return (float)(sum / n);
 }
 
+// log p(target) under the logits z (V), in double
+static double logprob_of(const float *z, int V, int target) {
+    const double mx = z[argmax(z, V)];
+    double se = 0.0;
+    for (int v = 0; v < V; v++) se += exp((double)z[v] - mx);
+    return z[target] - mx - log(se);
+}
+
+// Evaluation by decoding (doc/evaluation.md "Decode mode"): eviction only changes what is scored
+// through the cache, never the parallel forward. decode_score prefills the first n_ctx tokens of
+// the B sequences x (B, L), under m->kv_policy, then feeds x[:, n_ctx .. L−2] one token per
+// sequence at a time; score(ctx, b, j, z) receives the logits z (Vp) that predict x[b, j+1],
+// for j = n_ctx−1 .. L−2 (the last token is only a target).
+typedef void (*DecodeScoreFn)(void *ctx, int b, int j, const float *z);
+static void decode_score(Model *m, const int *x, int B, int L, int n_ctx, DecodeScoreFn score, void *ctx) {
+    KVCache kv = kvcache_new(&m->cfg, B, n_ctx, L - 1 - n_ctx, &m->kv_policy);
+    int *prompts = (int *)malloc_check((size_t)B * n_ctx * sizeof(int), "decode eval"), *next = (int *)malloc_check(B * sizeof(int), "decode eval");
+    for (int b = 0; b < B; b++) memcpy(prompts + (size_t)b * n_ctx, x + (size_t)b * L, n_ctx * sizeof(int));
+    size_t stride;
+    const float *z = model_prefill(m, &kv, prompts, n_ctx, &stride);
+    for (int j = n_ctx - 1; j < L - 1; j++) {
+        if (j >= n_ctx) {
+            for (int b = 0; b < B; b++) next[b] = x[(size_t)b * L + j];
+            z = model_decode_step(m, &kv, next);
+            stride = m->cfg.padded_vocab_size;
+        }
+        for (int b = 0; b < B; b++) score(ctx, b, j, z + b * stride);
+    }
+    kvcache_free(&kv);
+    free(prompts);
+    free(next);
+}
+
+typedef struct { const int *x; int L, V; double total; long long count; } LossSum;
+static void loss_sum_score(void *ctx, int b, int j, const float *z) {
+    LossSum *ls = (LossSum *)ctx;
+    ls->total -= logprob_of(z, ls->V, ls->x[(size_t)b * ls->L + j + 1]);
+    ls->count++;
+}
+
 // Held-out loss by a sliding window of T tokens with stride T/2: each window scores only the
 // targets no earlier window scored, so every token is predicted once, with at least T/2
 // tokens of context after the first window. Returns the mean loss; *scored = tokens counted.
-static float eval_heldout(Model *m, const char *path, int T, int max_tokens, long long *scored) {
+// decode_batch > 0: by decoding, that many windows at a time: each full window prefills its
+// first T − T/2 + 1 tokens and scores the rest, so the targets are those the parallel mode
+// scores after its first window (the same contexts), and a tail shorter than T is not scored.
+static float eval_heldout(Model *m, const char *path, int T, int max_tokens, long long *scored, int decode_batch) {
     size_t ntok;
     uint16_t *tok = shard_load(path, &ntok, m->cfg.vocab_size);
     if (ntok < 2) die("'%s' has fewer than 2 tokens", path);
+    const int stride = T / 2 > 0 ? T / 2 : 1;
+    if (decode_batch > 0) {
+        if (ntok < (size_t)T + 1) die("'%s' has %zu tokens: decode-mode held-out needs a full window of -t %d + 1", path, ntok, T);
+        int *x = (int *)malloc_check((size_t)decode_batch * (T + 1) * sizeof(int), "heldout");
+        LossSum ls = {x, T + 1, m->cfg.vocab_size, 0.0, 0};
+        for (size_t s = 0; s + T + 1 <= ntok && !(max_tokens > 0 && ls.count >= max_tokens);) {
+            int n = 0;
+            for (; n < decode_batch && s + T + 1 <= ntok; n++, s += stride)
+                for (int i = 0; i <= T; i++) x[(size_t)n * (T + 1) + i] = tok[s + i];
+            decode_score(m, x, n, T + 1, T - stride + 1, loss_sum_score, &ls);
+        }
+        free(x); free(tok);
+        *scored = ls.count;
+        return (float)(ls.total / ls.count);
+    }
     int *x = (int *)malloc_check(T * sizeof(int), "heldout"), *y = (int *)malloc_check(T * sizeof(int), "heldout");
     double total = 0.0;
     long long count = 0;
     size_t done = 0; // targets tok[1..done] are scored
-    const int stride = T / 2 > 0 ? T / 2 : 1;
     for (size_t s = 0; done < ntok - 1; s += stride) {
         int len = (int)(ntok - 1 - s < (size_t)T ? ntok - 1 - s : (size_t)T);
         for (int i = 0; i < len; i++) {
@@ -74,7 +131,16 @@ typedef struct { int n_ctx, n_tgt; size_t offset; } LambadaExample;
 
 // LAMBADA: an example is correct when every token of the final word is the argmax given all
 // preceding text; perplexity = exp(−mean over examples of Σ log p(final-word tokens)).
-static void eval_lambada(Model *m, const char *path, int max_examples, float *acc, float *ppl, int *n_scored) {
+typedef struct { const int *x; int L, V, all_argmax; double logp; } LambadaScore;
+static void lambada_score(void *ctx, int b, int j, const float *z) {
+    LambadaScore *sc = (LambadaScore *)ctx;
+    const int target = sc->x[(size_t)b * sc->L + j + 1];
+    sc->all_argmax &= argmax(z, sc->V) == target;
+    sc->logp += logprob_of(z, sc->V, target);
+}
+
+// decode: by decoding (the context prefilled under m->kv_policy, the final word token by token)
+static void eval_lambada(Model *m, const char *path, int max_examples, float *acc, float *ppl, int *n_scored, int decode) {
     FILE *f = fopen_check(path, "rb");
     long long size = file_size(f);
     int h[HEADER_INTS];
@@ -105,23 +171,21 @@ static void eval_lambada(Model *m, const char *path, int max_examples, float *ac
     if (max_examples > 0 && max_examples < n) n = max_examples;
     double sum_logp = 0.0;
     int *x = NULL;
+    LambadaScore sc = {NULL, 0, V, 0, 0.0};
     for (int i = 0; i < n; i++) {
         int L = ex[i].n_ctx + ex[i].n_tgt - 1; // the input is everything but the last target token
         if (L > m->cfg.max_seq_len) continue;  // longer than the model sees: not scored
-        arrsetlen(x, L);
-        for (int j = 0; j < L; j++) x[j] = tok[ex[i].offset + j];
-        m->head_from = ex[i].n_ctx - 1;
-        model_forward(m, x, NULL, 1, L);
-        int all_argmax = 1;
-        for (int j = 0; j < ex[i].n_tgt; j++) {
-            const float *z = model_logits_host(m, ex[i].n_ctx - 1 + j, 1);
-            const int target = tok[ex[i].offset + ex[i].n_ctx + j], best = argmax(z, V);
-            all_argmax &= best == target;
-            double mx = z[best], se = 0.0;
-            for (int v = 0; v < V; v++) se += exp((double)z[v] - mx);
-            sum_logp += z[target] - mx - log(se);
+        arrsetlen(x, L + 1);
+        for (int j = 0; j <= L; j++) x[j] = tok[ex[i].offset + j];
+        sc.x = x; sc.L = L + 1; sc.all_argmax = 1; sc.logp = 0.0;
+        if (decode) decode_score(m, x, 1, L + 1, ex[i].n_ctx, lambada_score, &sc);
+        else {
+            m->head_from = ex[i].n_ctx - 1;
+            model_forward(m, x, NULL, 1, L);
+            for (int j = ex[i].n_ctx - 1; j < L; j++) lambada_score(&sc, 0, j, model_logits_host(m, j, 1));
         }
-        correct += all_argmax;
+        correct += sc.all_argmax;
+        sum_logp += sc.logp;
         used++;
     }
     m->head_from = 0;
@@ -149,7 +213,22 @@ typedef struct {
 
 static int recall_bucket(int d) { int k = 0; while (d >>= 1) k++; return k; }
 
-static RecallResult eval_recall(Model *m, const char *path, int B) {
+// scores the answer tokens x[b, j+1] (dist > 0) of a batch; groups[b]: the pair-count group of row b
+typedef struct { RecallResult *r; const int *x; const uint16_t *dist; int L, V; const int *groups; } RecallScore;
+static void recall_score(void *ctx, int b, int j, const float *z) {
+    RecallScore *sc = (RecallScore *)ctx;
+    const size_t at = (size_t)b * sc->L + j + 1;
+    if (!sc->dist[at]) return;
+    RecallResult *r = sc->r;
+    const int ok = argmax(z, sc->V) == sc->x[at], k = recall_bucket(sc->dist[at]), g = sc->groups[b];
+    r->answers++; r->correct += ok;
+    r->group_answers[g]++; r->group_correct[g] += ok;
+    r->dist_answers[k]++; r->dist_correct[k] += ok;
+}
+
+// decode: by decoding, each example's key-value pairs (its first 2·pairs tokens) prefilled under
+// m->kv_policy, then the queries token by token
+static RecallResult eval_recall(Model *m, const char *path, int B, int decode) {
     FILE *f = fopen_check(path, "rb");
     long long size = file_size(f);
     int h[HEADER_INTS];
@@ -174,38 +253,48 @@ static RecallResult eval_recall(Model *m, const char *path, int B) {
         if (len < 2 || pairs < 1 || off + len > ntok) die("'%s': example %d has bad length %d or pair count %d", path, i, len, pairs);
         if (len > m->cfg.max_seq_len) die("'%s': example %d has %d tokens, more than the model's %d", path, i, len, m->cfg.max_seq_len);
         if (dist[off] != 0) die("'%s': example %d: its first token cannot be an answer", path, i);
+        if (decode) { // the prefill is the pairs: every answer comes after them
+            if (2 * pairs >= len) die("'%s': example %d: %d pairs leave no queries in %d tokens", path, i, pairs, len);
+            for (int j = 0; j < 2 * pairs; j++)
+                if (dist[off + j]) die("'%s': example %d: an answer at %d is inside its %d pairs (decode mode prefills them)", path, i, j, pairs);
+        }
         off += len;
     }
     if (off != ntok) die("'%s': example lengths do not add up to the token count", path);
     for (size_t i = 0; i < ntok; i++)
         if (tok[i] >= V) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, tok[i], i, V);
     int *x = NULL; // stb_ds array
+    RecallScore sc = {&r, NULL, NULL, 0, V, NULL};
     off = 0;
     for (int i = 0; i < h[2];) {
-        const int len = meta[2 * i];
-        int n = 1; // examples i .. i+n-1: one batch of equal length
-        while (n < B && i + n < h[2] && meta[2 * (i + n)] == len) n++;
+        const int len = meta[2 * i], pairs = meta[2 * i + 1];
+        int n = 1; // examples i .. i+n-1: one batch of equal length (and, decoding, of equal pairs)
+        while (n < B && i + n < h[2] && meta[2 * (i + n)] == len && (!decode || meta[2 * (i + n) + 1] == pairs)) n++;
         arrsetlen(x, (size_t)n * len);
         for (size_t j = 0; j < (size_t)n * len; j++) x[j] = tok[off + j];
-        model_forward(m, x, NULL, n, len);
-        for (int b = 0; b < n; b++, i++, off += len) {
-            int g = 0;
-            while (g < r.n_groups && r.group_pairs[g] != meta[2 * i + 1]) g++;
-            if (g == r.n_groups) {
-                if (g == 64) die("'%s': more than 64 distinct pair counts", path);
-                r.group_pairs[r.n_groups++] = meta[2 * i + 1];
+        sc.groups = NULL;
+        int g[64];
+        for (int b = 0; b < n; b++) {
+            int k = 0;
+            while (k < r.n_groups && r.group_pairs[k] != meta[2 * (i + b) + 1]) k++;
+            if (k == r.n_groups) {
+                if (k == 64) die("'%s': more than 64 distinct pair counts", path);
+                r.group_pairs[r.n_groups++] = meta[2 * (i + b) + 1];
             }
-            const float *z = model_logits_host(m, b * len, len); // row j predicts token j + 1
-            for (int j = 1; j < len; j++) {
-                if (!dist[off + j]) continue;
-                const int ok = argmax(z + (size_t)(j - 1) * m->cfg.padded_vocab_size, V) == tok[off + j];
-                const int k = recall_bucket(dist[off + j]);
-                r.answers++; r.correct += ok;
-                r.group_answers[g]++; r.group_correct[g] += ok;
-                r.dist_answers[k]++; r.dist_correct[k] += ok;
-            }
-            r.n_examples++;
+            g[b] = k;
         }
+        sc.x = x; sc.dist = dist + off; sc.L = len; sc.groups = g;
+        if (decode) decode_score(m, x, n, len, 2 * pairs, recall_score, &sc); // the pairs prefilled, then the queries
+        else {
+            model_forward(m, x, NULL, n, len);
+            for (int b = 0; b < n; b++) {
+                const float *z = model_logits_host(m, b * len, len); // row j predicts token j + 1
+                for (int j = 0; j < len - 1; j++) recall_score(&sc, b, j, z + (size_t)j * m->cfg.padded_vocab_size);
+            }
+        }
+        r.n_examples += n;
+        i += n;
+        off += (size_t)n * len;
     }
     arrfree(x); free(meta); free(tok); free(dist);
     if (r.answers == 0) die("'%s' has no answer tokens to score", path);
@@ -282,7 +371,7 @@ typedef struct { double seconds; int n_new; size_t cache_bytes; } GenStats;
 static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int n_new, float temperature,
                           uint64_t *rng, int *out, const Tokenizer *tk, GenStats *st) {
     const int Vp = m->cfg.padded_vocab_size, len = n_prompt + n_new;
-    KVCache kv = kvcache_new(&m->cfg, B, len);
+    KVCache kv = kvcache_new(&m->cfg, B, n_prompt, n_new, &m->kv_policy);
     int *next = (int *)malloc_check(B * sizeof(int), "generate");
     const int V = m->cfg.vocab_size;
     float *probs = (float *)malloc_check((size_t)B * V * sizeof(float), "sampling");

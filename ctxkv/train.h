@@ -16,7 +16,8 @@
 // --kv-report: the KV accounting, and the activation bytes a training step of B x T needs in this
 // program's own layout (floatX: fp32 on the CPU, bf16 in the default CUDA build) -- of which the
 // attention scores, (B, H, T, T) per layer, are the part that grows as T²
-static void print_kv_report(const Config *c, const char *name, int B, int T) {
+// Under a policy it adds the cache that --generate N after a -t T-token prompt holds.
+static void print_kv_report(const Config *c, const char *name, int B, int T, const KVPolicy *p, int n_new) {
     Acts acts;
     memset(&acts, 0, sizeof acts);
     acts.layer = (LayerActs *)calloc_check(c->n_layer * sizeof(LayerActs), "kv report");
@@ -31,11 +32,15 @@ static void print_kv_report(const Config *c, const char *name, int B, int T) {
            "\"max_contexts\": %d, \"params\": %zu, \"kv_elements_per_token\": %zu, "
            "\"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, \"kv_bytes_per_token_fp32\": %zu, "
            "\"kv_cache_bytes_at\": {\"1024\": %zu, \"4096\": %zu, \"16384\": %zu}, "
-           "\"train_activation_bytes\": {\"B\": %d, \"T\": %d, \"forward\": %zu, \"backward\": %zu}}\n",
+           "\"train_activation_bytes\": {\"B\": %d, \"T\": %d, \"forward\": %zu, \"backward\": %zu}, "
+           "\"kv_policy\": {\"name\": \"%s\", \"budget\": %d, \"sinks\": %d, \"window\": %d, \"pool\": %d, \"prompt\": %d, \"new\": %d, "
+           "\"slots_per_layer\": %d, \"kv_cache_bytes_fp32\": %zu}}\n",
            name, ATTN_NAMES[c->attn_type], c->layer0_type ? "ctxkv" : "same", c->model_type ? "ctxpythia" : "pythia", L,
            c->n_kv_head, c->kv_rank, c->mla_rope_dim, c->context_dim, c->context_interval, c->max_contexts,
            layout_params(c, NULL, NULL, NULL, NULL), per_token, 2 * std_layer, 2 * per_token, 4 * per_token,
-           2 * kv_elements_at(c, 1024), 2 * kv_elements_at(c, 4096), 2 * kv_elements_at(c, 16384), B, T, fwd, bwd);
+           2 * kv_elements_at(c, 1024), 2 * kv_elements_at(c, 4096), 2 * kv_elements_at(c, 16384), B, T, fwd, bwd,
+           KV_POLICY_NAMES[p->kind], p->budget, p->sinks, p->window, p->pool, T, n_new, kv_policy_slots(p, T, n_new),
+           kv_policy_cache_bytes(c, p, T, n_new));
 }
 
 // --generate N: N tokens after --prompt-ids with the KV cache, then the speed and cache size
@@ -55,9 +60,12 @@ static int run_generate(Model *m, const Args *a, const Tokenizer *tk) {
     if (!tk->tokens) for (int i = n_prompt; i < n_prompt + a->generate; i++) printf("%d ", out[i]);
     printf("\n---\n");
     const int T = n_prompt + a->generate;
+    char policy[64];
+    kv_policy_label(&m->kv_policy, policy, sizeof policy);
     printf("{\"generated_tokens\": %d, \"seconds\": %.4f, \"tokens_per_s\": %.1f, \"kv_cache_capacity_tokens\": %d, "
-           "\"kv_cache_bytes\": %zu, \"kv_bytes_per_token_fp32\": %zu}\n",
-           a->generate, st.seconds, a->generate / st.seconds, T, st.cache_bytes, kv_elements_per_token(&m->cfg) * sizeof(float));
+           "\"kv_cache_bytes\": %zu, \"kv_bytes_per_token_fp32\": %zu, \"kv_policy\": \"%s\", \"kv_cache_slots_per_layer\": %d}\n",
+           a->generate, st.seconds, a->generate / st.seconds, T, st.cache_bytes, kv_elements_per_token(&m->cfg) * sizeof(float),
+           policy, kv_policy_slots(&m->kv_policy, n_prompt, a->generate));
     free(out);
     arrfree(prompt);
     return 0;
@@ -203,11 +211,17 @@ static void run_evaluation(Model *m, const Args *a, const TrainResult *r, const 
     char val_s[64] = "null", heldout_n[64] = "null", lam_n[64] = "null", cache_meas[64] = "null", train_s[64] = "null";
     if (r->val_loss >= 0.0f) snprintf(val_s, sizeof val_s, "%.6f", r->val_loss);
     if (a->steps > 0) snprintf(train_s, sizeof train_s, "%.6f", r->train_loss);
+    // by decoding when asked, or when a policy evicts (it only acts on the decoder)
+    const int decode = a->eval_decode || m->kv_policy.kind != KV_FULL;
+    char policy[64];
+    kv_policy_label(&m->kv_policy, policy, sizeof policy);
+    const char *mode = decode ? "decoding" : "parallel";
+    if (decode && (a->eval_heldout || a->eval_lambada || a->eval_recall)) printf("evaluation by decoding, KV policy %s\n", policy);
     if (a->eval_heldout) {
         long long scored;
         double t0 = now_seconds();
-        float l = eval_heldout(m, a->eval_heldout, a->T, a->heldout_max_tokens, &scored);
-        printf("held-out loss %.4f over %lld tokens of %s (window %d, stride %d) [%.1f s]\n", l, scored, a->eval_heldout, a->T, a->T / 2, now_seconds() - t0);
+        float l = eval_heldout(m, a->eval_heldout, a->T, a->heldout_max_tokens, &scored, decode ? a->B : 0);
+        printf("held-out loss %.4f over %lld tokens of %s (window %d, stride %d, %s) [%.1f s]\n", l, scored, a->eval_heldout, a->T, a->T / 2, mode, now_seconds() - t0);
         snprintf(heldout, sizeof heldout, "%.6f", l);
         snprintf(heldout_n, sizeof heldout_n, "%lld", scored);
     }
@@ -215,7 +229,7 @@ static void run_evaluation(Model *m, const Args *a, const TrainResult *r, const 
         float acc, ppl;
         int n;
         double t0 = now_seconds();
-        eval_lambada(m, a->eval_lambada, a->lambada_max, &acc, &ppl, &n);
+        eval_lambada(m, a->eval_lambada, a->lambada_max, &acc, &ppl, &n, decode);
         printf("LAMBADA: accuracy %.4f, perplexity %.2f over %d examples [%.1f s]\n", acc, ppl, n, now_seconds() - t0);
         snprintf(lam_acc, sizeof lam_acc, "%.6f", acc);
         snprintf(lam_ppl, sizeof lam_ppl, "%.4f", ppl);
@@ -224,7 +238,7 @@ static void run_evaluation(Model *m, const Args *a, const TrainResult *r, const 
     char recall[4096] = "null"; // the JSON of --eval-recall's result
     if (a->eval_recall) {
         double t0 = now_seconds();
-        RecallResult rr = eval_recall(m, a->eval_recall, a->B);
+        RecallResult rr = eval_recall(m, a->eval_recall, a->B, decode);
         recall_json(&rr, recall, sizeof recall);
         printf("recall: accuracy %.4f over %lld answers of %d examples of %s [%.1f s]\n", (double)rr.correct / rr.answers, rr.answers, rr.n_examples, a->eval_recall, now_seconds() - t0);
         printf("recall: %s\n", recall);
@@ -251,11 +265,13 @@ static void run_evaluation(Model *m, const Args *a, const TrainResult *r, const 
             "\"lambada_acc\": %s, \"lambada_ppl\": %s, \"lambada_examples\": %s, \"generation_toks_per_s\": %s, "
             "\"generation_toks_per_s_b8\": %s, \"recall\": %s, \"kv_bytes_per_token_per_layer_bf16\": %zu, \"kv_bytes_per_token_bf16\": %zu, "
             "\"kv_cache_bytes_measured_fp32\": %s, \"kv_cache_bytes_analytic_fp32\": %zu, \"params\": %zu, "
-            "\"tokens_seen\": %lld, \"tokens_per_s\": %.1f, \"steps\": %d}\n",
+            "\"tokens_seen\": %lld, \"tokens_per_s\": %.1f, \"steps\": %d, \"eval_mode\": \"%s\", \"kv_policy\": \"%s\", "
+            "\"kv_cache_bytes_policy_fp32\": %zu}\n",
             train_s, val_s, heldout, heldout_n, lam_acc, lam_ppl, lam_n, gen1, gen8, recall,
             2 * attn_kv_elements(c, c->attn_type), 2 * kv_elements_per_token(c), cache_meas,
             4 * kv_elements_at(c, (size_t)a->gen_prompt + a->gen_new), m->num_params, r->tokens_seen,
-            r->train_time > 0 ? r->tokens_seen / r->train_time : 0.0, a->steps);
+            r->train_time > 0 ? r->tokens_seen / r->train_time : 0.0, a->steps, mode, policy,
+            kv_policy_cache_bytes(c, &m->kv_policy, a->gen_prompt, a->gen_new));
     atomic_commit(&af);
     printf("wrote %s\n", path);
 }
@@ -275,8 +291,10 @@ static void remove_stale_tmp(const char *dir) {
 int main(int argc, char **argv) {
     Args a = parse_args(argc, argv, PROGRAM_WHAT);
     Config cfg = config_from_args(&a);
-    if (a.kv_report) { print_kv_report(&cfg, model_name(&a), a.B, a.T); return 0; }
+    const KVPolicy policy = kv_policy_from_args(&a);
+    if (a.kv_report) { print_kv_report(&cfg, model_name(&a), a.B, a.T, &policy, a.generate); return 0; }
     Model model = model_from_args(&a, &cfg);
+    model.kv_policy = policy;
     if (!a.generate && a.T > model.cfg.max_seq_len) die("-t %d exceeds the model's max_seq_len %d", a.T, model.cfg.max_seq_len);
     char device[256];
     device_banner(device, sizeof device);

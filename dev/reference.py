@@ -2092,10 +2092,176 @@ def write_ctx_json():
     return out
 
 
+# --------------------------------------------------------------------------------------
+# Decode-time KV eviction (doc/kv_eviction.md): StreamingLLM and SnapKV as attention masks on
+# the full forward, written here independently of the program. With original positions a
+# policy is exactly a mask on the rows the decoder computes (t >= P, the prompt being P tokens):
+#   streaming  row t sees s < sinks, and s > t - (budget - sinks)
+#   snapkv     row t sees its unit's kept prompt positions and P..t; the kept positions are
+#              chosen from the prefill's attention (rows < P are never masked, so one
+#              unmasked pass gives them): score_u(s) = sum over the unit's heads and the last w
+#              prompt queries of att[t, s], s < P - w; F.avg_pool1d(kernel, stride 1,
+#              padding kernel // 2); topk(budget - w); then the window P - w .. P - 1.
+# Units: mha each head, gqa each KV head (its query group summed), mla the token (all heads).
+
+KV_EVICT_MAGIC, KV_EVICT_VERSION = 20261202, 1
+KV_EVICT_POLICY = {"streaming": 1, "snapkv": 2}  # ctxkv/kvpolicy.h KVPolicyKind
+
+
+def evict_load(path):
+    """A ctxkv checkpoint as float64 tensors keyed as prepro/ckpt.py names them, embed rows cut to V."""
+    ck = import_prepro("ckpt")
+    cfg, t = ck.read_checkpoint(str(path))
+    assert cfg["layer0_type"] == 0 and cfg["model_type"] == 0 and cfg.get("mla_rope_split", 1) in (0, 1)
+    p = {n: torch.from_numpy(a.astype(np.float64)) for n, a in t.items()}
+    V = cfg["vocab_size"]
+    p["embed_in"], p["embed_out"] = p["embed_in"][:V], p["embed_out"][:V]
+    return cfg, p
+
+
+def evict_units(cfg):
+    return {0: cfg["n_head"], 3: 1}.get(cfg["attn_type"], cfg["n_kv_head"])
+
+
+def evict_attention(lp, cfg, h, allow):
+    """One layer's attention on h [B, T, C] with the boolean mask allow [B, H, T, T] (True: may
+    attend; causal already in it). Returns the output [B, T, C] and the probabilities."""
+    B, T, C = h.shape
+    a, H = cfg["attn_type"], cfg["n_head"]
+    D = C // H
+    if a == 3:
+        dR, dc, eps = cfg["mla_rope_dim"], cfg["kv_rank"], cfg["rms_eps"]
+        q = (h @ lp["q_w"].T if cfg["q_rank"] == 0 else
+             rms_norm(h @ lp["q_a_w"].T, lp["q_a_norm_w"], eps) @ lp["q_b_w"].T).view(B, T, H, D + dR).transpose(1, 2)
+        ckv = h @ lp["kv_a_w"].T
+        lat = rms_norm(ckv[..., :dc], lp["kv_a_norm_w"], eps) if "kv_a_norm_w" in lp else ckv[..., :dc]
+        cos, sin = rope_tables(dR, T, cfg["rope_base"])
+        q_pe, k_pe = rope(q[..., D:], cos, sin, dR), rope(ckv[..., dc:], cos, sin, dR)
+        kvb = (lat @ lp["kv_b_w"].T).view(B, T, H, 2 * D).transpose(1, 2)
+        s = (q[..., :D] @ kvb[..., :D].transpose(-1, -2) + q_pe @ k_pe.unsqueeze(1).transpose(-1, -2)) / np.sqrt(D + dR)
+        v = kvb[..., D:]
+    else:
+        R = cfg["rotary_dims"]
+        if a == 0:
+            qkv = (h @ lp["qkv_w"].T + lp["qkv_b"]).view(B, T, H, 3, D)
+            q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        else:
+            G = cfg["n_kv_head"]
+            q = (h @ lp["q_w"].T + lp["q_b"]).view(B, T, H, D).transpose(1, 2)
+            kv = h @ lp["kv_w"].T + lp["kv_b"]
+            idx = torch.arange(H) // (H // G)                                   # query head -> KV head
+            k = kv[..., :G * D].view(B, T, G, D).transpose(1, 2)[:, idx]
+            v = kv[..., G * D:].view(B, T, G, D).transpose(1, 2)[:, idx]
+        cos, sin = rope_tables(R, T, cfg["rope_base"])
+        q, k = rope(q, cos, sin, R), rope(k, cos, sin, R)
+        s = q @ k.transpose(-1, -2) / np.sqrt(D)
+    att = torch.softmax(s.masked_fill(~allow, float("-inf")), dim=-1)
+    o = (att @ v).transpose(1, 2).reshape(B, T, H * D)
+    return o @ lp["dense_w"].T + lp["dense_b"], att
+
+
+def evict_forward(p, cfg, x, allow_fn):
+    """Logits [B, T, V] and each layer's probabilities; allow_fn(l, att_unmasked) -> mask or
+    None (causal). Each layer runs unmasked first, to give the policy its prefill attention."""
+    B, T = x.shape
+    eps, H = cfg["layer_norm_eps"], cfg["n_head"]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(B, H, T, T)
+    h = p["embed_in"][x]
+    for l in range(cfg["n_layer"]):
+        lp = {n.split(".", 2)[2]: t for n, t in p.items() if n.startswith(f"layers.{l}.")}
+        h1 = layer_norm(h, lp["ln1_w"], lp["ln1_b"], eps)
+        a, att = evict_attention(lp, cfg, h1, causal)
+        allow = allow_fn(l, att)
+        if allow is not None:
+            a, _ = evict_attention(lp, cfg, h1, causal & allow)
+        h2 = layer_norm(h, lp["ln2_w"], lp["ln2_b"], eps)
+        u = h2 @ lp["fc_w"].T + lp["fc_b"]
+        h = h + a + (0.5 * u * (1.0 + torch.erf(u / np.sqrt(2.0)))) @ lp["proj_w"].T + lp["proj_b"]
+    return layer_norm(h, p["lnf_w"], p["lnf_b"], eps) @ p["embed_out"].T
+
+
+def snapkv_keep(att, cfg, P, budget, window, pool):
+    """The kept prompt positions [B, units, budget] (sorted) from one layer's probabilities,
+    and the smallest gap between the last kept and the first dropped pooled score."""
+    B, H = att.shape[:2]
+    U, w = evict_units(cfg), min(window, P)
+    n = P - w
+    votes = att[:, :, P - w:P, :n].sum(-2)                                      # [B, H, n]
+    votes = votes.view(B, U, H // U, n).sum(2)                                  # summed over each unit's heads
+    pooled = F.avg_pool1d(votes.reshape(B * U, 1, n), pool, stride=1, padding=pool // 2).view(B, U, n)
+    top = pooled.topk(budget - w, dim=-1)
+    srt = pooled.sort(dim=-1, descending=True).values
+    gap = (srt[..., budget - w - 1] - srt[..., budget - w]).min().item()
+    keep = torch.cat([top.indices.sort(-1).values, torch.arange(n, P).expand(B, U, w)], -1)
+    return keep, gap
+
+
+def evict_case(model, policy, P, budget, sinks, window, pool, T, gen):
+    cfg, p = evict_load(REF_DIR / model)
+    B, H, U = 2, cfg["n_head"], evict_units(cfg)
+    x = torch.randint(0, cfg["vocab_size"], (B, T), generator=gen)
+    rows = torch.arange(T)[:, None] >= P                                       # the decoded rows
+    kept = []
+    if policy == "streaming":
+        W, s, t = budget - sinks, torch.arange(T)[None, :], torch.arange(T)[:, None]
+        allow = ~rows | (s < sinks) | (s > t - W)
+        fn = lambda l, att: allow.expand(B, H, T, T)
+    else:
+        gaps = []
+
+        def fn(l, att):
+            keep, gap = snapkv_keep(att, cfg, P, budget, window, pool)
+            kept.append(keep)
+            gaps.append(gap)
+            mine = torch.zeros(B, U, T, dtype=torch.bool)
+            mine.scatter_(2, keep, True)
+            mine[:, :, P:] = True                                               # the decoded tokens are appended
+            mine = mine[:, torch.arange(H) // (H // U)]                          # [B, H, T] per query head
+            return ~rows[None, None] | mine[:, :, None, :]
+    with torch.no_grad():
+        logits = evict_forward(p, cfg, x, fn)
+        full = evict_forward(p, cfg, x, lambda l, att: None)
+    if policy == "snapkv":
+        assert min(gaps) > 1e-5, f"{model}: a selection tie within {min(gaps):.2e}; choose another seed"
+    diff = (logits[:, P:] - full[:, P:]).abs().max().item()
+    assert diff > 1e-3, f"{model} {policy}: eviction left the logits unchanged ({diff:.1e}); the test could not fail"
+    print(f"    {model:<16} {policy:<9} P {P:2d} T {T} budget {budget} sinks {sinks} window {window} pool {pool}: "
+          f"logits differ from the full cache by {diff:.3f}" + (f", selection gap {min(gaps):.2e}" if kept else ""))
+    return dict(model=f"dev/ref/{model}", policy=policy, budget=budget, sinks=sinks, window=window, pool=pool,
+                B=B, T=T, P=P, L=cfg["n_layer"], units=U, V=cfg["vocab_size"], tokens=x,
+                kept=torch.stack(kept, 0) if kept else None, logits=logits[:, P - 1:T - 1])
+
+
+def kv_eviction_reference(args):
+    """dev/ref/kv_eviction.bin: per case, the tokens, the SnapKV kept positions per layer,
+    sequence and unit, and the logits of rows P-1 .. T-2 (what prefill and decoding give)."""
+    print("=== kv eviction: StreamingLLM and SnapKV as masks on the full forward (float64)")
+    gen = torch.Generator().manual_seed(SEED + 7)
+    cases = []
+    for model in ("tiny_model.bin", "gqa_model.bin", "mla_model.bin"):
+        cases.append(evict_case(model, "snapkv", 16, 8, 4, 3, 5, 24, gen))
+        cases.append(evict_case(model, "streaming", 3, 8, 2, 32, 5, 24, gen))   # the pure sink + window mask
+        cases.append(evict_case(model, "streaming", 16, 8, 2, 32, 5, 24, gen))  # the prefill evicts too
+    out = bytearray(np.array([KV_EVICT_MAGIC, KV_EVICT_VERSION, len(cases)], "<i4").tobytes())
+    for c in cases:
+        name = c["model"].encode()
+        assert len(name) < 32
+        out += name + b"\0" * (32 - len(name))
+        K = c["budget"] if c["kept"] is not None else 0
+        out += np.array([KV_EVICT_POLICY[c["policy"]], c["budget"], c["sinks"], c["window"], c["pool"], c["B"],
+                         c["T"], c["P"], c["L"], c["units"], K, c["V"]], "<i4").tobytes()
+        out += c["tokens"].numpy().astype("<i4").tobytes()
+        if K:
+            out += c["kept"].numpy().astype("<i4").tobytes()                    # [L, B, units, budget]
+        out += c["logits"].numpy().astype("<f4").tobytes()                       # [B, T - P, V]
+    (REF_DIR / "kv_eviction.bin").write_bytes(bytes(out))
+    print(f"[kv eviction] {len(cases)} cases, {len(out):,} B")
+
+
 def main():
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    names = ["mha"] + list(VARIANTS) + CTX_NAMES
+    names = ["mha"] + list(VARIANTS) + CTX_NAMES + ["kv_eviction"]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--poll", type=int, default=60, help="seconds between checks for prepro/import_hf.py")
     ap.add_argument("--variants", default="all",
@@ -2120,6 +2286,8 @@ def main():
     for name in CTX_NAMES:
         if name in todo:
             ctx_refs[name] = ctxblock_reference(args) if name == "ctxblock" else ctx_reference(name, args)
+    if "kv_eviction" in todo:
+        kv_eviction_reference(args)
     write_variants_json()
     write_ctx_json()
     if refs:

@@ -11,7 +11,7 @@ static void fuzz_lambada(const char *path) {
     model_init_random(&m, &c, 0.5f, 7);
     float acc, ppl;
     int n;
-    eval_lambada(&m, path, 8, &acc, &ppl, &n);
+    eval_lambada(&m, path, 8, &acc, &ppl, &n, 0);
     if (n < 0 || n > 8 || !(acc >= 0.0f && acc <= 1.0f) || m.head_from != 0) abort();
     model_free(&m);
     gemm_release_panels(); // the GEMM's panels outlive a model: release them so the leak check holds

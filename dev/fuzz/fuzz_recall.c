@@ -9,7 +9,7 @@ static void fuzz_recall(const char *path) {
     Config c = fuzz_small_config();
     Model m;
     model_init_random(&m, &c, 0.5f, 7);
-    RecallResult r = eval_recall(&m, path, 2);
+    RecallResult r = eval_recall(&m, path, 2, 0);
     long long sum = 0;
     for (int g = 0; g < r.n_groups; g++) sum += r.group_answers[g];
     if (r.answers < 1 || r.correct < 0 || r.correct > r.answers || sum != r.answers) abort();
