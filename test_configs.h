@@ -1,6 +1,7 @@
 // test_configs.h: the tiny configs both harnesses (test_ctxkv.c, test_ctxkv_cu.cu) test every
 // variant with, built as the command line builds them (apply_variant_flags, apply_context_flags),
-// and the writers of the small masked shards and recall files both feed their programs.
+// the writers of the small masked shards and recall files both feed their programs, and
+// decode_under (decoding given tokens under a KV policy).
 #ifndef TEST_CONFIGS_H
 #define TEST_CONFIGS_H
 
@@ -71,6 +72,56 @@ static void write_recall(const char *path, int magic, int n, const int *len, con
     fwrite_check(tok, sizeof(uint16_t), ntok, f, path);
     fwrite_check(dist, sizeof(uint16_t), ntok - truncate, f, path);
     fclose(f);
+}
+
+// Decodes B sequences x (B,T): prefill of P tokens under the policy, then x[:, P..T−2] one at a
+// time; logits (B, T−P, Vp) receives rows P−1..T−2. Returns the cache (for its bytes and kept).
+static KVCache decode_under(Model *m, const KVPolicy *policy, const int *x, int B, int T, int P, float *logits) {
+    const int Vp = m->cfg.padded_vocab_size;
+    KVCache kv = kvcache_new(&m->cfg, B, P, T - 1 - P, policy);
+    int *prompts = (int *)malloc_check((size_t)B * P * sizeof(int), "evict test"), next[64];
+    for (int b = 0; b < B; b++) memcpy(prompts + (size_t)b * P, x + (size_t)b * T, P * sizeof(int));
+    size_t stride;
+    const float *z = model_prefill(m, &kv, prompts, P, &stride);
+    for (int j = P - 1; j < T - 1; j++) {
+        if (j >= P) {
+            for (int b = 0; b < B; b++) next[b] = x[(size_t)b * T + j];
+            z = model_decode_step(m, &kv, next);
+            stride = Vp;
+        }
+        for (int b = 0; b < B; b++) memcpy(logits + ((size_t)b * (T - P) + j - P + 1) * Vp, z + b * stride, Vp * sizeof(float));
+    }
+    free(prompts);
+    return kv;
+}
+
+// One case of dev/ref/kv_eviction.bin (dev/reference.py kv_eviction_reference): the model, the
+// policy, tokens x (B,T), the kept positions (L, B, units, K; K = 0: none recorded) and the
+// logits of rows P−1..T−2 (B, T−P, V), all read from f. Returns 0 at the end of the cases.
+typedef struct { char model[33]; KVPolicy policy; int B, T, P, L, units, K, V; int *x, *kept; float *logits; } EvictCase;
+static void evict_case_read(FILE *f, const char *path, EvictCase *e) {
+    int q[12];
+    memset(e, 0, sizeof *e);
+    fread_check(e->model, 1, 32, f, path);
+    fread_check(q, sizeof(int), 12, f, path);
+    const KVPolicy p = {q[0], q[1], q[2], q[3], q[4]};
+    e->policy = p;
+    e->B = q[5]; e->T = q[6]; e->P = q[7]; e->L = q[8]; e->units = q[9]; e->K = q[10]; e->V = q[11];
+    e->x = (int *)malloc_check((size_t)e->B * e->T * sizeof(int), "evict ref");
+    e->kept = (int *)malloc_check((size_t)e->L * e->B * e->units * e->K * sizeof(int) + 1, "evict ref");
+    e->logits = (float *)malloc_check((size_t)e->B * (e->T - e->P) * e->V * sizeof(float), "evict ref");
+    fread_check(e->x, sizeof(int), (size_t)e->B * e->T, f, path);
+    fread_check(e->kept, sizeof(int), (size_t)e->L * e->B * e->units * e->K, f, path);
+    fread_check(e->logits, sizeof(float), (size_t)e->B * (e->T - e->P) * e->V, f, path);
+}
+static void evict_case_free(EvictCase *e) { free(e->x); free(e->kept); free(e->logits); }
+// the number of cases, after checking the magic and version
+static int evict_file_open(const char *path, FILE **f) {
+    *f = fopen_check(path, "rb");
+    int h[3];
+    fread_check(h, sizeof(int), 3, *f, path);
+    if (h[0] != 20261202 || h[1] != 1) die("'%s' is not a KV-eviction reference (magic %d, version %d): rerun dev/reference.py --variants kv_eviction", path, h[0], h[1]);
+    return h[2];
 }
 
 #endif

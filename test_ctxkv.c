@@ -488,27 +488,6 @@ static void check_cached_decoding(const char *label, Config c) {
 // ----------------------------------------------------------------------------
 // decode-time KV eviction (ctxkv/kvpolicy.h)
 
-// Decodes B sequences x (B,T): prefill of P tokens under the policy, then x[:, P..T−2] one at a
-// time; logits (B, T−P, Vp) receives rows P−1..T−2. Returns the cache (for its bytes and kept).
-static KVCache decode_under(Model *m, const KVPolicy *policy, const int *x, int B, int T, int P, float *logits) {
-    const int Vp = m->cfg.padded_vocab_size;
-    KVCache kv = kvcache_new(&m->cfg, B, P, T - 1 - P, policy);
-    int *prompts = malloc_check((size_t)B * P * sizeof(int), "evict test"), next[64];
-    for (int b = 0; b < B; b++) memcpy(prompts + (size_t)b * P, x + (size_t)b * T, P * sizeof(int));
-    size_t stride;
-    const float *z = model_prefill(m, &kv, prompts, P, &stride);
-    for (int j = P - 1; j < T - 1; j++) {
-        if (j >= P) {
-            for (int b = 0; b < B; b++) next[b] = x[(size_t)b * T + j];
-            z = model_decode_step(m, &kv, next);
-            stride = Vp;
-        }
-        for (int b = 0; b < B; b++) memcpy(logits + ((size_t)b * (T - P) + j - P + 1) * Vp, z + b * stride, Vp * sizeof(float));
-    }
-    free(prompts);
-    return kv;
-}
-
 static float max_abs_diff(const float *a, const float *b, size_t n) {
     float d = 0.0f;
     for (size_t i = 0; i < n; i++) { float e = fabsf(a[i] - b[i]); if (!(e <= d)) d = e; }
@@ -520,41 +499,32 @@ static float max_abs_diff(const float *a, const float *b, size_t n) {
 // logits after it (1e-5), for mha, gqa and mla
 static void check_kv_eviction_reference(const char *path) {
     printf("-- KV eviction against PyTorch (%s)\n", path);
-    FILE *f = fopen_check(path, "rb");
-    int h[3];
-    fread_check(h, sizeof(int), 3, f, path);
-    if (h[0] != 20261202 || h[1] != 1) { check(0, "%s: magic/version", path); fclose(f); return; }
-    for (int k = 0; k < h[2]; k++) {
-        char model[33] = {0};
-        int q[12];
-        fread_check(model, 1, 32, f, path);
-        fread_check(q, sizeof(int), 12, f, path);
-        KVPolicy policy = {q[0], q[1], q[2], q[3], q[4]};
-        const int B = q[5], T = q[6], P = q[7], L = q[8], units = q[9], K = q[10], V = q[11];
-        int *x = malloc_check((size_t)B * T * sizeof(int), "evict ref"), *kept = malloc_check((size_t)L * B * units * K * sizeof(int) + 1, "evict ref");
-        float *ref = malloc_check((size_t)B * (T - P) * V * sizeof(float), "evict ref");
-        fread_check(x, sizeof(int), (size_t)B * T, f, path);
-        fread_check(kept, sizeof(int), (size_t)L * B * units * K, f, path);
-        fread_check(ref, sizeof(float), (size_t)B * (T - P) * V, f, path);
+    FILE *f;
+    const int n_cases = evict_file_open(path, &f);
+    for (int k = 0; k < n_cases; k++) {
+        EvictCase e;
+        evict_case_read(f, path, &e);
+        const int B = e.B, T = e.T, P = e.P, V = e.V;
         Model m;
-        model_load(&m, model);
+        model_load(&m, e.model);
         const int Vp = m.cfg.padded_vocab_size;
         float *got = malloc_check((size_t)B * (T - P) * Vp * sizeof(float), "evict ref");
-        KVCache kv = decode_under(&m, &policy, x, B, T, P, got);
+        KVCache kv = decode_under(&m, &e.policy, e.x, B, T, P, got);
         float d = 0.0f;
-        for (size_t r = 0; r < (size_t)B * (T - P); r++) { float e = max_abs_diff(got + r * Vp, ref + r * V, V); if (e > d) d = e; }
+        for (size_t r = 0; r < (size_t)B * (T - P); r++) { float x = max_abs_diff(got + r * Vp, e.logits + r * V, V); if (x > d) d = x; }
         char label[64];
-        kv_policy_label(&policy, label, sizeof label);
-        if (K) {
-            int same = kv.kept != NULL && kv_units(&m.cfg, m.cfg.attn_type) == units;
-            for (size_t i = 0; same && i < (size_t)L * B * units * K; i++) same = kv.kept[i] == kept[i];
-            check(same, "%s %s: the positions kept after a %d-token prompt, per layer, sequence and unit (%d units), equal PyTorch's", model, label, P, units);
+        kv_policy_label(&e.policy, label, sizeof label);
+        if (e.K) {
+            int same = kv.kept != NULL && kv_units(&m.cfg, m.cfg.attn_type) == e.units;
+            for (size_t i = 0; same && i < (size_t)e.L * B * e.units * e.K; i++) same = kv.kept[i] == e.kept[i];
+            check(same, "%s %s: the positions kept after a %d-token prompt, per layer, sequence and unit (%d units), equal PyTorch's", e.model, label, P, e.units);
         }
         check(d <= 1e-5f, "%s %s (sinks %d, window %d, pool %d): logits of positions %d..%d after a %d-token prompt equal PyTorch's masked forward (max diff %.2e)",
-              model, label, policy.sinks, policy.window, policy.pool, P - 1, T - 2, P, d);
+              e.model, label, e.policy.sinks, e.policy.window, e.policy.pool, P - 1, T - 2, P, d);
         kvcache_free(&kv);
         model_free(&m);
-        free(x); free(kept); free(ref); free(got);
+        evict_case_free(&e);
+        free(got);
     }
     fclose(f);
 }

@@ -13,6 +13,7 @@ build/test_ctxkv_cpu.o.
 */
 #define TESTING
 #include "train_ctxkv.c"
+#include "test_configs.h"
 
 // Forward, backward and `steps` AdamW steps (with clip_grad_norm_) on one batch of the checkpoint
 // at model_path, as test_ctxkv.c's check_reference. Fills logits (B*T*Vp), *loss, grads (P, in
@@ -79,7 +80,7 @@ void cpu_run_decode(const char *model_path, const int *prompts, int B, int n_pro
     int *next = malloc_check(B * sizeof(int), "decode");
     uint64_t rng = 5;
     for (int b = 0; b < B; b++) memcpy(seq + (size_t)b * n, prompts + (size_t)b * n_prompt, n_prompt * sizeof(int));
-    KVCache kv = kvcache_new(&m.cfg, B, n);
+    KVCache kv = kvcache_new(&m.cfg, B, n_prompt, n_decode, &KV_POLICY_FULL);
     size_t stride;
     const float *logits = model_prefill(&m, &kv, prompts, n_prompt, &stride);
     for (int i = n_prompt; i < n; i++) {
@@ -91,5 +92,21 @@ void cpu_run_decode(const char *model_path, const int *prompts, int B, int n_pro
     *cache_bytes = kv.bytes;
     kvcache_free(&kv);
     free(next);
+    model_free(&m);
+}
+
+// decode_under (test_configs.h) on the checkpoint at model_path with the policy {kind, budget,
+// sinks, window, pool}: logits (B, T−P, Vp) of rows P−1..T−2, the cache's bytes and, after a
+// compressing prefill, its kept positions (kept_out: L·B·units·budget ints, or NULL)
+void cpu_run_decode_under(const char *model_path, const int policy[5], const int *x, int B, int T, int P,
+                          float *logits_out, size_t *cache_bytes, int *kept_out) {
+    Model m;
+    model_load(&m, model_path);
+    const KVPolicy p = {policy[0], policy[1], policy[2], policy[3], policy[4]};
+    KVCache kv = decode_under(&m, &p, x, B, T, P, logits_out);
+    *cache_bytes = kv.bytes;
+    if (kept_out && kv.kept)
+        memcpy(kept_out, kv.kept, (size_t)(m.cfg.n_layer - kv.first_layer) * B * kv_units(&m.cfg, m.cfg.attn_type) * p.budget * sizeof(int));
+    kvcache_free(&kv);
     model_free(&m);
 }

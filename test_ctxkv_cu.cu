@@ -20,6 +20,8 @@ Checks:
      block's gradients and weights after 1 and 3 iterations.
   4. KV-cached decoding (batch 2) on the GPU: equals the GPU's full forward, equals the CPU's
      cached decoding on the same tokens, and the cache holds the analytic number of bytes.
+     Under StreamingLLM and SnapKV (ctxkv/kvpolicy.h) every variant's logits, cache bytes and
+     kept positions equal the CPU's, and dev/ref/kv_eviction.bin's (PyTorch) are met.
   5. --kv-report and --generate: ./train_ctxkv_cu prints the same figures as ./train_ctxkv; a
      masked (recall) shard trains to the same answer-only loss and --eval-recall counts alike.
 Ends with "N passed, N failed"; exits non-zero on any failure.
@@ -57,6 +59,8 @@ size_t cpu_run_phase1(const char *model_path, const int *tokens, int B, int T, i
                       unsigned long long seed, float *loss, float *converged, float *grads, float *params_after);
 void cpu_run_decode(const char *model_path, const int *prompts, int B, int n_prompt, int n_decode, int *seq,
                     float *logits_out, size_t *cache_bytes);
+void cpu_run_decode_under(const char *model_path, const int policy[5], const int *x, int B, int T, int P,
+                          float *logits_out, size_t *cache_bytes, int *kept_out);
 }
 
 #ifdef ENABLE_FP32
@@ -399,7 +403,7 @@ static void check_cached_decoding(const char *label, Config c) {
     float *gpu = (float *)calloc_check((size_t)B * n * Vp * sizeof(float), "decode test");
     size_t cpu_bytes = 0;
     cpu_run_decode(path, prompts, B, n_prompt, n_decode, seq, cpu, &cpu_bytes);
-    KVCache kv = kvcache_new(&c, B, n);
+    KVCache kv = kvcache_new(&c, B, n_prompt, n_decode, &KV_POLICY_FULL);
     size_t stride;
     const float *logits = model_prefill(&m, &kv, prompts, n_prompt, &stride);
     int next[B], greedy_same = 1;
@@ -438,6 +442,94 @@ static void check_cached_decoding(const char *label, Config c) {
     check(d_cpu <= tol, "%s: ... and the CPU's cached decoding (max diff %.2e, tol %.1e; greedy tokens %s)", label, d_cpu, tol,
           greedy_same ? "identical" : "differ at a near-tie");
     free(cpu); free(gpu);
+    model_free(&m);
+}
+
+// ----------------------------------------------------------------------------
+// 4b. decode-time KV eviction (ctxkv/kvpolicy.h) on the GPU
+
+// Positions the GPU kept that equal the reference's, of n. fp32: all must. bf16: the attention
+// that SnapKV scores is stored in bf16 (2^-9 relative), so a near-tie may fall the other way;
+// at least 90% must agree, and the logits are compared only when every position does.
+static int kept_agree(const int *got, const int *ref, size_t n, const char *what) {
+    size_t same = 0;
+    for (size_t i = 0; i < n; i++) same += got[i] == ref[i];
+    check(FP32_TOLERANCES ? same == n : same * 10 >= n * 9, "%s: %zu of %zu kept positions agree%s", what, same, n,
+          FP32_TOLERANCES ? "" : " (bf16: at least 90%)");
+    return same == n;
+}
+
+// dev/ref/kv_eviction.bin (PyTorch float64 masks on the full forward) on the GPU
+static void check_kv_eviction_reference(const char *path) {
+    printf("-- KV eviction against PyTorch on the GPU (%s)\n", path);
+    FILE *f;
+    const int n_cases = evict_file_open(path, &f);
+    for (int k = 0; k < n_cases; k++) {
+        EvictCase e;
+        evict_case_read(f, path, &e);
+        const int B = e.B, T = e.T, P = e.P, V = e.V;
+        Model m;
+        model_load(&m, e.model);
+        const int Vp = m.cfg.padded_vocab_size;
+        std::vector<float> got((size_t)B * (T - P) * Vp);
+        KVCache kv = decode_under(&m, &e.policy, e.x, B, T, P, got.data());
+        char label[160];
+        kv_policy_label(&e.policy, label, 64);
+        snprintf(label + strlen(label), sizeof label - strlen(label), " %s", e.model);
+        int compare = 1;
+        if (e.K) compare = kv.kept && kept_agree(kv.kept, e.kept, (size_t)e.L * B * e.units * e.K, label);
+        float d = 0.0f, maxref = 0.0f;
+        for (size_t r = 0; r < (size_t)B * (T - P); r++) {
+            d = fmaxf(d, max_abs_diff(got.data() + r * Vp, e.logits + r * V, V));
+            maxref = fmaxf(maxref, max_abs(e.logits + r * V, V));
+        }
+        const float tol = logits_tol(maxref);
+        if (compare) check(d <= tol, "%s: logits of positions %d..%d after a %d-token prompt equal PyTorch's masked forward (max diff %.2e, tol %.1e)", label, P - 1, T - 2, P, d, tol);
+        else printf("(%s: logits not compared, the selection differs at a near-tie)\n", label);
+        kvcache_free(&kv);
+        model_free(&m);
+        evict_case_free(&e);
+    }
+    fclose(f);
+}
+
+// The GPU against the CPU under each policy, on the same weights and tokens: the logits, the
+// cache's bytes and the kept positions (every variant; layers 1.. of ctxkv)
+static void check_kv_policies(const char *label, Config c) {
+    const int B = 2, P = 16, T = 40;
+    Model m;
+    model_init_random(&m, &c, 0.3f, 21);
+    char path[512];
+    snprintf(path, sizeof path, "%s/policy.bin", tmpdir);
+    model_save(&m, path);
+    const int Vp = c.padded_vocab_size, V = c.vocab_size;
+    std::vector<int> x((size_t)B * T);
+    uint64_t rng = 77;
+    for (auto &t : x) t = random_u32(&rng) % V;
+    const KVPolicy policies[] = {{KV_STREAMING, 8, 2, 32, 5}, {KV_SNAPKV, 8, 4, 3, 5}};
+    for (const KVPolicy &p : policies) {
+        const int pol[5] = {p.kind, p.budget, p.sinks, p.window, p.pool};
+        const size_t n = (size_t)B * (T - P) * Vp, n_kept = (size_t)(c.n_layer - (c.layer0_type == LAYER0_CTXKV)) * B * kv_units(&c, c.attn_type) * p.budget;
+        std::vector<float> cpu(n), gpu(n);
+        std::vector<int> cpu_kept(n_kept + 1);
+        size_t cpu_bytes = 0;
+        cpu_run_decode_under(path, pol, x.data(), B, T, P, cpu.data(), &cpu_bytes, cpu_kept.data());
+        KVCache kv = decode_under(&m, &p, x.data(), B, T, P, gpu.data());
+        char what[160];
+        kv_policy_label(&p, what, 64);
+        snprintf(what + strlen(what), sizeof what - strlen(what), " %s", label);
+        int compare = p.kind != KV_SNAPKV || (kv.kept && kept_agree(kv.kept, cpu_kept.data(), n_kept, what));
+        float d = 0.0f, maxref = 0.0f;
+        for (size_t r = 0; r < (size_t)B * (T - P); r++) {
+            d = fmaxf(d, max_abs_diff(gpu.data() + r * Vp, cpu.data() + r * Vp, V));
+            maxref = fmaxf(maxref, max_abs(cpu.data() + r * Vp, V));
+        }
+        const float tol = logits_tol(maxref);
+        check(kv.bytes == cpu_bytes, "%s: the cache holds %zu bytes, the CPU's %zu", what, kv.bytes, cpu_bytes);
+        if (compare) check(d <= tol, "%s: logits after a %d-token prompt equal the CPU's (max diff %.2e, tol %.1e)", what, P, d, tol);
+        else printf("(%s: logits not compared, the selection differs at a near-tie)\n", what);
+        kvcache_free(&kv);
+    }
     model_free(&m);
 }
 
@@ -590,6 +682,9 @@ int main(int argc, char **argv) {
     check_phase1_against_cpu();
     printf("-- cached decoding\n");
     for (int i = 0; i < n_cfgs; i++) check_cached_decoding(cfgs[i].label, cfgs[i].c);
+    printf("-- KV policies, GPU against CPU\n");
+    for (int i = 0; i < n_cfgs; i++) check_kv_policies(cfgs[i].label, cfgs[i].c);
+    check_kv_eviction_reference("dev/ref/kv_eviction.bin");
     check_command_line(bin_cpu, bin_cu);
     check_recall_command_line(bin_cpu, bin_cu);
 

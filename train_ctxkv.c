@@ -49,7 +49,7 @@ typedef float floatX;       // parameters and activations are fp32 here (the CUD
 #define PARAM_ALIGN_BYTES 4 // no padding between parameter tensors: the block is the checkpoint's order
 #include "ctxkv/layout.h"
 #include "ctxkv/args.h"
-#include "ctxkv/kvpolicy.h"
+#include "ctxkv/kvcache.h" // KVCache, the decoder's cache, and its eviction policy (KV-cached decoding, below)
 #include "ctxkv/simd.h"
 
 // ----------------------------------------------------------------------------
@@ -301,35 +301,6 @@ typedef struct {
     KVPolicy kv_policy;         // which tokens the decoder keeps (ctxkv/kvpolicy.h); zero: full
 } Model;
 
-// The decoder's cache (KV-cached decoding, below). Per layer and token it holds exactly what the
-// layer's variant needs to attend later (its cache_write; sizes: attn_kv_elements). Under an
-// eviction policy (ctxkv/kvpolicy.h) a slot holds the token the policy put there: slots and
-// positions part, and each selection unit of a slot may hold a different position (snapkv).
-typedef struct {
-    int batch;          // sequences decoded together (B); all have the same length
-    int capacity;       // slots each sequence has per layer (kv_policy_slots)
-    int positions;      // tokens each sequence can be fed in all (prompt + new)
-    int len;            // slots filled
-    int pos;            // tokens fed so far: the position of the next one
-    int write_slot, n_attend; // this decode step: the new token's slot, and the slots it attends over
-    KVPolicy policy;
-    size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
-    int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
-    float *mem;         // (L − first_layer, B, capacity, per_token)
-    int ring_len;       // ctxkv: contexts kept, min(positions, (M−1)·I+1); context s at s % ring_len
-    float *ring;        // (B, ring_len, d_c)
-    float *running;     // (B, d_c) c_{pos−1}, the input of the next ContextBlock step
-    size_t bytes;       // bytes of mem + ring + running
-    int *kept;          // (L − first_layer, B, units, budget) the prompt position of each slot after a
-                        // compressing prefill (bookkeeping for tests, not part of bytes); NULL otherwise
-    float *scratch;     // per (sequence, head): scores, MLA's latents, ctxkv's slot keys/values
-} KVCache;
-
-static float *kv_slot(const KVCache *kv, int l, int b, int pos) {
-    return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
-}
-// floats from a sequence's slot to the next sequence's, in one layer
-static size_t kv_seq_stride(const KVCache *kv) { return (size_t)kv->capacity * kv->per_token; }
 
 static void model_alloc_params(Model *m, const Config *c) {
     memset(m, 0, sizeof *m);
@@ -1214,66 +1185,28 @@ static void model_backward(Model *m) {
 // time through every layer's variant decode. The policy (ctxkv/kvpolicy.h) says which slots hold
 // which tokens; the variants only see slots.
 
-// a cache for B sequences of n_prompt + n_new tokens under the policy
-static KVCache kvcache_new(const Config *c, int B, int n_prompt, int n_new, const KVPolicy *policy) {
-    const int positions = n_prompt + n_new;
-    if (positions > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", positions, c->max_seq_len);
-    KVCache kv = {0};
-    kv.batch = B;
-    kv.policy = *policy;
-    kv.capacity = kv_policy_slots(policy, n_prompt, n_new);
-    kv.positions = positions;
-    kv.first_layer = c->layer0_type == LAYER0_CTXKV ? 1 : 0;
-    kv.per_token = attn_kv_elements(c, c->attn_type);
-    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * B * kv.capacity * kv.per_token;
-    kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (positions < ctx_ring_len(c) ? positions : ctx_ring_len(c)) : 0;
-    size_t n_ctx = has_context_block(c) ? (size_t)B * ((size_t)kv.ring_len + 1) * c->context_dim : 0;
-    kv.mem = malloc_check((n_mem + n_ctx) * sizeof(float), "KV cache");
-    kv.ring = kv.mem + n_mem;
-    kv.running = kv.ring + (size_t)B * kv.ring_len * c->context_dim;
-    kv.bytes = (n_mem + n_ctx) * sizeof(float);
-    kv.scratch = malloc_check((size_t)B * c->n_head * kv_scratch_per_head(c, kv.capacity) * sizeof(float), "decode scratch");
-    return kv;
+// what ctxkv/decode.h needs: the prefill's attention rows, and moving kept slots
+static void *device_alloc(size_t bytes, const char *what) { return calloc_check(bytes, what); }
+static void device_release(void *p) { free(p); }
+
+static void model_att_rows(const Model *m, int l, int b, int h, int t0, int rows, int n, float *out) {
+    memcpy(out, m->a.layer[l].at.att + (((size_t)b * m->cfg.n_head + h) * n + t0) * n, (size_t)rows * n * sizeof(float));
 }
 
-static void kvcache_free(KVCache *kv) { free(kv->mem); free(kv->scratch); free(kv->kept); memset(kv, 0, sizeof *kv); }
-
-// A prompt of n tokens that the policy compresses: each cached layer's slots go to a staging
-// area of n tokens (cache_write), the policy picks the positions each selection unit keeps (snapkv
-// from the attention of the prompt's last queries, in m->a.layer[l].at.att), and those move
-// into slots 0..budget−1 of the cache. kv->kept records them.
-static void kvcache_compress_prompt(Model *m, KVCache *kv, int n) {
-    const Config *c = &m->cfg;
-    const int B = kv->batch, H = c->n_head, units = kv_units(c, c->attn_type), slots = kv->policy.budget; // kept of the prompt
-    const int w = kv->policy.window < n ? kv->policy.window : n;
-    const size_t pt = kv->per_token;
-    float *stage = malloc_check((size_t)B * n * pt * sizeof(float), "KV staging");
-    float *win = malloc_check((size_t)H * w * n * sizeof(float), "snapkv window");
-    free(kv->kept);
-    kv->kept = malloc_check((size_t)(c->n_layer - kv->first_layer) * B * units * slots * sizeof(int), "KV kept");
-    for (int l = kv->first_layer; l < c->n_layer; l++) {
-        ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, stage, (size_t)n * pt);
-        for (int b = 0; b < B; b++) {
-            int *keep = kv->kept + ((size_t)(l - kv->first_layer) * B + b) * units * slots;
-            if (kv->policy.kind == KV_SNAPKV) // rows n−w..n−1 of each head's (n, n) probabilities
-                for (int h = 0; h < H; h++)
-                    for (int t = 0; t < w; t++)
-                        memcpy(win + ((size_t)h * w + t) * n, m->a.layer[l].at.att + (((size_t)b * H + h) * n + n - w + t) * n, n * sizeof(float));
-            kv_select_prompt(&kv->policy, c, c->attn_type, n, win, keep);
-            for (int u = 0; u < units; u++) {
-                size_t off[2];
-                const int run = kv_unit_runs(c, c->attn_type, u, off);
-                for (int i = 0; i < slots; i++) {
-                    const float *src = stage + ((size_t)b * n + keep[u * slots + i]) * pt;
-                    float *dst = kv_slot(kv, l, b, i);
-                    for (int r = 0; r < 2 && (r == 0 || off[1] != off[0]); r++) memcpy(dst + off[r], src + off[r], run * sizeof(float));
-                }
-            }
+static void kvcache_gather(const Config *c, KVCache *kv, int l, int b, const float *stage, const int *keep) {
+    const int budget = kv->policy.budget;
+    for (int u = 0; u < kv_units(c, c->attn_type); u++) {
+        size_t off[2];
+        const int run = kv_unit_runs(c, c->attn_type, u, off);
+        for (int i = 0; i < budget; i++) {
+            const float *src = stage + (size_t)keep[u * budget + i] * kv->per_token;
+            float *dst = kv_slot(kv, l, b, i);
+            for (int r = 0; r < (off[1] != off[0] ? 2 : 1); r++) memcpy(dst + off[r], src + off[r], run * sizeof(float));
         }
     }
-    free(stage);
-    free(win);
 }
+
+#include "ctxkv/decode.h"
 
 // Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
 // contexts) into the cache, compressed when the policy says so. Returns the logits of the last
@@ -1281,19 +1214,10 @@ static void kvcache_compress_prompt(Model *m, KVCache *kv, int n) {
 static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
     const Config *c = &m->cfg;
     const int B = kv->batch;
-    if (n < 1 || n > kv->positions) die("prompt of %d tokens does not fit a cache of %d positions", n, kv->positions);
     m->head_last_of = n; // only the last prompt token's logits are read
     model_forward(m, prompts, NULL, B, n);
     m->head_last_of = 0;
-    if (kv_policy_compresses(&kv->policy, n)) kvcache_compress_prompt(m, kv, n);
-    else
-        for (int l = kv->first_layer; l < c->n_layer; l++)
-            ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, kv_slot(kv, l, 0, 0), kv_seq_stride(kv));
-    if (has_context_block(c))
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
-    kv->len = kv_policy_compresses(&kv->policy, n) ? kv->policy.budget : n;
-    kv->pos = n;
+    kvcache_fill_prompt(m, kv, n);
     *row_stride = c->padded_vocab_size;
     return m->a.logits;
 }
@@ -1303,10 +1227,7 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
 static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
     const Config *c = &m->cfg;
     const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
-    if (kv->pos >= kv->positions) die("KV cache full (%d positions)", kv->positions);
-    kv->write_slot = kv_policy_slot_of(&kv->policy, kv->pos, kv->len);
-    if (kv->write_slot >= kv->capacity) die("KV cache full (%d slots)", kv->capacity);
-    kv->n_attend = kv->write_slot < kv->len ? kv->len : kv->write_slot + 1;
+    kvcache_step_begin(kv);
     check_batch(c, tokens, NULL, B, 1);
     model_ensure_acts(m, B, 1);
     if (has_context_block(c)) { // c_t = ContextBlock(c_{t−1}, e_t), c_{−1} = 0
@@ -1323,8 +1244,7 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
     for (int l = 0; l < c->n_layer; l++)
         layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
     head_forward(m, B);
-    kv->len = kv->n_attend;
-    kv->pos++;
+    kvcache_step_end(kv);
     return m->a.logits;
 }
 

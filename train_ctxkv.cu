@@ -93,7 +93,7 @@ static void cuda_free(void *p) { if (p) cudaCheck(cudaFree(p)); }
 
 // Grow-only device scratch, one per use, for the temporaries the CPU program keeps on its
 // stack or mallocs per call (column-sum partials, the grad-norm partials, ...).
-enum { TMP_COLSUM, TMP_NORM, TMP_BUCKETS, TMP_OACD, TMP_EMB, TMP_FLAGS, TMP_UPLOAD, TMP_IDS, N_TMP };
+enum { TMP_COLSUM, TMP_NORM, TMP_BUCKETS, TMP_OACD, TMP_EMB, TMP_FLAGS, TMP_UPLOAD, TMP_IDS, TMP_KEEP, N_TMP };
 static void *tmp_ptr[N_TMP];
 static size_t tmp_cap[N_TMP];
 static void *dev_temp(int slot, size_t bytes) {
@@ -238,6 +238,7 @@ template <class K> static void set_smem(K kernel, size_t bytes) {
 #define PARAM_ALIGN_BYTES 256 // each parameter tensor starts on a 256-byte boundary: cuBLASLt wants aligned operands
 #include "ctxkv/layout.h"
 #include "ctxkv/args.h"
+#include "ctxkv/kvcache.h" // KVCache, the decoder's cache, and its eviction policy (KV-cached decoding, below)
 
 // ----------------------------------------------------------------------------
 // Layers: forward/backward pairs. Each host function launches the kernel(s) that do what the CPU
@@ -626,33 +627,11 @@ typedef struct {
     BlockActs cb;               // ContextBlock scratch (phase 1 and the exact recurrence)
     int head_from;              // B = 1 inference: logits only for rows >= head_from (0 = all)
     int head_last_of;           // prefill of sequences of this length: logits only of each one's last row, as rows 0..B-1
+    KVPolicy kv_policy;         // which tokens the decoder keeps (ctxkv/kvpolicy.h); zero: full
     float *losses_host;         // (B,T) a.losses of the last forward with targets, on the host
     float *logits_host; size_t logits_host_cap; // rows of a.logits fetched by model_logits_host
 } Model;
 
-// The decoder's cache (KV-cached decoding, below), on the GPU. Per layer and token it holds exactly
-// what the layer's variant needs to attend later (its cache_write; sizes: attn_kv_elements). It is
-// fp32 whatever floatX is, as the CPU program's, so the byte counts --generate prints are the
-// CPU program's; a bf16 cache would be --kv-report's bf16 figure.
-typedef struct {
-    int batch;          // sequences decoded together (B); all have the same length
-    int capacity;       // tokens each can hold
-    int len;            // tokens cached so far
-    size_t per_token;   // floats per token per cached layer (attn_kv_elements of layers 1..)
-    int first_layer;    // first layer with a per-token cache (1 when layer 0 is ctxkv)
-    float *mem;         // GPU (L − first_layer, B, capacity, per_token)
-    int ring_len;       // ctxkv: contexts kept, min(capacity, (M−1)·I+1); context s at s % ring_len
-    float *ring;        // GPU (B, ring_len, d_c)
-    float *running;     // GPU (B, d_c) c_{len−1}, the input of the next ContextBlock step
-    size_t bytes;       // bytes of mem + ring + running
-    float *scratch;     // GPU per (sequence, head): scores, MLA's latents, ctxkv's slot keys/values
-} KVCache;
-
-__host__ __device__ inline float *kv_slot(const KVCache *kv, int l, int b, int pos) {
-    return kv->mem + (((size_t)(l - kv->first_layer) * kv->batch + b) * kv->capacity + pos) * kv->per_token;
-}
-// floats from a sequence's slot to the next sequence's, in one layer
-static size_t kv_seq_stride(const KVCache *kv) { return (size_t)kv->capacity * kv->per_token; }
 
 static void model_alloc_params(Model *m, const Config *c) {
     cuda_init();
@@ -1017,8 +996,8 @@ __device__ float block_exp_scores(float *scores, int n, float local_max) {
     return 1.0f / block_reduce_sum(sum);
 }
 
-// Each sequence's new token (query heads q, one row per sequence) attends over its n cached
-// tokens in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D). One block per
+// Each sequence's new token (query heads q, one row per sequence) attends over its n = kv->n_attend
+// cached slots in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D). One block per
 // (head, sequence); its scratch holds the scores in fp32.
 __global__ void cached_attention_kernel(KVCache kv, HeadView q, floatX *out, int l, int n, int H, int D, int G, float scale,
                                         size_t per_head) {
@@ -1044,7 +1023,7 @@ __global__ void cached_attention_kernel(KVCache kv, HeadView q, floatX *out, int
 static void cached_attention(const Model *m, HeadView q, floatX *out, const KVCache *kv, int l, int G) {
     const Config *c = &m->cfg;
     const int H = c->n_head, D = head_dim(c);
-    cached_attention_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, q, out, l, kv->len + 1, H, D, G, 1.0f / sqrtf((float)D),
+    cached_attention_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, q, out, l, kv->n_attend, H, D, G, 1.0f / sqrtf((float)D),
                                                                 kv_scratch_per_head(c, kv->capacity));
     launchCheck();
 }
@@ -1094,8 +1073,8 @@ static void mha_cache_write(const Config *c, const AttnActs *at, int B, int n, f
 }
 
 static void mha_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
-    mha_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    mha_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
+    mha_project_forward(m, lp, at, x, kv->batch, 1, kv->pos);
+    mha_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->write_slot), kv_seq_stride(kv));
     const CoreViews v = mha_views(&m->cfg, at);
     cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
 }
@@ -1139,8 +1118,8 @@ static void gqa_cache_write(const Config *c, const AttnActs *at, int B, int n, f
 }
 
 static void gqa_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
-    gqa_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    gqa_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
+    gqa_project_forward(m, lp, at, x, kv->batch, 1, kv->pos);
+    gqa_cache_write(&m->cfg, at, kv->batch, 1, kv_slot(kv, l, 0, kv->write_slot), kv_seq_stride(kv));
     const CoreViews v = gqa_views(&m->cfg, at);
     cached_attention(m, v.q, at->atty, kv, l, v.kv_heads);
 }
@@ -1355,9 +1334,9 @@ __global__ void mla_decode_kernel(KVCache kv, LayerParams lp, HeadView q, floatX
 static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
     const Config *c = &m->cfg;
     const int H = c->n_head, D = head_dim(c);
-    mla_project_forward(m, lp, at, x, kv->batch, 1, kv->len);
-    mla_cache_write(c, at, kv->batch, 1, kv_slot(kv, l, 0, kv->len), kv_seq_stride(kv));
-    mla_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, *lp, mla_views(c, at).q, at->atty, l, kv->len + 1, H, D,
+    mla_project_forward(m, lp, at, x, kv->batch, 1, kv->pos);
+    mla_cache_write(c, at, kv->batch, 1, kv_slot(kv, l, 0, kv->write_slot), kv_seq_stride(kv));
+    mla_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, *lp, mla_views(c, at).q, at->atty, l, kv->n_attend, H, D,
                                                           c->kv_rank, c->mla_rope_dim, 1.0f / sqrtf((float)(D + c->mla_rope_dim)),
                                                           kv_scratch_per_head(c, kv->capacity));
     launchCheck();
@@ -1503,7 +1482,7 @@ static void ctx_project_backward(const Model *m, const LayerParams *lp, LayerPar
     matmul_backward(NULL, lg->v_w, lg->v_b, dat->vc, m->a.contexts, lp->v_w, BT, c->context_dim, C);
 }
 
-// Slot k of the new token at n−1 is the context of position n−1 − k·I, while it exists; its key
+// Slot k of the new token at n−1 = kv->pos is the context of position n−1 − k·I, while it exists; its key
 // and value are recomputed from the ring (kvcache_push_context keeps the contexts there).
 // One block per (head, sequence); its scratch holds the slots' keys, values and scores in fp32.
 __global__ void ctx_decode_kernel(KVCache kv, LayerParams lp, const floatX *q, floatX *atty, int n, int H, int D, int R, int I,
@@ -1543,7 +1522,7 @@ static void ctx_decode(const Model *m, const LayerParams *lp, AttnActs *at, cons
     const int H = c->n_head, D = head_dim(c), C = c->n_embd;
     (void)l;
     matmul_forward(at->q, x, lp->q_w, lp->q_b, kv->batch, C, C); // only the query: the slots come from the ring
-    ctx_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, *lp, at->q, at->atty, kv->len + 1, H, D, c->kv_rank,
+    ctx_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, *lp, at->q, at->atty, kv->pos + 1, H, D, c->kv_rank,
                                                           c->context_interval, c->max_contexts, c->context_dim,
                                                           1.0f / sqrtf((float)D), kv_scratch_per_head(c, kv->capacity));
     launchCheck();
@@ -1910,46 +1889,51 @@ static void model_backward(Model *m) {
 
 // ----------------------------------------------------------------------------
 // KV-cached decoding: prefill the prompts in one forward pass, then one token per sequence at a
-// time through every layer's variant decode
+// time through every layer's variant decode. The policy (ctxkv/kvpolicy.h) says which slots hold
+// which tokens; the variants only see slots.
 
-// decode scratch per (sequence, head): scores, MLA's two latent vectors, ctxkv's slot keys/values
-static KVCache kvcache_new(const Config *c, int B, int capacity) {
-    if (capacity > c->max_seq_len) die("generation needs %d positions, past the model's max_seq_len %d", capacity, c->max_seq_len);
-    KVCache kv = {};
-    kv.batch = B;
-    kv.capacity = capacity;
-    kv.first_layer = c->layer0_type == LAYER0_CTXKV ? 1 : 0;
-    kv.per_token = attn_kv_elements(c, c->attn_type);
-    size_t n_mem = (size_t)(c->n_layer - kv.first_layer) * B * capacity * kv.per_token;
-    kv.ring_len = c->layer0_type == LAYER0_CTXKV ? (capacity < ctx_ring_len(c) ? capacity : ctx_ring_len(c)) : 0;
-    size_t n_ctx = has_context_block(c) ? (size_t)B * ((size_t)kv.ring_len + 1) * c->context_dim : 0;
-    kv.mem = (float *)cuda_calloc_check((n_mem + n_ctx) * sizeof(float), "KV cache");
-    kv.ring = kv.mem + n_mem;
-    kv.running = kv.ring + (size_t)B * kv.ring_len * c->context_dim;
-    kv.bytes = (n_mem + n_ctx) * sizeof(float);
-    kv.scratch = (float *)cuda_malloc_check((size_t)B * c->n_head * kv_scratch_per_head(c, capacity) * sizeof(float), "decode scratch");
-    return kv;
+// what ctxkv/decode.h needs: the prefill's attention rows, and moving kept slots
+static void *device_alloc(size_t bytes, const char *what) { return cuda_calloc_check(bytes, what); }
+static void device_release(void *p) { cuda_free(p); }
+
+static void model_att_rows(const Model *m, int l, int b, int h, int t0, int rows, int n, float *out) {
+    download_floats(out, m->a.layer[l].at.att + (((size_t)b * m->cfg.n_head + h) * n + t0) * n, (size_t)rows * n);
 }
 
-static void kvcache_free(KVCache *kv) { cuda_free(kv->mem); cuda_free(kv->scratch); memset(kv, 0, sizeof *kv); }
+// slot i of unit u := unit u of the staged token keep[u·budget + i]; one block per (i, u). A
+// unit is run floats at u·run, and with `two` another run at (units + u)·run (kv_unit_runs).
+__global__ void kv_gather_kernel(float *dst, const float *stage, const int *keep, int budget, size_t pt, int units, int run, int two) {
+    const int i = blockIdx.x, u = blockIdx.y;
+    const float *src = stage + (size_t)keep[u * budget + i] * pt;
+    float *d = dst + (size_t)i * pt;
+    for (int e = threadIdx.x; e < run * (two ? 2 : 1); e += blockDim.x) {
+        const size_t off = (size_t)(e < run ? u : units + u) * run + e % run;
+        d[off] = src[off];
+    }
+}
+static void kvcache_gather(const Config *c, KVCache *kv, int l, int b, const float *stage, const int *keep) {
+    const int units = kv_units(c, c->attn_type), budget = kv->policy.budget;
+    size_t off[2];
+    const int run = kv_unit_runs(c, c->attn_type, 0, off);
+    const int *keep_dev = upload_ids(TMP_KEEP, keep, (size_t)units * budget);
+    kv_gather_kernel<<<dim3(budget, units), 128>>>(kv_slot(kv, l, b, 0), stage, keep_dev, budget, kv->per_token, units, run, off[1] != off[0]);
+    launchCheck();
+}
+
+#include "ctxkv/decode.h"
 
 // Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
-// contexts) into the cache. Returns the logits of the last prompt tokens on the host: row b
-// at b * *row_stride (Vp: only the B rows that sampling needs are copied back).
+// contexts) into the cache, compressed when the policy says so. Returns the logits of the last
+// prompt tokens on the host: row b at b * *row_stride (Vp: only the B rows that sampling needs
+// are copied back).
 static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
     const Config *c = &m->cfg;
     const int B = kv->batch;
     const size_t Vp = c->padded_vocab_size;
-    if (n < 1 || n > kv->capacity) die("prompt of %d tokens does not fit a cache of %d", n, kv->capacity);
     m->head_last_of = n; // only the last prompt token's logits are read
     model_forward(m, prompts, NULL, B, n);
     m->head_last_of = 0;
-    for (int l = kv->first_layer; l < c->n_layer; l++) // one launch per layer
-        ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, kv_slot(kv, l, 0, 0), kv_seq_stride(kv));
-    if (has_context_block(c))
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < n; t++) kvcache_push_context(c, kv, b, t, m->a.contexts + ((size_t)b * n + t) * c->context_dim);
-    kv->len = n;
+    kvcache_fill_prompt(m, kv, n);
     if ((size_t)B * Vp > m->logits_host_cap) {
         free(m->logits_host);
         m->logits_host = (float *)malloc_check((size_t)B * Vp * sizeof(float), "logits");
@@ -1960,24 +1944,24 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
     return m->logits_host;
 }
 
-// One token per sequence (tokens[B], host) at position kv->len through the model, reading the
+// One token per sequence (tokens[B], host) at position kv->pos through the model, reading the
 // cache. Returns the logits (B,Vp) on the host.
 static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
     const Config *c = &m->cfg;
     const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
-    if (kv->len >= kv->capacity) die("KV cache full (%d tokens)", kv->capacity);
+    kvcache_step_begin(kv);
     check_batch(c, tokens, NULL, B, 1);
     model_ensure_acts(m, B, 1);
     cudaCheck(cudaMemcpy(m->inputs_dev, tokens, B * sizeof(int), cudaMemcpyHostToDevice));
     if (has_context_block(c)) { // c_t = ContextBlock(c_{t−1}, e_t), c_{−1} = 0
         blockacts_ensure(&m->cb, B, Ed, dc);
-        if (kv->len == 0) cudaCheck(cudaMemset(kv->running, 0, (size_t)B * dc * sizeof(float)));
+        if (kv->pos == 0) cudaCheck(cudaMemset(kv->running, 0, (size_t)B * dc * sizeof(float)));
         floatX *prev = (floatX *)dev_temp(TMP_EMB, (size_t)B * (dc + Ed) * sizeof(floatX)), *emb = prev + (size_t)B * dc;
         cast_to_floatX_kernel<<<ceil_div((size_t)B * dc, 256), 256>>>(prev, kv->running, (size_t)B * dc);
         launchCheck();
         embedding_forward(emb, m->inputs_dev, m->p.embed_in, B, Ed);
         contextblock_forward(&m->cb, &m->p, prev, emb, B, Ed, dc, c->ln_eps);
-        for (int b = 0; b < B; b++) kvcache_push_context(c, kv, b, kv->len, m->cb.out + (size_t)b * dc);
+        for (int b = 0; b < B; b++) kvcache_push_context(c, kv, b, kv->pos, m->cb.out + (size_t)b * dc);
     }
     if (c->model_type == MODEL_CTXPYTHIA) {
         cudaCheck(cudaMemcpy(m->a.resid, m->cb.out, (size_t)B * C * sizeof(floatX), cudaMemcpyDeviceToDevice)); // = running
@@ -1987,7 +1971,7 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
     for (int l = 0; l < c->n_layer; l++)
         layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
     head_forward(m, B);
-    kv->len++;
+    kvcache_step_end(kv);
     return model_logits_host(m, 0, B);
 }
 

@@ -117,6 +117,21 @@ HELDOUT, LAMBADA = "data/eval/wikitext2_test.bin", "data/eval/lambada_test.bin"
 VARIANTS = ["mha", "gqa", "mqa", "mla", "ctxkv-mha", "ctxkv-gqa", "ctxpythia"]
 WORKLOADS = ["lm", "recall"]
 SEED0 = 1337
+# Decode-time eviction rows (doc/kv_eviction.md): a trained base variant evaluated by decoding
+# under a KV policy, on the same models as its structural row. The budget is a fraction of the
+# longest prompt a workload decodes from (evict_prompt); the rows ".full" are the decode-mode
+# baselines, the full cache scored the same way. name: (base variant, policy, budget fraction)
+EVICT_ROWS = {
+    "mha.full": ("mha", "full", None),
+    "mha.streaming50": ("mha", "streaming", 0.5),
+    "mha.streaming25": ("mha", "streaming", 0.25),
+    "mha.snapkv50": ("mha", "snapkv", 0.5),
+    "mha.snapkv25": ("mha", "snapkv", 0.25),
+    "gqa.full": ("gqa", "full", None),
+    "gqa.snapkv50": ("gqa", "snapkv", 0.5),
+    "mla.full": ("mla", "full", None),
+    "mla.snapkv50": ("mla", "snapkv", 0.5),
+}
 
 
 def variant_flags(name, model):
@@ -129,6 +144,48 @@ def variant_flags(name, model):
             "mla": ["--attn", "mla", "--kv-rank", str(4 * D), "--rope-dim", str(D)],
             "ctxkv-mha": ["--layer0", "ctxkv"] + ctx, "ctxkv-gqa": gqa + ["--layer0", "ctxkv"] + ctx,
             "ctxpythia": ["--model-type", "ctxpythia"] + ctx}[name]
+
+
+def evict_label(row):
+    base, policy, frac = EVICT_ROWS[row]
+    return f"{base}, decoded" if policy == "full" else f"{base}+{policy} {round(100 * frac)}%"
+
+
+def evict_prompt(cfg, wl):
+    """The longest prompt a workload's decode-mode evaluation prefills: lm, a held-out window's
+    context (T - T/2 + 1 tokens; LAMBADA's contexts are shorter); recall, the key-value part of
+    the most pairs tested (2 tokens a pair)."""
+    if wl == "lm":
+        T = cfg["lm"]["T"]
+        return T - T // 2 + 1
+    return 2 * max(int(p) for p in cfg["recall"]["mqar"]["test_pairs"].split(","))
+
+
+def evict_policy(cfg, wl, row):
+    """{policy, budget, sinks, window} of a row on a workload, and its train_ctxkv flags. The
+    SnapKV window is a quarter of the budget (SnapKV's own settings keep it at or under that);
+    StreamingLLM keeps 4 sinks, fewer when the budget is smaller."""
+    _, policy, frac = EVICT_ROWS[row]
+    if policy == "full":
+        return {"policy": "full"}, ["--eval-decode"]
+    budget = max(2, round(frac * evict_prompt(cfg, wl)))
+    p = {"policy": policy, "budget": budget, "prompt": evict_prompt(cfg, wl)}
+    if policy == "streaming":
+        p["sinks"] = min(4, budget - 1)
+        return p, ["--kv-policy", policy, "--kv-budget", str(budget), "--kv-sinks", str(p["sinks"])]
+    p["window"] = max(1, budget // 4)
+    return p, ["--kv-policy", policy, "--kv-budget", str(budget), "--kv-window", str(p["window"])]
+
+
+def evict_cmd(scale, cfg, wl, row, model_bin, run_dir):
+    """The decode-mode evaluation of a trained model under a row's policy."""
+    w = cfg[wl]
+    cmd = [cfg["binary"], "--model", model_bin, "--steps", "0", "--val", "", "-b", str(w["B"]), "-t", str(w["T"]),
+           "--sample-every", "0", "--out", run_dir] + evict_policy(cfg, wl, row)[1]
+    if wl == "recall":
+        return cmd + ["--eval-recall", f"{mqar_dir(scale)}/test.bin"]
+    return cmd + ["--eval-heldout", HELDOUT, "--heldout-max-tokens", str(w["heldout"]),
+                  "--eval-lambada", LAMBADA, "--lambada-max", str(w["lambada"])]
 
 
 def is_ctx(name):
@@ -377,8 +434,129 @@ def recall_levels(res):
                    for p in (r.get("recall") or {}).get("by_pairs", {})})
 
 
-def write_table(out, names, workloads):
-    """Write OUT/kv_table.md and the figures from the run JSONs of names."""
+def load_evict(out, rows, workloads):
+    """{(workload, row): [result, ...] in seed order} from OUT/<workload>/evict/<row>_s<k>.json."""
+    res = {}
+    for wl in workloads:
+        for row in rows:
+            rs = [json.load(open(p)) for p in glob.glob(os.path.join(out, wl, "evict", f"{row}_s*.json"))]
+            rs = sorted((r for r in rs if not r.get("failed")), key=lambda r: r["seed"])
+            if rs:
+                res[wl, row] = rs
+    return res
+
+
+def kept_text(rs):
+    """"32 of 129 (25%)": the prompt slots a row's policy keeps, from its stored settings."""
+    if not rs:
+        return "n/a"
+    p = rs[0]["settings"]["policy"]
+    if p["policy"] == "full":
+        return "all"
+    extra = f", window {p['window']}" if "window" in p else f", sinks {p['sinks']}"
+    return f"{p['budget']} of {p['prompt']} ({100 * p['budget'] / p['prompt']:.0f}%{extra})"
+
+
+def evict_stats(ev, rows, levels):
+    st = {}
+    for row in rows:
+        lm, rc = ev.get(("lm", row), []), ev.get(("recall", row), [])
+        st[row, "heldout"] = mean_std(metric(lm, "heldout_loss_wikitext2"))
+        st[row, "lambada"] = mean_std(metric(lm, "lambada_acc"))
+        st[row, "recall"] = mean_std([(r.get("recall") or {}).get("acc") for r in rc])
+        for p in levels:
+            st[row, f"recall{p}"] = mean_std([(r.get("recall") or {}).get("by_pairs", {}).get(str(p)) for r in rc])
+    return st
+
+
+def evict_bytes(rs):
+    """(KV bytes/token of the lm model, bf16, all layers; the same per prompt token kept at the lm
+    prompt: bytes x kept / prompt), from the base run's --kv-report and the row's policy."""
+    kv = rs[0]["kv_lm"]["kv_bytes_per_token_bf16"]
+    p = rs[0]["settings"]["policy"]
+    return kv, kv * (min(p["budget"], p["prompt"]) / p["prompt"] if p["policy"] != "full" else 1.0)
+
+
+def write_evict_table(out, rows, workloads, levels):
+    """The eviction section of kv_table.md (lines) and OUT/kv_eviction.png."""
+    ev = load_evict(out, rows, workloads)
+    if not ev:
+        return []
+    st = evict_stats(ev, rows, levels)
+    cols = [("heldout", "held-out loss, decoded", ".4f"), ("lambada", "LAMBADA acc, decoded", ".4f"),
+            ("recall", "recall acc, decoded", ".3f")] + [(f"recall{p}", f"recall {p} pairs", ".3f") for p in levels]
+    head = ["row", "kept of the lm prompt", "kept of the recall prompt"] + [c[1] for c in cols] + [
+        "KV bytes/token (bf16, lm)", "KV bytes per lm prompt token kept"]
+    lines = ["", "## Decode-time eviction (doc/kv_eviction.md)", "",
+             "Each row evaluates the models of its base variant's runs (the same seeds as above) by decoding: "
+             "the context is prefilled, the policy compresses the cache, the rest is scored token by token. "
+             "The rows `X, decoded` are the full cache scored the same way, the baseline of X's policies (* here: "
+             "differs from it by more than 2 standard errors). Budgets are fractions of the longest prompt decoded: "
+             "lm, a held-out window's context; recall, the key-value part of the most pairs tested (so fewer pairs "
+             "fit the budget better). SnapKV's window is a quarter of the budget; StreamingLLM keeps 4 sinks.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lm, rc = ev.get(("lm", row), []), ev.get(("recall", row), [])
+        if not lm and not rc:
+            continue
+        baseline = f"{EVICT_ROWS[row][0]}.full"
+        cells = [cell(st[row, k], f, None if row == baseline or baseline not in rows else st[baseline, k]) for k, _, f in cols]
+        kv, eff = evict_bytes(lm or rc)
+        lines.append("| " + " | ".join([evict_label(row), kept_text(lm), kept_text(rc)] + cells + [str(kv), f"{eff:.0f}"]) + " |")
+    walls = [r["wall_s"] for rs in ev.values() for r in rs]
+    lines += ["", f"{len(walls)} decode-mode evaluations, {fmt_time(sum(walls))} in all. Commands: "
+              f"`{shlex.join(next(iter(ev.values()))[0]['command'])}` and likewise (OUT/<workload>/evict/<row>_s<k>.json)."]
+    plot_evict(ev, st, rows, levels, os.path.join(out, "kv_eviction.png"))
+    return lines
+
+
+def plot_evict(ev, st, rows, levels, png):
+    """Recall by number of pairs, one line per row, and decoded held-out loss against the KV bytes
+    kept per lm prompt token."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipping {png} (make table installs it into .venv)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    ax = axes[0]
+    for i, row in enumerate(r for r in rows if ("recall", r) in ev):
+        ys = [st[row, f"recall{p}"] for p in levels]
+        style = "-" if EVICT_ROWS[row][1] == "full" else ("--" if EVICT_ROWS[row][1] == "streaming" else ":")
+        ax.errorbar(levels, [y[0] for y in ys], yerr=[y[1] or 0 for y in ys], linestyle=style, marker="o", capsize=3,
+                    color=f"C{i % 10}", label=f"{evict_label(row)} (kept {kept_text(ev['recall', row])})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(p) for p in levels])
+    ax.set_xlabel("key-value pairs in the example (its prompt is 2 tokens a pair)")
+    ax.set_ylabel("recall accuracy, decoded (higher is better)")
+    ax.set_title("recall: eviction drops the pairs the queries will ask for", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    for i, row in enumerate(r for r in rows if ("lm", r) in ev):
+        m, s, n = st[row, "heldout"]
+        if n == 0:
+            continue
+        x = evict_bytes(ev["lm", row])[1]
+        ax.errorbar([x], [m], yerr=[s or 0], fmt="o", color=f"C{i % 10}", capsize=4)
+        ax.annotate(evict_label(row), (x, m), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("KV bytes kept per token of the lm prompt (bf16, all layers, log scale)")
+    ax.set_ylabel("WikiText-2 held-out loss, decoded (lower is better)")
+    ax.set_title("lm: what eviction costs in loss", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    seeds = sorted({r["seed"] for rs in ev.values() for r in rs})
+    fig.suptitle(f"Decode-time eviction on top of the structural variants: mean ± std over {len(seeds)} seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
+def write_table(out, names, workloads, rows=()):
+    """Write OUT/kv_table.md and the figures from the run JSONs of names (and the eviction rows)."""
     res = load_results(out, names, workloads)
     if not res:
         sys.exit(f"error: no finished run in {out}/{{{','.join(workloads)}}}/ for {','.join(names)}")
@@ -435,6 +613,7 @@ def write_table(out, names, workloads):
     total = sum(r["wall_s"] for rs in res.values() for r in rs)
     lines += ["", f"Flags (on top of the shared ones above) and mean wall time per run, phase 1 included "
               f"(phase 1 trains the ContextBlock alone, outside the step budget); {fmt_time(total)} of runs in all:"] + notes
+    lines += write_evict_table(out, list(rows), workloads, levels)
     md = os.path.join(out, "kv_table.md")
     with open(md + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -563,8 +742,9 @@ def settings_of(scale, cfg, wl, threads):
     return st
 
 
-def run_one(scale, cfg, wl, name, k, out, with_eval, env, base_kv, prefix):
-    """Train and evaluate one (workload, variant, seed); write and return its result."""
+def run_one(scale, cfg, wl, name, k, out, with_eval, env, base_kv, prefix, keep_model):
+    """Train and evaluate one (workload, variant, seed); write and return its result. keep_model:
+    leave its model.bin (the speed pass and the eviction rows evaluate it)."""
     seed = SEED0 + k
     run_dir = os.path.join(out, "runs", wl, name, f"s{k}")
     # the commands run in REPO and name the run by a relative path: no machine's path in results
@@ -598,13 +778,67 @@ def run_one(scale, cfg, wl, name, k, out, with_eval, env, base_kv, prefix):
         result["failed"] = True
     else:
         result = {**json.load(open(metrics)), **result}
-        keep = k == 0 and wl == "lm"  # the speed pass and `make generate` use it
         for d in (run_dir, os.path.join(run_dir, "phase1")):  # AdamW state, 3x the model: not needed
-            for f in ["train_state.bin"] + ([] if keep else ["model.bin"]):
+            for f in ["train_state.bin"] + ([] if keep_model else ["model.bin"]):
                 if os.path.exists(os.path.join(d, f)):
                     os.remove(os.path.join(d, f))
     os.makedirs(os.path.join(out, wl), exist_ok=True)
     with open(os.path.join(out, wl, f"{name}_s{k}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def evict_path(out, wl, row, k):
+    return os.path.join(out, wl, "evict", f"{row}_s{k}.json")
+
+
+def evict_settings(scale, cfg, wl, row, base):
+    """What an eviction row's result must match to be reused: its policy and evaluation, and the
+    base run it evaluated (its settings and final training loss: a retrained base redoes it)."""
+    w = cfg[wl]
+    return {"policy": evict_policy(cfg, wl, row)[0], "base": base.get("settings"), "base_train_loss": base.get("train_loss"),
+            "eval": {"heldout": w.get("heldout"), "lambada": w.get("lambada"), "B": w["B"], "T": w["T"]}}
+
+
+def evict_pending(scale, cfg, out, rows, workloads, seeds):
+    """[(workload, row, k)] whose result is missing or stale against the base run on disk."""
+    todo = []
+    for k in range(seeds):
+        for wl in workloads:
+            for row in rows:
+                bp = os.path.join(out, wl, f"{EVICT_ROWS[row][0]}_s{k}.json")
+                base = json.load(open(bp)) if os.path.isfile(bp) else {}
+                p = evict_path(out, wl, row, k)
+                old = json.load(open(p)) if os.path.isfile(p) else None
+                if not (old and not old.get("failed") and old.get("settings") == evict_settings(scale, cfg, wl, row, base)):
+                    todo.append((wl, row, k))
+    return todo
+
+
+def run_evict(scale, cfg, wl, row, k, out, env, prefix):
+    """Evaluate the base run's model of (wl, row, k) by decoding under the row's policy."""
+    base_name = EVICT_ROWS[row][0]
+    base = json.load(open(os.path.join(out, wl, f"{base_name}_s{k}.json")))
+    model_bin = os.path.join(out, "runs", wl, base_name, f"s{k}", "model.bin")
+    run_dir = os.path.join(out, "runs", wl, "evict", row, f"s{k}")
+    cmd = evict_cmd(scale, cfg, wl, row, os.path.relpath(model_bin, REPO), os.path.relpath(run_dir, REPO))
+    metrics = os.path.join(run_dir, "metrics.json")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    print(f"{prefix} {shlex.join(cmd)}", flush=True)
+    t0 = time.time()
+    rc, tail = stream(cmd, env, prefix, 0)
+    result = {"row": row, "label": evict_label(row), "base": base_name, "workload": wl, "seed": SEED0 + k,
+              "command": cmd, "wall_s": round(time.time() - t0, 1),
+              "kv_lm": base.get("kv_lm"), "kv_run": base.get("kv_run"),
+              "settings": evict_settings(scale, cfg, wl, row, base)}
+    if rc != 0 or not os.path.isfile(metrics):
+        print(f"{prefix} FAILED (exit {rc}); last lines:\n  " + "\n  ".join(tail), flush=True)
+        result["failed"] = True
+    else:
+        result = {**json.load(open(metrics)), **result}
+    os.makedirs(os.path.dirname(evict_path(out, wl, row, k)), exist_ok=True)
+    with open(evict_path(out, wl, row, k), "w") as f:
         json.dump(result, f, indent=1)
     return result
 
@@ -616,6 +850,9 @@ def main():
     ap.add_argument("--out", default="results", help="output folder (default results)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list (default {','.join(VARIANTS)})")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list (default lm,recall)")
+    ap.add_argument("--evict-rows", default=",".join(EVICT_ROWS),
+                    help=f"decode-time eviction rows, comma list or 'none' (default {','.join(EVICT_ROWS)}); "
+                         "a row needs its base variant among --variants")
     ap.add_argument("--seeds", type=int, help="runs per variant and workload (default: the scale's, 3 at cpu)")
     ap.add_argument("--steps", type=int, help="lm optimizer steps per run (default: the scale's)")
     ap.add_argument("--recall-steps", type=int, help="recall optimizer steps per run (default: the scale's)")
@@ -647,6 +884,12 @@ def main():
     seeds = args.seeds or cfg["seeds"]
     if seeds < 1:
         ap.error("--seeds must be >= 1")
+    rows = [] if args.evict_rows == "none" else [r for r in args.evict_rows.split(",") if r]
+    bad = [r for r in rows if r not in EVICT_ROWS]
+    if bad:
+        ap.error(f"unknown eviction row(s) {','.join(bad)}; choose from {','.join(EVICT_ROWS)} or none")
+    rows = [r for r in rows if EVICT_ROWS[r][0] in names]
+    evict_bases = {EVICT_ROWS[r][0] for r in rows}
     out = os.path.abspath(args.out)
     if args.compare and not os.path.isdir(args.compare):
         ap.error(f"--compare {args.compare}: no such folder")
@@ -654,7 +897,7 @@ def main():
         args.threads = 1 if args.quick else int(os.environ.get("OMP_NUM_THREADS") or 2)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if args.table_only:
-        write_table(out, names, workloads)
+        write_table(out, names, workloads, rows)
         if args.compare and compare(out, args.compare, names, workloads):
             sys.exit(1)
         return
@@ -676,6 +919,13 @@ def main():
         if old and not old.get("failed") and old.get("settings") == settings_of(scale, cfg, wl, args.threads):
             continue
         todo.append((wl, name, k))
+    # a finished base run whose model.bin is gone is trained again when an eviction row still needs it
+    evict_todo = evict_pending(scale, cfg, out, rows, workloads, seeds)
+    for wl, row, k in evict_todo:
+        run = (wl, EVICT_ROWS[row][0], k)
+        if run not in todo and not os.path.isfile(os.path.join(out, "runs", wl, run[1], f"s{k}", "model.bin")):
+            todo.append(run)
+    todo.sort(key=runs.index)
     if len(todo) < len(runs):
         print(f"reusing {len(runs) - len(todo)} finished run(s) in {out} with the same settings", flush=True)
     est = {}
@@ -698,7 +948,8 @@ def main():
         print(f"\n=== run {i}/{len(todo)}: {wl}, {name} ({' '.join(variant_flags(name, cfg[wl]['model'])) or 'mha'}), "
               f"seed {SEED0 + k}", flush=True)
         t0 = time.time()
-        r = run_one(scale, cfg, wl, name, k, out, with_eval, env, base_kv, prefix)
+        r = run_one(scale, cfg, wl, name, k, out, with_eval, env, base_kv, prefix,
+                    keep_model=(k == 0 and wl == "lm") or name in evict_bases)
         if r.get("failed"):
             failed.append(f"{wl}/{name}_s{k}")
         wall = time.time() - t0
@@ -729,8 +980,22 @@ def main():
             m.update(variant=name, gen_prompt=cfg["gen"][0], gen_new=cfg["gen"][1], threads=args.threads)
             with open(speed_json, "w") as f:
                 json.dump(m, f, indent=1)
+    evict_todo = evict_pending(scale, cfg, out, rows, workloads, seeds)
+    if evict_todo:
+        print(f"\n=== decode-time eviction: {len(evict_todo)} evaluation(s) by decoding of the base runs' models", flush=True)
+        t_ev = time.time()
+        for i, (wl, row, k) in enumerate(evict_todo, 1):
+            prefix = f"[evict {i}/{len(evict_todo)} {wl} {row} s{k}]"
+            if not os.path.isfile(os.path.join(out, wl, f"{EVICT_ROWS[row][0]}_s{k}.json")):
+                print(f"{prefix} skipped: no base run", flush=True)
+                continue
+            r = run_evict(scale, cfg, wl, row, k, out, env, prefix)
+            if r.get("failed"):
+                failed.append(f"{wl}/evict/{row}_s{k}")
+            spent = time.time() - t_ev
+            print(f"{prefix} done in {fmt_time(r['wall_s'])}; about {fmt_time(spent / i * (len(evict_todo) - i))} left", flush=True)
     print()
-    write_table(out, names, workloads)
+    write_table(out, names, workloads, rows)
     print(f"total {fmt_time(time.time() - t_start)}")
     if failed:
         sys.exit(f"error: run(s) failed: {', '.join(failed)}")
