@@ -555,7 +555,7 @@ def plot_evict(ev, st, rows, levels, png):
     print(f"wrote {png}")
 
 
-def write_table(out, names, workloads, rows=()):
+def write_table(out, names, workloads, evict_rows=()):
     """Write OUT/kv_table.md and the figures from the run JSONs of names (and the eviction rows)."""
     res = load_results(out, names, workloads)
     if not res:
@@ -613,7 +613,7 @@ def write_table(out, names, workloads, rows=()):
     total = sum(r["wall_s"] for rs in res.values() for r in rs)
     lines += ["", f"Flags (on top of the shared ones above) and mean wall time per run, phase 1 included "
               f"(phase 1 trains the ContextBlock alone, outside the step budget); {fmt_time(total)} of runs in all:"] + notes
-    lines += write_evict_table(out, list(rows), workloads, levels)
+    lines += write_evict_table(out, list(evict_rows), workloads, levels)
     md = os.path.join(out, "kv_table.md")
     with open(md + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
