@@ -115,6 +115,18 @@ static void evict_case_read(FILE *f, const char *path, EvictCase *e) {
     fread_check(e->logits, sizeof(float), (size_t)e->B * (e->T - e->P) * e->V, f, path);
 }
 static void evict_case_free(EvictCase *e) { free(e->x); free(e->kept); free(e->logits); }
+// max |got − reference| over the case's logits (got: rows of Vp), and *max_ref = max |reference|
+static float evict_case_diff(const EvictCase *e, const float *got, int Vp, float *max_ref) {
+    float d = 0.0f, mr = 0.0f;
+    for (size_t r = 0; r < (size_t)e->B * (e->T - e->P); r++)
+        for (int v = 0; v < e->V; v++) {
+            const float x = got[r * Vp + v], y = e->logits[r * e->V + v], ad = fabsf(x - y);
+            if (!(ad <= d)) d = ad;
+            if (fabsf(y) > mr) mr = fabsf(y);
+        }
+    *max_ref = mr;
+    return d;
+}
 // the number of cases, after checking the magic and version
 static int evict_file_open(const char *path, FILE **f) {
     *f = fopen_check(path, "rb");

@@ -504,14 +504,14 @@ static void check_kv_eviction_reference(const char *path) {
     for (int k = 0; k < n_cases; k++) {
         EvictCase e;
         evict_case_read(f, path, &e);
-        const int B = e.B, T = e.T, P = e.P, V = e.V;
+        const int B = e.B, T = e.T, P = e.P;
         Model m;
         model_load(&m, e.model);
         const int Vp = m.cfg.padded_vocab_size;
         float *got = malloc_check((size_t)B * (T - P) * Vp * sizeof(float), "evict ref");
         KVCache kv = decode_under(&m, &e.policy, e.x, B, T, P, got);
-        float d = 0.0f;
-        for (size_t r = 0; r < (size_t)B * (T - P); r++) { float x = max_abs_diff(got + r * Vp, e.logits + r * V, V); if (x > d) d = x; }
+        float max_ref;
+        const float d = evict_case_diff(&e, got, Vp, &max_ref);
         char label[64];
         kv_policy_label(&e.policy, label, sizeof label);
         if (e.K) {

@@ -467,7 +467,7 @@ static void check_kv_eviction_reference(const char *path) {
     for (int k = 0; k < n_cases; k++) {
         EvictCase e;
         evict_case_read(f, path, &e);
-        const int B = e.B, T = e.T, P = e.P, V = e.V;
+        const int B = e.B, T = e.T, P = e.P;
         Model m;
         model_load(&m, e.model);
         const int Vp = m.cfg.padded_vocab_size;
@@ -478,12 +478,8 @@ static void check_kv_eviction_reference(const char *path) {
         snprintf(label + strlen(label), sizeof label - strlen(label), " %s", e.model);
         int compare = 1;
         if (e.K) compare = kv.kept && kept_agree(kv.kept, e.kept, (size_t)e.L * B * e.units * e.K, label);
-        float d = 0.0f, maxref = 0.0f;
-        for (size_t r = 0; r < (size_t)B * (T - P); r++) {
-            d = fmaxf(d, max_abs_diff(got.data() + r * Vp, e.logits + r * V, V));
-            maxref = fmaxf(maxref, max_abs(e.logits + r * V, V));
-        }
-        const float tol = logits_tol(maxref);
+        float maxref;
+        const float d = evict_case_diff(&e, got.data(), Vp, &maxref), tol = logits_tol(maxref);
         if (compare) check(d <= tol, "%s: logits of positions %d..%d after a %d-token prompt equal PyTorch's masked forward (max diff %.2e, tol %.1e)", label, P - 1, T - 2, P, d, tol);
         else printf("(%s: logits not compared, the selection differs at a near-tie)\n", label);
         kvcache_free(&kv);

@@ -50,6 +50,16 @@ The context width is half the model width. The ctx variants first train their Co
 alone (--phase 1, RUN/phase1), then the rest with the block frozen (phase 2); phase 1 is outside
 the step budget and its time is reported.
 
+Decode-time eviction rows (doc/kv_eviction.md; --evict-rows, default all, 'none' to skip): after
+training, the base variant's models (every seed, both workloads: their model.bin is kept) are
+evaluated by decoding under a KV policy -- the context prefilled and compressed, the rest scored
+token by token. Rows: mha, gqa and mla decoded with the full cache (each policy's baseline),
+mha+streaming and mha+snapkv at 50% and 25% of the prompt, gqa+snapkv and mla+snapkv at 50%. The
+prompt is the longest one decoded: lm, a held-out window's context (T - T/2 + 1 tokens); recall,
+the key-value part of the most pairs tested. SnapKV's window is a quarter of the budget;
+StreamingLLM keeps 4 sinks. A finished base run whose model.bin is gone is trained again when a
+row still needs it.
+
 Files (OUT = --out):
   OUT/runs/<workload>/<variant>/s<k>/   the run: log.jsonl, metrics.json (model.bin for k = 0)
   OUT/<workload>/<variant>_s<k>.json    its metrics plus variant, seed, flags, settings, wall time;
@@ -59,6 +69,10 @@ Files (OUT = --out):
   OUT/kv_table.md                       the table
   OUT/kv_pareto.png                     KV bytes/token against val loss and recall, Pareto front
   OUT/kv_losses.png                     lm train and val loss curves (first seed)
+  OUT/<workload>/evict/<row>_s<k>.json  an eviction row's decode-mode metrics (its run in
+                                        OUT/runs/<workload>/evict/<row>/s<k>/)
+  OUT/kv_eviction.png                   recall by pairs per eviction row; decoded held-out loss
+                                        against the KV bytes kept per prompt token
 Data made when missing: data/gutenberg/ (prepro/tokenize_text.py, ~1 min), data/eval/
 (prepro/eval_data.py), data/mqar/<scale>/ (prepro/mqar.py, seconds), data/tinyshakespeare/.
 """
@@ -547,12 +561,7 @@ def plot_evict(ev, st, rows, levels, png):
     ax.set_ylabel("WikiText-2 held-out loss, decoded (lower is better)")
     ax.set_title("lm: what eviction costs in loss", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    seeds = sorted({r["seed"] for rs in ev.values() for r in rs})
-    fig.suptitle(f"Decode-time eviction on top of the structural variants: mean ± std over {len(seeds)} seed(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    print(f"wrote {png}")
+    save_figure(fig, png, "Decode-time eviction on top of the structural variants", ev)
 
 
 def write_table(out, names, workloads, evict_rows=()):
@@ -633,6 +642,17 @@ def write_table(out, names, workloads, evict_rows=()):
              title=f"lm: {st['model']} shape, B {st['B']} x T {st['T']}, {st['steps']} steps of {st['data']} (seed {SEED0})")
 
 
+def save_figure(fig, png, title, res):
+    """The title with the seeds the results {key: [run]} span, then png written."""
+    import matplotlib.pyplot as plt
+    seeds = sorted({r["seed"] for rs in res.values() for r in rs})
+    fig.suptitle(f"{title}: mean ± std over {len(seeds)} seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
 def pareto(points, better):
     """Indices of the points (x, y) no other point beats: x no larger and y no worse, one strictly."""
     front = []
@@ -676,12 +696,7 @@ def plot_pareto(points, png, levels, res):
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    seeds = sorted({r["seed"] for rs in res.values() for r in rs})
-    fig.suptitle(f"Quality against KV-cache size: mean ± std over {len(seeds)} seed(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    print(f"wrote {png}")
+    save_figure(fig, png, "Quality against KV-cache size", res)
 
 
 # --compare: how far a rerun may land from the published numbers. On the machine that made them,
@@ -940,6 +955,9 @@ def main():
             for cmd in train_cmd(scale, cfg, wl, name, SEED0 + k, os.path.relpath(os.path.join(out, "runs", wl, name, f"s{k}"), REPO), with_eval):
                 if cmd:
                     print(shlex.join(cmd))
+        for wl, row, k in evict_todo:
+            rel = lambda *p: os.path.relpath(os.path.join(out, "runs", wl, *p), REPO)
+            print(shlex.join(evict_cmd(scale, cfg, wl, row, rel(EVICT_ROWS[row][0], f"s{k}", "model.bin"), rel("evict", row, f"s{k}"))))
         return
     os.makedirs(out, exist_ok=True)
     failed, done_s, done_est = [], 0.0, 0.0

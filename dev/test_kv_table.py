@@ -47,12 +47,23 @@ def check(name, ok, detail=""):
     print(f"{'PASS' if ok else 'FAIL'}: {name}{'' if ok else '  -- ' + str(detail)}", flush=True)
 
 
-def parse_table(path):
-    """{variant: {column: cell}} from the markdown table in path."""
+def parse_table(path, which=0):
+    """{first cell: {column: cell}} from the which-th markdown table in path (0: the variants,
+    1: the decode-time eviction rows)."""
+    tables, cur = [], None
     with open(path) as f:
-        rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-                for line in f if line.startswith("|") and not line.startswith("|---")]
-    header, body = rows[0], rows[1:]
+        for line in f:
+            if line.startswith("|"):
+                if cur is None:
+                    cur = []
+                    tables.append(cur)
+                if not line.startswith("|---"):
+                    cur.append([c.strip() for c in line.strip().strip("|").split("|")])
+            else:
+                cur = None
+    if which >= len(tables):
+        return {}
+    header, body = tables[which][0], tables[which][1:]
     return {r[0]: dict(zip(header, r)) for r in body}
 
 
@@ -171,12 +182,53 @@ def check_published():
             readme = f.read()
         rows = [line for line in committed.splitlines() if line.startswith("|")]
         missing = [row.split("|")[1].strip() for row in rows if row not in readme]
-        check(f"README.md carries the published table's {len(rows)} lines verbatim", len(rows) == 9 and not missing,
-              f"rows not in README: {missing}")
+        n_evict = len(parse_table(os.path.join(pub, "kv_table.md"), 1))
+        check(f"README.md carries the published tables' {len(rows)} lines verbatim (7 variants, {n_evict} eviction rows)",
+              len(rows) == 9 + (n_evict + 2 if n_evict else 0) and not missing, f"rows not in README: {missing}")
         seeds = {json.load(open(p))["seed"] for p in glob.glob(os.path.join(pub, "recall", "mha_s*.json"))}
         check("the published table has at least 3 seeds of mha's recall runs", len(seeds) >= 3, seeds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# the quick scale's eviction rows, written out here: lm decodes windows of T = 64 (a context of
+# 64 - 32 + 1 = 33 tokens), recall the key-value part of 4 pairs (8 tokens)
+EVICT_EXPECTED = {  # label: (base, policy, lm budget, recall budget)
+    "mha, decoded": ("mha", "full", None, None), "mha+streaming 50%": ("mha", "streaming", 16, 4),
+    "mha+streaming 25%": ("mha", "streaming", 8, 2), "mha+snapkv 50%": ("mha", "snapkv", 16, 4),
+    "mha+snapkv 25%": ("mha", "snapkv", 8, 2), "gqa, decoded": ("gqa", "full", None, None),
+    "gqa+snapkv 50%": ("gqa", "snapkv", 16, 4), "mla, decoded": ("mla", "full", None, None),
+    "mla+snapkv 50%": ("mla", "snapkv", 16, 4),
+}
+
+
+def check_evict(out, md):
+    """The eviction rows: one per row with its budget, decoded under its policy; with the full cache
+    decoding gives each base run's own recall counts (the parallel evaluation's)."""
+    table = parse_table(md, 1) if os.path.isfile(md) else {}
+    check("kv_table.md has a decode-time eviction row for each row", sorted(table) == sorted(EVICT_EXPECTED), sorted(table))
+    for label, (base, policy, b_lm, b_rc) in EVICT_EXPECTED.items():
+        row = table.get(label, {})
+        want = ("all", "all") if policy == "full" else (f"{b_lm} of 33 ", f"{b_rc} of 8 ")
+        got = (row.get("kept of the lm prompt", ""), row.get("kept of the recall prompt", ""))
+        check(f"{label}: keeps {want[0].strip()} of the lm prompt and {want[1].strip()} of the recall prompt",
+              got[0].startswith(want[0]) and got[1].startswith(want[1]), got)
+        bad = [c for c in row if c.endswith("decoded") and not finite(row[c])]
+        check(f"{label}: finite decoded numbers", row and not bad, bad)
+    for wl in WORKLOADS:
+        evs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, wl, "evict", "*.json")))]
+        modes = {(r["label"], r.get("eval_mode"), r.get("kv_policy")) for r in evs}
+        ok = all(m == "decoding" and (p == "full") == lab.endswith("decoded") for lab, m, p in modes) and len(evs) == 18
+        check(f"{wl}: 18 eviction evaluations (9 rows x 2 seeds), all by decoding, under their policies", ok, sorted(modes))
+    same = []
+    for base in ("mha", "gqa", "mla"):
+        for r in run_files(out, "recall", base):
+            p = os.path.join(out, "recall", "evict", f"{base}.full_s{r['seed'] - 1337}.json")
+            e = json.load(open(p)) if os.path.isfile(p) else {}
+            same.append((base, r["seed"], (r.get("recall") or {}).get("acc"), (e.get("recall") or {}).get("acc")))
+    check("recall decoded with the full cache = the parallel recall of the same model, run by run (within 0.01: "
+          "the quick models are near chance, where a 1e-6 logit difference can flip an argmax)",
+          len(same) == 6 and all(a is not None and b is not None and abs(a - b) <= 0.01 for _, _, a, b in same), same)
 
 
 def main():
@@ -230,6 +282,7 @@ def main():
               {wl: [(r.get("variant"), r.get("seed")) for r in rs] for wl, rs in runs.items()})
     for wl in WORKLOADS:
         check(f"{wl}: every run saw the same tokens", len(tokens[wl]) == 1 and None not in tokens[wl], tokens[wl])
+    check_evict(out, md)
     mha = table.get("mha", {}).get("KV reduction vs mha", "")
     mqa = table.get("mqa", {}).get("KV reduction vs mha", "")
     check("KV reduction column: mha 1.00x, mqa 4.00x", mha.startswith("1.00x") and mqa.startswith("4.00x"), (mha, mqa))
@@ -241,7 +294,7 @@ def main():
         with open(md) as f:
             check(f"a second run reuses all 28 finished runs and rebuilds the same table ({time.time() - t1:.0f} s)",
                   r2.returncode == 0 and "reusing 28 finished run(s)" in r2.stdout and "=== run" not in r2.stdout
-                  and f.read() == before, r2.stdout[-1500:] + r2.stderr[-1500:])
+                  and "=== decode-time eviction" not in r2.stdout and f.read() == before, r2.stdout[-1500:] + r2.stderr[-1500:])
         r2 = subprocess.run([sys.executable, "dev/kv_table.py", "--quick", "--out", out, "--table-only"],
                             cwd=REPO, capture_output=True, text=True)
         with open(md) as f:
@@ -249,8 +302,8 @@ def main():
         check_compare(out)
     try:
         import matplotlib  # noqa: F401
-        check("kv_pareto.png and kv_losses.png written", all(os.path.getsize(os.path.join(out, p)) > 10_000
-                                                             for p in ("kv_pareto.png", "kv_losses.png")))
+        check("kv_pareto.png, kv_losses.png and kv_eviction.png written",
+              all(os.path.getsize(os.path.join(out, p)) > 10_000 for p in ("kv_pareto.png", "kv_losses.png", "kv_eviction.png")))
     except ImportError:
         check("without matplotlib the PNGs are skipped with a message", "matplotlib is not installed" in r.stdout)
     if not args.keep and all(results):
