@@ -578,22 +578,24 @@ static void check_command_line(const char *bin_cpu, const char *bin_cu) {
         check(a[0] && ta && tb && !strcmp(a, b), "--kv-report %s: the same KV JSON as the CPU program, each with its activation bytes",
               reports[i]);
     }
-    const char *gens[] = {"", "--attn gqa --n-kv-head 2", "--attn mla --kv-rank 16 --rope-dim 4", "--layer0 ctxkv --context-dim 16 --context-interval 3 --max-contexts 4"};
-    const char *fields[] = {"generated_tokens", "kv_cache_capacity_tokens", "kv_cache_bytes", "kv_bytes_per_token_fp32"};
-    for (int i = 0; i < 4; i++) {
+    const char *gens[] = {"", "--attn gqa --n-kv-head 2", "--attn mla --kv-rank 16 --rope-dim 4", "--layer0 ctxkv --context-dim 16 --context-interval 3 --max-contexts 4",
+                          "--kv-policy streaming --kv-budget 8 --kv-sinks 2", "--attn mla --kv-rank 16 --rope-dim 4 --kv-policy snapkv --kv-budget 8 --kv-window 2",
+                          "--layer0 ctxkv --context-dim 16 --kv-policy snapkv --kv-budget 6 --kv-window 3"};
+    const char *fields[] = {"generated_tokens", "kv_cache_capacity_tokens", "kv_cache_bytes", "kv_bytes_per_token_fp32", "kv_policy", "kv_cache_slots_per_layer"};
+    for (int i = 0; i < 7; i++) {
         char cmd[1024], a[4096], b[4096];
-        snprintf(cmd, sizeof cmd, "%s --model tiny %s --generate 20 --prompt-ids 1,2,3 --tokenizer '' 2>/dev/null", bin_cpu, gens[i]);
+        snprintf(cmd, sizeof cmd, "%s --model tiny %s --generate 20 --prompt-ids 1,2,3,4,5,6,7,8,9,10,11,12 --tokenizer '' 2>/dev/null", bin_cpu, gens[i]);
         command_line_with(cmd, "generated_tokens", a, sizeof a);
-        snprintf(cmd, sizeof cmd, "%s --model tiny %s --generate 20 --prompt-ids 1,2,3 --tokenizer '' 2>/dev/null", bin_cu, gens[i]);
+        snprintf(cmd, sizeof cmd, "%s --model tiny %s --generate 20 --prompt-ids 1,2,3,4,5,6,7,8,9,10,11,12 --tokenizer '' 2>/dev/null", bin_cu, gens[i]);
         command_line_with(cmd, "generated_tokens", b, sizeof b);
         int same = a[0] && b[0];
-        for (int k = 0; k < 4 && same; k++) {
+        for (int k = 0; k < 6 && same; k++) {
             char fa[64], fb[64];
             json_field(a, fields[k], fa, sizeof fa);
             json_field(b, fields[k], fb, sizeof fb);
             same = fa[0] && !strcmp(fa, fb);
         }
-        check(same, "--generate 20 (tiny %s): the same token count, cache capacity and bytes as the CPU program", gens[i][0] ? gens[i] : "mha");
+        check(same, "--generate 20 after 12 (tiny %s): the same token count, cache capacity, bytes, policy and slots as the CPU program", gens[i][0] ? gens[i] : "mha");
     }
 }
 

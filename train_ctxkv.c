@@ -25,13 +25,15 @@ This file holds the model only, in this order:
                       phase 1 (jacobi_shift, phase1_round)  (doc/context_kv.md; dev/reference.py:
                       attn_ctxkv, ctxkv_ring_decode, context_block, contexts_sequential)
   The whole model     the attention block, layer and head (ctxkv/pythia.h), model_forward/backward
-  KV-cached decoding  kvcache_new, model_prefill, model_decode_step
+  KV-cached decoding  model_att_rows, kvcache_gather (what the shared eviction needs), model_prefill,
+                      model_decode_step (KV eviction: ctxkv/kvpolicy.h, doc/kv_eviction.md)
 Everything around it is shared with the CUDA mirror train_ctxkv.cu, in ctxkv/ (each header
 opens with what it defines): utils.h, config.h (config, presets, KV accounting), layout.h
-(parameter and activation layout: the checkpoint order), args.h (the flag table), data.h
-(shards, loader, token table), checkpoint.h (checkpoints, training state, init), eval.h
-(evaluation, generation), pythia.h (the wiring of the layers) and train.h (the training driver
-and main). simd.h holds the CPU's performance-only code (vector exp, the GEMM micro-kernel).
+(parameter and activation layout: the checkpoint order), args.h (the flag table), kvpolicy.h
+(which cached tokens a KV policy keeps), kvcache.h (the decoder's cache), decode.h (its
+allocation, the prefill's eviction, a decode step's slot), data.h (shards, loader, token table),
+checkpoint.h (checkpoints, training state, init), eval.h (evaluation, also by decoding;
+generation), pythia.h (the wiring of the layers) and train.h (the training driver and main). simd.h holds the CPU's performance-only code (vector exp, the GEMM micro-kernel).
 A reader learning one method reads its stretch of Attention variants, then the doc page.
 
 Shapes in comments: B batch, T time, C = n_embd, H heads, D head dim, G key/value heads, R rotary

@@ -24,7 +24,8 @@ What differs is where the numbers live and who computes them:
 
 Sections (as train_ctxkv.c's): CUDA helpers (this file only), Layers, The model, The attention
 core, Attention variants (MHA, GQA/MQA, MLA, Context-KV, then ATTN_VARIANTS), The whole model,
-KV-cached decoding.
+KV-cached decoding (the KV policies' logic is shared, ctxkv/kvpolicy.h and ctxkv/decode.h; here
+kv_gather_kernel moves the slots a policy keeps).
 
 Build: make train_ctxkv_cu [PRECISION=FP32] [GPU_COMPUTE_CAPABILITY=90].  Usage: ./train_ctxkv_cu -h
 Checks: test_ctxkv_cu.cu (on a GPU); make cuda-emu runs it on the CPU through dev/cuda/emu.

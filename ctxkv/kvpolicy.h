@@ -108,7 +108,7 @@ static int kv_unit_runs(const Config *c, int kind, int u, size_t off[2]) {
     return D;
 }
 
-// int compare of two scored positions: the higher score first, the lower position on ties
+// qsort order of scored positions: the higher score first, the lower position on ties
 typedef struct { double score; int pos; } KVScored;
 static int kv_scored_cmp(const void *a, const void *b) {
     const KVScored *x = (const KVScored *)a, *y = (const KVScored *)b;
