@@ -94,7 +94,7 @@ static void cuda_free(void *p) { if (p) cudaCheck(cudaFree(p)); }
 
 // Grow-only device scratch, one per use, for the temporaries the CPU program keeps on its
 // stack or mallocs per call (column-sum partials, the grad-norm partials, ...).
-enum { TMP_COLSUM, TMP_NORM, TMP_BUCKETS, TMP_OACD, TMP_EMB, TMP_FLAGS, TMP_UPLOAD, TMP_IDS, TMP_KEEP, N_TMP };
+enum { TMP_COLSUM, TMP_NORM, TMP_BUCKETS, TMP_OACD, TMP_EMB, TMP_FLAGS, TMP_UPLOAD, TMP_IDS, TMP_KEEP, TMP_SPLITS, N_TMP };
 static void *tmp_ptr[N_TMP];
 static size_t tmp_cap[N_TMP];
 static void *dev_temp(int slot, size_t bytes) {
@@ -872,6 +872,7 @@ __host__ __device__ inline floatX *head_at(HeadView v, int T, int b, int t, int 
 }
 
 #define ATT_THREADS 128
+#define DECODE_MIN_CHUNK 16 // cached slots per block at least, when decoding splits them (flash-decoding)
 
 // Causal softmax attention. H query heads share G key/value heads: query head h reads
 // KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
@@ -997,35 +998,90 @@ __device__ float block_exp_scores(float *scores, int n, float local_max) {
     return 1.0f / block_reduce_sum(sum);
 }
 
+// Decoding is split across blocks (flash-decoding, Dao et al. 2023): one block per (head,
+// sequence) is B·H blocks, under one wave of a 132-SM GPU at batch 1, so each (head, sequence)'s
+// n cached slots are cut into `splits` chunks, a block each. A chunk keeps its own max m, sum
+// l = Σ exp(score − m) and unnormalised output o = Σ exp(score − m)·v, as part[..] = [m, l, o];
+// decode_combine_kernel then gives o = Σ_j e^{m_j − M} o_j / Σ_j e^{m_j − M} l_j, M = max_j m_j.
+// Every reduction has a fixed order, so the result does not depend on timing.
+static int decode_splits(int blocks, int n) {
+    const int sms = device_prop.multiProcessorCount > 0 ? device_prop.multiProcessorCount : 1;
+    int splits = (2 * sms + blocks - 1) / blocks; // about two waves
+    const int most = (n + DECODE_MIN_CHUNK - 1) / DECODE_MIN_CHUNK;
+    return splits < 1 ? 1 : splits > most ? most : splits;
+}
+
+// the scores of chunk [s0, s1) (already in scores[s0..s1)) become exp(score − m) in place;
+// returns m and sets *l = their sum. Every thread of the block calls it.
+__device__ float chunk_exp_scores(float *scores, int s0, int s1, float local_max, float *l) {
+    const float mx = block_reduce_max(local_max);
+    float sum = 0.0f;
+    for (int s = s0 + threadIdx.x; s < s1; s += blockDim.x) { scores[s] = expf(scores[s] - mx); sum += scores[s]; }
+    *l = block_reduce_sum(sum); // its barriers make the scores visible to the whole block
+    return mx;
+}
+
+// part (B, H, splits, 2 + W) -> the weight of each chunk, w_j = e^{m_j − M} / Σ_i e^{m_i − M} l_i,
+// in w[0..splits) (shared memory); every thread of the block calls it
+__device__ void combine_weights(const float *pt, int splits, int W, float *w) {
+    if (threadIdx.x == 0) {
+        float M = -INFINITY, L = 0.0f;
+        for (int j = 0; j < splits; j++) M = fmaxf(M, pt[(size_t)j * (2 + W)]);
+        for (int j = 0; j < splits; j++) { w[j] = expf(pt[(size_t)j * (2 + W)] - M); L += w[j] * pt[(size_t)j * (2 + W) + 1]; }
+        for (int j = 0; j < splits; j++) w[j] /= L;
+    }
+    __syncthreads();
+}
+
+// o (B, H*W) = the combined chunks of part (B, H, splits, 2 + W); one block per (head, sequence)
+__global__ void decode_combine_kernel(const float *part, floatX *out, int splits, int W) {
+    extern __shared__ float w[];
+    const int h = blockIdx.x, b = blockIdx.y, H = gridDim.x;
+    const float *pt = part + ((size_t)b * H + h) * splits * (2 + W);
+    combine_weights(pt, splits, W, w);
+    for (int j = threadIdx.x; j < W; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < splits; k++) acc += w[k] * pt[(size_t)k * (2 + W) + 2 + j];
+        out[((size_t)b * H + h) * W + j] = fx(acc);
+    }
+}
+
 // Each sequence's new token (query heads q, one row per sequence) attends over its n = kv->n_attend
 // cached slots in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D). One block per
-// (head, sequence); its scratch holds the scores in fp32.
-__global__ void cached_attention_kernel(KVCache kv, HeadView q, floatX *out, int l, int n, int H, int D, int G, float scale,
-                                        size_t per_head) {
-    const int h = blockIdx.x, b = blockIdx.y, g = h / (H / G);
+// (head, sequence, chunk of `chunk` slots); its scratch holds the chunk's scores in fp32.
+__global__ void cached_attention_kernel(KVCache kv, HeadView q, float *part, int l, int n, int chunk, int H, int D, int G,
+                                        float scale, size_t per_head) {
+    const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, g = h / (H / G);
+    const int s0 = split * chunk, s1 = min(n, s0 + chunk);
     float *scores = kv.scratch + ((size_t)b * H + h) * per_head;
-    floatX *o = out + ((size_t)b * H + h) * D;
+    float *pt = part + (((size_t)b * H + h) * gridDim.z + split) * (2 + D); // [m, l, o (D)]
     const floatX *qh = head_at(q, 1, b, 0, h);
     float mx = -INFINITY;
-    for (int s = threadIdx.x; s < n; s += blockDim.x) {
+    for (int s = s0 + threadIdx.x; s < s1; s += blockDim.x) {
         const float *kslot = kv_slot(&kv, l, b, s) + g * D;
         float d = 0.0f;
         for (int j = 0; j < D; j++) d += tof(qh[j]) * kslot[j];
         scores[s] = scale * d;
         mx = fmaxf(mx, scores[s]);
     }
-    const float inv = block_exp_scores(scores, n, mx);
+    float sum;
+    mx = chunk_exp_scores(scores, s0, s1, mx, &sum);
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float acc = 0.0f;
-        for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[(G + g) * D + j];
-        o[j] = fx(acc);
+        for (int s = s0; s < s1; s++) acc += scores[s] * kv_slot(&kv, l, b, s)[(G + g) * D + j];
+        pt[2 + j] = acc;
     }
+    if (threadIdx.x == 0) { pt[0] = mx; pt[1] = sum; }
 }
 static void cached_attention(const Model *m, HeadView q, floatX *out, const KVCache *kv, int l, int G) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c);
-    cached_attention_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, q, out, l, kv->n_attend, H, D, G, 1.0f / sqrtf((float)D),
-                                                                kv_scratch_per_head(c, kv->capacity));
+    const int H = c->n_head, D = head_dim(c), n = kv->n_attend, splits = decode_splits(H * kv->batch, n);
+    const int chunk = (n + splits - 1) / splits;
+    float *part = (float *)dev_temp(TMP_SPLITS, (size_t)kv->batch * H * splits * (2 + D) * sizeof(float));
+    cached_attention_kernel<<<dim3(H, kv->batch, splits), ATT_THREADS>>>(*kv, q, part, l, n, chunk, H, D, G, 1.0f / sqrtf((float)D),
+                                                                        kv_scratch_per_head(c, kv->capacity));
+    launchCheck();
+    decode_combine_kernel<<<dim3(H, kv->batch), ATT_THREADS, splits * sizeof(float)>>>(part, out, splits, D);
     launchCheck();
 }
 
@@ -1296,22 +1352,26 @@ static void mla_cache_write(const Config *c, const AttnActs *at, int B, int n, f
 }
 
 // The absorbed form: score_s = q_nope·W_UK ĉ_s + q_pe·k_pe_s = (W_UKᵀ q_nope)·ĉ_s + q_pe·k_pe_s,
-// and o = W_UV Σ_s P_s ĉ_s, so only the cached latents and rope keys are ever read.
-// One block per (head, sequence); its scratch holds the scores and the two latent vectors in fp32.
-__global__ void mla_decode_kernel(KVCache kv, LayerParams lp, HeadView q, floatX *atty, int l, int n, int H, int D, int R,
-                                  int dR, float scale, size_t per_head) {
-    const int h = blockIdx.x, b = blockIdx.y;
-    float *scores = kv.scratch + ((size_t)b * H + h) * per_head, *q_abs = scores + kv.capacity, *o_lat = q_abs + R;
-    floatX *o = atty + ((size_t)b * H + h) * D;
+// and o = W_UV Σ_s P_s ĉ_s, so only the cached latents and rope keys are ever read. Split as
+// cached_attention is (flash-decoding): one block per (head, sequence, chunk) forms q̃ in shared
+// memory and its chunk's [m, l, Σ exp(score − m) ĉ] (R); mla_combine_kernel combines the chunks
+// into ō and applies W_UV.
+__global__ void mla_decode_kernel(KVCache kv, LayerParams lp, HeadView q, float *part, int l, int n, int chunk, int H, int D,
+                                  int R, int dR, float scale, size_t per_head) {
+    extern __shared__ float q_abs[]; // q̃ = W_UK_hᵀ q_nope   (R)
+    const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+    const int s0 = split * chunk, s1 = min(n, s0 + chunk);
+    float *scores = kv.scratch + ((size_t)b * H + h) * per_head;
+    float *pt = part + (((size_t)b * H + h) * gridDim.z + split) * (2 + R); // [m, l, Σ exp(score − m) ĉ (R)]
     const floatX *qh = head_at(q, 1, b, 0, h);
-    for (int r = threadIdx.x; r < R; r += blockDim.x) { // q̃ = W_UK_hᵀ q_nope   (R)
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
         float s = 0.0f;
         for (int j = 0; j < D; j++) s += tof(qh[j]) * tof(lp.kv_b_w[((size_t)h * 2 * D + j) * R + r]);
         q_abs[r] = s;
     }
     __syncthreads();
     float mx = -INFINITY;
-    for (int s = threadIdx.x; s < n; s += blockDim.x) {
+    for (int s = s0 + threadIdx.x; s < s1; s += blockDim.x) {
         const float *slot = kv_slot(&kv, l, b, s);
         float d1 = 0.0f, d2 = 0.0f;
         for (int r = 0; r < R; r++) d1 += q_abs[r] * slot[r];
@@ -1319,13 +1379,29 @@ __global__ void mla_decode_kernel(KVCache kv, LayerParams lp, HeadView q, floatX
         scores[s] = scale * (d1 + d2);
         mx = fmaxf(mx, scores[s]);
     }
-    const float inv = block_exp_scores(scores, n, mx);
-    for (int r = threadIdx.x; r < R; r += blockDim.x) { // ō = Σ P ĉ   (R)
+    float sum;
+    mx = chunk_exp_scores(scores, s0, s1, mx, &sum);
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
         float acc = 0.0f;
-        for (int s = 0; s < n; s++) acc += scores[s] * inv * kv_slot(&kv, l, b, s)[r];
+        for (int s = s0; s < s1; s++) acc += scores[s] * kv_slot(&kv, l, b, s)[r];
+        pt[2 + r] = acc;
+    }
+    if (threadIdx.x == 0) { pt[0] = mx; pt[1] = sum; }
+}
+// ō = the combined chunks (R, shared), then o_h = W_UV_h ō (D); one block per (head, sequence)
+__global__ void mla_combine_kernel(const float *part, LayerParams lp, floatX *atty, int splits, int D, int R) {
+    extern __shared__ float w[]; // the chunks' weights (splits), then ō (R)
+    const int h = blockIdx.x, b = blockIdx.y, H = gridDim.x;
+    const float *pt = part + ((size_t)b * H + h) * splits * (2 + R);
+    float *o_lat = w + splits;
+    combine_weights(pt, splits, R, w);
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < splits; k++) acc += w[k] * pt[(size_t)k * (2 + R) + 2 + r];
         o_lat[r] = acc;
     }
     __syncthreads();
+    floatX *o = atty + ((size_t)b * H + h) * D;
     for (int j = threadIdx.x; j < D; j += blockDim.x) { // W_UV_h ō
         float acc = 0.0f;
         for (int r = 0; r < R; r++) acc += tof(lp.kv_b_w[((size_t)h * 2 * D + D + j) * R + r]) * o_lat[r];
@@ -1334,12 +1410,18 @@ __global__ void mla_decode_kernel(KVCache kv, LayerParams lp, HeadView q, floatX
 }
 static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, const floatX *x, KVCache *kv, int l) {
     const Config *c = &m->cfg;
-    const int H = c->n_head, D = head_dim(c);
+    const int H = c->n_head, D = head_dim(c), R = c->kv_rank, n = kv->n_attend, splits = decode_splits(H * kv->batch, n);
+    const int chunk = (n + splits - 1) / splits;
     mla_project_forward(m, lp, at, x, kv->batch, 1, kv->pos);
     mla_cache_write(c, at, kv->batch, 1, kv_slot(kv, l, 0, kv->write_slot), kv_seq_stride(kv));
-    mla_decode_kernel<<<dim3(H, kv->batch), ATT_THREADS>>>(*kv, *lp, mla_views(c, at).q, at->atty, l, kv->n_attend, H, D,
-                                                          c->kv_rank, c->mla_rope_dim, 1.0f / sqrtf((float)(D + c->mla_rope_dim)),
-                                                          kv_scratch_per_head(c, kv->capacity));
+    float *part = (float *)dev_temp(TMP_SPLITS, (size_t)kv->batch * H * splits * (2 + R) * sizeof(float));
+    set_smem(mla_decode_kernel, R * sizeof(float));
+    mla_decode_kernel<<<dim3(H, kv->batch, splits), ATT_THREADS, R * sizeof(float)>>>(*kv, *lp, mla_views(c, at).q, part, l, n, chunk, H, D,
+                                                                                    R, c->mla_rope_dim, 1.0f / sqrtf((float)(D + c->mla_rope_dim)),
+                                                                                    kv_scratch_per_head(c, kv->capacity));
+    launchCheck();
+    set_smem(mla_combine_kernel, (splits + R) * sizeof(float));
+    mla_combine_kernel<<<dim3(H, kv->batch), ATT_THREADS, (splits + R) * sizeof(float)>>>(part, *lp, at->atty, splits, D, R);
     launchCheck();
 }
 

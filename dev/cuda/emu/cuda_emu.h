@@ -210,6 +210,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "cuda_emu (CPU emulation)");
     p->major = 9; p->minor = 0;
+    p->multiProcessorCount = 132; // an H100 / H200: what the decode splits (flash-decoding) are sized for
     p->sharedMemPerBlockOptin = 227 * 1024;
     p->totalGlobalMem = (size_t)16 << 30;
     return cudaSuccess;
