@@ -516,7 +516,8 @@ def write_evict_table(out, rows, workloads, levels):
         baseline = f"{EVICT_ROWS[row][0]}.full"
         cells = [cell(st[row, k], f, None if row == baseline or baseline not in rows else st[baseline, k]) for k, _, f in cols]
         kv, eff = evict_bytes(lm or rc)
-        lines.append("| " + " | ".join([evict_label(row), kept_text(lm), kept_text(rc)] + cells + [str(kv), f"{eff:.0f}"]) + " |")
+        eff = f"{eff:.0f}" if lm else "n/a"
+        lines.append("| " + " | ".join([evict_label(row), kept_text(lm), kept_text(rc)] + cells + [str(kv), eff]) + " |")
     walls = [r["wall_s"] for rs in ev.values() for r in rs]
     lines += ["", f"{len(walls)} decode-mode evaluations, {fmt_time(sum(walls))} in all. Commands: "
               f"`{shlex.join(next(iter(ev.values()))[0]['command'])}` and likewise (OUT/<workload>/evict/<row>_s<k>.json)."]
@@ -924,6 +925,10 @@ def main():
 
     t_start = time.time()
     with_eval = prepare_data(scale, cfg, workloads, "optional" if args.quick else "required")
+    # lm's eviction rows are its decoded evaluations: none without the evaluation files
+    evict_wls = [wl for wl in workloads if wl != "lm" or with_eval]
+    if rows and len(evict_wls) < len(workloads):
+        print("no data/eval files: the eviction rows are evaluated on recall only", flush=True)
     base_kv = kv_report(cfg["binary"], cfg["lm"]["model"], [])["kv_bytes_per_token_bf16"]
     # seeds outermost, so that a table cut short has every variant at its first seeds
     runs = [(wl, name, k) for k in range(seeds) for wl in workloads for name in names]
@@ -935,7 +940,7 @@ def main():
             continue
         todo.append((wl, name, k))
     # a finished base run whose model.bin is gone is trained again when an eviction row still needs it
-    evict_todo = evict_pending(scale, cfg, out, rows, workloads, seeds)
+    evict_todo = evict_pending(scale, cfg, out, rows, evict_wls, seeds)
     for wl, row, k in evict_todo:
         run = (wl, EVICT_ROWS[row][0], k)
         if run not in todo and not os.path.isfile(os.path.join(out, "runs", wl, run[1], f"s{k}", "model.bin")):
@@ -998,7 +1003,7 @@ def main():
             m.update(variant=name, gen_prompt=cfg["gen"][0], gen_new=cfg["gen"][1], threads=args.threads)
             with open(speed_json, "w") as f:
                 json.dump(m, f, indent=1)
-    evict_todo = evict_pending(scale, cfg, out, rows, workloads, seeds)
+    evict_todo = evict_pending(scale, cfg, out, rows, evict_wls, seeds)
     if evict_todo:
         print(f"\n=== decode-time eviction: {len(evict_todo)} evaluation(s) by decoding of the base runs' models", flush=True)
         t_ev = time.time()
