@@ -136,4 +136,29 @@ static int evict_file_open(const char *path, FILE **f) {
     return h[2];
 }
 
+// Each case of the file decoded under its policy on its model; judge(e, kv, got, Vp) judges the
+// cache (its kept positions) and the logits got (B, T−P, Vp) against the case. A model whose
+// selection units differ from the case's fails here (its kept positions cannot compare).
+typedef void (*EvictCheck)(const EvictCase *e, const KVCache *kv, const float *got, int Vp);
+static void evict_cases_run(const char *path, EvictCheck judge) {
+    FILE *f;
+    const int n_cases = evict_file_open(path, &f);
+    for (int k = 0; k < n_cases; k++) {
+        EvictCase e;
+        evict_case_read(f, path, &e);
+        Model m;
+        model_load(&m, e.model);
+        const int Vp = m.cfg.padded_vocab_size;
+        float *got = (float *)malloc_check((size_t)e.B * (e.T - e.P) * Vp * sizeof(float), "evict ref");
+        KVCache kv = decode_under(&m, &e.policy, e.x, e.B, e.T, e.P, got);
+        if (kv_units(&m.cfg, m.cfg.attn_type) != e.units) die("%s: %d selection units, the reference has %d", e.model, kv_units(&m.cfg, m.cfg.attn_type), e.units);
+        judge(&e, &kv, got, Vp);
+        kvcache_free(&kv);
+        model_free(&m);
+        evict_case_free(&e);
+        free(got);
+    }
+    fclose(f);
+}
+
 #endif

@@ -497,36 +497,22 @@ static float max_abs_diff(const float *a, const float *b, size_t n) {
 // dev/ref/kv_eviction.bin (dev/reference.py kv_eviction_reference, PyTorch float64): StreamingLLM
 // against the full forward under a sink + window mask, SnapKV's kept positions (exactly) and the
 // logits after it (1e-5), for mha, gqa and mla
+static void judge_kv_eviction(const EvictCase *e, const KVCache *kv, const float *got, int Vp) {
+    float max_ref;
+    const float d = evict_case_diff(e, got, Vp, &max_ref);
+    char label[64];
+    kv_policy_label(&e->policy, label, sizeof label);
+    if (e->K) {
+        int same = kv->kept != NULL;
+        for (size_t i = 0; same && i < (size_t)e->L * e->B * e->units * e->K; i++) same = kv->kept[i] == e->kept[i];
+        check(same, "%s %s: the positions kept after a %d-token prompt, per layer, sequence and unit (%d units), equal PyTorch's", e->model, label, e->P, e->units);
+    }
+    check(d <= 1e-5f, "%s %s (sinks %d, window %d, pool %d): logits of positions %d..%d after a %d-token prompt equal PyTorch's masked forward (max diff %.2e)",
+          e->model, label, e->policy.sinks, e->policy.window, e->policy.pool, e->P - 1, e->T - 2, e->P, d);
+}
 static void check_kv_eviction_reference(const char *path) {
     printf("-- KV eviction against PyTorch (%s)\n", path);
-    FILE *f;
-    const int n_cases = evict_file_open(path, &f);
-    for (int k = 0; k < n_cases; k++) {
-        EvictCase e;
-        evict_case_read(f, path, &e);
-        const int B = e.B, T = e.T, P = e.P;
-        Model m;
-        model_load(&m, e.model);
-        const int Vp = m.cfg.padded_vocab_size;
-        float *got = malloc_check((size_t)B * (T - P) * Vp * sizeof(float), "evict ref");
-        KVCache kv = decode_under(&m, &e.policy, e.x, B, T, P, got);
-        float max_ref;
-        const float d = evict_case_diff(&e, got, Vp, &max_ref);
-        char label[64];
-        kv_policy_label(&e.policy, label, sizeof label);
-        if (e.K) {
-            int same = kv.kept != NULL && kv_units(&m.cfg, m.cfg.attn_type) == e.units;
-            for (size_t i = 0; same && i < (size_t)e.L * B * e.units * e.K; i++) same = kv.kept[i] == e.kept[i];
-            check(same, "%s %s: the positions kept after a %d-token prompt, per layer, sequence and unit (%d units), equal PyTorch's", e.model, label, P, e.units);
-        }
-        check(d <= 1e-5f, "%s %s (sinks %d, window %d, pool %d): logits of positions %d..%d after a %d-token prompt equal PyTorch's masked forward (max diff %.2e)",
-              e.model, label, e.policy.sinks, e.policy.window, e.policy.pool, P - 1, T - 2, P, d);
-        kvcache_free(&kv);
-        model_free(&m);
-        evict_case_free(&e);
-        free(got);
-    }
-    fclose(f);
+    evict_cases_run(path, judge_kv_eviction);
 }
 
 // Per variant: a budget that covers everything gives exactly the full cache's logits; a smaller

@@ -460,33 +460,20 @@ static int kept_agree(const int *got, const int *ref, size_t n, const char *what
 }
 
 // dev/ref/kv_eviction.bin (PyTorch float64 masks on the full forward) on the GPU
+static void judge_kv_eviction(const EvictCase *e, const KVCache *kv, const float *got, int Vp) {
+    char label[160];
+    kv_policy_label(&e->policy, label, 64);
+    snprintf(label + strlen(label), sizeof label - strlen(label), " %s", e->model);
+    int compare = 1;
+    if (e->K) compare = kv->kept && kept_agree(kv->kept, e->kept, (size_t)e->L * e->B * e->units * e->K, label);
+    float maxref;
+    const float d = evict_case_diff(e, got, Vp, &maxref), tol = logits_tol(maxref);
+    if (compare) check(d <= tol, "%s: logits of positions %d..%d after a %d-token prompt equal PyTorch's masked forward (max diff %.2e, tol %.1e)", label, e->P - 1, e->T - 2, e->P, d, tol);
+    else printf("(%s: logits not compared, the selection differs at a near-tie)\n", label);
+}
 static void check_kv_eviction_reference(const char *path) {
     printf("-- KV eviction against PyTorch on the GPU (%s)\n", path);
-    FILE *f;
-    const int n_cases = evict_file_open(path, &f);
-    for (int k = 0; k < n_cases; k++) {
-        EvictCase e;
-        evict_case_read(f, path, &e);
-        const int B = e.B, T = e.T, P = e.P;
-        Model m;
-        model_load(&m, e.model);
-        const int Vp = m.cfg.padded_vocab_size;
-        std::vector<float> got((size_t)B * (T - P) * Vp);
-        KVCache kv = decode_under(&m, &e.policy, e.x, B, T, P, got.data());
-        char label[160];
-        kv_policy_label(&e.policy, label, 64);
-        snprintf(label + strlen(label), sizeof label - strlen(label), " %s", e.model);
-        int compare = 1;
-        if (e.K) compare = kv.kept && kept_agree(kv.kept, e.kept, (size_t)e.L * B * e.units * e.K, label);
-        float maxref;
-        const float d = evict_case_diff(&e, got.data(), Vp, &maxref), tol = logits_tol(maxref);
-        if (compare) check(d <= tol, "%s: logits of positions %d..%d after a %d-token prompt equal PyTorch's masked forward (max diff %.2e, tol %.1e)", label, P - 1, T - 2, P, d, tol);
-        else printf("(%s: logits not compared, the selection differs at a near-tie)\n", label);
-        kvcache_free(&kv);
-        model_free(&m);
-        evict_case_free(&e);
-    }
-    fclose(f);
+    evict_cases_run(path, judge_kv_eviction);
 }
 
 // The GPU against the CPU under each policy, on the same weights and tokens: the logits, the
