@@ -1136,6 +1136,27 @@ static void check_simd_kernels(void) {
         free(A); free(At); free(Bm); free(Bt); free(out); free(out_t); free(out_b); free(out0); free(ref); free(mag);
     }
     check(gworst <= 1e-6f, "gemm (C += A·B with A or B as transposed views; C = bias + A·B) equals the plain loop on 8 ragged shapes (worst %.2e of sum |terms|)", gworst);
+    // matmul_forward's few-row path (decoding: dot_rows, 8 then 4 then 1 rows per weight row) for
+    // every row count it takes, widths a multiple of 8 and not
+    float dr_worst = 0.0f;
+    for (int N = 1; N <= 16; N++)
+        for (int wi = 0; wi < 2; wi++) {
+            const int C = wi ? 37 : 64, OC = 29;
+            float *x = malloc_check((size_t)N * C * sizeof(float), "dot_rows"), *w = malloc_check((size_t)OC * C * sizeof(float), "dot_rows");
+            float *b = malloc_check(OC * sizeof(float), "dot_rows"), *y = malloc_check((size_t)N * OC * sizeof(float), "dot_rows");
+            for (int i = 0; i < N * C; i++) x[i] = random_normal(&rng);
+            for (int i = 0; i < OC * C; i++) w[i] = random_normal(&rng);
+            for (int i = 0; i < OC; i++) b[i] = random_normal(&rng);
+            matmul_forward(y, x, w, b, N, C, OC);
+            for (int n = 0; n < N; n++)
+                for (int o = 0; o < OC; o++) {
+                    double r = b[o], g = fabs(b[o]);
+                    for (int c = 0; c < C; c++) { r += (double)x[n * C + c] * w[o * C + c]; g += fabs((double)x[n * C + c] * w[o * C + c]); }
+                    dr_worst = fmaxf(dr_worst, (float)(fabs(y[n * OC + o] - r) / g));
+                }
+            free(x); free(w); free(b); free(y);
+        }
+    check(dr_worst <= 1e-6f, "matmul_forward with 1..16 rows (the decoding path) equals the plain loop, widths 64 and 37 (worst %.2e of sum |terms|)", dr_worst);
 }
 
 // ----------------------------------------------------------------------------

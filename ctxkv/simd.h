@@ -26,6 +26,16 @@ static inline float hsum8(v8 a) {
     return t[0] + t[2];
 }
 
+// lane j = the sum of a_j's eight lanes, for eight vectors at once (a transpose by pairwise adds:
+// the sum of x_j is ((x_j0 + x_j1) + (x_j2 + x_j3)) + ((x_j4 + x_j5) + (x_j6 + x_j7)))
+static inline v8 hadd8(v8 x, v8 y) { // [x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7]
+    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+static inline v8 hsum8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
+    const v8 q0 = hadd8(hadd8(a0, a1), hadd8(a2, a3)), q1 = hadd8(hadd8(a4, a5), hadd8(a6, a7));
+    return __builtin_shufflevector(q0, q1, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(q0, q1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 typedef int v8i __attribute__((vector_size(32)));
 
 // per lane: mask ? a : b (a comparison of two v8 gives the mask)
@@ -146,13 +156,32 @@ static inline void prefetch_floats(const float *p, int n) {
 }
 
 // out[n*out_stride] = bias + x_n · w for the N rows x_n of x (rows C apart): one weight row
-// against four rows at a time, from registers, so that decoding's products load each weight
-// once from memory (the rest of the rows find it in L1). Decoding streams the weights from
-// memory, row after row: the row DOT_ROWS_PREFETCH ahead is requested meanwhile.
+// against eight (then four) rows at a time, from registers, so that decoding's products load
+// each weight once from memory (the rest of the rows find it in L1); eight independent sums keep
+// both FMA pipes busy. Decoding streams the weights from memory, row after row: the row
+// DOT_ROWS_PREFETCH ahead is requested meanwhile.
 #define DOT_ROWS_PREFETCH 4
 static inline void dot_rows(float *out, size_t out_stride, const float *x, int C, const float *w, int N, float bias) {
     prefetch_floats(w + (size_t)DOT_ROWS_PREFETCH * C, C);
     int n = 0;
+    if (C % 8 == 0)
+        for (; n + 8 <= N; n += 8) {
+            const float *x0 = x + (size_t)n * C;
+            v8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (int i = 0; i < C; i += 8) {
+                const v8 wv = load8(w + i);
+                a0 += wv * load8(x0 + i);
+                a1 += wv * load8(x0 + C + i);
+                a2 += wv * load8(x0 + 2 * C + i);
+                a3 += wv * load8(x0 + 3 * C + i);
+                a4 += wv * load8(x0 + 4 * C + i);
+                a5 += wv * load8(x0 + 5 * C + i);
+                a6 += wv * load8(x0 + 6 * C + i);
+                a7 += wv * load8(x0 + 7 * C + i);
+            }
+            const v8 sum = hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7) + splat8(bias);
+            for (int j = 0; j < 8; j++) out[(size_t)(n + j) * out_stride] = sum[j];
+        }
     for (; n + 4 <= N; n += 4) {
         const float *x0 = x + (size_t)n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
         v8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;

@@ -7,7 +7,8 @@ For each preset (pythia-14m, pythia-70m; B*T = 1024 rows) and each linear layer 
 fc, proj, the head): matmul_forward, matmul_backward's dinp and its dW, each timed as the best
 of 11 (noise only slows a run down), against cblas_sgemm on the same operands and threads.
 Prints GFLOP/s of both sides and the ratio ours/OpenBLAS (>= 1: ours is faster), then the
-smallest ratio. Threads: OMP_NUM_THREADS (OpenBLAS gets the same count).
+smallest ratio. Then decoding's products at pythia-14m, batch 1 and 8 rows (the forward only,
+best of 51), with their own smallest ratio. Threads: OMP_NUM_THREADS (OpenBLAS gets the same count).
 */
 #define TESTING
 #include "../train_ctxkv.c"
@@ -88,6 +89,29 @@ int main(void) {
             free(j.inp); free(j.w); free(j.out); free(j.dout); free(j.dinp); free(j.dw);
         }
     }
-    printf("{\"bench\": \"gemm\", \"threads\": %d, \"min_ratio_vs_openblas\": %.3f, \"at\": \"%s\"}\n", threads, worst, worst_label);
+    // decoding's products: a few rows (batch 1 and 8) through matmul_forward's dot-product path,
+    // each weight read once for all rows, against sgemm on the same shape (pythia-14m)
+    double worst_dec = 1e30;
+    const Preset *p = find_preset("pythia-14m");
+    const int C = p->n_embd, Vp = round_up(p->vocab_size, VOCAB_PAD);
+    const struct { const char *name; int C, OC; } dec[] = {{"qkv", C, 3 * C}, {"fc", C, p->n_inner}, {"proj", p->n_inner, C}, {"head", C, Vp}};
+    for (int bi = 0; bi < 2; bi++)
+        for (int li = 0; li < 4; li++) {
+            const int N = bi ? 8 : 1;
+            Job j = {N, dec[li].C, dec[li].OC, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+            j.inp = malloc_check((size_t)N * j.C * 4, "bench"); j.w = malloc_check((size_t)j.OC * j.C * 4, "bench");
+            j.out = malloc_check((size_t)N * j.OC * 4, "bench");
+            for (int i = 0; i < N * j.C; i++) j.inp[i] = random_f32(&rng) - 0.5f;
+            for (size_t i = 0; i < (size_t)j.OC * j.C; i++) j.w[i] = random_f32(&rng) - 0.5f;
+            ours(&j); blas(&j);
+            const double t_ours = best_of(51, ours, &j), t_blas = best_of(51, blas, &j), flops = 2.0 * N * j.C * j.OC;
+            char prod[64];
+            snprintf(prod, sizeof prod, "decode %dx%d->%d", N, j.C, j.OC);
+            printf("%-12s %-6s %-22s %10.1f %10.1f %7.2f\n", "pythia-14m", dec[li].name, prod, flops / t_ours * 1e-9, flops / t_blas * 1e-9, t_blas / t_ours);
+            if (t_blas / t_ours < worst_dec) worst_dec = t_blas / t_ours;
+            free(j.inp); free(j.w); free(j.out);
+        }
+    printf("{\"bench\": \"gemm\", \"threads\": %d, \"min_ratio_vs_openblas\": %.3f, \"at\": \"%s\", \"decode_min_ratio\": %.3f}\n",
+           threads, worst, worst_label, worst_dec);
     return 0;
 }
