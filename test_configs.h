@@ -1,9 +1,20 @@
 // test_configs.h: the tiny configs both harnesses (test_ctxkv.c, test_ctxkv_cu.cu) test every
 // variant with, built as the command line builds them (apply_variant_flags, apply_context_flags),
-// the writers of the small masked shards and recall files both feed their programs, and
-// decode_under (decoding given tokens under a KV policy).
+// the smallest config (the fuzz targets score with it and dev/fuzz/make_seeds.c writes its seeds
+// from it), the writers of the small masked shards and recall files the harnesses and the seeds
+// feed their programs, and decode_under (decoding given tokens under a KV policy).
 #ifndef TEST_CONFIGS_H
 #define TEST_CONFIGS_H
+
+// the smallest shapes: vocabulary 5, width 4 (2 heads of 2, rotary 2), MLP 4, one layer, length 8
+static Config fuzz_small_config(void) {
+    Config c = {0};
+    c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
+    c.n_layer = 1; c.n_head = 2; c.n_embd = 4; c.n_inner = 4; c.rotary_dims = 2;
+    c.rope_base = 10000.0f; c.max_seq_len = 8; c.ln_eps = 1e-5f;
+    c.attn_type = ATTN_MHA; c.n_kv_head = 2; c.embed_dim = 4;
+    return c;
+}
 
 // the tiny preset with an attention variant, as the command line would build it
 static Config tiny_variant(const char *attn, int n_kv_head, int kv_rank, int rope_dim, int q_rank) {
@@ -74,24 +85,18 @@ static void write_recall(const char *path, int magic, int n, const int *len, con
     fclose(f);
 }
 
-// Decodes B sequences x (B,T): prefill of P tokens under the policy, then x[:, P..T−2] one at a
-// time; logits (B, T−P, Vp) receives rows P−1..T−2. Returns the cache (for its bytes and kept).
+// Decodes B sequences x (B,T) with decode_score (ctxkv/eval.h): prefill of P tokens under the
+// policy, then x[:, P..T−2] one at a time; logits (B, T−P, Vp) receives rows P−1..T−2. Returns the
+// cache (for its bytes and kept positions; the caller frees it).
+typedef struct { float *logits; int T, P, Vp; } LogitsCopy;
+static void copy_logits(void *ctx, int b, int j, const float *z) {
+    const LogitsCopy *lc = (const LogitsCopy *)ctx;
+    memcpy(lc->logits + ((size_t)b * (lc->T - lc->P) + j - lc->P + 1) * lc->Vp, z, lc->Vp * sizeof(float));
+}
 static KVCache decode_under(Model *m, const KVPolicy *policy, const int *x, int B, int T, int P, float *logits) {
-    const int Vp = m->cfg.padded_vocab_size;
-    KVCache kv = kvcache_new(&m->cfg, B, P, T - 1 - P, policy);
-    int *prompts = (int *)malloc_check((size_t)B * P * sizeof(int), "evict test"), next[64];
-    for (int b = 0; b < B; b++) memcpy(prompts + (size_t)b * P, x + (size_t)b * T, P * sizeof(int));
-    size_t stride;
-    const float *z = model_prefill(m, &kv, prompts, P, &stride);
-    for (int j = P - 1; j < T - 1; j++) {
-        if (j >= P) {
-            for (int b = 0; b < B; b++) next[b] = x[(size_t)b * T + j];
-            z = model_decode_step(m, &kv, next);
-            stride = Vp;
-        }
-        for (int b = 0; b < B; b++) memcpy(logits + ((size_t)b * (T - P) + j - P + 1) * Vp, z + b * stride, Vp * sizeof(float));
-    }
-    free(prompts);
+    LogitsCopy lc = {logits, T, P, m->cfg.padded_vocab_size};
+    KVCache kv;
+    decode_score(m, policy, x, B, T, P, copy_logits, &lc, &kv);
     return kv;
 }
 

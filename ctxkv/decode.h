@@ -47,14 +47,15 @@ static void kvcache_compress_prompt(Model *m, KVCache *kv, int n) {
     const int w = kv->policy.window < n ? kv->policy.window : n;
     const size_t pt = kv->per_token;
     float *stage = (float *)device_alloc((size_t)B * n * pt * sizeof(float), "KV staging");
-    float *win = (float *)malloc_check((size_t)H * w * n * sizeof(float), "snapkv window");
+    const int snapkv = kv->policy.kind == KV_SNAPKV;
+    float *win = snapkv ? (float *)malloc_check((size_t)H * w * n * sizeof(float), "snapkv window") : NULL;
     free(kv->kept);
     kv->kept = (int *)malloc_check((size_t)(c->n_layer - kv->first_layer) * B * units * budget * sizeof(int), "KV kept");
     for (int l = kv->first_layer; l < c->n_layer; l++) {
         ATTN_VARIANTS[c->attn_type].cache_write(c, &m->a.layer[l].at, B, n, stage, (size_t)n * pt);
         for (int b = 0; b < B; b++) {
             int *keep = kv->kept + ((size_t)(l - kv->first_layer) * B + b) * units * budget;
-            if (kv->policy.kind == KV_SNAPKV)
+            if (snapkv)
                 for (int h = 0; h < H; h++) model_att_rows(m, l, b, h, n - w, w, n, win + (size_t)h * w * n);
             kv_select_prompt(&kv->policy, c, c->attn_type, n, win, keep);
             kvcache_gather(c, kv, l, b, stage + (size_t)b * n * pt, keep);

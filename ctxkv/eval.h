@@ -48,12 +48,14 @@ static double logprob_of(const float *z, int V, int target) {
 
 // Evaluation by decoding (doc/evaluation.md "Decode mode"): eviction only changes what is scored
 // through the cache, never the parallel forward. decode_score prefills the first n_ctx tokens of
-// the B sequences x (B, L), under m->kv_policy, then feeds x[:, n_ctx .. L−2] one token per
+// the B sequences x (B, L), under the policy, then feeds x[:, n_ctx .. L−2] one token per
 // sequence at a time; score(ctx, b, j, z) receives the logits z (Vp) that predict x[b, j+1],
-// for j = n_ctx−1 .. L−2 (the last token is only a target).
+// for j = n_ctx−1 .. L−2 (the last token is only a target). keep: NULL, or where the cache goes
+// afterwards (the caller frees it; the tests read its bytes and kept positions).
 typedef void (*DecodeScoreFn)(void *ctx, int b, int j, const float *z);
-static void decode_score(Model *m, const int *x, int B, int L, int n_ctx, DecodeScoreFn score, void *ctx) {
-    KVCache kv = kvcache_new(&m->cfg, B, n_ctx, L - 1 - n_ctx, &m->kv_policy);
+static void decode_score(Model *m, const KVPolicy *policy, const int *x, int B, int L, int n_ctx, DecodeScoreFn score,
+                         void *ctx, KVCache *keep) {
+    KVCache kv = kvcache_new(&m->cfg, B, n_ctx, L - 1 - n_ctx, policy);
     int *prompts = (int *)malloc_check((size_t)B * n_ctx * sizeof(int), "decode eval"), *next = (int *)malloc_check(B * sizeof(int), "decode eval");
     for (int b = 0; b < B; b++) memcpy(prompts + (size_t)b * n_ctx, x + (size_t)b * L, n_ctx * sizeof(int));
     size_t stride;
@@ -66,7 +68,8 @@ static void decode_score(Model *m, const int *x, int B, int L, int n_ctx, Decode
         }
         for (int b = 0; b < B; b++) score(ctx, b, j, z + b * stride);
     }
-    kvcache_free(&kv);
+    if (keep) *keep = kv;
+    else kvcache_free(&kv);
     free(prompts);
     free(next);
 }
@@ -97,7 +100,7 @@ static float eval_heldout(Model *m, const char *path, int T, int max_tokens, lon
             int n = 0;
             for (; n < decode_batch && s + T + 1 <= ntok; n++, s += stride)
                 for (int i = 0; i <= T; i++) x[(size_t)n * (T + 1) + i] = tok[s + i];
-            decode_score(m, x, n, T + 1, T - stride + 1, loss_sum_score, &ls);
+            decode_score(m, &m->kv_policy, x, n, T + 1, T - stride + 1, loss_sum_score, &ls, NULL);
         }
         free(x); free(tok);
         *scored = ls.count;
@@ -178,7 +181,7 @@ static void eval_lambada(Model *m, const char *path, int max_examples, float *ac
         arrsetlen(x, L + 1);
         for (int j = 0; j <= L; j++) x[j] = tok[ex[i].offset + j];
         sc.x = x; sc.L = L + 1; sc.all_argmax = 1; sc.logp = 0.0;
-        if (decode) decode_score(m, x, 1, L + 1, ex[i].n_ctx, lambada_score, &sc);
+        if (decode) decode_score(m, &m->kv_policy, x, 1, L + 1, ex[i].n_ctx, lambada_score, &sc, NULL);
         else {
             m->head_from = ex[i].n_ctx - 1;
             model_forward(m, x, NULL, 1, L);
@@ -264,7 +267,8 @@ static RecallResult eval_recall(Model *m, const char *path, int B, int decode) {
     for (size_t i = 0; i < ntok; i++)
         if (tok[i] >= V) die("'%s': token %u at index %zu is outside the model's vocabulary (%d)", path, tok[i], i, V);
     int *x = NULL; // stb_ds array
-    RecallScore sc = {&r, NULL, NULL, 0, V, NULL};
+    int *g = (int *)malloc_check((size_t)B * sizeof(int), "recall"); // the pair-count group of each row of a batch
+    RecallScore sc = {&r, NULL, NULL, 0, V, g};
     off = 0;
     for (int i = 0; i < h[2];) {
         const int len = meta[2 * i], pairs = meta[2 * i + 1];
@@ -272,8 +276,6 @@ static RecallResult eval_recall(Model *m, const char *path, int B, int decode) {
         while (n < B && i + n < h[2] && meta[2 * (i + n)] == len && (!decode || meta[2 * (i + n) + 1] == pairs)) n++;
         arrsetlen(x, (size_t)n * len);
         for (size_t j = 0; j < (size_t)n * len; j++) x[j] = tok[off + j];
-        sc.groups = NULL;
-        int g[64];
         for (int b = 0; b < n; b++) {
             int k = 0;
             while (k < r.n_groups && r.group_pairs[k] != meta[2 * (i + b) + 1]) k++;
@@ -283,8 +285,8 @@ static RecallResult eval_recall(Model *m, const char *path, int B, int decode) {
             }
             g[b] = k;
         }
-        sc.x = x; sc.dist = dist + off; sc.L = len; sc.groups = g;
-        if (decode) decode_score(m, x, n, len, 2 * pairs, recall_score, &sc); // the pairs prefilled, then the queries
+        sc.x = x; sc.dist = dist + off; sc.L = len;
+        if (decode) decode_score(m, &m->kv_policy, x, n, len, 2 * pairs, recall_score, &sc, NULL); // the pairs prefilled, then the queries
         else {
             model_forward(m, x, NULL, n, len);
             for (int b = 0; b < n; b++) {
@@ -296,7 +298,7 @@ static RecallResult eval_recall(Model *m, const char *path, int B, int decode) {
         i += n;
         off += (size_t)n * len;
     }
-    arrfree(x); free(meta); free(tok); free(dist);
+    arrfree(x); free(g); free(meta); free(tok); free(dist);
     if (r.answers == 0) die("'%s' has no answer tokens to score", path);
     return r;
 }

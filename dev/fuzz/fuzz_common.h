@@ -143,16 +143,8 @@ static void fz_release_all(void) {
 #undef main
 // the macros stay on for the targets below, so what they free of a loader's result is untracked
 
-// the model the eval-file targets score with: make_seeds.c's small_config() (vocabulary 5, width
-// 4 in 2 heads, rotary 2, MLP 4, one layer, max_seq_len 8), the same weights every input
-static Config fuzz_small_config(void) {
-    Config c = {0};
-    c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
-    c.n_layer = 1; c.n_head = 2; c.n_embd = 4; c.n_inner = 4; c.rotary_dims = 2;
-    c.rope_base = 10000.0f; c.max_seq_len = 8; c.ln_eps = 1e-5f;
-    c.attn_type = ATTN_MHA; c.n_kv_head = 2; c.embed_dim = 4;
-    return c;
-}
+// the eval-file targets score with test_configs.h's fuzz_small_config(), the config make_seeds.c
+// writes the seeds from (the same weights every input)
 
 // ----------------------------------------------------------------------------
 // running one input

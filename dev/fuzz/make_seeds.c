@@ -9,6 +9,7 @@ the program's own. The committed seeds came from this program; rerun it after a 
 */
 #define TESTING
 #include "../../train_ctxkv.c"
+#include "../../test_configs.h" // fuzz_small_config, write_masked_shard, write_recall
 
 static char out_dir[1024];
 
@@ -33,40 +34,26 @@ static void seed_shard(const char *name, const uint16_t *tok, int n) {
 // a version-2 shard (doc/formats.md): whole examples of example_len tokens, one more, a loss mask
 static void seed_masked_shard(const char *name, const uint16_t *tok, int n, int example_len) {
     char path[1400];
-    FILE *f = seed_open("shard", name, path, sizeof path);
-    int h[HEADER_INTS] = {0};
-    h[0] = SHARD_MAGIC; h[1] = SHARD_VERSION_MASKED; h[2] = n; h[3] = example_len;
-    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
-    fwrite_check(tok, sizeof(uint16_t), n, f, path);
-    for (int i = 0; i < n; i++) { uint8_t b = (uint8_t)(i % 3 == 1); fwrite_check(&b, 1, 1, f, path); }
-    fclose(f);
+    fclose(seed_open("shard", name, path, sizeof path));
+    uint8_t *mask = malloc_check((size_t)n + 1, "seed");
+    for (int i = 0; i < n; i++) mask[i] = (uint8_t)(i % 3 == 1);
+    write_masked_shard(path, tok, mask, n, example_len, n);
+    free(mask);
 }
 
 // recall eval files: examples of the given lengths (tokens below vocab 5), an answer at every
 // third token of each
 static void seed_recall(const char *name, const int *lens, int n) {
     char path[1400];
-    FILE *f = seed_open("recall", name, path, sizeof path);
-    int h[HEADER_INTS] = {0}, total = 0;
-    for (int i = 0; i < n; i++) total += lens[i];
-    h[0] = 20261201; h[1] = 1; h[2] = n; h[3] = total;
-    fwrite_check(h, sizeof(int), HEADER_INTS, f, path);
-    for (int i = 0; i < n; i++) { int m[2] = {lens[i], 1 + i % 2}; fwrite_check(m, sizeof(int), 2, f, path); }
-    for (int i = 0; i < total; i++) { uint16_t t = (uint16_t)((i * 3 + 1) % 5); fwrite_check(&t, sizeof t, 1, f, path); }
+    fclose(seed_open("recall", name, path, sizeof path));
+    int total = 0, pairs[16];
+    for (int i = 0; i < n; i++) { total += lens[i]; pairs[i] = 1 + i % 2; }
+    uint16_t *tok = malloc_check((size_t)total * sizeof(uint16_t), "seed"), *dist = malloc_check((size_t)total * sizeof(uint16_t), "seed");
+    for (int i = 0; i < total; i++) tok[i] = (uint16_t)((i * 3 + 1) % 5);
     for (int i = 0, off = 0; i < n; off += lens[i++])
-        for (int j = 0; j < lens[i]; j++) { uint16_t d = (uint16_t)(j % 3 == 2 ? j : 0); fwrite_check(&d, sizeof d, 1, f, path); }
-    fclose(f);
-}
-
-// the smallest shapes: vocab 5, width 4 (2 heads of 2, rotary 2), MLP 4, one layer, length 8
-// (fuzz_common.h's fuzz_small_config(), which the targets score with, is this config)
-static Config small_config(void) {
-    Config c = {0};
-    c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
-    c.n_layer = 1; c.n_head = 2; c.n_embd = 4; c.n_inner = 4; c.rotary_dims = 2;
-    c.rope_base = 10000.0f; c.max_seq_len = 8; c.ln_eps = 1e-5f;
-    c.attn_type = ATTN_MHA; c.n_kv_head = 2; c.embed_dim = 4;
-    return c;
+        for (int j = 0; j < lens[i]; j++) dist[off + j] = (uint16_t)(j % 3 == 2 ? j : 0);
+    write_recall(path, RECALL_MAGIC, n, lens, pairs, tok, dist, total, 0);
+    free(tok); free(dist);
 }
 
 static void seed_checkpoint(const char *name, Config c) {
@@ -161,27 +148,27 @@ int main(int argc, char **argv) {
     seed_masked_shard("masked.bin", tok, 13, 4); // three examples of the target's T = 4, and one token
 
     // checkpoints: one per attention variant and Context-KV layout
-    Config c = small_config();
+    Config c = fuzz_small_config();
     seed_checkpoint("mha.bin", c);
     c.attn_type = ATTN_GQA; c.n_head = 4; c.n_embd = 8; c.n_kv_head = 2; c.embed_dim = 8;
     seed_checkpoint("gqa.bin", c);
-    c = small_config(); c.attn_type = ATTN_MQA; c.n_kv_head = 1;
+    c = fuzz_small_config(); c.attn_type = ATTN_MQA; c.n_kv_head = 1;
     seed_checkpoint("mqa.bin", c);
-    c = small_config(); c.attn_type = ATTN_MLA; c.n_kv_head = 2; c.kv_rank = 2; c.mla_rope_dim = 2; c.mla_rope_split = 1; c.rms_eps = 1e-6f;
+    c = fuzz_small_config(); c.attn_type = ATTN_MLA; c.n_kv_head = 2; c.kv_rank = 2; c.mla_rope_dim = 2; c.mla_rope_split = 1; c.rms_eps = 1e-6f;
     seed_checkpoint("mla.bin", c);
     c.q_rank = 2;
     seed_checkpoint("mla_qrank.bin", c);
-    c = small_config(); c.n_layer = 2; c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
+    c = fuzz_small_config(); c.n_layer = 2; c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
     seed_checkpoint("ctxkv.bin", c);
-    c = small_config(); c.model_type = MODEL_CTXPYTHIA; c.n_embd = 2; c.n_head = 1; c.n_kv_head = 1; c.context_dim = 2; c.embed_dim = 4;
+    c = fuzz_small_config(); c.model_type = MODEL_CTXPYTHIA; c.n_embd = 2; c.n_head = 1; c.n_kv_head = 1; c.context_dim = 2; c.embed_dim = 4;
     seed_checkpoint("ctxpythia.bin", c);
 
     // a context block for the layer-0 ctxkv model above (fuzz_ctxblock loads it into that model)
-    c = small_config(); c.n_layer = 2; c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
+    c = fuzz_small_config(); c.n_layer = 2; c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
     seed_ctxblock("ctxkv.bin", c);
 
     // training states (parameters, m and v: three copies), at width 2 so they stay under 16 KB
-    c = small_config(); c.n_embd = 2; c.n_head = 1; c.n_kv_head = 1; c.embed_dim = 2;
+    c = fuzz_small_config(); c.n_embd = 2; c.n_head = 1; c.n_kv_head = 1; c.embed_dim = 2;
     seed_trainstate("mha.bin", c);
     c.n_layer = 2; c.layer0_type = LAYER0_CTXKV; c.context_dim = 2; c.context_interval = 2; c.max_contexts = 2;
     seed_trainstate("ctxkv.bin", c);
