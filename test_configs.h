@@ -8,7 +8,8 @@
 
 // the smallest shapes: vocabulary 5, width 4 (2 heads of 2, rotary 2), MLP 4, one layer, length 8
 static Config fuzz_small_config(void) {
-    Config c = {0};
+    Config c;
+    memset(&c, 0, sizeof c);
     c.vocab_size = 5; c.padded_vocab_size = round_up(5, VOCAB_PAD);
     c.n_layer = 1; c.n_head = 2; c.n_embd = 4; c.n_inner = 4; c.rotary_dims = 2;
     c.rope_base = 10000.0f; c.max_seq_len = 8; c.ln_eps = 1e-5f;
