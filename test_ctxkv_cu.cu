@@ -564,6 +564,26 @@ static void check_command_line(const char *bin_cpu, const char *bin_cu) {
         if (tb) *tb = 0;
         check(a[0] && ta && tb && !strcmp(a, b), "--kv-report %s: the same KV JSON as the CPU program, each with its activation bytes",
               reports[i]);
+        // O(T) attention: the CUDA program's training activations (its own layout) double with T;
+        // the CPU program, which keeps P (B,H,T,T), grows faster (so the measure can tell)
+        double ratio[2][2]; // [program][forward, backward]: bytes at T 1024 / bytes at T 512
+        for (int prog = 0; prog < 2; prog++) {
+            double bytes[2][2];
+            for (int k = 0; k < 2; k++) {
+                snprintf(cmd, sizeof cmd, "%s %s -b 8 -t %d --kv-report", prog ? bin_cu : bin_cpu, reports[i], k ? 1024 : 512);
+                command_line_with(cmd, "train_activation_bytes", a, sizeof a);
+                char f[64], g[64];
+                const char *act = strstr(a, "\"train_activation_bytes\"");
+                json_field(act ? act : "", "forward", f, sizeof f);
+                json_field(act ? act : "", "backward", g, sizeof g);
+                bytes[k][0] = atof(f);
+                bytes[k][1] = atof(g);
+            }
+            for (int d = 0; d < 2; d++) ratio[prog][d] = bytes[0][d] > 0 ? bytes[1][d] / bytes[0][d] : 0.0;
+        }
+        check(fabs(ratio[1][0] - 2.0) < 0.01 && fabs(ratio[1][1] - 2.0) < 0.01 && ratio[0][0] > 2.2 && ratio[0][1] > 2.2,
+              "--kv-report %s -b 8: CUDA activations T 1024 / T 512 = %.4f forward, %.4f backward (linear in T); the CPU program's %.2f, %.2f",
+              reports[i], ratio[1][0], ratio[1][1], ratio[0][0], ratio[0][1]);
     }
     const char *gens[] = {"", "--attn gqa --n-kv-head 2", "--attn mla --kv-rank 16 --rope-dim 4", "--layer0 ctxkv --context-dim 16 --context-interval 3 --max-contexts 4",
                           "--kv-policy streaming --kv-budget 8 --kv-sinks 2", "--attn mla --kv-rank 16 --rope-dim 4 --kv-policy snapkv --kv-budget 8 --kv-window 2",

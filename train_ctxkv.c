@@ -49,6 +49,7 @@ Build: make train_ctxkv.  Usage: ./train_ctxkv -h
 #include "ctxkv/config.h"
 typedef float floatX;       // parameters and activations are fp32 here (the CUDA program: bf16)
 #define PARAM_ALIGN_BYTES 4 // no padding between parameter tensors: the block is the checkpoint's order
+#define ATT_KEEPS_PROBS 1   // the attention keeps P (B,H,T,T) for its backward: the readable reference
 #include "ctxkv/layout.h"
 #include "ctxkv/args.h"
 #include "ctxkv/kvcache.h" // KVCache, the decoder's cache, and its eviction policy (KV-cached decoding, below)
@@ -447,11 +448,17 @@ static inline float *head_at(HeadView v, int T, int b, int t, int h) {
     return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
 }
 
-// Causal softmax attention. H query heads share G key/value heads: query head h reads
-// KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
-static void attention_forward(float *out, float *att, HeadView q, HeadView k, HeadView v, int B, int T, int H,
-                              int G, int Dqk, int Dv, float scale) {
-    const int group = H / G;
+// where the causal core finds one layer's q, k and v, how many key/value heads there are, and
+// the q·k width (D, or D + d_R for MLA)
+typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
+
+// Causal softmax attention over one layer's views. H query heads share G = cv.kv_heads key/value
+// heads: query head h reads KV head h / (H/G) (G = H for MHA). at->atty (B,T,H*Dv); the
+// probabilities stay in at->att (B,H,T,T) for the backward.
+static void attention_forward(AttnActs *at, CoreViews cv, int B, int T, int H, int Dv, float scale) {
+    float *out = at->atty, *att = at->att;
+    const HeadView q = cv.q, k = cv.k, v = cv.v;
+    const int G = cv.kv_heads, Dqk = cv.dqk, group = H / G;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
@@ -471,11 +478,14 @@ static void attention_forward(float *out, float *att, HeadView q, HeadView k, He
 }
 
 // dV_g += Σ_h Pᵀ·dO,  dP = dO·Vᵀ,  dS = P⊙(dP − rowsum(dP⊙P)),  dQ += scale·dS·K,  dK_g += scale·dSᵀ·Q.
-// Parallel over (b, g) so the heads that share a KV head accumulate into it from one thread.
-static void attention_backward(HeadView dq, HeadView dk, HeadView dv, float *datt, const float *dout,
-                               const float *att, HeadView q, HeadView k, HeadView v, int B, int T, int H, int G,
-                               int Dqk, int Dv, float scale) {
-    const int group = H / G;
+// Into the gradient views dcv (+=), dP in dat->att. Parallel over (b, g) so the heads that share
+// a KV head accumulate into it from one thread.
+static void attention_backward(AttnActs *dat, CoreViews dcv, const AttnActs *at, CoreViews cv, int B, int T, int H, int Dv,
+                               float scale) {
+    float *datt = dat->att;
+    const float *dout = dat->atty, *att = at->att;
+    const HeadView dq = dcv.q, dk = dcv.k, dv = dcv.v, q = cv.q, k = cv.k, v = cv.v;
+    const int G = cv.kv_heads, Dqk = cv.dqk, group = H / G;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int g = 0; g < G; g++)
@@ -499,10 +509,6 @@ static void attention_backward(HeadView dq, HeadView dk, HeadView dv, float *dat
                     }
                 }
 }
-
-// where the causal core finds one layer's q, k and v, how many key/value heads there are, and
-// the q·k width (D, or D + d_R for MLA)
-typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
 
 // Each sequence's new token (query heads q, one row per sequence) attends over its kv->n_attend
 // cached tokens in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D).
@@ -824,9 +830,11 @@ static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, cons
 // Context-KV attention (layer 0, doc/context_kv.md). Query t attends over M slots: slot k
 // holds the key/value of the context at s = t − k·I when s >= 0; empty slots are masked out.
 // No positional encoding: the slot order and the recurrence carry position.
-// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D), att (B,H,T,M).
-static void ctx_attention_forward(float *out, float *att, const float *q, const float *kc, const float *vc, int B,
-                                  int T, int H, int D, int interval, int M) {
+// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s) in at, out at->atty (B,T,H*D),
+// the probabilities kept in at->att (B,H,T,M).
+static void ctx_attention_forward(AttnActs *at, int B, int T, int H, int D, int interval, int M) {
+    float *out = at->atty, *att = at->att;
+    const float *q = at->q, *kc = at->kc, *vc = at->vc;
     const int C = H * D;
     const float scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel for collapse(2) schedule(static)
@@ -848,9 +856,9 @@ static void ctx_attention_forward(float *out, float *att, const float *q, const 
 
 // dV_s += P·dO, dP = dO·V_s, dS = P⊙(dP − Σ P⊙dP), dq += scale·Σ dS·K_s, dK_s += scale·dS·q.
 // Parallel over (b, h): the slots of different t share source positions, so t stays serial.
-static void ctx_attention_backward(float *dq, float *dkc, float *dvc, float *datt, const float *dout, const float *att,
-                                   const float *q, const float *kc, const float *vc, int B, int T, int H, int D,
-                                   int interval, int M) {
+static void ctx_attention_backward(AttnActs *dat, const AttnActs *at, int B, int T, int H, int D, int interval, int M) {
+    float *dq = dat->q, *dkc = dat->kc, *dvc = dat->vc, *datt = dat->att;
+    const float *dout = dat->atty, *att = at->att, *q = at->q, *kc = at->kc, *vc = at->vc;
     const int C = H * D;
     const float scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel for collapse(2) schedule(static)

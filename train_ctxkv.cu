@@ -94,7 +94,7 @@ static void cuda_free(void *p) { if (p) cudaCheck(cudaFree(p)); }
 
 // Grow-only device scratch, one per use, for the temporaries the CPU program keeps on its
 // stack or mallocs per call (column-sum partials, the grad-norm partials, ...).
-enum { TMP_COLSUM, TMP_NORM, TMP_BUCKETS, TMP_OACD, TMP_EMB, TMP_FLAGS, TMP_UPLOAD, TMP_IDS, TMP_KEEP, TMP_SPLITS, N_TMP };
+enum { TMP_COLSUM, TMP_NORM, TMP_BUCKETS, TMP_OACD, TMP_EMB, TMP_FLAGS, TMP_UPLOAD, TMP_IDS, TMP_KEEP, TMP_SPLITS, TMP_ATT_ROWS, N_TMP };
 static void *tmp_ptr[N_TMP];
 static size_t tmp_cap[N_TMP];
 static void *dev_temp(int slot, size_t bytes) {
@@ -226,17 +226,19 @@ template <class F> static void column_sum_add(floatX *dst, int N, int C, F f) {
     launchCheck();
 }
 
-// dynamic shared memory past the default 48 KB needs an opt-in per kernel
-template <class K> static void set_smem(K kernel, size_t bytes) {
+// dynamic shared memory past the default 48 KB needs an opt-in per kernel; `what` names the kernel
+// and the setting its size grows with, for the error
+template <class K> static void set_smem(K kernel, size_t bytes, const char *what) {
     if (bytes > (size_t)48 * 1024) {
         if (bytes > device_prop.sharedMemPerBlockOptin)
-            die("a sequence of this length needs %zu bytes of shared memory per block; this GPU has %zu", bytes,
+            die("%s needs %zu bytes of shared memory per block; this GPU has %zu", what, bytes,
                 (size_t)device_prop.sharedMemPerBlockOptin);
         cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
     }
 }
 
 #define PARAM_ALIGN_BYTES 256 // each parameter tensor starts on a 256-byte boundary: cuBLASLt wants aligned operands
+#define ATT_KEEPS_PROBS 0 // the attention keeps each row's logsumexp, not P: activations O(T), not O(T²)
 #include "ctxkv/layout.h"
 #include "ctxkv/args.h"
 #include "ctxkv/kvcache.h" // KVCache, the decoder's cache, and its eviction policy (KV-cached decoding, below)
@@ -871,122 +873,249 @@ __host__ __device__ inline floatX *head_at(HeadView v, int T, int b, int t, int 
     return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
 }
 
-#define ATT_THREADS 128
-#define DECODE_MIN_CHUNK 16 // cached slots per block at least, when decoding splits them (flash-decoding)
-
-// Causal softmax attention. H query heads share G key/value heads: query head h reads
-// KV head h / (H/G) (G = H for MHA). out (B,T,H*Dv), att (B,H,T,T).
-// One block per query row (t, h, b): the row's scores sit in shared memory in fp32.
-__global__ void attention_forward_kernel(floatX *out, floatX *att, HeadView q, HeadView k, HeadView v, int T, int H,
-                                         int G, int Dqk, int Dv, float scale) {
-    extern __shared__ float sm[];
-    float *qs = sm, *p = sm + Dqk; // q (Dqk), scores (T)
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
-    const floatX *qt = head_at(q, T, b, t, h);
-    for (int j = threadIdx.x; j < Dqk; j += blockDim.x) qs[j] = tof(qt[j]);
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
-        const floatX *ks = head_at(k, T, b, s, g);
-        float d = 0.0f;
-        for (int j = 0; j < Dqk; j++) d += qs[j] * tof(ks[j]);
-        p[s] = scale * d;
-        mx = fmaxf(mx, p[s]);
-    }
-    mx = block_reduce_max(mx);
-    float sum = 0.0f;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
-        p[s] = expf(p[s] - mx);
-        sum += p[s];
-    }
-    const float inv = 1.0f / block_reduce_sum(sum);
-    floatX *arow = att + (((size_t)b * H + h) * T + t) * T;
-    for (int s = threadIdx.x; s < T; s += blockDim.x) {
-        float pn = s <= t ? p[s] * inv : 0.0f;
-        if (s <= t) p[s] = pn;
-        arow[s] = fx(pn);
-    }
-    __syncthreads();
-    floatX *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
-    for (int j = threadIdx.x; j < Dv; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s <= t; s++) acc += p[s] * tof(head_at(v, T, b, s, g)[j]);
-        o[j] = fx(acc);
-    }
-}
-static void attention_forward(floatX *out, floatX *att, HeadView q, HeadView k, HeadView v, int B, int T, int H,
-                              int G, int Dqk, int Dv, float scale) {
-    const size_t smem = (size_t)(Dqk + T) * sizeof(float);
-    set_smem(attention_forward_kernel, smem);
-    attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(out, att, q, k, v, T, H, G, Dqk, Dv, scale);
-    launchCheck();
-}
-
-// dV_g += Σ_h Pᵀ·dO,  dP = dO·Vᵀ,  dS = P⊙(dP − rowsum(dP⊙P)),  dQ += scale·dS·K,  dK_g += scale·dSᵀ·Q.
-// Two kernels so that each output row has one writer: the query side, one block per query
-// row (t, h, b), forms dS (kept in datt, with the scale) and dq; the key side, one block per
-// key row (s, g, b), sums dk and dv over the query rows t >= s of the heads that share g.
-__global__ void attention_backward_query_kernel(HeadView dq, floatX *datt, const floatX *dout, const floatX *att,
-                                                HeadView k, HeadView v, int T, int H, int G, int Dqk, int Dv, float scale) {
-    extern __shared__ float sm[];
-    float *dos = sm, *ds = sm + Dv; // dO row (Dv), dP then dS (T)
-    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
-    const floatX *dot_ = dout + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
-    for (int j = threadIdx.x; j < Dv; j += blockDim.x) dos[j] = tof(dot_[j]);
-    __syncthreads();
-    const floatX *p = att + (((size_t)b * H + h) * T + t) * T;
-    floatX *dsrow = datt + (((size_t)b * H + h) * T + t) * T;
-    float rowsum = 0.0f;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
-        const floatX *vs = head_at(v, T, b, s, g);
-        float d = 0.0f;
-        for (int j = 0; j < Dv; j++) d += dos[j] * tof(vs[j]);
-        ds[s] = d;
-        rowsum += d * tof(p[s]);
-    }
-    rowsum = block_reduce_sum(rowsum);
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
-        ds[s] = tof(p[s]) * (ds[s] - rowsum) * scale;
-        dsrow[s] = fx(ds[s]);
-    }
-    __syncthreads();
-    floatX *dqt = head_at(dq, T, b, t, h);
-    for (int j = threadIdx.x; j < Dqk; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s <= t; s++) acc += ds[s] * tof(head_at(k, T, b, s, g)[j]);
-        dqt[j] = fx(tof(dqt[j]) + acc);
-    }
-}
-__global__ void attention_backward_kv_kernel(HeadView dk, HeadView dv, const floatX *datt, const floatX *dout,
-                                             const floatX *att, HeadView q, int T, int H, int G, int Dqk, int Dv) {
-    const int s = blockIdx.x, g = blockIdx.y, b = blockIdx.z, group = H / G;
-    floatX *dks = head_at(dk, T, b, s, g), *dvs = head_at(dv, T, b, s, g);
-    for (int j = threadIdx.x; j < Dqk || j < Dv; j += blockDim.x) {
-        float ak = 0.0f, av = 0.0f;
-        for (int h = g * group; h < (g + 1) * group; h++)
-            for (int t = s; t < T; t++) {
-                const size_t r = (((size_t)b * H + h) * T + t) * T + s;
-                if (j < Dqk) ak += tof(datt[r]) * tof(head_at(q, T, b, t, h)[j]);
-                if (j < Dv) av += tof(att[r]) * tof(dout[((size_t)b * T + t) * H * Dv + (size_t)h * Dv + j]);
-            }
-        if (j < Dqk) dks[j] = fx(tof(dks[j]) + ak);
-        if (j < Dv) dvs[j] = fx(tof(dvs[j]) + av);
-    }
-}
-static void attention_backward(HeadView dq, HeadView dk, HeadView dv, floatX *datt, const floatX *dout,
-                               const floatX *att, HeadView q, HeadView k, HeadView v, int B, int T, int H, int G,
-                               int Dqk, int Dv, float scale) {
-    const size_t smem = (size_t)(Dv + T) * sizeof(float);
-    set_smem(attention_backward_query_kernel, smem);
-    attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dq, datt, dout, att, k, v, T, H, G, Dqk, Dv, scale);
-    launchCheck();
-    attention_backward_kv_kernel<<<dim3(T, G, B), ATT_THREADS>>>(dk, dv, datt, dout, att, q, T, H, G, Dqk, Dv);
-    launchCheck();
-}
-
 // where the causal core finds one layer's q, k and v, how many key/value heads there are, and
 // the q·k width (D, or D + d_R for MLA)
 typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
+
+#define ATT_THREADS 128
+#define DECODE_MIN_CHUNK 16 // cached slots per block at least, when decoding splits them (flash-decoding)
+
+// Causal softmax attention in O(B·H·T) memory, after FlashAttention-2 (Dao 2023): P is never
+// stored. The forward keeps each query row's logsumexp; the backward recomputes P from q, k and
+// it, tile by tile. Keys and values move through shared memory in tiles of FA_KEYS (one per lane
+// of a warp, coalesced loads); every reduction has a fixed order, so results do not depend on
+// timing. dev/cuda/attention_forward.cu and attention_backward.cu keep the kernels that stored
+// P (B,H,T,T), as the reference these are validated against.
+#define FA_KEYS 32  // keys per tile: one per lane
+#define FA_WARPS 4  // warps per forward / dQ block
+#define FA_ROWS 16  // query rows per forward / dQ block: FA_ROWS / FA_WARPS per warp
+#define FA_BWD_KEYS 64 // keys per dK/dV block (one per thread), halved while its shared memory does not fit
+#define FA_BWD_ROWS 8  // query rows the dK/dV block stages at a time
+
+// The rows of a tile of n vectors of width d, rows r0.. of head view x (head hh, sequence b), into
+// shared memory at row stride ld, as fp32; rows past `last` are zero (so a masked p = 0 never
+// meets stale memory). All threads of the block take part.
+__device__ void load_rows(float *dst, int ld, HeadView x, int T, int b, int hh, int r0, int n, int d, int last) {
+    for (int e = threadIdx.x; e < n * d; e += blockDim.x) {
+        const int r = e / d, j = e % d;
+        dst[r * ld + j] = r0 + r <= last ? tof(head_at(x, T, b, r0 + r, hh)[j]) : 0.0f;
+    }
+}
+
+// Forward. out (B,T,H*Dv) = softmax(scale·q·kᵀ, causal)·v; lse (B,H,T) = m + log l per row.
+// One block per tile of FA_ROWS query rows (q0, h, b); warp w owns rows w, w + FA_WARPS, ...
+// For each key tile a row's lane s scores key k0 + s; the row's running max m and sum l are
+// updated once per tile (the online softmax) and its output, in shared memory, is rescaled by
+// exp(m_old − m_new) and gains Σ_s p_s·v_s (lane j owns columns j, j + 32, ...).
+// Shared memory (fp32): q (FA_ROWS, Dqk), o (FA_ROWS, Dv), K tile (FA_KEYS, Dqk+1),
+// V tile (FA_KEYS, Dv+1), p (FA_WARPS, FA_KEYS). The +1 keeps lanes that read one column of
+// different rows on different banks.
+__global__ void attention_forward_kernel(floatX *out, float *lse, HeadView q, HeadView k, HeadView v, int T, int H, int G,
+                                         int Dqk, int Dv, float scale) {
+    extern __shared__ float sm[];
+    const int q0 = blockIdx.x * FA_ROWS, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, KS = Dqk + 1, VS = Dv + 1;
+    float *qs = sm, *os = qs + FA_ROWS * Dqk, *ks = os + FA_ROWS * Dv, *vs = ks + FA_KEYS * KS, *ps = vs + FA_KEYS * VS + warp * FA_KEYS;
+    const int rows = min(FA_ROWS, T - q0), last = q0 + rows - 1; // the last key any row of the tile sees
+    load_rows(qs, Dqk, q, T, b, h, q0, rows, Dqk, last);
+    for (int e = threadIdx.x; e < FA_ROWS * Dv; e += blockDim.x) os[e] = 0.0f;
+    float m_row[FA_ROWS / FA_WARPS], l_row[FA_ROWS / FA_WARPS];
+    for (int i = 0; i < FA_ROWS / FA_WARPS; i++) { m_row[i] = -INFINITY; l_row[i] = 0.0f; }
+    for (int k0 = 0; k0 <= last; k0 += FA_KEYS) {
+        __syncthreads(); // every warp is done with the previous tile
+        load_rows(ks, KS, k, T, b, g, k0, FA_KEYS, Dqk, last);
+        load_rows(vs, VS, v, T, b, g, k0, FA_KEYS, Dv, last);
+        __syncthreads();
+        for (int i = 0; i < FA_ROWS / FA_WARPS; i++) {
+            const int r = warp + FA_WARPS * i, t = q0 + r;
+            if (r >= rows || t < k0) continue; // the whole warp: this tile holds none of row t's keys
+            const int n = min(FA_KEYS, t - k0 + 1); // keys k0 .. k0+n−1 are visible; lane s scores k0 + s
+            float score = -INFINITY;
+            if (lane < n) {
+                float d = 0.0f;
+                for (int j = 0; j < Dqk; j++) d += qs[r * Dqk + j] * ks[lane * KS + j];
+                score = scale * d;
+            }
+            // key k0 <= t is visible, so m_new is finite; the first tile's m_row = −inf gives alpha 0
+            const float m_new = fmaxf(m_row[i], warp_reduce_max(score));
+            const float p = lane < n ? expf(score - m_new) : 0.0f, alpha = expf(m_row[i] - m_new);
+            l_row[i] = l_row[i] * alpha + warp_reduce_sum(p);
+            m_row[i] = m_new;
+            ps[lane] = p;
+            __syncwarp();
+            for (int j = lane; j < Dv; j += 32) {
+                float acc = os[r * Dv + j] * alpha;
+                for (int u = 0; u < n; u++) acc += ps[u] * vs[u * VS + j];
+                os[r * Dv + j] = acc;
+            }
+            __syncwarp(); // ps is rewritten by the next row
+        }
+    }
+    for (int i = 0; i < FA_ROWS / FA_WARPS; i++) {
+        const int r = warp + FA_WARPS * i, t = q0 + r;
+        if (r >= rows) continue;
+        const float inv = 1.0f / l_row[i];
+        floatX *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
+        for (int j = lane; j < Dv; j += 32) o[j] = fx(os[r * Dv + j] * inv);
+        if (lane == 0) lse[((size_t)b * H + h) * T + t] = m_row[i] + logf(l_row[i]);
+    }
+}
+static size_t attention_forward_smem(int Dqk, int Dv) {
+    return (size_t)(FA_ROWS * (Dqk + Dv) + FA_KEYS * (Dqk + 1 + Dv + 1) + FA_WARPS * FA_KEYS) * sizeof(float);
+}
+// at->atty (B,T,H*D) from one layer's views; at->lse (B,H,T) for the backward
+static void attention_forward(AttnActs *at, CoreViews cv, int B, int T, int H, int Dv, float scale) {
+    const size_t smem = attention_forward_smem(cv.dqk, Dv);
+    set_smem(attention_forward_kernel, smem, "the attention forward (it grows with the head width)");
+    attention_forward_kernel<<<dim3(ceil_div(T, FA_ROWS), H, B), FA_WARPS * 32, smem>>>(at->atty, at->lse, cv.q, cv.k, cv.v, T, H,
+                                                                                         cv.kv_heads, cv.dqk, Dv, scale);
+    launchCheck();
+}
+
+// Backward: with P = exp(scale·q·kᵀ − lse) recomputed and D = rowsum(dO ⊙ O) (= rowsum(P ⊙ dP)),
+//   dP = dO·Vᵀ,  dS = P⊙(dP − D)·scale,  dQ += dS·K,  dK_g += Σ_h dSᵀ·Q,  dV_g += Σ_h Pᵀ·dO.
+// Three kernels, so that every output row has one writer and no atomics are needed:
+// D per row; dQ per tile of query rows (as the forward); dK and dV per tile of key rows, summed
+// over the query rows t >= s of the H/G heads that share KV head g.
+
+// D (B,H,T) = Σ_j dO·O over each row's Dv values (rows (b, t, h) in out's order): a warp per row
+__global__ void attention_row_dot_kernel(float *Drow, const floatX *dout, const floatX *out, int T, int H, int Dv, int n_rows) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= n_rows) return; // the whole warp
+    float acc = 0.0f;
+    for (int j = lane; j < Dv; j += 32) acc += tof(dout[(size_t)row * Dv + j]) * tof(out[(size_t)row * Dv + j]);
+    acc = warp_reduce_sum(acc);
+    const int b = row / (T * H), t = row / H % T, h = row % H;
+    if (lane == 0) Drow[((size_t)b * H + h) * T + t] = acc;
+}
+static void attention_row_dot(float *Drow, const floatX *dout, const floatX *out, int B, int T, int H, int Dv) {
+    attention_row_dot_kernel<<<ceil_div((size_t)B * T * H, 4), 128>>>(Drow, dout, out, T, H, Dv, B * T * H);
+    launchCheck();
+}
+
+// dQ += scale·Σ_s dS_ts k_s: a block per tile of FA_ROWS query rows, key tiles as in the
+// forward. Lane s recomputes p and dp for key k0 + s; lane j sums column j of dq (shared memory).
+// Shared memory: q (FA_ROWS, Dqk), dO (FA_ROWS, Dv), dq (FA_ROWS, Dqk), K tile (FA_KEYS, Dqk+1),
+// V tile (FA_KEYS, Dv+1), dS (FA_WARPS, FA_KEYS).
+__global__ void attention_backward_query_kernel(HeadView dq, const floatX *dout, const float *lse, const float *Drow, HeadView q,
+                                                HeadView k, HeadView v, int T, int H, int G, int Dqk, int Dv, float scale) {
+    extern __shared__ float sm[];
+    const int q0 = blockIdx.x * FA_ROWS, h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, KS = Dqk + 1, VS = Dv + 1;
+    float *qs = sm, *dos = qs + FA_ROWS * Dqk, *dqs = dos + FA_ROWS * Dv, *ks = dqs + FA_ROWS * Dqk, *vs = ks + FA_KEYS * KS;
+    float *dss = vs + FA_KEYS * VS + warp * FA_KEYS;
+    const int rows = min(FA_ROWS, T - q0), last = q0 + rows - 1;
+    const HeadView dov = {(floatX *)dout, H * Dv, Dv};
+    load_rows(qs, Dqk, q, T, b, h, q0, rows, Dqk, last);
+    load_rows(dos, Dv, dov, T, b, h, q0, rows, Dv, last);
+    for (int e = threadIdx.x; e < FA_ROWS * Dqk; e += blockDim.x) dqs[e] = 0.0f;
+    for (int k0 = 0; k0 <= last; k0 += FA_KEYS) {
+        __syncthreads();
+        load_rows(ks, KS, k, T, b, g, k0, FA_KEYS, Dqk, last);
+        load_rows(vs, VS, v, T, b, g, k0, FA_KEYS, Dv, last);
+        __syncthreads();
+        for (int i = 0; i < FA_ROWS / FA_WARPS; i++) {
+            const int r = warp + FA_WARPS * i, t = q0 + r;
+            if (r >= rows || t < k0) continue;
+            const int n = min(FA_KEYS, t - k0 + 1);
+            const size_t row = ((size_t)b * H + h) * T + t;
+            float ds = 0.0f;
+            if (lane < n) {
+                float sc = 0.0f, dp = 0.0f;
+                for (int j = 0; j < Dqk; j++) sc += qs[r * Dqk + j] * ks[lane * KS + j];
+                for (int j = 0; j < Dv; j++) dp += dos[r * Dv + j] * vs[lane * VS + j];
+                ds = expf(scale * sc - lse[row]) * (dp - Drow[row]) * scale;
+            }
+            dss[lane] = ds;
+            __syncwarp();
+            for (int j = lane; j < Dqk; j += 32) {
+                float acc = dqs[r * Dqk + j];
+                for (int u = 0; u < n; u++) acc += dss[u] * ks[u * KS + j];
+                dqs[r * Dqk + j] = acc;
+            }
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < rows * Dqk; e += blockDim.x) {
+        floatX *d = head_at(dq, T, b, q0 + e / Dqk, h) + e % Dqk;
+        *d = fx(tof(*d) + dqs[e]);
+    }
+}
+
+// dK_s += scale·Σ dS_ts q_t, dV_s += Σ P_ts dO_t: a block per tile of blockDim.x key rows
+// (k0, g, b), thread i owning key s = k0 + i (its k and v rows and its dk and dv sums, in shared
+// memory). The query rows t >= k0 of each head of the group come through FA_BWD_ROWS at a time.
+// Shared memory: K, V, dK, dV (blockDim.x, width + 1 each), q (FA_BWD_ROWS, Dqk),
+// dO (FA_BWD_ROWS, Dv), lse and D (FA_BWD_ROWS each).
+__global__ void attention_backward_kv_kernel(HeadView dk, HeadView dv, const floatX *dout, const float *lse, const float *Drow,
+                                             HeadView q, HeadView k, HeadView v, int T, int H, int G, int Dqk, int Dv, float scale) {
+    extern __shared__ float sm[];
+    const int keys = blockDim.x, k0 = blockIdx.x * keys, g = blockIdx.y, b = blockIdx.z, group = H / G, i = threadIdx.x, s = k0 + i;
+    const int KS = Dqk + 1, VS = Dv + 1, nk = min(keys, T - k0);
+    float *ks = sm, *vs = ks + keys * KS, *dks = vs + keys * VS, *dvs = dks + keys * KS;
+    float *qs = dvs + keys * VS, *dos = qs + FA_BWD_ROWS * Dqk, *lses = dos + FA_BWD_ROWS * Dv, *Ds = lses + FA_BWD_ROWS;
+    load_rows(ks, KS, k, T, b, g, k0, nk, Dqk, T - 1);
+    load_rows(vs, VS, v, T, b, g, k0, nk, Dv, T - 1);
+    for (int e = threadIdx.x; e < keys * KS; e += blockDim.x) dks[e] = 0.0f;
+    for (int e = threadIdx.x; e < keys * VS; e += blockDim.x) dvs[e] = 0.0f;
+    for (int h = g * group; h < (g + 1) * group; h++) {
+        const HeadView dov = {(floatX *)dout, H * Dv, Dv};
+        for (int t0 = k0; t0 < T; t0 += FA_BWD_ROWS) {
+            const int rows = min(FA_BWD_ROWS, T - t0);
+            __syncthreads(); // the previous rows are consumed
+            load_rows(qs, Dqk, q, T, b, h, t0, rows, Dqk, T - 1);
+            load_rows(dos, Dv, dov, T, b, h, t0, rows, Dv, T - 1);
+            for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+                lses[r] = lse[((size_t)b * H + h) * T + t0 + r];
+                Ds[r] = Drow[((size_t)b * H + h) * T + t0 + r];
+            }
+            __syncthreads();
+            if (i >= nk) continue; // past the sequence: this thread only helps load
+            for (int r = 0; r < rows; r++) {
+                if (s > t0 + r) continue; // causal: query t0 + r does not see key s
+                float sc = 0.0f, dp = 0.0f;
+                for (int j = 0; j < Dqk; j++) sc += qs[r * Dqk + j] * ks[i * KS + j];
+                for (int j = 0; j < Dv; j++) dp += dos[r * Dv + j] * vs[i * VS + j];
+                const float p = expf(scale * sc - lses[r]), ds = p * (dp - Ds[r]) * scale;
+                for (int j = 0; j < Dqk; j++) dks[i * KS + j] += ds * qs[r * Dqk + j];
+                for (int j = 0; j < Dv; j++) dvs[i * VS + j] += p * dos[r * Dv + j];
+            }
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < nk * Dqk; e += blockDim.x) {
+        floatX *d = head_at(dk, T, b, k0 + e / Dqk, g) + e % Dqk;
+        *d = fx(tof(*d) + dks[(e / Dqk) * KS + e % Dqk]);
+    }
+    for (int e = threadIdx.x; e < nk * Dv; e += blockDim.x) {
+        floatX *d = head_at(dv, T, b, k0 + e / Dv, g) + e % Dv;
+        *d = fx(tof(*d) + dvs[(e / Dv) * VS + e % Dv]);
+    }
+}
+static size_t attention_backward_query_smem(int Dqk, int Dv) {
+    return (size_t)(FA_ROWS * (2 * Dqk + Dv) + FA_KEYS * (Dqk + 1 + Dv + 1) + FA_WARPS * FA_KEYS) * sizeof(float);
+}
+static size_t attention_backward_kv_smem(int keys, int Dqk, int Dv) {
+    return (size_t)(2 * keys * (Dqk + 1 + Dv + 1) + FA_BWD_ROWS * (Dqk + Dv + 2)) * sizeof(float);
+}
+// the gradients of one layer's core into the views dv (+=); dat->lse holds D
+static void attention_backward(AttnActs *dat, CoreViews dcv, const AttnActs *at, CoreViews cv, int B, int T, int H, int Dv,
+                               float scale) {
+    const int G = cv.kv_heads, Dqk = cv.dqk;
+    attention_row_dot(dat->lse, dat->atty, at->atty, B, T, H, Dv);
+    int keys = FA_BWD_KEYS; // wide heads (D 256: pythia-1b) take 32 keys a block
+    while (keys > 32 && attention_backward_kv_smem(keys, Dqk, Dv) > device_prop.sharedMemPerBlockOptin) keys /= 2;
+    const size_t smem_q = attention_backward_query_smem(Dqk, Dv), smem_kv = attention_backward_kv_smem(keys, Dqk, Dv);
+    set_smem(attention_backward_query_kernel, smem_q, "the attention backward's query side (it grows with the head width)");
+    set_smem(attention_backward_kv_kernel, smem_kv, "the attention backward's key side (it grows with the head width)");
+    attention_backward_query_kernel<<<dim3(ceil_div(T, FA_ROWS), H, B), FA_WARPS * 32, smem_q>>>(
+        dcv.q, dat->atty, at->lse, dat->lse, cv.q, cv.k, cv.v, T, H, G, Dqk, Dv, scale);
+    launchCheck();
+    attention_backward_kv_kernel<<<dim3(ceil_div(T, keys), G, B), keys, smem_kv>>>(
+        dcv.k, dcv.v, dat->atty, at->lse, dat->lse, cv.q, cv.k, cv.v, T, H, G, Dqk, Dv, scale);
+    launchCheck();
+}
 
 // The softmax of a block's scores[0..n), each thread holding the max of the entries it wrote
 // (local_max): scores become exp(score − max) in place, and the return value is 1 / their sum.
@@ -1415,12 +1544,12 @@ static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, cons
     mla_project_forward(m, lp, at, x, kv->batch, 1, kv->pos);
     mla_cache_write(c, at, kv->batch, 1, kv_slot(kv, l, 0, kv->write_slot), kv_seq_stride(kv));
     float *part = (float *)dev_temp(TMP_SPLITS, (size_t)kv->batch * H * splits * (2 + R) * sizeof(float));
-    set_smem(mla_decode_kernel, R * sizeof(float));
+    set_smem(mla_decode_kernel, R * sizeof(float), "MLA's decode (it grows with kv_rank)");
     mla_decode_kernel<<<dim3(H, kv->batch, splits), ATT_THREADS, R * sizeof(float)>>>(*kv, *lp, mla_views(c, at).q, part, l, n, chunk, H, D,
                                                                                     R, c->mla_rope_dim, 1.0f / sqrtf((float)(D + c->mla_rope_dim)),
                                                                                     kv_scratch_per_head(c, kv->capacity));
     launchCheck();
-    set_smem(mla_combine_kernel, (splits + R) * sizeof(float));
+    set_smem(mla_combine_kernel, (splits + R) * sizeof(float), "MLA's decode combine (it grows with kv_rank)");
     mla_combine_kernel<<<dim3(H, kv->batch), ATT_THREADS, (splits + R) * sizeof(float)>>>(part, *lp, at->atty, splits, D, R);
     launchCheck();
 }
@@ -1434,9 +1563,10 @@ static void mla_decode(const Model *m, const LayerParams *lp, AttnActs *at, cons
 // Context-KV attention (layer 0, doc/context_kv.md). Query t attends over M slots: slot k
 // holds the key/value of the context at s = t − k·I when s >= 0; empty slots are masked out.
 // No positional encoding: the slot order and the recurrence carry position.
-// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D), att (B,H,T,M).
-// One block per query row (t, h, b).
-__global__ void ctx_attention_forward_kernel(floatX *out, floatX *att, const floatX *q, const floatX *kc, const floatX *vc,
+// q, kc, vc (B,T,H*D) (kc/vc indexed by the source position s), out (B,T,H*D). As the causal
+// core, it keeps only each row's logsumexp, lse (B,H,T): backward recomputes the slots' P.
+// One block per query row (t, h, b), the row's slot scores in shared memory.
+__global__ void ctx_attention_forward_kernel(floatX *out, float *lse, const floatX *q, const floatX *kc, const floatX *vc,
                                              int T, int H, int D, int interval, int M) {
     extern __shared__ float sm[];
     float *qs = sm, *p = sm + D; // q (D), slot scores (M)
@@ -1460,89 +1590,90 @@ __global__ void ctx_attention_forward_kernel(floatX *out, floatX *att, const flo
         p[k] = expf(p[k] - mx);
         sum += p[k];
     }
-    const float inv = 1.0f / block_reduce_sum(sum);
-    floatX *arow = att + (((size_t)b * H + h) * T + t) * M;
-    for (int k = threadIdx.x; k < M; k += blockDim.x) {
-        float pn = k < n ? p[k] * inv : 0.0f;
-        if (k < n) p[k] = pn;
-        arow[k] = fx(pn);
-    }
-    __syncthreads();
+    sum = block_reduce_sum(sum); // its barriers also make every p[k] visible
+    const float inv = 1.0f / sum;
+    if (threadIdx.x == 0) lse[((size_t)b * H + h) * T + t] = mx + logf(sum);
     floatX *o = out + ((size_t)b * T + t) * C + h * D;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float acc = 0.0f;
         for (int k = 0; k < n; k++) acc += p[k] * tof(vc[((size_t)b * T + t - k * interval) * C + h * D + j]);
-        o[j] = fx(acc);
+        o[j] = fx(acc * inv);
     }
 }
-static void ctx_attention_forward(floatX *out, floatX *att, const floatX *q, const floatX *kc, const floatX *vc, int B,
-                                  int T, int H, int D, int interval, int M) {
+static void ctx_attention_forward(AttnActs *at, int B, int T, int H, int D, int interval, int M) {
     const size_t smem = (size_t)(D + M) * sizeof(float);
-    set_smem(ctx_attention_forward_kernel, smem);
-    ctx_attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(out, att, q, kc, vc, T, H, D, interval, M);
+    set_smem(ctx_attention_forward_kernel, smem, "Context-KV's attention forward (it grows with max contexts)");
+    ctx_attention_forward_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(at->atty, at->lse, at->q, at->kc, at->vc, T, H, D,
+                                                                       interval, M);
     launchCheck();
 }
 
-// dV_s += P·dO, dP = dO·V_s, dS = P⊙(dP − Σ P⊙dP), dq += scale·Σ dS·K_s, dK_s += scale·dS·q.
-// As attention_backward: the query side per query row (t, h, b) forms dS (in datt) and dq;
-// the source side per source row (s, h, b) gathers the query rows t = s + k·I that read it.
-__global__ void ctx_attention_backward_query_kernel(floatX *dq, floatX *datt, const floatX *dout, const floatX *att,
-                                                    const floatX *kc, const floatX *vc, int T, int H, int D, int interval, int M) {
+// With P recomputed from lse and D = rowsum(dO ⊙ O) (attention_row_dot):
+// dP = dO·V_s, dS = P⊙(dP − D)·scale, dq += Σ dS·K_s, dK_s += dS·q, dV_s += P·dO.
+// As attention_backward, one writer per output row: the query side per query row (t, h, b)
+// forms its slots' dS (shared memory) and dq; the source side, a warp per source row
+// (s, h, b), gathers the query rows t = s + k·I that read it through slot k.
+__global__ void ctx_attention_backward_query_kernel(floatX *dq, const floatX *dout, const float *lse, const float *Drow,
+                                                    const floatX *q, const floatX *kc, const floatX *vc, int T, int H, int D,
+                                                    int interval, int M) {
     extern __shared__ float sm[];
-    float *dos = sm, *ds = sm + D; // dO row (D), dP then dS (M)
+    float *qs = sm, *dos = sm + D, *ds = sm + 2 * D; // q row (D), dO row (D), dS (M)
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
     const float scale = 1.0f / sqrtf((float)D);
-    const floatX *dot_ = dout + ((size_t)b * T + t) * C + h * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) dos[j] = tof(dot_[j]);
+    const size_t row = ((size_t)b * H + h) * T + t, at_t = ((size_t)b * T + t) * C + h * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) { qs[j] = tof(q[at_t + j]); dos[j] = tof(dout[at_t + j]); }
     __syncthreads();
     const int n = min(M, t / interval + 1);
-    const floatX *p = att + (((size_t)b * H + h) * T + t) * M;
-    floatX *dsrow = datt + (((size_t)b * H + h) * T + t) * M;
-    float rowsum = 0.0f;
     for (int k = threadIdx.x; k < n; k += blockDim.x) {
-        const floatX *vs = vc + ((size_t)b * T + t - k * interval) * C + h * D;
-        float d = 0.0f;
-        for (int j = 0; j < D; j++) d += dos[j] * tof(vs[j]);
-        ds[k] = d;
-        rowsum += d * tof(p[k]);
-    }
-    rowsum = block_reduce_sum(rowsum);
-    for (int k = threadIdx.x; k < n; k += blockDim.x) {
-        ds[k] = tof(p[k]) * (ds[k] - rowsum) * scale;
-        dsrow[k] = fx(ds[k]);
+        const size_t src = ((size_t)b * T + t - k * interval) * C + h * D;
+        float sc = 0.0f, dp = 0.0f;
+        for (int j = 0; j < D; j++) { sc += qs[j] * tof(kc[src + j]); dp += dos[j] * tof(vc[src + j]); }
+        ds[k] = expf(scale * sc - lse[row]) * (dp - Drow[row]) * scale;
     }
     __syncthreads();
-    floatX *dqt = dq + ((size_t)b * T + t) * C + h * D;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float acc = 0.0f;
         for (int k = 0; k < n; k++) acc += ds[k] * tof(kc[((size_t)b * T + t - k * interval) * C + h * D + j]);
-        dqt[j] = fx(tof(dqt[j]) + acc);
+        dq[at_t + j] = fx(tof(dq[at_t + j]) + acc);
     }
 }
-__global__ void ctx_attention_backward_source_kernel(floatX *dkc, floatX *dvc, const floatX *datt, const floatX *dout,
-                                                     const floatX *att, const floatX *q, int T, int H, int D, int interval, int M) {
-    const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = H * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float ak = 0.0f, av = 0.0f;
-        for (int k = 0; k < M && s + k * interval < T; k++) { // query t = s + k·I reads s through slot k
-            const int t = s + k * interval;
-            const size_t r = (((size_t)b * H + h) * T + t) * M + k;
-            ak += tof(datt[r]) * tof(q[((size_t)b * T + t) * C + h * D + j]);
-            av += tof(att[r]) * tof(dout[((size_t)b * T + t) * C + h * D + j]);
-        }
-        const size_t o = ((size_t)b * T + s) * C + h * D + j;
-        dkc[o] = fx(tof(dkc[o]) + ak);
-        dvc[o] = fx(tof(dvc[o]) + av);
+// 4 warps a block, one source row each; lane j owns columns j, j + 32, ... of dk_s and dv_s,
+// summed in shared memory (2·D floats per warp)
+__global__ void ctx_attention_backward_source_kernel(floatX *dkc, floatX *dvc, const floatX *dout, const float *lse,
+                                                     const float *Drow, const floatX *q, const floatX *kc, const floatX *vc,
+                                                     int T, int H, int D, int interval, int M) {
+    extern __shared__ float sm[];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int s = blockIdx.x * (blockDim.x / 32) + warp, h = blockIdx.y, b = blockIdx.z, C = H * D;
+    if (s >= T) return; // the whole warp
+    const float scale = 1.0f / sqrtf((float)D);
+    float *ak = sm + (size_t)warp * 2 * D, *av = ak + D;
+    const size_t at_s = ((size_t)b * T + s) * C + h * D;
+    for (int j = lane; j < D; j += 32) ak[j] = av[j] = 0.0f;
+    for (int k = 0; k < M && s + k * interval < T; k++) { // query t = s + k·I reads s through slot k
+        const int t = s + k * interval;
+        const size_t row = ((size_t)b * H + h) * T + t, at_t = ((size_t)b * T + t) * C + h * D;
+        float sc = 0.0f, dp = 0.0f;
+        for (int j = lane; j < D; j += 32) { sc += tof(q[at_t + j]) * tof(kc[at_s + j]); dp += tof(dout[at_t + j]) * tof(vc[at_s + j]); }
+        sc = warp_reduce_sum(sc);
+        dp = warp_reduce_sum(dp);
+        const float p = expf(scale * sc - lse[row]), ds = p * (dp - Drow[row]) * scale;
+        for (int j = lane; j < D; j += 32) { ak[j] += ds * tof(q[at_t + j]); av[j] += p * tof(dout[at_t + j]); }
+    }
+    for (int j = lane; j < D; j += 32) {
+        dkc[at_s + j] = fx(tof(dkc[at_s + j]) + ak[j]);
+        dvc[at_s + j] = fx(tof(dvc[at_s + j]) + av[j]);
     }
 }
-static void ctx_attention_backward(floatX *dq, floatX *dkc, floatX *dvc, floatX *datt, const floatX *dout, const floatX *att,
-                                   const floatX *q, const floatX *kc, const floatX *vc, int B, int T, int H, int D,
-                                   int interval, int M) {
-    const size_t smem = (size_t)(D + M) * sizeof(float);
-    set_smem(ctx_attention_backward_query_kernel, smem);
-    ctx_attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dq, datt, dout, att, kc, vc, T, H, D, interval, M);
+static void ctx_attention_backward(AttnActs *dat, const AttnActs *at, int B, int T, int H, int D, int interval, int M) {
+    attention_row_dot(dat->lse, dat->atty, at->atty, B, T, H, D);
+    const size_t smem = (size_t)(2 * D + M) * sizeof(float);
+    set_smem(ctx_attention_backward_query_kernel, smem, "Context-KV's attention backward (it grows with max contexts)");
+    ctx_attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dat->q, dat->atty, at->lse, dat->lse, at->q, at->kc,
+                                                                              at->vc, T, H, D, interval, M);
     launchCheck();
-    ctx_attention_backward_source_kernel<<<dim3(T, H, B), ATT_THREADS>>>(dkc, dvc, datt, dout, att, q, T, H, D, interval, M);
+    ctx_attention_backward_source_kernel<<<dim3(ceil_div(T, 4), H, B), 128, (size_t)4 * 2 * D * sizeof(float)>>>(
+        dat->kc, dat->vc, dat->atty, at->lse, dat->lse, at->q, at->kc, at->vc, T, H, D, interval, M);
     launchCheck();
 }
 // q from the token; keys and values of every context (constants: no gradient flows into them)
@@ -1979,8 +2110,36 @@ static void model_backward(Model *m) {
 static void *device_alloc(size_t bytes, const char *what) { return cuda_calloc_check(bytes, what); }
 static void device_release(void *p) { cuda_free(p); }
 
+// The prefill kept no probabilities (ATT_KEEPS_PROBS 0), so SnapKV's window rows are recomputed
+// from q, k and the row's logsumexp: P_ts = exp(scale·q_t·k_s − lse_t) for s <= t, else 0.
+// P (rows, T) for rows t0.. of head h, sequence b; one block per row.
+__global__ void attention_probs_kernel(float *P, HeadView q, HeadView k, const float *lse, int T, int H, int G, int Dqk,
+                                       float scale, int b, int h, int t0) {
+    const int t = t0 + blockIdx.x, g = h / (H / G);
+    const floatX *qt = head_at(q, T, b, t, h);
+    const float l = lse[((size_t)b * H + h) * T + t];
+    for (int s = threadIdx.x; s < T; s += blockDim.x) {
+        float p = 0.0f;
+        if (s <= t) {
+            const floatX *ks = head_at(k, T, b, s, g);
+            float d = 0.0f;
+            for (int j = 0; j < Dqk; j++) d += tof(qt[j]) * tof(ks[j]);
+            p = expf(scale * d - l);
+        }
+        P[(size_t)blockIdx.x * T + s] = p;
+    }
+}
 static void model_att_rows(const Model *m, int l, int b, int h, int t0, int rows, int n, float *out) {
-    download_floats(out, m->a.layer[l].at.att + (((size_t)b * m->cfg.n_head + h) * n + t0) * n, (size_t)rows * n);
+    const Config *c = &m->cfg;
+    const AttnVariant *v = &ATTN_VARIANTS[layer_kind(c, l)];
+    if (!v->views) die("model_att_rows: layer %d attends over context slots, not tokens", l);
+    const AttnActs *at = &m->a.layer[l].at;
+    const CoreViews cv = v->views(c, at);
+    float *P = (float *)dev_temp(TMP_ATT_ROWS, (size_t)rows * n * sizeof(float));
+    attention_probs_kernel<<<rows, ATT_THREADS>>>(P, cv.q, cv.k, at->lse, n, c->n_head, cv.kv_heads, cv.dqk,
+                                                  1.0f / sqrtf((float)cv.dqk), b, h, t0);
+    launchCheck();
+    cudaCheck(cudaMemcpy(out, P, (size_t)rows * n * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
 // slot i of unit u := unit u of the staged token keep[u·budget + i]; one block per (i, u). A

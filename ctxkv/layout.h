@@ -158,6 +158,17 @@ static void tensors_set_phase(ParamTensor *tensors, const Config *c, int phase) 
 // ----------------------------------------------------------------------------
 // Activations: one allocation for a (B,T) batch; each buffer starts on a 256-byte boundary
 // (offsets in bytes), pointers set by layout_acts.
+//
+// The one place where the two programs' layouts differ is what the attention forward keeps for
+// its backward, set by the program before it includes this header:
+//   ATT_KEEPS_PROBS 1  the probabilities P, (B,H,T,T) a layer: the CPU program, whose backward is
+//                      the readable reference (and whose SnapKV reads P's last rows directly);
+//   ATT_KEEPS_PROBS 0  each query row's logsumexp, (B,H,T) fp32: the CUDA program, whose backward
+//                      recomputes P from q, k and it (FlashAttention-2), so that a layer's
+//                      activations grow as T, not T² (--kv-report's train_activation_bytes).
+#if !defined(ATT_KEEPS_PROBS)
+#error "define ATT_KEEPS_PROBS (1: keep P, 0: keep the row logsumexps) before including ctxkv/layout.h"
+#endif
 
 // The attention's own activations. Which exist depends on attn_type; the others are NULL.
 // Dq = D for mha/gqa/mqa, D + dR for mla (the query/key width of one head).
@@ -171,9 +182,13 @@ typedef struct {
     floatX *kvb;                        // mla (B,T,H*2D): per head [k_nope | v]
     floatX *k;                          // mla (B,T,H*Dq): per head [k_nope | k_pe], gathered for the core
     floatX *kc, *vc;                    // ctxkv (B,T,C): W_k c_s + b_k and W_v c_s + b_v for every position s
-    floatX *att;                        // (B,H,T,T) softmax probabilities, zero above the diagonal;
-                                        // ctxkv (B,H,T,M): one per context slot, zero for empty slots.
-                                        // In the gradients: dP (CPU) or dS = P⊙(dP − rowsum) (CUDA)
+    // What the core keeps of its softmax for backward (ATT_KEEPS_PROBS, below): one of the two.
+    floatX *att;                        // the CPU program: (B,H,T,T) probabilities P, zero above the
+                                        // diagonal; ctxkv (B,H,T,M), one per slot, zero for empty
+                                        // ones. In the gradients: dP.
+    float *lse;                         // the CUDA program: (B,H,T) log Σ_s exp(score) of each query
+                                        // row, from which backward recomputes P tile by tile. In the
+                                        // gradients: D = rowsum(dO ⊙ O) of each row.
     floatX *atty;                       // (B,T,H*D) attention output, heads merged, before dense
 } AttnActs;
 
@@ -213,7 +228,7 @@ static size_t act_align(size_t bytes) { return (bytes + ACT_ALIGN - 1) / ACT_ALI
 #define BUF(ptr, n) do { ptr = base ? (__typeof__(ptr))(base + off) : NULL; off += act_align((size_t)(n) * sizeof(*ptr)); } while (0)
 
 // Lays out one AttnActs of a layer of the given kind for (B,T), from byte offset off. With
-// grads != 0 the per-row statistics are skipped.
+// grads != 0 the per-row statistics are skipped (lse stays: there it holds D).
 static size_t layout_attn_acts(const Config *c, int kind, size_t B, size_t T, char *base, size_t off, AttnActs *at, int grads) {
     const size_t BT = B * T, C = c->n_embd, H = c->n_head, D = head_dim(c), Dq = qk_head_dim(c, kind);
     const size_t G = c->n_kv_head, dR = c->mla_rope_dim, KVA = c->kv_rank + dR;
@@ -248,7 +263,8 @@ static size_t layout_attn_acts(const Config *c, int kind, size_t B, size_t T, ch
         BUF(at->k, BT * H * Dq);
         break;
     }
-    BUF(at->att, B * H * T * att_cols);
+    if (ATT_KEEPS_PROBS) BUF(at->att, B * H * T * att_cols);
+    else BUF(at->lse, B * H * T);
     BUF(at->atty, BT * H * D);
     return off;
 }

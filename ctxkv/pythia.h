@@ -9,7 +9,8 @@
 #define CTXKV_PYTHIA_H
 
 // out (B,T,C) = dense(attention(q, k, v)) for x = LN_1(x_l): the causal core, or for Context-KV's
-// layer 0 the core over its context slots
+// layer 0 the core over its context slots. A core writes at->atty and keeps in at what its
+// backward needs (ctxkv/layout.h, ATT_KEEPS_PROBS: P on the CPU, row logsumexps on the GPU).
 static void attention_block_forward(const Model *m, int kind, const LayerParams *lp, AttnActs *at, floatX *out,
                                     const floatX *x, int B, int T) {
     const Config *c = &m->cfg;
@@ -18,9 +19,9 @@ static void attention_block_forward(const Model *m, int kind, const LayerParams 
     v->project_forward(m, lp, at, x, B, T, 0);
     if (v->views) {
         const CoreViews cv = v->views(c, at);
-        attention_forward(at->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D, 1.0f / sqrtf((float)cv.dqk));
+        attention_forward(at, cv, B, T, H, D, 1.0f / sqrtf((float)cv.dqk));
     } else {
-        ctx_attention_forward(at->atty, at->att, at->q, at->kc, at->vc, B, T, H, D, c->context_interval, c->max_contexts);
+        ctx_attention_forward(at, B, T, H, D, c->context_interval, c->max_contexts);
     }
     matmul_forward(out, at->atty, lp->dense_w, lp->dense_b, B * T, H * D, c->n_embd);
 }
@@ -32,12 +33,10 @@ static void attention_block_backward(const Model *m, int kind, const LayerParams
     const int H = c->n_head, D = head_dim(c);
     matmul_backward(dat->atty, lg->dense_w, lg->dense_b, dout, at->atty, lp->dense_w, B * T, H * D, c->n_embd);
     if (v->views) {
-        const CoreViews cv = v->views(c, at), dv = v->views(c, dat); // the gradients have the same layout
-        attention_backward(dv.q, dv.k, dv.v, dat->att, dat->atty, at->att, cv.q, cv.k, cv.v, B, T, H, cv.kv_heads, cv.dqk, D,
-                           1.0f / sqrtf((float)cv.dqk));
+        const CoreViews cv = v->views(c, at), dcv = v->views(c, dat); // the gradients have the same layout
+        attention_backward(dat, dcv, at, cv, B, T, H, D, 1.0f / sqrtf((float)cv.dqk));
     } else {
-        ctx_attention_backward(dat->q, dat->kc, dat->vc, dat->att, dat->atty, at->att, at->q, at->kc, at->vc, B, T, H, D,
-                               c->context_interval, c->max_contexts);
+        ctx_attention_backward(dat, at, B, T, H, D, c->context_interval, c->max_contexts);
     }
     v->project_backward(m, lp, lg, at, dat, dx, x, B, T);
 }

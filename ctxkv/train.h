@@ -168,6 +168,9 @@ static TrainResult train_loop(Model *m, const Args *a, DataLoader *train, DataLo
         model_backward(m);
         float norm = model_clip_grad_norm(m, a->grad_clip);
         if (!isfinite(loss) || !isfinite(norm)) {
+            // a NaN's sign bit depends on the kernels that made it: print "nan" either way
+            if (isnan(loss)) loss = fabsf(loss);
+            if (isnan(norm)) norm = fabsf(norm);
             if (last_saved >= 0) die("step %d: loss %g / grad norm %g is not finite; stopping. The last good training state "
                                      "(step %d) is in %s", step + 1, loss, norm, last_saved, a->resume && !a->out ? a->resume : state_path);
             die("step %d: loss %g / grad norm %g is not finite; stopping (no checkpoint was saved yet)", step + 1, loss, norm);

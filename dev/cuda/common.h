@@ -88,12 +88,24 @@ static inline int validate_result(const float *d_result, const float *ref, const
     return bad == 0;
 }
 
-// mean time in ms of `repeats` calls of f() (after one warm-up call), by CUDA events
+// Quick mode: the emulator's problem sizes and one timed call. Always under the emulator (timings
+// mean nothing there, validation does); on a GPU with DEV_CUDA_QUICK=1, which the first run's
+// compute-sanitizer pass sets (the tools slow kernels by 10-100x).
+static inline int dev_quick(void) {
 #ifdef CUDA_EMU
-#define BENCH_REPEATS 1 // the emulator: timings mean nothing, validation does
+    return 1;
 #else
-#define BENCH_REPEATS 100
+    static int quick = -1;
+    if (quick < 0) {
+        const char *e = getenv("DEV_CUDA_QUICK");
+        quick = e && *e && strcmp(e, "0") != 0;
+    }
+    return quick;
 #endif
+}
+
+// mean time in ms of BENCH_REPEATS calls of f() (after one warm-up call), by CUDA events
+#define BENCH_REPEATS (dev_quick() ? 1 : 100)
 template <class F> static inline float benchmark_kernel(F f) {
     cudaEvent_t start, stop;
     cudaCheck(cudaEventCreate(&start));
@@ -110,12 +122,8 @@ template <class F> static inline float benchmark_kernel(F f) {
     return ms / BENCH_REPEATS;
 }
 
-// problem sizes: the real ones on a GPU, small ones on the CPU emulator (same code paths)
-#ifdef CUDA_EMU
-#define SIZE(gpu, emu) (emu)
-#else
-#define SIZE(gpu, emu) (gpu)
-#endif
+// problem sizes: the real ones on a GPU, small ones on the CPU emulator and in quick mode (same code paths)
+#define SIZE(gpu, emu) (dev_quick() ? (emu) : (gpu))
 
 // which versions to run: all, or the one named on the command line
 static inline int version_wanted(int argc, char **argv, int v) { return argc < 2 || atoi(argv[1]) == v; }
