@@ -100,7 +100,7 @@ if want harness; then
 fi
 
 if want sanitize; then
-    stage sanitize 200
+    stage sanitize 300
     if ! command -v compute-sanitizer > /dev/null && [ $DRY = 0 ]; then
         note "SKIP sanitize: compute-sanitizer not found"
     else
