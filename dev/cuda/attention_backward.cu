@@ -26,10 +26,6 @@ version 2 also runs at T 256, on the same inputs).
 #include "common.h"
 #include <functional>
 
-typedef struct { float *base; int row_stride, head_stride; } HeadView;
-__host__ __device__ inline float *head_at(HeadView v, int T, int b, int t, int h) {
-    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
-}
 
 // the forward's P (B,H,T,T), O (B,T,H*Dv) and lse (B,H,T), what each version reads
 static void attention_forward_cpu(float *att, float *out, float *lse, HeadView q, HeadView k, HeadView v, int B, int T, int H,
@@ -140,25 +136,7 @@ __global__ void attention_backward_kv_kernel(HeadView dk, HeadView dv, const flo
 #define FA_BWD_KEYS 64 // keys per dk/dv block: one per thread (32 for heads too wide for 64)
 #define FA_BWD_ROWS 8  // query rows the dk/dv block stages at a time
 
-// rows r0 .. r0+n−1 of head view x (head hh, sequence b) into shared memory at row stride ld;
-// rows past `last` are zero
-__device__ void load_rows(float *dst, int ld, HeadView x, int T, int b, int hh, int r0, int n, int d, int last) {
-    for (int e = threadIdx.x; e < n * d; e += blockDim.x) {
-        const int r = e / d, j = e % d;
-        dst[r * ld + j] = r0 + r <= last ? head_at(x, T, b, r0 + r, hh)[j] : 0.0f;
-    }
-}
 
-// D (B,H,T) = Σ_j dO·O per row (b, t, h): a warp per row
-__global__ void attention_row_dot_kernel(float *Drow, const float *dout, const float *out, int T, int H, int Dv, int n_rows) {
-    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= n_rows) return;
-    float acc = 0.0f;
-    for (int j = lane; j < Dv; j += 32) acc += dout[(size_t)row * Dv + j] * out[(size_t)row * Dv + j];
-    acc = warp_reduce_sum(acc);
-    const int b = row / (T * H), t = row / H % T, h = row % H;
-    if (lane == 0) Drow[((size_t)b * H + h) * T + t] = acc;
-}
 
 // dq += scale·Σ_s dS_ts k_s per tile of FA_ROWS query rows. Shared memory: q (FA_ROWS, Dqk),
 // dO (FA_ROWS, Dv), dq (FA_ROWS, Dqk), K tile (FA_KEYS, Dqk+1), V tile (FA_KEYS, Dv+1), dS (FA_WARPS, FA_KEYS)

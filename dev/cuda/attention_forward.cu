@@ -22,10 +22,6 @@ versions at T 256 (at T 1024 they take minutes there), where version 3 also runs
 */
 #include "common.h"
 
-typedef struct { float *base; int row_stride, head_stride; } HeadView;
-__host__ __device__ inline float *head_at(HeadView v, int T, int b, int t, int h) {
-    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
-}
 
 // also lse (B,H,T): log Σ_s exp(score) of each row
 static void attention_forward_cpu(float *out, float *att, float *lse, HeadView q, HeadView k, HeadView v, int B, int T, int H,
@@ -135,14 +131,6 @@ __global__ void attention_forward_kernel2(float *out, float *att, HeadView q, He
 #define FA_WARPS 4  // warps per block
 #define FA_ROWS 16  // query rows per block: FA_ROWS / FA_WARPS per warp
 
-// rows r0 .. r0+n−1 of head view x (head hh, sequence b) into shared memory at row stride ld;
-// rows past `last` are zero
-__device__ void load_rows(float *dst, int ld, HeadView x, int T, int b, int hh, int r0, int n, int d, int last) {
-    for (int e = threadIdx.x; e < n * d; e += blockDim.x) {
-        const int r = e / d, j = e % d;
-        dst[r * ld + j] = r0 + r <= last ? head_at(x, T, b, r0 + r, hh)[j] : 0.0f;
-    }
-}
 
 // shared memory: q (FA_ROWS, Dqk), o (FA_ROWS, Dv), K tile (FA_KEYS, Dqk+1), V tile (FA_KEYS, Dv+1),
 // p (FA_WARPS, FA_KEYS)

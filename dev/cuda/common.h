@@ -2,9 +2,9 @@
 dev/cuda/common.h: helpers shared by the kernel files in dev/cuda (as llm.c's dev/cuda/common.h).
 
 Each file in dev/cuda holds one kernel of train_ctxkv.cu: a CPU reference (the loop nest of
-train_ctxkv.c), one or two kernel versions (version 1 is the one train_ctxkv.cu uses, written
-here over float instead of floatX), a validation of every version against the reference and a
-timing loop. Build and run one:
+train_ctxkv.c), one or more kernel versions (the file's comment says which one train_ctxkv.cu
+uses, written here over float instead of floatX; the others are alternatives or the reference
+it replaced), a validation of every version against the reference and a timing loop. Build and run one:
 
     nvcc -O3 -std=c++17 dev/cuda/layernorm_forward.cu -o /tmp/layernorm_forward && /tmp/layernorm_forward [VERSION]
 
@@ -154,4 +154,34 @@ __device__ float block_reduce_max(float v) {
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     return warp_reduce_max(lane < nw ? sh[lane] : -INFINITY);
+}
+
+// ----------------------------------------------------------------------------
+// The attention files' shared pieces, as in train_ctxkv.cu (over float)
+
+// head h of token (b,t) in a (B,T,row) buffer: base + (b*T + t)*row_stride + h*head_stride
+typedef struct { float *base; int row_stride, head_stride; } HeadView;
+__host__ __device__ inline float *head_at(HeadView v, int T, int b, int t, int h) {
+    return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
+}
+
+// rows r0 .. r0+n−1 of head view x (head hh, sequence b) into shared memory at row stride ld;
+// rows past `last` are zero
+__device__ void load_rows(float *dst, int ld, HeadView x, int T, int b, int hh, int r0, int n, int d, int last) {
+    for (int e = threadIdx.x; e < n * d; e += blockDim.x) {
+        const int r = e / d, j = e % d;
+        dst[r * ld + j] = r0 + r <= last ? head_at(x, T, b, r0 + r, hh)[j] : 0.0f;
+    }
+}
+
+// D (B,H,T) = Σ_j dO·O per row (b, t, h) of out's (B,T,H*Dv) order: the backward's rowsum(dP⊙P)
+// in the tiled kernels. A warp per row.
+__global__ void attention_row_dot_kernel(float *Drow, const float *dout, const float *out, int T, int H, int Dv, int n_rows) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= n_rows) return;
+    float acc = 0.0f;
+    for (int j = lane; j < Dv; j += 32) acc += dout[(size_t)row * Dv + j] * out[(size_t)row * Dv + j];
+    acc = warp_reduce_sum(acc);
+    const int b = row / (T * H), t = row / H % T, h = row % H;
+    if (lane == 0) Drow[((size_t)b * H + h) * T + t] = acc;
 }

@@ -186,15 +186,6 @@ __global__ void ctx_attention_forward_kernel2(float *out, float *lse, const floa
         out[((size_t)b * T + t) * C + h * D + j] = acc / sum;
     }
 }
-// D (B,H,T) = Σ_j dO·O per row (b, t, h): a warp per row
-__global__ void row_dot_kernel(float *Drow, const float *dout, const float *out, int T, int H, int D, int n_rows) {
-    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= n_rows) return;
-    float acc = 0.0f;
-    for (int j = lane; j < D; j += 32) acc += dout[(size_t)row * D + j] * out[(size_t)row * D + j];
-    acc = warp_reduce_sum(acc);
-    if (lane == 0) Drow[((size_t)(row / (T * H)) * H + row % H) * T + row / H % T] = acc;
-}
 __global__ void ctx_attention_backward_query_kernel2(float *dq, const float *dout, const float *lse, const float *Drow, const float *q,
                                                      const float *kc, const float *vc, int T, int H, int D, int I, int M) {
     extern __shared__ float sm[];
@@ -291,7 +282,7 @@ int main(int argc, char **argv) {
             cudaCheck(cudaGetLastError());
         };
         auto bwd2 = [&]() {
-            row_dot_kernel<<<ceil_div((long)B * T * H, 4), 128>>>(d_D, d_dout, d_out2, T, H, D, B * T * H);
+            attention_row_dot_kernel<<<ceil_div((long)B * T * H, 4), 128>>>(d_D, d_dout, d_out2, T, H, D, B * T * H);
             ctx_attention_backward_query_kernel2<<<dim3(T, H, B), 128, (size_t)(2 * D + M) * sizeof(float)>>>(d_dq2, d_dout, d_lse, d_D, d_q, d_kc, d_vc, T, H, D, I, M);
             ctx_attention_backward_source_kernel2<<<dim3(ceil_div(T, 4), H, B), 128, (size_t)8 * D * sizeof(float)>>>(d_dkc2, d_dvc2, d_dout, d_lse, d_D, d_q, d_kc, d_vc, T, H, D, I, M);
             cudaCheck(cudaGetLastError());
