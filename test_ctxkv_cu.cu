@@ -683,6 +683,10 @@ int main(int argc, char **argv) {
     };
     const int n_cfgs = (int)(sizeof cfgs / sizeof cfgs[0]);
     for (int i = 0; i < n_cfgs; i++) check_against_cpu(cfgs[i].label, cfgs[i].c);
+    // T 100: the tiled attention over several tiles, the last ones partial (query tiles of 16 rows,
+    // key tiles of 32, dK/dV blocks of 64 keys); T 16 above fits in one of each
+    const int long_cfgs[] = {0, 1, 3, 6, 8}; // mha, gqa, mla, ctxkv + gqa, ctxpythia
+    for (int i : long_cfgs) check_against_cpu(cfgs[i].label, cfgs[i].c, 2, 100, 3);
     check_real_shapes();
     check_phase1_against_cpu();
     printf("-- cached decoding\n");
