@@ -1157,6 +1157,34 @@ static void check_simd_kernels(void) {
             free(x); free(w); free(b); free(y);
         }
     check(dr_worst <= 1e-6f, "matmul_forward with 1..16 rows (the decoding path) equals the plain loop, widths 64 and 37 (worst %.2e of sum |terms|)", dr_worst);
+    // the cached attention's two kernels over rows a slot apart (xs > C): dot_rows (one query
+    // against 1..70 keys) and rows_axpy (y += Σ a_n x_n), at widths 32, 37 and 64
+    float ca_worst = 0.0f;
+    for (int N = 1; N <= 70; N += (N < 20 ? 1 : 7))
+        for (int wi = 0; wi < 3; wi++) {
+            const int C = wi == 0 ? 32 : wi == 1 ? 37 : 64;
+            const size_t xs = (size_t)C * 2 + 5;
+            float *x = malloc_check(N * xs * sizeof(float), "rows"), *q = malloc_check(C * sizeof(float), "rows");
+            float *a = malloc_check(N * sizeof(float), "rows"), *sc = malloc_check(N * sizeof(float), "rows");
+            float *y = malloc_check(C * sizeof(float), "rows"), *y0 = malloc_check(C * sizeof(float), "rows");
+            for (size_t i = 0; i < N * xs; i++) x[i] = random_normal(&rng);
+            for (int i = 0; i < C; i++) { q[i] = random_normal(&rng); y[i] = y0[i] = random_normal(&rng); }
+            for (int n = 0; n < N; n++) a[n] = random_normal(&rng);
+            dot_rows(sc, 1, x, xs, C, q, N, 0.0f);
+            rows_axpy(y, a, x, xs, C, N);
+            for (int n = 0; n < N; n++) {
+                double r = 0.0, g = 0.0;
+                for (int c = 0; c < C; c++) { r += (double)x[n * xs + c] * q[c]; g += fabs((double)x[n * xs + c] * q[c]); }
+                ca_worst = fmaxf(ca_worst, (float)(fabs(sc[n] - r) / g));
+            }
+            for (int c = 0; c < C; c++) {
+                double r = y0[c], g = fabs(y0[c]);
+                for (int n = 0; n < N; n++) { r += (double)a[n] * x[n * xs + c]; g += fabs((double)a[n] * x[n * xs + c]); }
+                ca_worst = fmaxf(ca_worst, (float)(fabs(y[c] - r) / g));
+            }
+            free(x); free(q); free(a); free(sc); free(y); free(y0);
+        }
+    check(ca_worst <= 1e-6f, "dot_rows and rows_axpy over strided rows (the cached attention's kernels) equal the plain loops, 1..70 rows, widths 32, 37, 64 (worst %.2e of sum |terms|)", ca_worst);
 }
 
 // ----------------------------------------------------------------------------

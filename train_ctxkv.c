@@ -130,7 +130,7 @@ static void layernorm_backward(float *dinp, float *dw, float *db, const float *d
 static void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
     if (N <= 16) { // each weight row is read once for all N rows; threads only when it pays
 #pragma omp parallel for schedule(static) if ((size_t)N * C * OC >= (1u << 18))
-        for (int o = 0; o < OC; o++) dot_rows(out + o, OC, inp, C, w + (size_t)o * C, N, bias ? bias[o] : 0.0f);
+        for (int o = 0; o < OC; o++) dot_rows(out + o, OC, inp, C, C, w + (size_t)o * C, N, bias ? bias[o] : 0.0f);
         return;
     }
     gemm(out, inp, C, 1, w, 1, C, N, C, OC, 1, bias); // B[c][o] = w[o][c]; out is written, not read
@@ -512,17 +512,17 @@ static void attention_backward(AttnActs *dat, CoreViews dcv, const AttnActs *at,
 
 // Each sequence's new token (query heads q, one row per sequence) attends over its kv->n_attend
 // cached tokens in layer l, whose slots are [K of G heads | V of G heads]; out (B, H*D).
-#define KV_PREFETCH_SLOTS 4 // how many tokens ahead cached_attention requests the cache
+#define KV_BLOCK_SLOTS 64 // cached tokens per block: 64 KB at pythia-14m, read by every head while in L2
 static void cached_attention(const Model *m, HeadView q, float *out, const KVCache *kv, int l, int G) {
     const Config *c = &m->cfg;
     const int H = c->n_head, D = head_dim(c), n = kv->n_attend;
     const float scale = 1.0f / sqrtf((float)D);
-    const size_t per_head = kv_scratch_per_head(c, kv->capacity);
+    const size_t per_head = kv_scratch_per_head(c, kv->capacity), pt = kv->per_token;
     const int per_group = H / G;
-    // A slot is read front to back for all heads at once (its K part, then its V part), the slot
-    // KV_PREFETCH_SLOTS ahead requested meanwhile: at batch 8 the cache is larger than the head's
-    // weights, and waiting on it was most of a step. The work splits over sequences and, when
-    // there are fewer sequences than threads, over groups of KV heads.
+    // The slots go by in blocks, each head taking its scores (then its weighted values) from a
+    // block while the block is in L2: one query against eight keys at a time (dot_rows), then
+    // the values summed in registers (rows_axpy). The work splits over sequences and, when there
+    // are fewer sequences than threads, over groups of KV heads.
     int nthreads = 1;
 #ifdef _OPENMP
     nthreads = omp_get_max_threads();
@@ -530,26 +530,28 @@ static void cached_attention(const Model *m, HeadView q, float *out, const KVCac
     int parts = kv->batch >= nthreads ? 1 : (nthreads + kv->batch - 1) / kv->batch;
     if (parts > G) parts = G;
     const int tasks = kv->batch * parts;
-#pragma omp parallel for schedule(static) if ((size_t)kv->batch * n * kv->per_token >= (1u << 16) && tasks > 1)
+#pragma omp parallel for schedule(static) if ((size_t)kv->batch * n * pt >= (1u << 16) && tasks > 1)
     for (int task = 0; task < tasks; task++) {
         const int b = task / parts, p = task % parts;
         const int g0 = G * p / parts, g1 = G * (p + 1) / parts, h0 = g0 * per_group, h1 = g1 * per_group;
         float *scores = kv->scratch + (size_t)b * H * per_head;
-        for (int s = 0; s < n; s++) {
-            const float *k = kv_slot(kv, l, b, s);
-            prefetch_floats(k + KV_PREFETCH_SLOTS * kv->per_token, G * D);
-            for (int h = h0; h < h1; h++) scores[h * per_head + s] = scale * dot(head_at(q, 1, b, 0, h), k + (h / per_group) * D, D);
+        const float *slots = kv_slot(kv, l, b, 0); // slot s at slots + s·pt
+        for (int s0 = 0; s0 < n; s0 += KV_BLOCK_SLOTS) {
+            const int len = n - s0 < KV_BLOCK_SLOTS ? n - s0 : KV_BLOCK_SLOTS;
+            for (int h = h0; h < h1; h++)
+                dot_rows(scores + h * per_head + s0, 1, slots + s0 * pt + (h / per_group) * D, pt, D, head_at(q, 1, b, 0, h), len, 0.0f);
         }
         for (int h = h0; h < h1; h++) {
             float *sc = scores + h * per_head;
+            for (int s = 0; s < n; s++) sc[s] *= scale;
             float inv = 1.0f / exp_shift_sum(sc, n, max_of(sc, n));
             for (int s = 0; s < n; s++) sc[s] *= inv;
             memset(out + ((size_t)b * H + h) * D, 0, D * sizeof(float));
         }
-        for (int s = 0; s < n; s++) {
-            const float *v = kv_slot(kv, l, b, s) + G * D;
-            prefetch_floats(v + KV_PREFETCH_SLOTS * kv->per_token, G * D);
-            for (int h = h0; h < h1; h++) axpy(out + ((size_t)b * H + h) * D, scores[h * per_head + s], v + (h / per_group) * D, D);
+        for (int s0 = 0; s0 < n; s0 += KV_BLOCK_SLOTS) {
+            const int len = n - s0 < KV_BLOCK_SLOTS ? n - s0 : KV_BLOCK_SLOTS;
+            for (int h = h0; h < h1; h++)
+                rows_axpy(out + ((size_t)b * H + h) * D, scores + h * per_head + s0, slots + s0 * pt + (G + h / per_group) * D, pt, D, len);
         }
     }
 }

@@ -321,10 +321,10 @@ static void recall_json(const RecallResult *r, char *buf, size_t cap) {
 // ----------------------------------------------------------------------------
 // Generation
 
-// Sampling at a temperature, in two halves so that a batch can prepare its rows in parallel and
-// still draw its coins in sequence order (the same RNG stream at any thread count):
+// Sampling at a temperature, in two halves, so that a batch draws its coins in sequence order (the
+// same RNG stream at any thread count) and then samples its rows in parallel:
 //   sample_prepare: probs = exp((logits − max) / temperature) (V floats), returns their sum
-//   sample_draw:    the token whose cumulative probability first passes coin · sum
+//   sample_draw:    the token whose cumulative probability first passes coin · sum, coin in [0, 1)
 // Decoding samples every sequence at every step, so the passes over V are short: eight running
 // maxima, one vectorised exp (exp_scaled_sum), and the coin located by block sums.
 static double sample_prepare(const float *logits, int V, float temperature, float *probs) {
@@ -338,8 +338,8 @@ static double sample_prepare(const float *logits, int V, float temperature, floa
     return exp_scaled_sum(probs, logits, V, top, 1.0f / temperature);
 }
 
-static int sample_draw(const float *probs, int V, double sum, uint64_t *rng) {
-    const double coin = random_f32(rng) * sum; // it falls in the first block of 256 whose running sum passes it
+static int sample_draw(const float *probs, int V, double sum, float coin01) {
+    const double coin = coin01 * sum; // it falls in the first block of 256 whose running sum passes it
     double cdf = 0.0;
     for (int b0 = 0; b0 < V; b0 += 256) {
         const int b1 = b0 + 256 < V ? b0 + 256 : V;
@@ -362,7 +362,8 @@ static int sample_draw(const float *probs, int V, double sum, uint64_t *rng) {
 // probs (V floats; NULL when temperature is 0) is scratch for the unnormalised probabilities.
 static int sample_token(const float *logits, int V, float temperature, uint64_t *rng, float *probs) {
     if (temperature <= 0.0f) return argmax(logits, V);
-    return sample_draw(probs, V, sample_prepare(logits, V, temperature, probs), rng);
+    const double sum = sample_prepare(logits, V, temperature, probs);
+    return sample_draw(probs, V, sum, random_f32(rng));
 }
 
 typedef struct { double seconds; int n_new; size_t cache_bytes; } GenStats;
@@ -377,23 +378,25 @@ static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int
     int *next = (int *)malloc_check(B * sizeof(int), "generate");
     const int V = m->cfg.vocab_size;
     float *probs = (float *)malloc_check((size_t)B * V * sizeof(float), "sampling");
-    double *sums = (double *)malloc_check(B * sizeof(double), "sampling");
+    float *coins = (float *)malloc_check(B * sizeof(float), "sampling");
     double t0 = now_seconds();
     for (int b = 0; b < B; b++) memcpy(out + (size_t)b * len, prompts + (size_t)b * n_prompt, n_prompt * sizeof(int));
     size_t row_stride;
     const float *logits = model_prefill(m, &kv, prompts, n_prompt, &row_stride);
     for (int i = 0; i < n_new; i++) {
         if (temperature > 0.0f) {
+            for (int b = 0; b < B; b++) coins[b] = random_f32(rng); // in sequence order
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (B > 1)
 #endif
-            for (int b = 0; b < B; b++) sums[b] = sample_prepare(logits + b * row_stride, V, temperature, probs + (size_t)b * V);
+            for (int b = 0; b < B; b++) {
+                float *pb = probs + (size_t)b * V;
+                next[b] = sample_draw(pb, V, sample_prepare(logits + b * row_stride, V, temperature, pb), coins[b]);
+            }
+        } else {
+            for (int b = 0; b < B; b++) next[b] = sample_token(logits + b * row_stride, V, 0.0f, rng, NULL); // argmax
         }
-        for (int b = 0; b < B; b++) { // the coins in sequence order
-            next[b] = temperature > 0.0f ? sample_draw(probs + (size_t)b * V, V, sums[b], rng)
-                                         : sample_token(logits + b * row_stride, V, 0.0f, rng, NULL);
-            out[(size_t)b * len + n_prompt + i] = next[b];
-        }
+        for (int b = 0; b < B; b++) out[(size_t)b * len + n_prompt + i] = next[b];
         if (tk) { tokenizer_print(tk, next[0]); fflush(stdout); }
         if (i + 1 < n_new) { logits = model_decode_step(m, &kv, next); row_stride = Vp; }
     }
@@ -402,7 +405,7 @@ static int model_generate(Model *m, int B, const int *prompts, int n_prompt, int
     kvcache_free(&kv);
     free(next);
     free(probs);
-    free(sums);
+    free(coins);
     return len;
 }
 

@@ -155,35 +155,38 @@ static inline void prefetch_floats(const float *p, int n) {
     for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
 
-// out[n*out_stride] = bias + x_n · w for the N rows x_n of x (rows C apart): one weight row
-// against eight (then four) rows at a time, from registers, so that decoding's products load
-// each weight once from memory (the rest of the rows find it in L1); eight independent sums keep
-// both FMA pipes busy. Decoding streams the weights from memory, row after row: the row
-// DOT_ROWS_PREFETCH ahead is requested meanwhile.
+// out[n*out_stride] = bias + x_n · w (C floats) for the N rows x_n of x (rows xs floats apart):
+// one weight row against eight (then four) rows at a time, from registers, so that decoding's
+// products load each weight once from memory (the rest of the rows find it in L1); eight
+// independent sums keep both FMA pipes busy. Decoding streams the weights from memory, row after
+// row: the row DOT_ROWS_PREFETCH ahead is requested meanwhile. (The cached attention uses it the
+// other way round: one query against eight cached keys, xs = a cache slot apart.)
+#ifndef DOT_ROWS_PREFETCH // (a -D override is for tuning)
 #define DOT_ROWS_PREFETCH 4
-static inline void dot_rows(float *out, size_t out_stride, const float *x, int C, const float *w, int N, float bias) {
+#endif
+static inline void dot_rows(float *out, size_t out_stride, const float *x, size_t xs, int C, const float *w, int N, float bias) {
     prefetch_floats(w + (size_t)DOT_ROWS_PREFETCH * C, C);
     int n = 0;
     if (C % 8 == 0)
         for (; n + 8 <= N; n += 8) {
-            const float *x0 = x + (size_t)n * C;
+            const float *x0 = x + (size_t)n * xs;
             v8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
             for (int i = 0; i < C; i += 8) {
                 const v8 wv = load8(w + i);
                 a0 += wv * load8(x0 + i);
-                a1 += wv * load8(x0 + C + i);
-                a2 += wv * load8(x0 + 2 * C + i);
-                a3 += wv * load8(x0 + 3 * C + i);
-                a4 += wv * load8(x0 + 4 * C + i);
-                a5 += wv * load8(x0 + 5 * C + i);
-                a6 += wv * load8(x0 + 6 * C + i);
-                a7 += wv * load8(x0 + 7 * C + i);
+                a1 += wv * load8(x0 + xs + i);
+                a2 += wv * load8(x0 + 2 * xs + i);
+                a3 += wv * load8(x0 + 3 * xs + i);
+                a4 += wv * load8(x0 + 4 * xs + i);
+                a5 += wv * load8(x0 + 5 * xs + i);
+                a6 += wv * load8(x0 + 6 * xs + i);
+                a7 += wv * load8(x0 + 7 * xs + i);
             }
             const v8 sum = hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7) + splat8(bias);
             for (int j = 0; j < 8; j++) out[(size_t)(n + j) * out_stride] = sum[j];
         }
     for (; n + 4 <= N; n += 4) {
-        const float *x0 = x + (size_t)n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+        const float *x0 = x + (size_t)n * xs, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
         v8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;
         int i = 0;
         for (; i + 8 <= C; i += 8) {
@@ -200,7 +203,34 @@ static inline void dot_rows(float *out, size_t out_stride, const float *x, int C
         out[(size_t)(n + 2) * out_stride] = s2 + bias;
         out[(size_t)(n + 3) * out_stride] = s3 + bias;
     }
-    for (; n < N; n++) out[(size_t)n * out_stride] = dot(x + (size_t)n * C, w, C) + bias;
+    for (; n < N; n++) out[(size_t)n * out_stride] = dot(x + (size_t)n * xs, w, C) + bias;
+}
+
+// y (C floats) += Σ_n a[n] · x_n over the N rows x_n of x (rows xs floats apart): y's first 16
+// floats stay in registers over all rows (two sums each, for even and odd n, so that the FMA
+// chains overlap), then the next 16. The cached attention's Σ_s p_s · v_s.
+static inline void rows_axpy(float *y, const float *a, const float *x, size_t xs, int C, int N) {
+    int i = 0;
+    for (; i + 16 <= C; i += 16) {
+        v8 e0 = splat8(0.0f), e1 = e0, o0 = e0, o1 = e0;
+        int n = 0;
+        for (; n + 2 <= N; n += 2) {
+            const float *r = x + (size_t)n * xs + i;
+            const v8 pe = splat8(a[n]), po = splat8(a[n + 1]);
+            e0 += pe * load8(r);
+            e1 += pe * load8(r + 8);
+            o0 += po * load8(r + xs);
+            o1 += po * load8(r + xs + 8);
+        }
+        if (n < N) {
+            const v8 pe = splat8(a[n]);
+            e0 += pe * load8(x + (size_t)n * xs + i);
+            e1 += pe * load8(x + (size_t)n * xs + i + 8);
+        }
+        store8(y + i, load8(y + i) + (e0 + o0));
+        store8(y + i + 8, load8(y + i + 8) + (e1 + o1));
+    }
+    for (int n = 0; n < N && i < C; n++) axpy(y + i, a[n], x + (size_t)n * xs + i, C - i);
 }
 
 // Small loops (decoding touches one row) stay serial: a parallel region costs more than they do.
