@@ -127,10 +127,16 @@ static void layernorm_backward(float *dinp, float *dw, float *db, const float *d
 // The plain loop it computes: out[n][o] = bias[o] + Σ_c inp[n][c]·w[o][c]. A few rows (decoding,
 // up to batch 16) are dot products; more go through the packed GEMM (ctxkv/simd.h), which reads w
 // as the transposed view it needs.
+// Decoding streams the weights from memory, row after row: the row DOT_ROWS_PREFETCH ahead is
+// requested meanwhile.
+#define DOT_ROWS_PREFETCH 4
 static void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
     if (N <= 16) { // each weight row is read once for all N rows; threads only when it pays
 #pragma omp parallel for schedule(static) if ((size_t)N * C * OC >= (1u << 18))
-        for (int o = 0; o < OC; o++) dot_rows(out + o, OC, inp, C, C, w + (size_t)o * C, N, bias ? bias[o] : 0.0f);
+        for (int o = 0; o < OC; o++) {
+            prefetch_floats(w + (size_t)(o + DOT_ROWS_PREFETCH) * C, C);
+            dot_rows(out + o, OC, inp, C, C, w + (size_t)o * C, N, bias ? bias[o] : 0.0f);
+        }
         return;
     }
     gemm(out, inp, C, 1, w, 1, C, N, C, OC, 1, bias); // B[c][o] = w[o][c]; out is written, not read

@@ -892,6 +892,13 @@ typedef struct { HeadView q, k, v; int kv_heads, dqk; } CoreViews;
 #define FA_BWD_KEYS 64 // keys per dK/dV block (one per thread), halved while its shared memory does not fit
 #define FA_BWD_ROWS 8  // query rows the dK/dV block stages at a time
 
+// a · b over n fp32 entries in shared memory (one thread's dot: a tile row against a key or value)
+__device__ inline float smem_dot(const float *a, const float *b, int n) {
+    float d = 0.0f;
+    for (int j = 0; j < n; j++) d += a[j] * b[j];
+    return d;
+}
+
 // The rows of a tile of n vectors of width d, rows r0.. of head view x (head hh, sequence b), into
 // shared memory at row stride ld, as fp32; rows past `last` are zero (so a masked p = 0 never
 // meets stale memory). All threads of the block take part.
@@ -931,11 +938,7 @@ __global__ void attention_forward_kernel(floatX *out, float *lse, HeadView q, He
             if (r >= rows || t < k0) continue; // the whole warp: this tile holds none of row t's keys
             const int n = min(FA_KEYS, t - k0 + 1); // keys k0 .. k0+n−1 are visible; lane s scores k0 + s
             float score = -INFINITY;
-            if (lane < n) {
-                float d = 0.0f;
-                for (int j = 0; j < Dqk; j++) d += qs[r * Dqk + j] * ks[lane * KS + j];
-                score = scale * d;
-            }
+            if (lane < n) score = scale * smem_dot(qs + r * Dqk, ks + lane * KS, Dqk);
             // key k0 <= t is visible, so m_new is finite; the first tile's m_row = −inf gives alpha 0
             const float m_new = fmaxf(m_row[i], warp_reduce_max(score));
             const float p = lane < n ? expf(score - m_new) : 0.0f, alpha = expf(m_row[i] - m_new);
@@ -1021,9 +1024,7 @@ __global__ void attention_backward_query_kernel(HeadView dq, const floatX *dout,
             const size_t row = ((size_t)b * H + h) * T + t;
             float ds = 0.0f;
             if (lane < n) {
-                float sc = 0.0f, dp = 0.0f;
-                for (int j = 0; j < Dqk; j++) sc += qs[r * Dqk + j] * ks[lane * KS + j];
-                for (int j = 0; j < Dv; j++) dp += dos[r * Dv + j] * vs[lane * VS + j];
+                const float sc = smem_dot(qs + r * Dqk, ks + lane * KS, Dqk), dp = smem_dot(dos + r * Dv, vs + lane * VS, Dv);
                 ds = expf(scale * sc - lse[row]) * (dp - Drow[row]) * scale;
             }
             dss[lane] = ds;
@@ -1074,9 +1075,7 @@ __global__ void attention_backward_kv_kernel(HeadView dk, HeadView dv, const flo
             if (i >= nk) continue; // past the sequence: this thread only helps load
             for (int r = 0; r < rows; r++) {
                 if (s > t0 + r) continue; // causal: query t0 + r does not see key s
-                float sc = 0.0f, dp = 0.0f;
-                for (int j = 0; j < Dqk; j++) sc += qs[r * Dqk + j] * ks[i * KS + j];
-                for (int j = 0; j < Dv; j++) dp += dos[r * Dv + j] * vs[i * VS + j];
+                const float sc = smem_dot(qs + r * Dqk, ks + i * KS, Dqk), dp = smem_dot(dos + r * Dv, vs + i * VS, Dv);
                 const float p = expf(scale * sc - lses[r]), ds = p * (dp - Ds[r]) * scale;
                 for (int j = 0; j < Dqk; j++) dks[i * KS + j] += ds * qs[r * Dqk + j];
                 for (int j = 0; j < Dv; j++) dvs[i * VS + j] += p * dos[r * Dv + j];
@@ -1637,8 +1636,9 @@ __global__ void ctx_attention_backward_query_kernel(floatX *dq, const floatX *do
         dq[at_t + j] = fx(tof(dq[at_t + j]) + acc);
     }
 }
-// 4 warps a block, one source row each; lane j owns columns j, j + 32, ... of dk_s and dv_s,
-// summed in shared memory (2·D floats per warp)
+// CTX_SRC_WARPS warps a block, one source row each; lane j owns columns j, j + 32, ... of dk_s
+// and dv_s, summed in shared memory (2·D floats per warp)
+#define CTX_SRC_WARPS 4
 __global__ void ctx_attention_backward_source_kernel(floatX *dkc, floatX *dvc, const floatX *dout, const float *lse,
                                                      const float *Drow, const floatX *q, const floatX *kc, const floatX *vc,
                                                      int T, int H, int D, int interval, int M) {
@@ -1672,7 +1672,8 @@ static void ctx_attention_backward(AttnActs *dat, const AttnActs *at, int B, int
     ctx_attention_backward_query_kernel<<<dim3(T, H, B), ATT_THREADS, smem>>>(dat->q, dat->atty, at->lse, dat->lse, at->q, at->kc,
                                                                               at->vc, T, H, D, interval, M);
     launchCheck();
-    ctx_attention_backward_source_kernel<<<dim3(ceil_div(T, 4), H, B), 128, (size_t)4 * 2 * D * sizeof(float)>>>(
+    ctx_attention_backward_source_kernel<<<dim3(ceil_div(T, CTX_SRC_WARPS), H, B), CTX_SRC_WARPS * 32,
+                                           (size_t)CTX_SRC_WARPS * 2 * D * sizeof(float)>>>(
         dat->kc, dat->vc, dat->atty, at->lse, dat->lse, at->q, at->kc, at->vc, T, H, D, interval, M);
     launchCheck();
 }

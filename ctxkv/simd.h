@@ -158,14 +158,9 @@ static inline void prefetch_floats(const float *p, int n) {
 // out[n*out_stride] = bias + x_n · w (C floats) for the N rows x_n of x (rows xs floats apart):
 // one weight row against eight (then four) rows at a time, from registers, so that decoding's
 // products load each weight once from memory (the rest of the rows find it in L1); eight
-// independent sums keep both FMA pipes busy. Decoding streams the weights from memory, row after
-// row: the row DOT_ROWS_PREFETCH ahead is requested meanwhile. (The cached attention uses it the
-// other way round: one query against eight cached keys, xs = a cache slot apart.)
-#ifndef DOT_ROWS_PREFETCH // (a -D override is for tuning)
-#define DOT_ROWS_PREFETCH 4
-#endif
+// independent sums keep both FMA pipes busy. (The cached attention uses it the other way round:
+// one query against eight cached keys, xs = a cache slot apart.)
 static inline void dot_rows(float *out, size_t out_stride, const float *x, size_t xs, int C, const float *w, int N, float bias) {
-    prefetch_floats(w + (size_t)DOT_ROWS_PREFETCH * C, C);
     int n = 0;
     if (C % 8 == 0)
         for (; n + 8 <= N; n += 8) {

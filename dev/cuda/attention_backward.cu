@@ -164,9 +164,7 @@ __global__ void attention_backward_query_kernel2(HeadView dq, const float *dout,
             const size_t row = ((size_t)b * H + h) * T + t;
             float ds = 0.0f;
             if (lane < n) {
-                float sc = 0.0f, dp = 0.0f;
-                for (int j = 0; j < Dqk; j++) sc += qs[r * Dqk + j] * ks[lane * KS + j];
-                for (int j = 0; j < Dv; j++) dp += dos[r * Dv + j] * vs[lane * VS + j];
+                const float sc = smem_dot(qs + r * Dqk, ks + lane * KS, Dqk), dp = smem_dot(dos + r * Dv, vs + lane * VS, Dv);
                 ds = expf(scale * sc - lse[row]) * (dp - Drow[row]) * scale;
             }
             dss[lane] = ds;
@@ -211,9 +209,7 @@ __global__ void attention_backward_kv_kernel2(HeadView dk, HeadView dv, const fl
             if (i >= nk) continue;
             for (int r = 0; r < rows; r++) {
                 if (s > t0 + r) continue;
-                float sc = 0.0f, dp = 0.0f;
-                for (int j = 0; j < Dqk; j++) sc += qs[r * Dqk + j] * ks[i * KS + j];
-                for (int j = 0; j < Dv; j++) dp += dos[r * Dv + j] * vs[i * VS + j];
+                const float sc = smem_dot(qs + r * Dqk, ks + i * KS, Dqk), dp = smem_dot(dos + r * Dv, vs + i * VS, Dv);
                 const float p = expf(scale * sc - lses[r]), ds = p * (dp - Ds[r]) * scale;
                 for (int j = 0; j < Dqk; j++) dks[i * KS + j] += ds * qs[r * Dqk + j];
                 for (int j = 0; j < Dv; j++) dvs[i * VS + j] += p * dos[r * Dv + j];

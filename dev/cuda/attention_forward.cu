@@ -155,11 +155,7 @@ __global__ void attention_forward_kernel3(float *out, float *lse, HeadView q, He
             if (r >= rows || t < k0) continue;
             const int n = min(FA_KEYS, t - k0 + 1);
             float score = -INFINITY;
-            if (lane < n) {
-                float d = 0.0f;
-                for (int j = 0; j < Dqk; j++) d += qs[r * Dqk + j] * ks[lane * KS + j];
-                score = scale * d;
-            }
+            if (lane < n) score = scale * smem_dot(qs + r * Dqk, ks + lane * KS, Dqk);
             const float m_new = fmaxf(m_row[i], warp_reduce_max(score));
             const float p = lane < n ? expf(score - m_new) : 0.0f, alpha = expf(m_row[i] - m_new);
             l_row[i] = l_row[i] * alpha + warp_reduce_sum(p);

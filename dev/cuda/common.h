@@ -165,6 +165,13 @@ __host__ __device__ inline float *head_at(HeadView v, int T, int b, int t, int h
     return v.base + ((size_t)b * T + t) * v.row_stride + (size_t)h * v.head_stride;
 }
 
+// a · b over n fp32 entries in shared memory (one thread's dot: a tile row against a key or value)
+__device__ inline float smem_dot(const float *a, const float *b, int n) {
+    float d = 0.0f;
+    for (int j = 0; j < n; j++) d += a[j] * b[j];
+    return d;
+}
+
 // rows r0 .. r0+n−1 of head view x (head hh, sequence b) into shared memory at row stride ld;
 // rows past `last` are zero
 __device__ void load_rows(float *dst, int ld, HeadView x, int T, int b, int hh, int r0, int n, int d, int last) {
