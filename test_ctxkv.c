@@ -1156,13 +1156,13 @@ static void check_simd_kernels(void) {
                 }
             free(x); free(w); free(b); free(y);
         }
-    check(dr_worst <= 1e-6f, "matmul_forward with 1..16 rows (the decoding path) equals the plain loop, widths 64 and 37 (worst %.2e of sum |terms|)", dr_worst);
+    check(dr_worst <= 1e-6f, "matmul_forward with 1..16 rows (the decoding path: dot_3x4 on 4 rows by 3 weight rows where it can, dot_rows for the rest) equals the plain loop, widths 64 and 37, 29 weight rows (worst %.2e of sum |terms|)", dr_worst);
     // the cached attention's two kernels over rows a slot apart (xs > C): dot_rows (one query
     // against 1..70 keys) and rows_axpy (y += Σ a_n x_n), at widths 32, 37 and 64
     float ca_worst = 0.0f;
     for (int N = 1; N <= 70; N += (N < 20 ? 1 : 7))
         for (int wi = 0; wi < 3; wi++) {
-            const int C = wi == 0 ? 32 : wi == 1 ? 37 : 64;
+            const int C = wi == 0 ? 32 : wi == 1 ? 45 : 64; // 45: 32 in registers, then 8, then a tail of 5
             const size_t xs = (size_t)C * 2 + 5;
             float *x = malloc_check(N * xs * sizeof(float), "rows"), *q = malloc_check(C * sizeof(float), "rows");
             float *a = malloc_check(N * sizeof(float), "rows"), *sc = malloc_check(N * sizeof(float), "rows");
@@ -1184,7 +1184,65 @@ static void check_simd_kernels(void) {
             }
             free(x); free(q); free(a); free(sc); free(y); free(y0);
         }
-    check(ca_worst <= 1e-6f, "dot_rows and rows_axpy over strided rows (the cached attention's kernels) equal the plain loops, 1..70 rows, widths 32, 37, 64 (worst %.2e of sum |terms|)", ca_worst);
+    check(ca_worst <= 1e-6f, "dot_rows and rows_axpy over strided rows (the cached attention's kernels) equal the plain loops, 1..70 rows, widths 32, 45, 64 (worst %.2e of sum |terms|)", ca_worst);
+    // erf8 (GELU) against erf in double, in ulp of the float result, on a grid through both fits
+    // and past the clamp, and its special values
+    double erf_worst = 0.0;
+    for (int k = -60000; k <= 60000; k++) {
+        const float x = k * 1e-4f, in[8] = {x, -x, x * 0.5f, x * 1e-3f, x, x, x, x};
+        float out[8];
+        store8(out, erf8(load8(in)));
+        for (int j = 0; j < 4; j++) {
+            const double ref = erf((double)in[j]);
+            const float rf = fabsf((float)ref);
+            const double ulp = rf > 0.0f ? nextafterf(rf, INFINITY) - rf : 1e-45;
+            erf_worst = fmax(erf_worst, fabs(out[j] - ref) / ulp);
+        }
+    }
+    const float erf_special_in[8] = {NAN, INFINITY, -INFINITY, 0.0f, 1.0f, -1.0f, 4.0f, 9.0f};
+    float erf_special[8];
+    store8(erf_special, erf8(load8(erf_special_in)));
+    check(erf_worst <= 2.0 && isnan(erf_special[0]) && erf_special[1] == 1.0f && erf_special[2] == -1.0f && erf_special[3] == 0.0f &&
+              fabsf(erf_special[4] - erff(1.0f)) <= 1.2e-7f && erf_special[5] == -erf_special[4] && erf_special[7] == 1.0f,
+          "erf8 is within 2 ulp of erf in double on [-6, 6] (worst %.2f ulp); NaN stays NaN, erf(±inf) = ±1, erf(0) = 0, odd", erf_worst);
+    // max_of (passes NaN entries over) and sum_of, lengths around the 16-float stride
+    int max_ok = 1;
+    double sum_worst = 0.0;
+    for (int n = 1; n <= 53; n++) {
+        float x[53];
+        for (int i = 0; i < n; i++) x[i] = random_normal(&rng);
+        if (n > 3) x[n / 2] = NAN;
+        float ref = -INFINITY;
+        double sref = 0.0, smag = 0.0;
+        for (int i = 0; i < n; i++) ref = x[i] > ref ? x[i] : ref;
+        max_ok &= max_of(x, n) == ref;
+        for (int i = 0; i < n; i++) x[i] = isnan(x[i]) ? 0.5f : x[i];
+        for (int i = 0; i < n; i++) { sref += x[i]; smag += fabs(x[i]); }
+        sum_worst = fmax(sum_worst, fabs(sum_of(x, n) - sref) / smag);
+    }
+    check(max_ok && sum_worst <= 1e-6, "max_of equals the plain loop (NaN entries passed over) and sum_of the double sum (worst %.2e), lengths 1..53", sum_worst);
+    // sample_draw against the plain cumulative sum: the token k it returns has the coin between the
+    // sums before and through k (to rounding: 1e-6 of the total)
+    {
+        const int V = 1000;
+        float *probs = malloc_check(V * sizeof(float), "sampling");
+        double total = 0.0;
+        for (int i = 0; i < V; i++) { probs[i] = i % 7 == 3 ? 0.0f : random_f32(&rng); total += probs[i]; }
+        int draw_ok = 1, spread = 0, last = -1;
+        for (int r = 0; r < 2000; r++) {
+            const float coin = random_f32(&rng);
+            const int k = sample_draw(probs, V, total, coin);
+            double before = 0.0;
+            for (int i = 0; i < k; i++) before += probs[i];
+            const double c = coin * total;
+            draw_ok &= k >= 0 && k < V && before <= c + 1e-6 * total && before + probs[k] >= c - 1e-6 * total && probs[k] > 0.0f;
+            spread += k != last;
+            last = k;
+        }
+        check(draw_ok && spread > 1000, "sample_draw returns the token whose cumulative probability first passes the coin (2000 coins over 1000 tokens, zeros never drawn)");
+        free(probs);
+    }
+
 }
 
 // ----------------------------------------------------------------------------

@@ -325,17 +325,10 @@ static void recall_json(const RecallResult *r, char *buf, size_t cap) {
 // same RNG stream at any thread count) and then samples its rows in parallel:
 //   sample_prepare: probs = exp((logits − max) / temperature) (V floats), returns their sum
 //   sample_draw:    the token whose cumulative probability first passes coin · sum, coin in [0, 1)
-// Decoding samples every sequence at every step, so the passes over V are short: eight running
-// maxima, one vectorised exp (exp_scaled_sum), and the coin located by block sums.
+// Decoding samples every sequence at every step, so the passes over V are short: a vectorised
+// max (max_of) and exp (exp_scaled_sum), and the coin located by block sums (sum_of).
 static double sample_prepare(const float *logits, int V, float temperature, float *probs) {
-    float mx[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    int i = 0;
-    for (; i + 8 <= V; i += 8)
-        for (int j = 0; j < 8; j++) mx[j] = logits[i + j] > mx[j] ? logits[i + j] : mx[j];
-    for (; i < V; i++) mx[0] = logits[i] > mx[0] ? logits[i] : mx[0];
-    float top = mx[0];
-    for (int j = 1; j < 8; j++) top = mx[j] > top ? mx[j] : top;
-    return exp_scaled_sum(probs, logits, V, top, 1.0f / temperature);
+    return exp_scaled_sum(probs, logits, V, max_of(logits, V), 1.0f / temperature);
 }
 
 static int sample_draw(const float *probs, int V, double sum, float coin01) {
@@ -343,9 +336,7 @@ static int sample_draw(const float *probs, int V, double sum, float coin01) {
     double cdf = 0.0;
     for (int b0 = 0; b0 < V; b0 += 256) {
         const int b1 = b0 + 256 < V ? b0 + 256 : V;
-        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int k = b0; k < b1; k++) part[k & 3] += probs[k];
-        const double block = (double)part[0] + part[1] + part[2] + part[3];
+        const double block = sum_of(probs + b0, b1 - b0);
         if (coin < cdf + block || b1 == V) {
             for (int k = b0; k < b1; k++) {
                 cdf += probs[k];

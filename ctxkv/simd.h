@@ -18,6 +18,19 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
 static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
 static inline v8 splat8(float a) { return (v8){a, a, a, a, a, a, a, a}; }
+// the first n <= 8 floats, the rest of the lanes 0 (a loop's tail through the same lanes), and back
+static inline v8 load8_n(const float *p, int n) {
+    if (n >= 8) return load8(p);
+    float t[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    memcpy(t, p, (size_t)n * sizeof(float));
+    return load8(t);
+}
+static inline void store8_n(float *p, v8 x, int n) {
+    if (n >= 8) { store8(p, x); return; }
+    float t[8];
+    store8(t, x);
+    memcpy(p, t, (size_t)n * sizeof(float));
+}
 typedef float v4 __attribute__((vector_size(16)));
 // ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)), in three vector adds
 static inline float hsum8(v8 a) {
@@ -75,6 +88,48 @@ static inline v8 exp8(v8 x) {
     return select8(nan_lanes, x_in, p * scale);
 }
 
+// erf on 8 lanes, within about 2 ulp of erf in double (test_ctxkv.c checks it), for GELU, whose
+// F·B·T scalar erff calls per layer were a fifth of a pythia-14m prefill. Two fits, made for this
+// (least squares in relative error on Chebyshev nodes: .venv/bin/python dev/fit_erf.py):
+//   |x| < 1:      erf(x) = x · P(x²), P of degree 6, summed as x + x·(P − 1)
+//   1 <= |x| < 4: erf(x) = ±(1 − exp(−x²) · R(1/(1 + |x|))), R of degree 8 (erfc · exp(x²) is smooth)
+//   |x| >= 4:     ±1 (erfc(4) = 1.5e-8 rounds away next to 1)
+// NaN stays NaN (the clamp is written so that a NaN passes it).
+static inline v8 erf8(v8 x) {
+    v8i bits;
+    memcpy(&bits, &x, sizeof bits);
+    const v8i sign = bits & (int)0x80000000, abits = bits & 0x7fffffff;
+    v8 ax;
+    memcpy(&ax, &abits, sizeof ax);
+    const v8 s = x * x;
+    v8 p = splat8(7.898210208e-05f);
+    p = p * s + splat8(-8.024354129e-04f);
+    p = p * s + splat8(5.190053578e-03f);
+    p = p * s + splat8(-2.685480854e-02f);
+    p = p * s + splat8(1.128361243e-01f);
+    p = p * s + splat8(-3.761262884e-01f);
+    p = p * s + splat8(1.283791665e-01f); // 2/√π − 1: erf(x) = x + x·p rounds better than x · (2/√π + ...)
+    const v8 small = x + x * p;
+    const v8 a = select8(ax > splat8(4.0f), splat8(4.0f), ax);
+    const v8 t = splat8(1.0f) / (splat8(1.0f) + a);
+    v8 r = splat8(1.034081484e+00f);
+    r = r * t + splat8(-3.497110786e+00f);
+    r = r * t + splat8(4.798867069e+00f);
+    r = r * t + splat8(-2.997122264e+00f);
+    r = r * t + splat8(3.672319373e-01f);
+    r = r * t + splat8(1.637470446e-01f);
+    r = r * t + splat8(5.778180570e-01f);
+    r = r * t + splat8(5.632833336e-01f);
+    r = r * t + splat8(2.658856063e-05f);
+    const v8 big = splat8(1.0f) - exp8(-(a * a)) * r; // erf(|x|)
+    v8i bigbits;
+    memcpy(&bigbits, &big, sizeof bigbits);
+    bigbits |= sign;
+    v8 signed_big;
+    memcpy(&signed_big, &bigbits, sizeof signed_big);
+    return select8(ax < splat8(1.0f), small, signed_big);
+}
+
 // x[i] = exp(x[i] − shift) for n entries; returns their sum. Tails go through the same
 // 8-lane code (padded) so every entry is computed identically.
 static inline float exp_shift_sum(float *x, int n, float shift) {
@@ -128,10 +183,37 @@ static inline float exp_scaled_sum(float *dst, const float *x, int n, float shif
     return sum;
 }
 
+// the largest of x[0..n) (NaN entries are passed over, as by `x > m ? x : m`): two 8-lane running
+// maxima, so that the compare-and-select chains of a vocabulary row overlap
 static inline float max_of(const float *x, int n) {
+    v8 m0 = splat8(-INFINITY), m1 = m0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const v8 a = load8(x + i), b = load8(x + i + 8);
+        m0 = select8(a > m0, a, m0);
+        m1 = select8(b > m1, b, m1);
+    }
+    m0 = select8(m1 > m0, m1, m0);
     float m = -INFINITY;
-    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    for (int j = 0; j < 8; j++) m = m0[j] > m ? m0[j] : m;
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
     return m;
+}
+
+// Σ x[0..n) in float: four 8-lane sums, then across lanes (sampling's block sums)
+static inline float sum_of(const float *x, int n) {
+    v8 s0 = splat8(0.0f), s1 = s0, s2 = s0, s3 = s0;
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 += load8(x + i);
+        s1 += load8(x + i + 8);
+        s2 += load8(x + i + 16);
+        s3 += load8(x + i + 24);
+    }
+    for (; i + 8 <= n; i += 8) s0 += load8(x + i);
+    float s = hsum8((s0 + s1) + (s2 + s3));
+    for (; i < n; i++) s += x[i];
+    return s;
 }
 
 static inline float dot(const float *a, const float *b, int n) {
@@ -148,6 +230,20 @@ static inline void axpy(float *y, float a, const float *x, int n) { // y += a*x
     int i = 0;
     for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + av * load8(x + i));
     for (; i < n; i++) y[i] += a * x[i];
+}
+
+// Reads one float of every cache line of N rows of C floats (rows xs apart), so that rows which
+// a kernel would visit in a scattered order come from memory in one sequential sweep. (Software
+// prefetches of the same lines did not help: the loads must complete.)
+static inline void touch_rows(const float *x, size_t xs, int C, int N) {
+    float sum = 0.0f;
+    for (int n = 0; n < N; n++) {
+        const float *r = x + (size_t)n * xs;
+        for (int i = 0; i < C; i += 16) sum += r[i];
+        sum += r[C - 1]; // the last line, when the row does not start on one
+    }
+    volatile float keep = sum; // the loads must happen
+    (void)keep;
 }
 
 // Asks for n floats from p into the cache, one request per 64-byte line (a hint: never faults)
@@ -201,29 +297,108 @@ static inline void dot_rows(float *out, size_t out_stride, const float *x, size_
     for (; n < N; n++) out[(size_t)n * out_stride] = dot(x + (size_t)n * xs, w, C) + bias;
 }
 
-// y (C floats) += Σ_n a[n] · x_n over the N rows x_n of x (rows xs floats apart): y's first 16
-// floats stay in registers over all rows (two sums each, for even and odd n, so that the FMA
-// chains overlap), then the next 16. The cached attention's Σ_s p_s · v_s.
+// Keeps v in a register from here on (an empty asm that "changes" it): without it GCC folds
+// dot_3x4's weight loads into the FMAs, loading each weight once per input row, not once.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
+#else
+#define KEEP_IN_REGISTER(v) ((void)0)
+#endif
+
+// out[n*out_stride + j] = b[j] + x_n · w_j for three weight rows w_j (C floats apart) and four
+// input rows x_n (xs apart), C a multiple of 8: twelve independent sums (an FMA takes 4 cycles
+// and two issue per cycle, so 8 must be in flight) from 3 + 4 loads per 12 FMAs, where dot_rows
+// takes 9 loads per 8. The few-row products with four rows or more (batched decoding) use it.
+static inline void dot_3x4(float *out, size_t out_stride, const float *x, size_t xs, int C, const float *w, const float b[3]) {
+    const float *w0 = w, *w1 = w + C, *w2 = w + 2 * (size_t)C;
+    const float *x0 = x, *x1 = x + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+    v8 s00 = splat8(0.0f), s01 = s00, s02 = s00, s03 = s00; // s_jn: weight row j, input row n
+    v8 s10 = s00, s11 = s00, s12 = s00, s13 = s00, s20 = s00, s21 = s00, s22 = s00, s23 = s00;
+    for (int i = 0; i < C; i += 8) {
+        v8 u0 = load8(w0 + i), u1 = load8(w1 + i), u2 = load8(w2 + i), t;
+        KEEP_IN_REGISTER(u0);
+        KEEP_IN_REGISTER(u1);
+        KEEP_IN_REGISTER(u2);
+        t = load8(x0 + i); KEEP_IN_REGISTER(t); s00 += u0 * t; s10 += u1 * t; s20 += u2 * t;
+        t = load8(x1 + i); KEEP_IN_REGISTER(t); s01 += u0 * t; s11 += u1 * t; s21 += u2 * t;
+        t = load8(x2 + i); KEEP_IN_REGISTER(t); s02 += u0 * t; s12 += u1 * t; s22 += u2 * t;
+        t = load8(x3 + i); KEEP_IN_REGISTER(t); s03 += u0 * t; s13 += u1 * t; s23 += u2 * t;
+    }
+    const v8 r01 = hsum8x8(s00, s01, s02, s03, s10, s11, s12, s13), r2 = hsum8x8(s20, s21, s22, s23, s20, s21, s22, s23);
+    for (int n = 0; n < 4; n++) {
+        out[n * out_stride] = r01[n] + b[0];
+        out[n * out_stride + 1] = r01[4 + n] + b[1];
+        out[n * out_stride + 2] = r2[n] + b[2];
+    }
+}
+
+// out (N,OC) = bias + x (N,C) · wᵀ for a few rows N (decoding's products, up to batch 16): the
+// weights stream from memory once for all N rows, three rows at a time against four input rows
+// (dot_3x4) where there are four, else one row at a time (dot_rows). Each triple of weight rows
+// is requested whole before its sums start, so its lines arrive together rather than one by one
+// as the three rows are read in step (dev/bench_decode.py: batch 8's head 1.4 -> 1.2 ms median;
+// requesting triples further ahead was slower). Threads split the weight rows of large products.
+static void few_rows_matmul(float *out, const float *x, const float *w, const float *bias, int N, int C, int OC) {
+    const int triples = N >= 4 && C % 8 == 0 ? OC / 3 : 0, N4 = N / 4 * 4;
+#pragma omp parallel if ((size_t)N * C * OC >= (1u << 18))
+    {
+#pragma omp for schedule(static) nowait
+        for (int g = 0; g < triples; g++) {
+            const int o = 3 * g;
+            const float b[3] = {bias ? bias[o] : 0.0f, bias ? bias[o + 1] : 0.0f, bias ? bias[o + 2] : 0.0f};
+            prefetch_floats(w + (size_t)o * C, 3 * C);
+            for (int n = 0; n < N4; n += 4) dot_3x4(out + (size_t)n * OC + o, OC, x + (size_t)n * C, C, C, w + (size_t)o * C, b);
+            for (int j = 0; j < 3 && N4 < N; j++)
+                dot_rows(out + (size_t)N4 * OC + o + j, OC, x + (size_t)N4 * C, C, C, w + (size_t)(o + j) * C, N - N4, b[j]);
+        }
+#pragma omp for schedule(static)
+        for (int o = 3 * triples; o < OC; o++) dot_rows(out + o, OC, x, C, C, w + (size_t)o * C, N, bias ? bias[o] : 0.0f);
+    }
+}
+
+// y (C floats) += Σ_n a[n] · x_n over the N rows x_n of x (rows xs floats apart): 32 floats of
+// y at a time stay in registers over all rows (two sums each, for even and odd n, so that the
+// FMA chains overlap), so each row's half-KB is read in one go; then 8 at a time, then the rest.
+// The cached attention's Σ_s p_s · v_s.
 static inline void rows_axpy(float *y, const float *a, const float *x, size_t xs, int C, int N) {
     int i = 0;
-    for (; i + 16 <= C; i += 16) {
-        v8 e0 = splat8(0.0f), e1 = e0, o0 = e0, o1 = e0;
+    for (; i + 32 <= C; i += 32) {
+        v8 e0 = splat8(0.0f), e1 = e0, e2 = e0, e3 = e0, o0 = e0, o1 = e0, o2 = e0, o3 = e0;
         int n = 0;
         for (; n + 2 <= N; n += 2) {
-            const float *r = x + (size_t)n * xs + i;
+            const float *r = x + (size_t)n * xs + i, *q = r + xs;
             const v8 pe = splat8(a[n]), po = splat8(a[n + 1]);
             e0 += pe * load8(r);
             e1 += pe * load8(r + 8);
-            o0 += po * load8(r + xs);
-            o1 += po * load8(r + xs + 8);
+            e2 += pe * load8(r + 16);
+            e3 += pe * load8(r + 24);
+            o0 += po * load8(q);
+            o1 += po * load8(q + 8);
+            o2 += po * load8(q + 16);
+            o3 += po * load8(q + 24);
         }
         if (n < N) {
+            const float *r = x + (size_t)n * xs + i;
             const v8 pe = splat8(a[n]);
-            e0 += pe * load8(x + (size_t)n * xs + i);
-            e1 += pe * load8(x + (size_t)n * xs + i + 8);
+            e0 += pe * load8(r);
+            e1 += pe * load8(r + 8);
+            e2 += pe * load8(r + 16);
+            e3 += pe * load8(r + 24);
         }
         store8(y + i, load8(y + i) + (e0 + o0));
         store8(y + i + 8, load8(y + i + 8) + (e1 + o1));
+        store8(y + i + 16, load8(y + i + 16) + (e2 + o2));
+        store8(y + i + 24, load8(y + i + 24) + (e3 + o3));
+    }
+    for (; i + 8 <= C; i += 8) {
+        v8 e = splat8(0.0f), o = e;
+        int n = 0;
+        for (; n + 2 <= N; n += 2) {
+            e += splat8(a[n]) * load8(x + (size_t)n * xs + i);
+            o += splat8(a[n + 1]) * load8(x + (size_t)(n + 1) * xs + i);
+        }
+        if (n < N) e += splat8(a[n]) * load8(x + (size_t)n * xs + i);
+        store8(y + i, load8(y + i) + (e + o));
     }
     for (int n = 0; n < N && i < C; n++) axpy(y + i, a[n], x + (size_t)n * xs + i, C - i);
 }
