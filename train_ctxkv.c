@@ -468,13 +468,15 @@ static void attention_forward(AttnActs *at, CoreViews cv, int B, int T, int H, i
             for (int t = 0; t < T; t++) {
                 const float *qt = head_at(q, T, b, t, h);
                 float *p = att + (((size_t)b * H + h) * T + t) * T;
-                for (int s = 0; s <= t; s++) p[s] = scale * dot(qt, head_at(k, T, b, s, g), Dqk);
+                // p[s] = scale · q_t·k_s (eight keys at a time), softmax, o = Σ_s p[s] v_s (in registers)
+                dot_rows(p, 1, head_at(k, T, b, 0, g), (size_t)k.row_stride, Dqk, qt, t + 1, 0.0f);
+                for (int s = 0; s <= t; s++) p[s] *= scale;
                 float inv = 1.0f / exp_shift_sum(p, t + 1, max_of(p, t + 1));
                 for (int s = 0; s <= t; s++) p[s] *= inv;
                 for (int s = t + 1; s < T; s++) p[s] = 0.0f;
                 float *o = out + ((size_t)b * T + t) * H * Dv + (size_t)h * Dv;
                 memset(o, 0, Dv * sizeof(float));
-                for (int s = 0; s <= t; s++) axpy(o, p[s], head_at(v, T, b, s, g), Dv);
+                rows_axpy(o, p, head_at(v, T, b, 0, g), (size_t)v.row_stride, Dv, t + 1);
             }
         }
 }
@@ -543,8 +545,12 @@ static void cached_attention(const Model *m, HeadView q, float *out, const KVCac
         const float *slots = kv_slot(kv, l, b, 0); // slot s at slots + s·pt
         for (int s0 = 0; s0 < n; s0 += KV_BLOCK_SLOTS) {
             const int len = n - s0 < KV_BLOCK_SLOTS ? n - s0 : KV_BLOCK_SLOTS;
-            touch_rows(slots + s0 * pt + g0 * D, pt, (g1 - g0) * D, len);       // K of this task's heads
-            touch_rows(slots + s0 * pt + (G + g0) * D, pt, (g1 - g0) * D, len); // and V, for the second pass
+            if (parts == 1) { // all heads: the block is one contiguous run
+                touch_rows(slots + s0 * pt, pt, (int)pt, len);
+            } else {
+                touch_rows(slots + s0 * pt + g0 * D, pt, (g1 - g0) * D, len);       // K of this task's heads
+                touch_rows(slots + s0 * pt + (G + g0) * D, pt, (g1 - g0) * D, len); // and V, for the second pass
+            }
             for (int h = h0; h < h1; h++)
                 dot_rows(scores + h * per_head + s0, 1, slots + s0 * pt + (h / per_group) * D, pt, D, head_at(q, 1, b, 0, h), len, 0.0f);
         }

@@ -63,17 +63,21 @@ static inline v8 select8(v8i mask, v8 a, v8 b) {
 }
 
 // exp on 8 lanes (Cephes expf: 2^n · p(r) with |r| <= ln2/2, about 1 ulp). The vocabulary
-// softmax calls exp B·T·V times per step, and libm's scalar exp dominated the profile.
+// softmax calls exp B·T·V times per step, and libm's scalar exp dominated the profile; decoding
+// samples with it V times per sequence per step, so its operations are counted:
+//   n = round(x·log2 e) by adding 1.5·2^23, which leaves n in the low bits of the sum (|x·log2 e|
+//   <= 128 after the clamp, far below 2^22), and 2^n is n + 127 put into the exponent field.
+//   A NaN passes both clamps (each comparison is false), so p and the result are NaN.
 static inline v8 exp8(v8 x) {
-    const v8 hi = splat8(88.3762626647949f), lo = splat8(-87.3365447504f);
-    const v8i nan_lanes = x != x; // NaN must stay NaN (the integer exponent below would hide it)
-    const v8 x_in = x;
+    const v8 hi = splat8(88.3762626647949f), lo = splat8(-87.3365447504f), magic = splat8(12582912.0f); // 1.5·2^23
     x = select8(x > hi, hi, x);
     x = select8(x < lo, lo, x);
-    v8 t = x * splat8(1.44269504088896341f) + splat8(0.5f);
-    v8i n = __builtin_convertvector(t, v8i);          // truncates toward zero...
-    n += (v8i)(__builtin_convertvector(n, v8) > t);   // ...so step down where that rounded up: floor
-    v8 fn = __builtin_convertvector(n, v8);
+    const v8 t = x * splat8(1.44269504088896341f) + magic;
+    const v8 fn = t - magic; // round(x·log2 e), as a float
+    v8i n, magic_bits;
+    memcpy(&n, &t, sizeof n);
+    memcpy(&magic_bits, &magic, sizeof magic_bits);
+    n -= magic_bits; // ... and as an integer
     x = x - fn * splat8(0.693359375f) - fn * splat8(-2.12194440e-4f);
     v8 p = splat8(1.9875691500e-4f);
     p = p * x + splat8(1.3981999507e-3f);
@@ -82,10 +86,10 @@ static inline v8 exp8(v8 x) {
     p = p * x + splat8(1.6666665459e-1f);
     p = p * x + splat8(5.0000001201e-1f);
     p = p * (x * x) + x + splat8(1.0f);
-    v8i bits = (n + 127) << 23;                       // 2^n as a float's exponent field
+    v8i bits = (n + 127) << 23; // 2^n as a float's exponent field
     v8 scale;
     memcpy(&scale, &bits, sizeof scale);
-    return select8(nan_lanes, x_in, p * scale);
+    return p * scale;
 }
 
 // erf on 8 lanes, within about 2 ulp of erf in double (test_ctxkv.c checks it), for GELU, whose
@@ -338,9 +342,10 @@ static inline void dot_3x4(float *out, size_t out_stride, const float *x, size_t
 // is requested whole before its sums start, so its lines arrive together rather than one by one
 // as the three rows are read in step (dev/bench_decode.py: batch 8's head 1.4 -> 1.2 ms median;
 // requesting triples further ahead was slower). Threads split the weight rows of large products.
+#define FEW_ROWS_PAR (1u << 16) // N·C·OC from which threads pay (pythia-14m at batch 1: the MLP's products)
 static void few_rows_matmul(float *out, const float *x, const float *w, const float *bias, int N, int C, int OC) {
     const int triples = N >= 4 && C % 8 == 0 ? OC / 3 : 0, N4 = N / 4 * 4;
-#pragma omp parallel if ((size_t)N * C * OC >= (1u << 18))
+#pragma omp parallel if ((size_t)N * C * OC >= FEW_ROWS_PAR)
     {
 #pragma omp for schedule(static) nowait
         for (int g = 0; g < triples; g++) {
