@@ -5,10 +5,11 @@ bench only, as the baseline; the trainer never uses it.
 
 For each preset (pythia-14m, pythia-70m; B*T = 1024 rows) and each linear layer (qkv, dense,
 fc, proj, the head): matmul_forward, matmul_backward's dinp and its dW, each timed as the best
-of 11 (noise only slows a run down), against cblas_sgemm on the same operands and threads.
+of 20 calls (noise only slows a run down), taken in 4 turns of 5 that alternate with cblas_sgemm's
+on the same operands and threads, so that a burst of noise from the shared machine hits both.
 Prints GFLOP/s of both sides and the ratio ours/OpenBLAS (>= 1: ours is faster), then the
 smallest ratio. Then decoding's products at pythia-14m, batch 1 and 8 rows (the forward only,
-best of 51), with their own smallest ratio. Threads: OMP_NUM_THREADS (OpenBLAS gets the same count).
+best of 5 turns of 11), with their own smallest ratio. Threads: OMP_NUM_THREADS (OpenBLAS gets the same count).
 */
 #define TESTING
 #include "../train_ctxkv.c"
@@ -16,18 +17,22 @@ best of 51), with their own smallest ratio. Threads: OMP_NUM_THREADS (OpenBLAS g
 
 void openblas_set_num_threads(int n);
 
-// best of reps consecutive calls: noise only slows a call down, and the first calls absorb the
-// other side's threads still spinning from its last call (make bench-gemm also sets
-// OPENBLAS_THREAD_TIMEOUT=4, so that OpenBLAS's pool yields the cores at once)
-static double best_of(int reps, void (*fn)(void *), void *arg) {
-    double best = 1e30;
-    for (int r = 0; r < reps; r++) {
-        double t0 = now_seconds();
-        fn(arg);
-        double dt = now_seconds() - t0;
-        if (dt < best) best = dt;
-    }
-    return best;
+// the best of each side over `rounds` rounds of `per` consecutive calls each, the sides taking
+// turns (ours, theirs, ours, ...): noise only slows a call down, and a burst of it (the machine
+// is shared) then lands on both sides rather than on one side's whole sample. Within a round the
+// first calls absorb the other side's threads still spinning from its last call (make bench-gemm
+// also sets OPENBLAS_THREAD_TIMEOUT=4, so that OpenBLAS's pool yields the cores at once).
+static void best_of_turns(int rounds, int per, void (*a)(void *), void (*b)(void *), void *arg, double *best_a, double *best_b) {
+    *best_a = *best_b = 1e30;
+    for (int r = 0; r < rounds; r++)
+        for (int side = 0; side < 2; side++)
+            for (int k = 0; k < per; k++) {
+                double t0 = now_seconds();
+                (side ? b : a)(arg);
+                double dt = now_seconds() - t0;
+                double *best = side ? best_b : best_a;
+                if (dt < *best) *best = dt;
+            }
 }
 
 typedef struct { int N, C, OC, which; float *inp, *w, *out, *dout, *dinp, *dw; } Job; // which: 0 fwd, 1 dinp, 2 dW
@@ -52,7 +57,7 @@ int main(void) {
     threads = omp_get_max_threads();
 #endif
     openblas_set_num_threads(threads);
-    printf("bench_gemm: %d thread(s); ratio = OpenBLAS time / ours (>= 1: ours is faster); best of 11 each\n", threads);
+    printf("bench_gemm: %d thread(s); ratio = OpenBLAS time / ours (>= 1: ours is faster); best of 4 turns x 5 calls each\n", threads);
     printf("%-12s %-6s %-22s %10s %10s %7s\n", "model", "layer", "product (M x K -> N)", "ours GF/s", "BLAS GF/s", "ratio");
     const char *models[] = {"pythia-14m", "pythia-70m"};
     const char *which_name[] = {"fwd", "dinp", "dW"};
@@ -75,7 +80,8 @@ int main(void) {
                 j.which = w;
                 const double flops = 2.0 * N * j.C * j.OC;
                 ours(&j); blas(&j); // warm up (first touch, thread start)
-                const double t_ours = best_of(11, ours, &j), t_blas = best_of(11, blas, &j);
+                double t_ours, t_blas;
+                best_of_turns(4, 5, ours, blas, &j, &t_ours, &t_blas);
                 const double ratio = t_blas / t_ours;
                 char prod[64];
                 if (w == 0) snprintf(prod, sizeof prod, "%s %dx%d->%d", which_name[w], N, j.C, j.OC);
@@ -104,7 +110,9 @@ int main(void) {
             for (int i = 0; i < N * j.C; i++) j.inp[i] = random_f32(&rng) - 0.5f;
             for (size_t i = 0; i < (size_t)j.OC * j.C; i++) j.w[i] = random_f32(&rng) - 0.5f;
             ours(&j); blas(&j);
-            const double t_ours = best_of(51, ours, &j), t_blas = best_of(51, blas, &j), flops = 2.0 * N * j.C * j.OC;
+            double t_ours, t_blas;
+            best_of_turns(5, 11, ours, blas, &j, &t_ours, &t_blas);
+            const double flops = 2.0 * N * j.C * j.OC;
             char prod[64];
             snprintf(prod, sizeof prod, "decode %dx%d->%d", N, j.C, j.OC);
             printf("%-12s %-6s %-22s %10.1f %10.1f %7.2f\n", "pythia-14m", dec[li].name, prod, flops / t_ours * 1e-9, flops / t_blas * 1e-9, t_blas / t_ours);
