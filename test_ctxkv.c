@@ -1219,8 +1219,12 @@ static void check_simd_kernels(void) {
         for (int i = 0; i < n; i++) x[i] = isnan(x[i]) ? 0.5f : x[i];
         for (int i = 0; i < n; i++) { sref += x[i]; smag += fabs(x[i]); }
         sum_worst = fmax(sum_worst, fabs(sum_of(x, n) - sref) / smag);
+        const float mu = (float)(sref / n);
+        double qref = 0.0;
+        for (int i = 0; i < n; i++) qref += ((double)x[i] - mu) * ((double)x[i] - mu);
+        sum_worst = fmax(sum_worst, fabs(sum_sq_dev(x, n, mu) - qref) / fmax(qref, 1e-30));
     }
-    check(max_ok && sum_worst <= 1e-6, "max_of equals the plain loop (NaN entries passed over) and sum_of the double sum (worst %.2e), lengths 1..53", sum_worst);
+    check(max_ok && sum_worst <= 1e-6, "max_of equals the plain loop (NaN entries passed over); sum_of and sum_sq_dev (LayerNorm) the double sums (worst %.2e relative), lengths 1..53", sum_worst);
     // sample_draw against the plain cumulative sum: the token k it returns has the coin between the
     // sums before and through k (to rounding: 1e-6 of the total)
     {

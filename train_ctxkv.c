@@ -75,13 +75,8 @@ static void layernorm_forward(float *out, float *mean, float *rstd, const float 
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float *y = out + (size_t)n * C;
-        float m = 0.0f;
-        for (int i = 0; i < C; i++) m += x[i];
-        m /= C;
-        float v = 0.0f;
-        for (int i = 0; i < C; i++) { float d = x[i] - m; v += d * d; }
-        v /= C;
-        float r = 1.0f / sqrtf(v + eps);
+        const float m = sum_of(x, C) / C, v = sum_sq_dev(x, C, m) / C; // mean and (biased) variance, 8 lanes at a time
+        const float r = 1.0f / sqrtf(v + eps);
         for (int i = 0; i < C; i++) y[i] = (x[i] - m) * r * w[i] + b[i];
         mean[n] = m;
         rstd[n] = r;

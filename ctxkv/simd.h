@@ -220,6 +220,27 @@ static inline float sum_of(const float *x, int n) {
     return s;
 }
 
+// Σ (x[i] − m)² over x[0..n), in float: the same lanes as sum_of (LayerNorm's variance)
+static inline float sum_sq_dev(const float *x, int n, float m) {
+    const v8 mv = splat8(m);
+    v8 s0 = splat8(0.0f), s1 = s0, s2 = s0, s3 = s0;
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const v8 d0 = load8(x + i) - mv, d1 = load8(x + i + 8) - mv, d2 = load8(x + i + 16) - mv, d3 = load8(x + i + 24) - mv;
+        s0 += d0 * d0;
+        s1 += d1 * d1;
+        s2 += d2 * d2;
+        s3 += d3 * d3;
+    }
+    for (; i + 8 <= n; i += 8) {
+        const v8 d = load8(x + i) - mv;
+        s0 += d * d;
+    }
+    float s = hsum8((s0 + s1) + (s2 + s3));
+    for (; i < n; i++) s += (x[i] - m) * (x[i] - m);
+    return s;
+}
+
 static inline float dot(const float *a, const float *b, int n) {
     v8 acc = splat8(0.0f);
     int i = 0;
