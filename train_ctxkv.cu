@@ -2223,11 +2223,23 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
 
 static const float *model_losses(const Model *m) { return m->losses_host; }
 static void model_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
-// dst[i] = exp((x[i] − shift) · scale) for n entries, their sum returned: sampling's, on the host
+// Sampling's three passes over a row of logits, on the host (the CPU program's are vectorised,
+// in ctxkv/simd.h): dst[i] = exp((x[i] − shift) · scale) with their sum; the largest entry (NaN
+// passed over); the sum of a block
 static float exp_scaled_sum(float *dst, const float *x, int n, float shift, float scale) {
     float sum = 0.0f;
     for (int i = 0; i < n; i++) { dst[i] = expf((x[i] - shift) * scale); sum += dst[i]; }
     return sum;
+}
+static float max_of(const float *x, int n) {
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+static float sum_of(const float *x, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += x[i];
+    return s;
 }
 
 #define PROGRAM_WHAT "Trains a Pythia (GPT-NeoX) model on token shards on an NVIDIA GPU (" PRECISION_NAME ")."

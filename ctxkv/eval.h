@@ -13,6 +13,7 @@
 //   model_decode_step(m, kv, tokens)         one token per sequence; the logits (B, Vp), host
 //   model_sync()                             waits for the device (timing)
 //   exp_scaled_sum(dst, x, n, shift, scale)  dst = exp((x − shift)·scale), returns the sum (sampling)
+//   max_of(x, n), sum_of(x, n)               the largest entry (NaN passed over), the float sum (sampling)
 #ifndef CTXKV_EVAL_H
 #define CTXKV_EVAL_H
 #include "data.h"
