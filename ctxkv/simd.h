@@ -324,7 +324,8 @@ static inline void dot_rows(float *out, size_t out_stride, const float *x, size_
 
 // Keeps v in a register from here on (an empty asm that "changes" it): without it GCC folds
 // dot_3x4's weight loads into the FMAs, loading each weight once per input row, not once.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+// (x86 with AVX: a v8 fits one ymm register; elsewhere it is a no-op)
+#if defined(__GNUC__) && defined(__AVX__)
 #define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
 #else
 #define KEEP_IN_REGISTER(v) ((void)0)
@@ -601,6 +602,7 @@ static void gemm(float *C, const float *A, size_t a_rs, size_t a_cs, const float
     }
     // small products stay on one thread: a parallel region costs more than they do
     const int parallel = (double)M * N * K >= (double)(1 << 18);
+    (void)parallel; // (read only by the pragma: unused without OpenMP)
     // split the larger dimension, in whole panels, so that each thread has contiguous work
     const int by_rows = (M + GEMM_MR - 1) / GEMM_MR >= (N + GEMM_NR - 1) / GEMM_NR;
 #pragma omp parallel if (parallel)
