@@ -463,11 +463,19 @@ static inline void rows_axpy(float *y, const float *a, const float *x, size_t xs
 // rows [i0, i0+mc) x k [k0, k0+kc) of A into panels of MR rows: panel p, step k holds MR floats
 static void gemm_pack_a(float *dst, const float *A, size_t a_rs, size_t a_cs, int i0, int mc, int k0, int kc) {
     const int MR = GEMM_MR;
-    if (a_rs == 1) { // A is a transposed view: at each k the block's rows are contiguous (read them in order)
-        for (int k = 0; k < kc; k++) {
-            const float *src = A + (size_t)i0 + (size_t)(k0 + k) * a_cs;
-            for (int p = 0; p < mc; p += MR)
-                for (int r = 0; r < MR; r++) dst[(size_t)p * kc + (size_t)k * MR + r] = p + r < mc ? src[p + r] : 0.0f;
+    if (a_rs == 1) { // A is a transposed view: at each k a panel's MR rows are contiguous
+        int p = 0;
+        for (; p + MR <= mc; p += MR) { // a panel at a time, written in order (k-major over the block was slower)
+            float *d = dst + (size_t)p * kc;
+            const float *src = A + (size_t)i0 + p + (size_t)k0 * a_cs;
+            for (int k = 0; k < kc; k++, d += MR, src += a_cs)
+                for (int r = 0; r < MR; r++) d[r] = src[r];
+        }
+        if (p < mc) { // the last, partial panel, zero-padded
+            float *d = dst + (size_t)p * kc;
+            const float *src = A + (size_t)i0 + p + (size_t)k0 * a_cs;
+            for (int k = 0; k < kc; k++, d += MR, src += a_cs)
+                for (int r = 0; r < MR; r++) d[r] = p + r < mc ? src[r] : 0.0f;
         }
         return;
     }
