@@ -438,27 +438,51 @@ static inline void rows_axpy(float *y, const float *a, const float *x, size_t xs
 // A[i][k] is at A + i*a_rs + k*a_cs and B[k][j] at B + k*b_rs + j*b_cs, so either can be a
 // transposed view (the weight as wᵀ, dout as doutᵀ) without a copy; C is row-major, N wide.
 // Blocks of A (MC x KC) and B (KC x NC) are packed into contiguous panels of MR rows and NR
-// columns (zero-padded at the edges), sized for the caches: a B panel (KC x NR, 32 KB) stays in
-// L1 while the A panels of the block (MC x KC, 144 KB, in L2) pass over it. (KC 512, MC 72 were
-// the fastest of the sizes tried with dev/bench_gemm.c on a 2-core AMD EPYC, Zen 3.) The micro-kernel keeps a 6 x 16 tile of C
-// in twelve 8-lane registers and, for each k, broadcasts 6 entries of A against 16 of B: the
-// AVX2/FMA shape (-march=native picks the instructions; AVX-512 runs the same code).
-// Threads split the larger of M and N into contiguous ranges; each packs its own panels.
-// Packing reads the panel's source rows (or columns) side by side and writes the panel in order:
-// writing it one source row at a time, every 6th (16th) float, made packing 29% of the head's
-// dinp product (dev/bench_gemm.c: 105-112 -> 123 GFLOP/s there, and the geometric mean of the
-// 30 ratios 1.03-1.14 -> 1.09-1.20 in two runs).
+// columns (zero-padded at the edges), sized for the caches: a B micro-panel (KC x NR, 32 KB)
+// stays in L1 while the A panels of the block (MC x KC, in L2) pass over it. The micro-kernel
+// keeps an MR x NR tile of C in registers as MR x 2 vectors and, for each k, broadcasts MR
+// entries of A against NR of B. Its shape is the ISA's, chosen at compile time by -march=native:
+//   AVX2/FMA (16 vector registers):     6 x 16, twelve 8-lane accumulators;
+//   AVX-512 (32 registers, 16 lanes):  12 x 32, twenty-four 16-lane accumulators.
+// Every C entry is still summed over k in order in one lane, so both give the same bits.
+// (Block sizes: the fastest tried with dev/bench_gemm.c on a 2-core AMD EPYC, Zen 3 for AVX2
+// and Zen 5 for AVX-512.) Threads split the larger of M and N into contiguous ranges; each
+// packs its own panels. Packing reads the panel's source rows (or columns) side by side and
+// writes the panel in order: writing it one source row at a time, every 6th (16th) float, made
+// packing 29% of the head's dinp product (dev/bench_gemm.c: 105-112 -> 123 GFLOP/s there, and
+// the geometric mean of the 30 ratios 1.03-1.14 -> 1.09-1.20 in two runs).
+#ifdef __AVX512F__
+typedef float vgemm __attribute__((vector_size(64)));
+static inline vgemm splatg(float a) { return (vgemm){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+#ifndef GEMM_MR
+#define GEMM_MR 12
+#endif
+#ifndef GEMM_KC
+#define GEMM_KC 256
+#endif
+#ifndef GEMM_MC
+#define GEMM_MC 144
+#endif
+#else
+typedef v8 vgemm;
+static inline vgemm splatg(float a) { return splat8(a); }
+#ifndef GEMM_MR
 #define GEMM_MR 6
-#define GEMM_NR 16
+#endif
 #ifndef GEMM_KC // block sizes (the -D overrides are for tuning with dev/bench_gemm.c)
 #define GEMM_KC 512
 #endif
 #ifndef GEMM_MC
 #define GEMM_MC 72
 #endif
+#endif
+#define GEMM_LANES ((int)(sizeof(vgemm) / sizeof(float)))
+#define GEMM_NR (2 * GEMM_LANES)
 #ifndef GEMM_NC
 #define GEMM_NC 2048
 #endif
+static inline vgemm loadg(const float *p) { vgemm r; memcpy(&r, p, sizeof r); return r; }
+static inline void storeg(float *p, vgemm x) { memcpy(p, &x, sizeof x); }
 
 // rows [i0, i0+mc) x k [k0, k0+kc) of A into panels of MR rows: panel p, step k holds MR floats
 static void gemm_pack_a(float *dst, const float *A, size_t a_rs, size_t a_cs, int i0, int mc, int k0, int kc) {
@@ -482,11 +506,11 @@ static void gemm_pack_a(float *dst, const float *A, size_t a_rs, size_t a_cs, in
     for (int p = 0; p < mc; p += MR) {
         const int rows = mc - p < MR ? mc - p : MR;
         float *d = dst + (size_t)p * kc;
-        if (rows == MR && a_cs == 1) { // the six rows read side by side, the panel written in order
-            const float *s0 = A + (size_t)(i0 + p) * a_rs + k0, *s1 = s0 + a_rs, *s2 = s1 + a_rs, *s3 = s2 + a_rs, *s4 = s3 + a_rs, *s5 = s4 + a_rs;
-            for (int k = 0; k < kc; k++, d += MR) {
-                d[0] = s0[k]; d[1] = s1[k]; d[2] = s2[k]; d[3] = s3[k]; d[4] = s4[k]; d[5] = s5[k];
-            }
+        if (rows == MR && a_cs == 1) { // the panel's rows read side by side, the panel written in order
+            const float *src[GEMM_MR];
+            for (int r = 0; r < MR; r++) src[r] = A + (size_t)(i0 + p + r) * a_rs + k0;
+            for (int k = 0; k < kc; k++, d += MR)
+                for (int r = 0; r < MR; r++) d[r] = src[r][k];
             continue;
         }
         for (int r = 0; r < MR; r++) {
@@ -506,14 +530,13 @@ static void gemm_pack_b(float *dst, const float *B, size_t b_rs, size_t b_cs, in
             for (int k = 0; k < kc; k++) {
                 const float *src = B + (size_t)(k0 + k) * b_rs + j0 + p;
                 if (cols == NR) {
-                    store8(d + (size_t)k * NR, load8(src));
-                    store8(d + (size_t)k * NR + 8, load8(src + 8));
+                    memcpy(d + (size_t)k * NR, src, NR * sizeof(float));
                 } else {
                     for (int j = 0; j < NR; j++) d[(size_t)k * NR + j] = j < cols ? src[j] : 0.0f;
                 }
             }
         } else { // B is a transposed view (the weight): each column is a contiguous run of k
-            if (cols == NR && b_rs == 1) { // the sixteen columns read side by side, the panel written in order
+            if (cols == NR && b_rs == 1) { // the panel's columns read side by side, the panel written in order
                 const float *src[GEMM_NR];
                 for (int j = 0; j < NR; j++) src[j] = B + (size_t)(j0 + p + j) * b_cs + k0;
                 for (int k = 0; k < kc; k++)
@@ -532,25 +555,27 @@ static void gemm_pack_b(float *dst, const float *B, size_t b_rs, size_t b_cs, in
 // overwrite, C = bias (the tile's columns, or 0 when NULL) + a · b instead: C is not read
 static inline void gemm_micro(int kc, const float *a, const float *b, float *c, size_t ldc, int rows, int cols, int overwrite,
                               const float *bias) {
-    v8 acc[GEMM_MR][2];
-    for (int r = 0; r < GEMM_MR; r++) acc[r][0] = acc[r][1] = splat8(0.0f);
+    const int L = GEMM_LANES;
+    vgemm acc[GEMM_MR][2];
+    for (int r = 0; r < GEMM_MR; r++) acc[r][0] = acc[r][1] = splatg(0.0f);
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
-        const v8 b0 = load8(b), b1 = load8(b + 8);
+        const vgemm b0 = loadg(b), b1 = loadg(b + L);
+#pragma GCC unroll 16
         for (int r = 0; r < GEMM_MR; r++) {
-            const v8 av = splat8(a[r]);
+            const vgemm av = splatg(a[r]);
             acc[r][0] += av * b0;
             acc[r][1] += av * b1;
         }
     }
     if (rows == GEMM_MR && cols == GEMM_NR) {
-        const v8 z = splat8(0.0f), b0 = bias ? load8(bias) : z, b1 = bias ? load8(bias + 8) : z;
+        const vgemm z = splatg(0.0f), b0 = bias ? loadg(bias) : z, b1 = bias ? loadg(bias + L) : z;
         for (int r = 0; r < GEMM_MR; r++) {
-            store8(c + r * ldc, (overwrite ? b0 : load8(c + r * ldc)) + acc[r][0]);
-            store8(c + r * ldc + 8, (overwrite ? b1 : load8(c + r * ldc + 8)) + acc[r][1]);
+            storeg(c + r * ldc, (overwrite ? b0 : loadg(c + r * ldc)) + acc[r][0]);
+            storeg(c + r * ldc + L, (overwrite ? b1 : loadg(c + r * ldc + L)) + acc[r][1]);
         }
     } else { // an edge tile: only the part inside C
         float tile[GEMM_MR][GEMM_NR];
-        for (int r = 0; r < GEMM_MR; r++) { store8(tile[r], acc[r][0]); store8(tile[r] + 8, acc[r][1]); }
+        for (int r = 0; r < GEMM_MR; r++) { storeg(tile[r], acc[r][0]); storeg(tile[r] + L, acc[r][1]); }
         for (int r = 0; r < rows; r++)
             for (int j = 0; j < cols; j++) c[r * ldc + j] = (overwrite ? (bias ? bias[j] : 0.0f) : c[r * ldc + j]) + tile[r][j];
     }
