@@ -1,6 +1,6 @@
-// ctxkv/simd.h: performance-only code of the CPU program: 8-lane float vectors (GCC/Clang vector
-// extensions, so -march=native picks AVX2 or AVX-512 and no intrinsics are needed), exp on 8
-// lanes, dot/axpy, and the packed GEMM with its micro-kernel. Nothing here is needed to
+// ctxkv/simd.h: performance-only code of the CPU program: 8-lane float vectors and the widest
+// the ISA has (GCC/Clang vector extensions, so -march=native picks AVX2 or AVX-512 and no
+// intrinsics are needed), exp on 8 lanes, dot/axpy, and the packed GEMM with its micro-kernel. Nothing here is needed to
 // understand the model: each function equals a plain loop, and test_ctxkv.c checks it against
 // that loop ("simd kernels").
 #ifndef CTXKV_SIMD_H
@@ -48,6 +48,20 @@ static inline v8 hsum8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7)
     const v8 q0 = hadd8(hadd8(a0, a1), hadd8(a2, a3)), q1 = hadd8(hadd8(a4, a5), hadd8(a6, a7));
     return __builtin_shufflevector(q0, q1, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(q0, q1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
+
+// The widest vector -march=native offers: 16 lanes under AVX-512, else the 8 above. The GEMM's
+// micro-kernel is written in it. (Decoding's dot_3x4 in 16 lanes made batch 8's head slower,
+// 0.87-0.91 -> 1.17-1.77 ms a step, so the few-row kernels stay at 8.)
+#ifdef __AVX512F__
+typedef float vw __attribute__((vector_size(64)));
+static inline vw splatw(float a) { return (vw){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+#else
+typedef v8 vw;
+static inline vw splatw(float a) { return splat8(a); }
+#endif
+#define VW_LANES ((int)(sizeof(vw) / sizeof(float)))
+static inline vw loadw(const float *p) { vw r; memcpy(&r, p, sizeof r); return r; }
+static inline void storew(float *p, vw x) { memcpy(p, &x, sizeof x); }
 
 typedef int v8i __attribute__((vector_size(32)));
 
@@ -452,8 +466,6 @@ static inline void rows_axpy(float *y, const float *a, const float *x, size_t xs
 // packing 29% of the head's dinp product (dev/bench_gemm.c: 105-112 -> 123 GFLOP/s there, and
 // the geometric mean of the 30 ratios 1.03-1.14 -> 1.09-1.20 in two runs).
 #ifdef __AVX512F__
-typedef float vgemm __attribute__((vector_size(64)));
-static inline vgemm splatg(float a) { return (vgemm){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
 #ifndef GEMM_MR
 #define GEMM_MR 12
 #endif
@@ -464,8 +476,6 @@ static inline vgemm splatg(float a) { return (vgemm){a, a, a, a, a, a, a, a, a, 
 #define GEMM_MC 144
 #endif
 #else
-typedef v8 vgemm;
-static inline vgemm splatg(float a) { return splat8(a); }
 #ifndef GEMM_MR
 #define GEMM_MR 6
 #endif
@@ -476,13 +486,10 @@ static inline vgemm splatg(float a) { return splat8(a); }
 #define GEMM_MC 72
 #endif
 #endif
-#define GEMM_LANES ((int)(sizeof(vgemm) / sizeof(float)))
-#define GEMM_NR (2 * GEMM_LANES)
+#define GEMM_NR (2 * VW_LANES)
 #ifndef GEMM_NC
 #define GEMM_NC 2048
 #endif
-static inline vgemm loadg(const float *p) { vgemm r; memcpy(&r, p, sizeof r); return r; }
-static inline void storeg(float *p, vgemm x) { memcpy(p, &x, sizeof x); }
 
 // rows [i0, i0+mc) x k [k0, k0+kc) of A into panels of MR rows: panel p, step k holds MR floats
 static void gemm_pack_a(float *dst, const float *A, size_t a_rs, size_t a_cs, int i0, int mc, int k0, int kc) {
@@ -555,27 +562,27 @@ static void gemm_pack_b(float *dst, const float *B, size_t b_rs, size_t b_cs, in
 // overwrite, C = bias (the tile's columns, or 0 when NULL) + a · b instead: C is not read
 static inline void gemm_micro(int kc, const float *a, const float *b, float *c, size_t ldc, int rows, int cols, int overwrite,
                               const float *bias) {
-    const int L = GEMM_LANES;
-    vgemm acc[GEMM_MR][2];
-    for (int r = 0; r < GEMM_MR; r++) acc[r][0] = acc[r][1] = splatg(0.0f);
+    const int L = VW_LANES;
+    vw acc[GEMM_MR][2];
+    for (int r = 0; r < GEMM_MR; r++) acc[r][0] = acc[r][1] = splatw(0.0f);
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
-        const vgemm b0 = loadg(b), b1 = loadg(b + L);
+        const vw b0 = loadw(b), b1 = loadw(b + L);
 #pragma GCC unroll 16
         for (int r = 0; r < GEMM_MR; r++) {
-            const vgemm av = splatg(a[r]);
+            const vw av = splatw(a[r]);
             acc[r][0] += av * b0;
             acc[r][1] += av * b1;
         }
     }
     if (rows == GEMM_MR && cols == GEMM_NR) {
-        const vgemm z = splatg(0.0f), b0 = bias ? loadg(bias) : z, b1 = bias ? loadg(bias + L) : z;
+        const vw z = splatw(0.0f), b0 = bias ? loadw(bias) : z, b1 = bias ? loadw(bias + L) : z;
         for (int r = 0; r < GEMM_MR; r++) {
-            storeg(c + r * ldc, (overwrite ? b0 : loadg(c + r * ldc)) + acc[r][0]);
-            storeg(c + r * ldc + L, (overwrite ? b1 : loadg(c + r * ldc + L)) + acc[r][1]);
+            storew(c + r * ldc, (overwrite ? b0 : loadw(c + r * ldc)) + acc[r][0]);
+            storew(c + r * ldc + L, (overwrite ? b1 : loadw(c + r * ldc + L)) + acc[r][1]);
         }
     } else { // an edge tile: only the part inside C
         float tile[GEMM_MR][GEMM_NR];
-        for (int r = 0; r < GEMM_MR; r++) { storeg(tile[r], acc[r][0]); storeg(tile[r] + L, acc[r][1]); }
+        for (int r = 0; r < GEMM_MR; r++) { storew(tile[r], acc[r][0]); storew(tile[r] + L, acc[r][1]); }
         for (int r = 0; r < rows; r++)
             for (int j = 0; j < cols; j++) c[r * ldc + j] = (overwrite ? (bias ? bias[j] : 0.0f) : c[r * ldc + j]) + tile[r][j];
     }
