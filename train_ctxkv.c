@@ -1231,7 +1231,9 @@ static void kvcache_gather(const Config *c, KVCache *kv, int l, int b, const flo
 // Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
 // contexts) into the cache, compressed when the policy says so. Returns the logits of the last
 // prompt tokens: row b at b * *row_stride (Vp: the head ran on those rows only, head_last_of).
-static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
+// The logits (here and from model_decode_step) are the caller's until the next call: sampling
+// overwrites them in place.
+static float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
     const Config *c = &m->cfg;
     const int B = kv->batch;
     m->head_last_of = n; // only the last prompt token's logits are read
@@ -1244,7 +1246,7 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
 
 // One token per sequence (tokens[B]) at position kv->pos through the model, reading the
 // cache. Returns the logits (B,Vp).
-static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
+static float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
     const Config *c = &m->cfg;
     const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
     kvcache_step_begin(kv);

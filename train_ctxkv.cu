@@ -2168,8 +2168,9 @@ static void kvcache_gather(const Config *c, KVCache *kv, int l, int b, const flo
 // Prefill: the B prompts (B,n) in one forward pass, then their keys/values (or latents, or
 // contexts) into the cache, compressed when the policy says so. Returns the logits of the last
 // prompt tokens on the host: row b at b * *row_stride (Vp: only the B rows that sampling needs
-// are copied back).
-static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
+// are copied back). The logits (here and from model_decode_step) are the caller's until the next
+// call: sampling overwrites them in place.
+static float *model_prefill(Model *m, KVCache *kv, const int *prompts, int n, size_t *row_stride) {
     const Config *c = &m->cfg;
     const int B = kv->batch;
     const size_t Vp = c->padded_vocab_size;
@@ -2189,7 +2190,7 @@ static const float *model_prefill(Model *m, KVCache *kv, const int *prompts, int
 
 // One token per sequence (tokens[B], host) at position kv->pos through the model, reading the
 // cache. Returns the logits (B,Vp) on the host.
-static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
+static float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
     const Config *c = &m->cfg;
     const int B = kv->batch, C = c->n_embd, dc = c->context_dim, Ed = c->embed_dim;
     kvcache_step_begin(kv);
@@ -2215,7 +2216,8 @@ static const float *model_decode_step(Model *m, KVCache *kv, const int *tokens) 
         layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
     head_forward(m, B);
     kvcache_step_end(kv);
-    return model_logits_host(m, 0, B);
+    model_logits_host(m, 0, B); // into m->logits_host, which the caller may overwrite
+    return m->logits_host;
 }
 
 // ----------------------------------------------------------------------------
