@@ -68,6 +68,13 @@ TEST_H = test_configs.h
 test_ctxkv: test_ctxkv.c train_ctxkv.c $(CTXKV_H) $(TEST_H) | $(STB)
 	$(CC) $(CFLAGS) -Wno-unused-function -o $@ $< $(LDLIBS)
 
+# -march=native with AVX-512 compiles ctxkv/simd.h's 16-lane GEMM: make test then also checks the
+# AVX2 build's kernels (8 lanes, 6 x 16), which machines without AVX-512 run
+NATIVE_AVX512 := $(shell $(CC) $(CFLAGS) -dM -E -x c /dev/null 2>/dev/null | grep -q __AVX512F__ && echo 1)
+build/test_ctxkv_avx2: test_ctxkv.c train_ctxkv.c $(CTXKV_H) $(TEST_H) | $(STB)
+	@mkdir -p build
+	$(CC) $(CFLAGS) -mno-avx512f -Wno-unused-function -o $@ $< $(LDLIBS)
+
 # Python venv for prepro (tokenizers + numpy only)
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: prepro/requirements.txt
@@ -101,6 +108,9 @@ test: train_ctxkv test_ctxkv testdata
 	$(VPY) dev/test_kv_table.py --binary ./train_ctxkv
 	@if [ -f $(CUDA_HOME)/include/cuda_bf16.h ]; then $(MAKE) --no-print-directory $(EMU)/train_ctxkv_cu_fp32; \
 	 else echo "SKIP: no CUDA headers in $(CUDA_HOME)/include: the CUDA program's errors are not compared with the CPU's"; fi
+	@if [ -n "$(NATIVE_AVX512)" ]; then $(MAKE) --no-print-directory build/test_ctxkv_avx2 && \
+	  echo "build/test_ctxkv_avx2 --simd (the AVX2 build's kernels, on this AVX-512 machine)" && \
+	  OMP_NUM_THREADS=$(THREADS) build/test_ctxkv_avx2 --simd; fi
 	OMP_NUM_THREADS=$(THREADS) TRAIN_BIN_CU=$$([ -x $(EMU)/train_ctxkv_cu_fp32 ] && echo $(EMU)/train_ctxkv_cu_fp32) ./test_ctxkv
 
 # the host lines the two programs hold twice (at most 120; it only goes down), where ../shared has the tool

@@ -4,6 +4,9 @@ test_gpt2.c does) and calls its functions directly.
 
   ./test_ctxkv                       every check below
   ./test_ctxkv MODEL.bin STATE.bin   only the reference check of that pair
+  ./test_ctxkv --simd                only the tiny model's Hugging Face parity and ctxkv/simd.h's
+                                     kernels (make test runs it from a build without AVX-512 where
+                                     -march=native has it, so that both GEMM shapes are tested)
 
 Checks (in the order main runs them):
   1. Hugging Face parity: dev/ref/tiny_model.bin + tiny_state.bin, written by dev/reference.py
@@ -1525,7 +1528,14 @@ int main(int argc, char **argv) {
         printf("%d passed, %d failed\n", n_passed, n_failed);
         return n_failed ? 1 : 0;
     }
-    if (argc != 1) { fprintf(stderr, "usage: ./test_ctxkv [MODEL.bin STATE.bin]\n"); return 2; }
+    if (argc == 2 && strcmp(argv[1], "--simd") == 0) {
+        printf("-- this build: %d-lane vectors, GEMM micro-kernel %d x %d\n", VW_LANES, GEMM_MR, GEMM_NR);
+        check_reference("dev/ref/tiny_model.bin", "dev/ref/tiny_state.bin");
+        check_simd_kernels();
+        printf("%d passed, %d failed\n", n_passed, n_failed);
+        return n_failed ? 1 : 0;
+    }
+    if (argc != 1) { fprintf(stderr, "usage: ./test_ctxkv [MODEL.bin STATE.bin | --simd]\n"); return 2; }
     const char *bin = getenv("TRAIN_BIN") ? getenv("TRAIN_BIN") : "./train_ctxkv";
     const char *testdata = getenv("TESTDATA") ? getenv("TESTDATA") : "build/testdata";
     snprintf(tmpdir, sizeof tmpdir, "/tmp/test_ctxkv_XXXXXX");

@@ -458,9 +458,10 @@ static inline void rows_axpy(float *y, const float *a, const float *x, size_t xs
 // entries of A against NR of B. Its shape is the ISA's, chosen at compile time by -march=native:
 //   AVX2/FMA (16 vector registers):     6 x 16, twelve 8-lane accumulators;
 //   AVX-512 (32 registers, 16 lanes):  12 x 32, twenty-four 16-lane accumulators.
-// Every C entry is still summed over k in order in one lane, so both give the same bits.
-// (Block sizes: the fastest tried with dev/bench_gemm.c on a 2-core AMD EPYC, Zen 3 for AVX2
-// and Zen 5 for AVX-512.) Threads split the larger of M and N into contiguous ranges; each
+// Both sum each C entry over k in order in one lane within a KC block, block after block.
+// (Block sizes, AVX2: the fastest tried with dev/bench_gemm.c on a 2-core AMD EPYC, Zen 3.
+// AVX-512: KC 256 keeps the 32-wide B micro-panel at 32 KB; on a 2-core Zen 5, KC 128-512 and
+// MR 8-14 all measured within the noise, 12 x 32 at 290-330 GFLOP/s.) Threads split the larger of M and N into contiguous ranges; each
 // packs its own panels. Packing reads the panel's source rows (or columns) side by side and
 // writes the panel in order: writing it one source row at a time, every 6th (16th) float, made
 // packing 29% of the head's dinp product (dev/bench_gemm.c: 105-112 -> 123 GFLOP/s there, and
