@@ -411,7 +411,9 @@ static void model_update(Model *m, const AdamW *opt) {
         m->v_memory = calloc_check(m->num_params * sizeof(float), "AdamW v");
     }
     const AdamWStep st = adamw_step(opt, ++m->adam_step);
-    const float gs = m->grad_scale;
+    // (the constants in locals: a store to p could alias *opt, which kept the loop scalar)
+    const float gs = m->grad_scale, b1 = opt->beta1, b2 = opt->beta2, eps = opt->eps;
+    const float step_size = st.step_size, bc2_sqrt = st.bc2_sqrt;
     for (ptrdiff_t ti = 0; ti < arrlen(m->tensors); ti++) {
         const ParamTensor *t = &m->tensors[ti];
         if (t->frozen) continue;
@@ -423,9 +425,9 @@ static void model_update(Model *m, const AdamW *opt) {
         for (size_t i = 0; i < n; i++) {
             const float gi = g[i] * gs;
             p[i] *= decay;
-            mm[i] = opt->beta1 * mm[i] + (1.0f - opt->beta1) * gi;
-            vv[i] = opt->beta2 * vv[i] + (1.0f - opt->beta2) * gi * gi;
-            p[i] -= st.step_size * mm[i] / (sqrtf(vv[i]) / st.bc2_sqrt + opt->eps);
+            mm[i] = b1 * mm[i] + (1.0f - b1) * gi;
+            vv[i] = b2 * vv[i] + (1.0f - b2) * gi * gi;
+            p[i] -= step_size * mm[i] / (sqrtf(vv[i]) / bc2_sqrt + eps);
         }
     }
     m->grad_scale = 1.0f;
