@@ -1091,7 +1091,7 @@ static void check_simd_kernels(void) {
     // (M 150 and 301 pass MC, N 2100 passes NC, K 513 passes KC; the last two run on every thread;
     // one shape is exactly a micro-kernel tile, whose size is the ISA's: 6 x 16 in AVX2, 12 x 32 in AVX-512)
     const int shapes[][3] = {{1, 1, 1}, {5, 7, 9}, {GEMM_MR, 16, GEMM_NR}, {13, 300, 40}, {7, 17, 270}, {30, 513, 33}, {150, 40, 2100}, {301, 260, 37}};
-    _Static_assert(GEMM_MC < 150 && GEMM_KC < 513 && GEMM_NC < 2100, "the gemm shapes below must pass every block size");
+    _Static_assert(GEMM_MC < 150 && GEMM_KC < 513 && GEMM_NC < 2100, "the gemm shapes above must pass every block size");
     float gworst = 0.0f;
     for (int si = 0; si < 8; si++) {
         const int N = shapes[si][0], K = shapes[si][1], M = shapes[si][2];

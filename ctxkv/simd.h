@@ -1,8 +1,8 @@
 // ctxkv/simd.h: performance-only code of the CPU program: 8-lane float vectors and the widest
 // the ISA has (GCC/Clang vector extensions, so -march=native picks AVX2 or AVX-512 and no
-// intrinsics are needed), exp on 8 lanes, dot/axpy, and the packed GEMM with its micro-kernel. Nothing here is needed to
-// understand the model: each function equals a plain loop, and test_ctxkv.c checks it against
-// that loop ("simd kernels").
+// intrinsics are needed), exp on 8 lanes, dot/axpy, and the packed GEMM with its micro-kernel.
+// Nothing here is needed to understand the model: each function equals a plain loop, and
+// test_ctxkv.c checks it against that loop ("simd kernels").
 #ifndef CTXKV_SIMD_H
 #define CTXKV_SIMD_H
 #include <math.h>
@@ -50,8 +50,9 @@ static inline v8 hsum8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7)
 }
 
 // The widest vector -march=native offers: 16 lanes under AVX-512, else the 8 above. The GEMM's
-// micro-kernel is written in it. (Decoding's dot_3x4 in 16 lanes made batch 8's head slower,
-// 0.87-0.91 -> 1.17-1.77 ms a step, so the few-row kernels stay at 8.)
+// micro-kernel is written in it. (Decoding's kernels stay at 8 lanes: dot_3x4 in 16, alternated
+// step by step with the 8-lane one in one run, gave batch 8's head 0.83-1.05 ms a step against
+// 0.80-0.94, and its attention block, whose products use it, 0.53-0.58 against 0.44-0.50.)
 #ifdef __AVX512F__
 typedef float vw __attribute__((vector_size(64)));
 static inline vw splatw(float a) { return (vw){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
@@ -461,11 +462,12 @@ static inline void rows_axpy(float *y, const float *a, const float *x, size_t xs
 // Both sum each C entry over k in order in one lane within a KC block, block after block.
 // (Block sizes, AVX2: the fastest tried with dev/bench_gemm.c on a 2-core AMD EPYC, Zen 3.
 // AVX-512: KC 256 keeps the 32-wide B micro-panel at 32 KB; on a 2-core Zen 5, KC 128-512 and
-// MR 8-14 all measured within the noise, 12 x 32 at 290-330 GFLOP/s.) Threads split the larger of M and N into contiguous ranges; each
-// packs its own panels. Packing reads the panel's source rows (or columns) side by side and
-// writes the panel in order: writing it one source row at a time, every 6th (16th) float, made
-// packing 29% of the head's dinp product (dev/bench_gemm.c: 105-112 -> 123 GFLOP/s there, and
-// the geometric mean of the 30 ratios 1.03-1.14 -> 1.09-1.20 in two runs).
+// MR 8-14 all measured within the noise, 12 x 32 at 290-330 GFLOP/s.) Threads split the larger
+// of M and N into contiguous ranges; each packs its own panels. Packing reads the panel's
+// source rows (or columns) side by side and writes the panel in order: writing it one source
+// row at a time, every 6th (16th) float, made packing 29% of the head's dinp product
+// (dev/bench_gemm.c, AVX2: 105-112 -> 123 GFLOP/s there, and the geometric mean of the 30
+// ratios 1.03-1.14 -> 1.09-1.20 in two runs).
 #ifdef __AVX512F__
 #ifndef GEMM_MR
 #define GEMM_MR 12
