@@ -372,7 +372,7 @@ static void model_ensure_acts(Model *m, int B, int T) {
 }
 
 // rows [row0, row0 + n) of the last forward's logits (Vp each): here they are the logits themselves
-static const float *model_logits_host(Model *m, size_t row0, size_t n) { (void)n; return m->a.logits + row0 * m->cfg.padded_vocab_size; }
+static float *model_logits_host(Model *m, size_t row0, size_t n) { (void)n; return m->a.logits + row0 * m->cfg.padded_vocab_size; }
 
 // gradients of the parameters, laid out as the parameters: allocated on first use
 static void model_ensure_grads(Model *m) {

@@ -756,8 +756,8 @@ static void model_ensure_acts(Model *m, int B, int T) {
 }
 
 // rows [row0, row0 + n) of the last forward's logits (Vp each), as fp32 on the host (the CPU
-// program reads m->a.logits directly)
-static const float *model_logits_host(Model *m, size_t row0, size_t n) {
+// program reads m->a.logits directly); the buffer is the caller's until the next call
+static float *model_logits_host(Model *m, size_t row0, size_t n) {
     const size_t Vp = m->cfg.padded_vocab_size;
     if (n * Vp > m->logits_host_cap) {
         free(m->logits_host);
@@ -2216,8 +2216,7 @@ static float *model_decode_step(Model *m, KVCache *kv, const int *tokens) {
         layer_forward(m, l, m->a.resid + (size_t)(l + 1) * B * C, m->a.resid + (size_t)l * B * C, B, 1, kv);
     head_forward(m, B);
     kvcache_step_end(kv);
-    model_logits_host(m, 0, B); // into m->logits_host, which the caller may overwrite
-    return m->logits_host;
+    return model_logits_host(m, 0, B);
 }
 
 // ----------------------------------------------------------------------------

@@ -505,7 +505,7 @@ static void gemm_pack_a(float *dst, const float *A, size_t a_rs, size_t a_cs, in
             for (int k = 0; k < kc; k++, d += MR, src += a_cs)
                 for (int r = 0; r < MR; r++) d[r] = src[r];
         }
-        if (p < mc) { // the last, partial panel, zero-padded
+        if (p < mc) { // the last, partial panel, zero-padded (one loop for both, with r < rows, made the dW products 1-8% slower)
             float *d = dst + (size_t)p * kc;
             const float *src = A + (size_t)i0 + p + (size_t)k0 * a_cs;
             for (int k = 0; k < kc; k++, d += MR, src += a_cs)
