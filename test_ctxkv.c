@@ -1161,7 +1161,7 @@ static void check_simd_kernels(void) {
                 }
             free(x); free(w); free(b); free(y);
         }
-    check(dr_worst <= 1e-6f, "matmul_forward with 1..16 rows (the decoding path: dot_3x4 on 4 rows by 3 weight rows where it can, dot_rows for the rest) equals the plain loop, widths 64 and 37, 29 weight rows (worst %.2e of sum |terms|)", dr_worst);
+    check(dr_worst <= 1e-6f, "matmul_forward with 1..16 rows (the decoding path: dot_3x8 under AVX-512 and dot_3x4 on 8 and 4 rows by 3 weight rows where they can, dot_rows for the rest) equals the plain loop, widths 64 and 37, 29 weight rows (worst %.2e of sum |terms|)", dr_worst);
     // the cached attention's two kernels over rows a slot apart (xs > C): dot_rows (one query
     // against 1..70 keys) and rows_axpy (y += Σ a_n x_n), at widths 32, 37 and 64
     float ca_worst = 0.0f;

@@ -42,15 +42,19 @@ static void die(const char *fmt, ...) {
     exit(EXIT_FAILURE);
 }
 
+// Every block starts on a cache line (free() releases it as any other): malloc's 16-byte
+// alignment left each 16-lane (64-byte) load of the AVX-512 kernels straddling two lines, which
+// made them slower than the 8-lane ones (doc/model.md, "A few rows").
+#define ALLOC_ALIGN 64
 static void *malloc_check(size_t n, const char *what) {
-    void *p = malloc(n ? n : 1);
-    if (!p) die("out of memory allocating %zu bytes for %s", n, what);
+    void *p = NULL;
+    if (posix_memalign(&p, ALLOC_ALIGN, n ? n : 1) != 0) die("out of memory allocating %zu bytes for %s", n, what);
     return p;
 }
 
 static void *calloc_check(size_t n, const char *what) {
-    void *p = calloc(n ? n : 1, 1);
-    if (!p) die("out of memory allocating %zu bytes for %s", n, what);
+    void *p = malloc_check(n, what);
+    memset(p, 0, n);
     return p;
 }
 
