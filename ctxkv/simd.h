@@ -414,14 +414,16 @@ static inline void dot_3x8(float *out, size_t out_stride, const float *x, size_t
 // (dot_3x8, AVX-512 only) and four (dot_3x4) where there are that many, else one row at a time
 // (dot_rows). dot_3x8 with aligned allocations took batch 8's generation from 4414 to 4982
 // tok/s (medians of 8 runs alternating with the dot_3x4-only build; pythia-14m, 2 threads, Zen
-// 5). The memory is asked for each triple of weight rows whole, FEW_ROWS_AHEAD triples before
-// its sums start, so that its lines arrive together and in time: the hardware prefetcher alone
-// left batch 8's generation 1.5x slower. Threads split the weight rows of large products.
+// 5). The memory is asked for each triple of weight rows (or single row) whole, FEW_ROWS_AHEAD
+// rows before its sums start, so that its lines arrive together and in time: the hardware
+// prefetcher alone left batch 8's generation 1.5x slower, batch 1's 1.1x. Threads split the
+// weight rows of large products.
 #define FEW_ROWS_PAR (1u << 16) // N·C·OC from which threads pay (pythia-14m at batch 1: the MLP's products)
-// Batch 8's generation (pythia-14m, Zen 5, medians of 20 runs alternating in one process) at 0,
-// 4, 6 and 8 triples ahead: 370, 327, 326, 339 ms; the AVX2 build there 402, 376 and 391 (0, 4, 8).
-// (Requesting the triple about to be summed was best with the slower 8-lane kernel alone.)
-#define FEW_ROWS_AHEAD 4
+// pythia-14m on the Zen 5, medians of 20-30 runs alternating in one process: batch 8's generation
+// at 0, 12, 18 and 24 rows ahead took 370, 327, 326, 339 ms (the AVX2 build there 402, 376, 391
+// at 0, 12, 24); batch 1's with none, 12 and 24 ahead 223, 199, 202 ms. (The triple about to be
+// summed had been best with the slower 8-lane kernel alone, on a Zen 4.)
+#define FEW_ROWS_AHEAD 12
 static void few_rows_matmul(float *out, const float *x, const float *w, const float *bias, int N, int C, int OC) {
     const int triples = N >= 4 && C % 8 == 0 ? OC / 3 : 0, N4 = N / 4 * 4;
 #pragma omp parallel if ((size_t)N * C * OC >= FEW_ROWS_PAR)
@@ -430,7 +432,7 @@ static void few_rows_matmul(float *out, const float *x, const float *w, const fl
         for (int g = 0; g < triples; g++) {
             const int o = 3 * g;
             const float b[3] = {bias ? bias[o] : 0.0f, bias ? bias[o + 1] : 0.0f, bias ? bias[o + 2] : 0.0f};
-            if (g + FEW_ROWS_AHEAD < triples) prefetch_floats(w + (size_t)(o + 3 * FEW_ROWS_AHEAD) * C, 3 * C);
+            if (o + FEW_ROWS_AHEAD + 3 <= 3 * triples) prefetch_floats(w + (size_t)(o + FEW_ROWS_AHEAD) * C, 3 * C);
             int n = 0;
 #ifdef __AVX512F__
             if (C % 16 == 0)
@@ -441,7 +443,10 @@ static void few_rows_matmul(float *out, const float *x, const float *w, const fl
                 dot_rows(out + (size_t)N4 * OC + o + j, OC, x + (size_t)N4 * C, C, C, w + (size_t)(o + j) * C, N - N4, b[j]);
         }
 #pragma omp for schedule(static)
-        for (int o = 3 * triples; o < OC; o++) dot_rows(out + o, OC, x, C, C, w + (size_t)o * C, N, bias ? bias[o] : 0.0f);
+        for (int o = 3 * triples; o < OC; o++) {
+            if (o + FEW_ROWS_AHEAD < OC) prefetch_floats(w + (size_t)(o + FEW_ROWS_AHEAD) * C, C);
+            dot_rows(out + o, OC, x, C, C, w + (size_t)o * C, N, bias ? bias[o] : 0.0f);
+        }
     }
 }
 
