@@ -1057,6 +1057,15 @@ static void check_bad_inputs(const char *bin) {
 static void check_simd_kernels(void) {
     printf("-- simd kernels (ctxkv/simd.h) against plain loops\n");
     uint64_t rng = 99;
+    // the 16-lane kernels read a cache line per load only from aligned blocks: every allocation is
+    int aligned = 1;
+    const size_t sizes[] = {1, 100, 4096 + 4, (size_t)3 << 20};
+    for (int i = 0; i < 4; i++) {
+        void *p = malloc_check(sizes[i], "alignment check"), *q = calloc_check(sizes[i], "alignment check");
+        aligned &= (uintptr_t)p % ALLOC_ALIGN == 0 && (uintptr_t)q % ALLOC_ALIGN == 0 && ((unsigned char *)q)[sizes[i] - 1] == 0;
+        free(p); free(q);
+    }
+    check(aligned && ALLOC_ALIGN % 64 == 0, "malloc_check and calloc_check (zeroed) return blocks aligned to %d bytes, 1 B to 3 MB", ALLOC_ALIGN);
     // exp_shift_sum: every entry exp(x − shift), and their sum, for lengths around the 8-lane width
     float worst = 0.0f;
     int sum_ok = 1;
