@@ -338,10 +338,10 @@ static inline void dot_rows(float *out, size_t out_stride, const float *x, size_
 }
 
 // Keeps v in a register from here on (an empty asm that "changes" it): without it GCC folds
-// dot_3x4's weight loads into the FMAs, loading each weight once per input row, not once.
-// (x86 with AVX: a v8 fits one ymm register; elsewhere it is a no-op)
+// dot_3x4's weight loads (dot_3x8's input loads) into the FMAs, loading each once per use, not
+// once. (x86 with AVX: "v" is any vector register, the 32 of AVX-512 included; elsewhere a no-op)
 #if defined(__GNUC__) && defined(__AVX__)
-#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
+#define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
 #else
 #define KEEP_IN_REGISTER(v) ((void)0)
 #endif
@@ -377,7 +377,6 @@ static inline void dot_3x4(float *out, size_t out_stride, const float *x, size_t
 // The same in 16 lanes against eight input rows (C a multiple of 16): 24 sums, 3 + 8 loads per
 // 24 FMAs, in 28 of the 32 vector registers AVX-512 has (8 lanes have 16: that is why dot_3x4
 // stops at four rows). Lane sums fold to 8 lanes, then go through hsum8x8.
-#define KEEP_IN_ZMM(v) __asm__("" : "+v"(v))
 static inline v8 fold16(vw a) {
     return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
 }
@@ -394,7 +393,7 @@ static inline void dot_3x8(float *out, size_t out_stride, const float *x, size_t
 #pragma GCC unroll 8
         for (int n = 0; n < 8; n++) {
             vw t = loadw(x + n * xs + i);
-            KEEP_IN_ZMM(t);
+            KEEP_IN_REGISTER(t);
             s0[n] += u0 * t;
             s1[n] += u1 * t;
             s2[n] += u2 * t;
